@@ -37,6 +37,16 @@ def workdir(tmp_path, toy_root):
     return tmp_path
 
 
+@pytest.fixture()
+def imagefolder_workdir(tmp_path, toy_imagefolder):
+    """Like `workdir`, with the toy ImageFolder at its default location (for ser.py commands)."""
+    for f in REPO.glob("*.py"):
+        (tmp_path / f.name).symlink_to(f)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "imagefolder-toy").symlink_to(toy_imagefolder)
+    return tmp_path
+
+
 def run(cmd, cwd, timeout=300, check=True, env=None):
     """Run a shell-style command as a user would; `python` and `torchrun` are mapped to this
     interpreter so the test uses the same environment. Returns the CompletedProcess."""
@@ -64,3 +74,12 @@ def readme_commands(script):
             if re.search(rf"(^|\s){re.escape(script)}(\s|$)", line):
                 cmds.append(line)
     return cmds
+
+
+@pytest.fixture(scope="session")
+def toy_imagefolder(tmp_path_factory):
+    """Path (str) of a generated ImageNet-style folder (train/<wnid>/*.JPEG, val/<wnid>/*.JPEG)."""
+    import data
+    out = tmp_path_factory.mktemp("toyimf") / "imagefolder"
+    data.make_imagefolder(str(out), classes=4, train_per_class=16, val_per_class=8, size=32, seed=0)
+    return str(out)
