@@ -1,0 +1,665 @@
+"""3DIEBench data: the exact on-disk format, a look-alike generator in that format, and a checker.
+
+    python data.py make-3diebench OUT [--classes 55 --objects-per-class 6 --views 50 --size 64 --seed 0 --ood]
+    python data.py check ROOT                     # every problem of a data set at once, non-zero exit
+    python data.py contact-sheet ROOT OUT.png     # a grid of objects x views
+
+Layout (sie.md §1.1-1.2): <root>/<synset>/<obj_id>/image_k.jpg + latent_k.npy (7 float64),
+<root>/{train,val}_images.npy ('/SYNSET/OBJ_ID/' entries), {train,val}_labels.npy (int64),
+optional all_latents_{split}.npy (row = obj_idx * 50 + view). The scripts import the loaders;
+nothing runs at import.
+"""
+import argparse
+import math
+import os
+import shutil
+import sys
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+# ============================================================ constants (sie.md §1)
+MEAN = (0.5016, 0.5037, 0.5060)      # sie.md §1.4: the data set's own statistics, not ImageNet's
+STD = (0.1030, 0.0999, 0.0969)
+N_VIEWS = 50                          # renderings per object (sie.md §1.1)
+DEFAULT_ROOT = "data/3diebench-toy"   # relative to cwd; generated on first use
+# The toy set every script's default runs on: 10 classes x 20 objects x 50 views at 64x64
+# (10,000 images, about 20 s to generate on 2 CPU cores).
+TOY_3DIEBENCH = dict(classes=10, objects_per_class=20, views=50, size=64, seed=0)
+# The 55 real ShapeNetCore synset ids (sorted: label = position, sie.md §1.2), borrowed by the generator.
+REAL_SYNSETS = """02691156 02747177 02773838 02801938 02808440 02818832 02828884 02843684 02871439 02876657
+02880940 02924116 02933112 02942699 02946921 02954340 02958343 02992529 03001627 03046257 03085013 03207941
+03211117 03261776 03325088 03337140 03467517 03513137 03593526 03624134 03636649 03642806 03691459 03710193
+03759954 03761084 03790512 03797390 03928116 03938244 03948459 03991062 04004475 04074963 04090263 04099429
+04225987 04256520 04330267 04379243 04401088 04460130 04468005 04530566 04554684""".split()
+# Object-id lengths in the real val list: 29-32 hex characters (sie.md §1.1), with these frequencies.
+ID_LENGTHS, ID_LENGTH_P = (32, 31, 30, 29), (0.8824, 0.1082, 0.0088, 0.0006)
+
+
+class DataError(Exception):
+    """A problem with the data a user can act on: one message naming the file. Scripts catch it,
+    print str(e) to stderr and exit(2)."""
+
+    def __str__(self):
+        # A DataLoader worker re-raises it as DataError("Caught DataError in worker ... Original
+        # Traceback ... DataError: <msg>"): keep only the message.
+        s = super().__str__()
+        return s.rsplit("DataError: ", 1)[-1].strip() if "Original Traceback" in s else s
+
+
+def generate_command(root):
+    return f"python data.py make-3diebench {root}"
+
+
+# ============================================================ rotations (sie.md §1.1, §1.3)
+# Pure numpy/torch, no scipy. Every function takes numpy float64 arrays or torch tensors.
+def euler_xyz_to_matrix(angles):
+    """(..., 3) angles -> (..., 3, 3). Extrinsic xyz (Blender's XYZ mode, scipy "xyz"):
+    R = Rz(a2) @ Ry(a1) @ Rx(a0) (sie.md §1.1)."""
+    xp = torch if torch.is_tensor(angles) else np
+    ca, cb, cc = xp.cos(angles[..., 0]), xp.cos(angles[..., 1]), xp.cos(angles[..., 2])
+    sa, sb, sc = xp.sin(angles[..., 0]), xp.sin(angles[..., 1]), xp.sin(angles[..., 2])
+    rows = [cb * cc, sa * sb * cc - ca * sc, ca * sb * cc + sa * sc,
+            cb * sc, sa * sb * sc + ca * cc, ca * sb * sc - sa * cc,
+            -sb, sa * cb, ca * cb]
+    return xp.stack(rows, -1).reshape(*angles.shape[:-1], 3, 3)
+
+
+def matrix_to_quaternion(R):
+    """(..., 3, 3) -> (..., 4) unit quaternion, scalar-LAST (x, y, z, w) like scipy's as_quat, and
+    NOT canonicalised (sie.md §6): scipy's branch choice, whose largest component is positive."""
+    xp = torch if torch.is_tensor(R) else np
+    r = lambda i, j: R[..., i, j]
+    tr = r(0, 0) + r(1, 1) + r(2, 2)
+    # One unnormalised candidate per largest component (x, y, z, w), then pick by the diagonal.
+    cand = xp.stack([
+        xp.stack([1 + 2 * r(0, 0) - tr, r(1, 0) + r(0, 1), r(2, 0) + r(0, 2), r(2, 1) - r(1, 2)], -1),
+        xp.stack([r(0, 1) + r(1, 0), 1 + 2 * r(1, 1) - tr, r(2, 1) + r(1, 2), r(0, 2) - r(2, 0)], -1),
+        xp.stack([r(0, 2) + r(2, 0), r(1, 2) + r(2, 1), 1 + 2 * r(2, 2) - tr, r(1, 0) - r(0, 1)], -1),
+        xp.stack([r(2, 1) - r(1, 2), r(0, 2) - r(2, 0), r(1, 0) - r(0, 1), 1 + tr], -1)], -2)
+    choice = xp.stack([r(0, 0), r(1, 1), r(2, 2), tr], -1).argmax(-1)
+    if xp is np:
+        q = np.take_along_axis(cand, choice[..., None, None], -2)[..., 0, :]
+    else:
+        q = cand.gather(-2, choice[..., None, None].expand(*choice.shape, 1, 4))[..., 0, :]
+    return q / (q * q).sum(-1)[..., None] ** 0.5
+
+
+def quaternion_multiply(p, q):
+    """Hamilton product p * q of (..., 4) scalar-last quaternions (apply q first, then p)."""
+    xp = torch if torch.is_tensor(p) else np
+    x1, y1, z1, w1 = (p[..., k] for k in range(4))
+    x2, y2, z2, w2 = (q[..., k] for k in range(4))
+    return xp.stack([w1 * x2 + x1 * w2 + y1 * z2 - z1 * y2, w1 * y2 - x1 * z2 + y1 * w2 + z1 * x2,
+                     w1 * z2 + x1 * y2 - y1 * x2 + z1 * w2, w1 * w2 - x1 * x2 - y1 * y2 - z1 * z2], -1)
+
+
+def euler_xyz_to_quaternion(angles):
+    """(..., 3) -> (..., 4) scalar-last: q_z(a2) * q_y(a1) * q_x(a0), composed from the three elementary
+    quaternions (sin(a/2) axis, cos(a/2)) as scipy's from_euler("xyz") does, signs included."""
+    xp = torch if torch.is_tensor(angles) else np
+    c, s = xp.cos(angles / 2), xp.sin(angles / 2)
+    zero = 0 * c[..., 0]
+    elem = [xp.stack([s[..., 0], zero, zero, c[..., 0]], -1), xp.stack([zero, s[..., 1], zero, c[..., 1]], -1),
+            xp.stack([zero, zero, s[..., 2], c[..., 2]], -1)]
+    return quaternion_multiply(elem[2], quaternion_multiply(elem[1], elem[0]))
+
+
+def relative_quaternion(a1, a2):
+    """quat(R1^T R2) for two (..., 3) Euler-angle arrays: the rotation from view 1 to view 2 in view 1's
+    OBJECT (body) frame, R2 = R1 r; NOT the world-frame R2 R1^T (sie.md §1.3, §6).
+    Computed as the official code does, scipy's `r1.inv() * r2` = conj(q1) * q2: the sign follows the
+    quaternion algebra (w < 0 for ~4.4 % of pairs), which matrix_to_quaternion(R1^T R2) would not reproduce
+    (its largest component is always positive), and the hypernetwork is linear in g, so the sign matters."""
+    q1, q2 = euler_xyz_to_quaternion(a1), euler_xyz_to_quaternion(a2)
+    conj = q1 * (np.array([-1.0, -1, -1, 1]) if not torch.is_tensor(q1) else q1.new_tensor([-1.0, -1, -1, 1]))
+    return quaternion_multiply(conj, q2)
+
+
+# ============================================================ reading the on-disk format (sie.md §1.1-1.2)
+def ensure_3diebench(root=DEFAULT_ROOT):
+    """Return root. The default location is generated on first use; any other missing root is an error
+    that names the folder and the command generating a look-alike there."""
+    if os.path.isdir(root):
+        return root
+    if os.path.abspath(root) == os.path.abspath(DEFAULT_ROOT):
+        cfg = TOY_3DIEBENCH
+        print(f"data: {root} not found, generating the toy 3DIEBench look-alike there "
+              f"({cfg['classes']} classes x {cfg['objects_per_class']} objects x {cfg['views']} views "
+              f"at {cfg['size']}x{cfg['size']})", file=sys.stderr)
+        make_3diebench(root, **cfg, progress=False)
+        return root
+    raise DataError(f"3DIEBench root not found: {root}\n"
+                    f"  generate a look-alike there with: {generate_command(root)}")
+
+
+def _load_npy(path, what):
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: missing {what}")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise DataError(f"{path}: unreadable {what} ({e})") from None
+
+
+def object_dir(root, entry):
+    """List entries are '/SYNSET/OBJ_ID/' with both slashes (sie.md §1.2)."""
+    return os.path.join(root, str(entry).strip("/"))
+
+
+def read_split(root, split, check_folders=True):
+    """-> (entries, labels): the '{split}_images.npy' list (one entry per object, list order matters
+    for all_latents, sie.md §6) and '{split}_labels.npy' (int64 index of the synset in the sorted
+    synset list). Checks that both exist, have the same length, and every listed folder exists."""
+    if not os.path.isdir(root):
+        ensure_3diebench(root)
+    images_path = os.path.join(root, f"{split}_images.npy")
+    labels_path = os.path.join(root, f"{split}_labels.npy")
+    entries = _load_npy(images_path, f"{split} list file ('/SYNSET/OBJ_ID/' entries)")
+    labels = _load_npy(labels_path, f"{split} label file")
+    if entries.ndim != 1 or entries.dtype.kind != "U":
+        raise DataError(f"{images_path}: expected a 1-d unicode array of '/SYNSET/OBJ_ID/' entries, "
+                        f"got {entries.dtype} {entries.shape}")
+    if labels.ndim != 1 or labels.dtype.kind not in "iu" or (len(labels) and labels.min() < 0):
+        raise DataError(f"{labels_path}: expected a 1-d array of non-negative integer labels, "
+                        f"got {labels.dtype} {labels.shape}")
+    if len(entries) != len(labels):
+        raise DataError(f"{labels_path}: {len(labels)} labels but {images_path} lists {len(entries)} objects")
+    if check_folders:
+        missing = [e for e in entries if not os.path.isdir(object_dir(root, e))]
+        if missing:
+            raise DataError(f"{images_path}: {len(missing)} of {len(entries)} listed object folders are "
+                            f"missing under {root}, first: {missing[0]} ({object_dir(root, missing[0])})")
+    return entries, labels.astype(np.int64)
+
+
+def count_views(root, entries):
+    """Views per object, from the first object's folder (50 in the real data)."""
+    folder = object_dir(root, entries[0])
+    n = sum(f.startswith("latent_") and f.endswith(".npy") for f in os.listdir(folder))
+    if n == 0:
+        raise DataError(f"{folder}: no latent_k.npy files")
+    return n
+
+
+def load_latent(path):
+    """One view's latent: float64 (7,) = 3 Euler angles, floor hue, spot theta, spot phi, spot hue (sie.md §1.1)."""
+    lat = _load_npy(path, "latent file")
+    if lat.shape != (7,) or lat.dtype.kind != "f" or not np.isfinite(lat).all():
+        raise DataError(f"{path}: latent must be 7 finite floats, got {lat.dtype} {lat.shape}")
+    return lat.astype(np.float64)
+
+
+def load_image(path):
+    """PIL RGB image, decoded now, so a corrupt or truncated JPEG fails here with its path."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise DataError(f"{path}: missing image") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise DataError(f"{path}: corrupt or truncated image ({e})") from None
+
+
+def load_all_latents(root, split):
+    """(N_obj * views, 7) float64, row obj_idx * views + view in list order (sie.md §1.2): the
+    all_latents_{split}.npy file if present, else rebuilt from the per-view latent_k.npy files."""
+    entries, _ = read_split(root, split)
+    n = count_views(root, entries)
+    path = os.path.join(root, f"all_latents_{split}.npy")
+    if os.path.exists(path):
+        table = _load_npy(path, "latent table")
+        if table.shape != (len(entries) * n, 7) or table.dtype.kind != "f":
+            raise DataError(f"{path}: expected shape ({len(entries) * n}, 7) float "
+                            f"({len(entries)} objects x {n} views), got {table.dtype} {table.shape}")
+        return table.astype(np.float64)
+    return np.stack([load_latent(os.path.join(object_dir(root, e), f"latent_{k}.npy"))
+                     for e in entries for k in range(n)])
+
+
+def image_transform(size=None):
+    """PIL -> float32 (3, S, S) normalised with the data set's MEAN/STD (sie.md §1.4); optional resize
+    (the community's 128x128 low-compute regime)."""
+    import torchvision.transforms as T
+    steps = [T.Resize((size, size))] if size else []
+    return T.Compose(steps + [T.ToTensor(), T.Normalize(MEAN, STD)])
+
+
+# ============================================================ datasets (sie.md §1.3-1.4)
+class Pairs3DIEBench(torch.utils.data.Dataset):
+    """Training / rotation-probe item: one per OBJECT (an epoch = one pair per object), two DISTINCT
+    random views (sie.md §1.3). Returns (x1, x2, g, label) with g the relative quaternion (x, y, z, w),
+    or with color=True [quat, d_floor_hue, d_spot_hue], raw differences, not wrapped.
+    The views are a function of (seed, epoch, index) only, so they are the same for any number of
+    ranks or DataLoader workers (the official code uses the unseeded global RNG)."""
+
+    def __init__(self, root, split="train", size=None, color=False, seed=0):
+        self.root, self.color, self.seed, self.epoch = ensure_3diebench(root), color, seed, 0
+        self.entries, self.labels = read_split(root, split)
+        self.views = count_views(root, self.entries)
+        self.num_classes = num_classes(root, self.labels)
+        self.transform = image_transform(size)
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.entries)
+
+    def __getitem__(self, i):
+        v1, v2 = np.random.default_rng([self.seed, self.epoch, i]).choice(self.views, 2, replace=False)
+        folder = object_dir(self.root, self.entries[i])
+        x1, x2 = (self.transform(load_image(os.path.join(folder, f"image_{v}.jpg"))) for v in (v1, v2))
+        l1, l2 = (load_latent(os.path.join(folder, f"latent_{v}.npy")) for v in (v1, v2))
+        # sie.md §6: the angles are cast to float32 before the rotation maths, as in training.
+        g = relative_quaternion(l1[:3].astype(np.float32).astype(np.float64),
+                                l2[:3].astype(np.float32).astype(np.float64))
+        if self.color:  # sie.md §1.3: indices 3 and 6 (floor hue, spot hue), not wrapped mod 1
+            g = np.concatenate([g, l2[[3, 6]] - l1[[3, 6]]])
+        return x1, x2, torch.from_numpy(g.astype(np.float32)), int(self.labels[i])
+
+
+class Views3DIEBench(torch.utils.data.Dataset):
+    """Evaluation item: one VIEW. Index i -> object i // len(views), view views[i % len(views)];
+    returns (x, label, obj_idx, view). `latents` is the per-view table of load_all_latents."""
+
+    def __init__(self, root, split="val", size=None, views=None):
+        self.root = ensure_3diebench(root)
+        self.entries, self.labels = read_split(root, split)
+        n = count_views(root, self.entries)
+        self.view_ids = list(range(n)) if views is None else [int(v) for v in views]
+        self.num_classes = num_classes(root, self.labels)
+        self.latents = load_all_latents(root, split)
+        self.transform = image_transform(size)
+
+    def __len__(self):
+        return len(self.entries) * len(self.view_ids)
+
+    def __getitem__(self, i):
+        obj, view = i // len(self.view_ids), self.view_ids[i % len(self.view_ids)]
+        x = self.transform(load_image(os.path.join(object_dir(self.root, self.entries[obj]), f"image_{view}.jpg")))
+        return x, int(self.labels[obj]), obj, view
+
+
+def num_classes(root, labels):
+    """1 + the largest label of both splits' label files (55 for the real data)."""
+    other = [np.load(p) for s in ("train", "val") if os.path.isfile(p := os.path.join(root, f"{s}_labels.npy"))]
+    return int(max([labels.max(initial=-1)] + [o.max(initial=-1) for o in other])) + 1
+
+
+# ============================================================ checking a whole data set
+def check(root, workers=None, progress=True):
+    """Scan every list, folder, image (decoded) and latent of a data set. -> {kind: [messages]}; empty
+    when the set is fine. Reports every problem at once instead of dying hours into training."""
+    from tqdm import tqdm
+    if not os.path.isdir(root):
+        raise DataError(f"3DIEBench root not found: {root}\n"
+                        f"  generate a look-alike there with: {generate_command(root)}")
+    problems = defaultdict(list)
+
+    def scan_object(folder, n):  # -> (latents or None, [(kind, message)])
+        if not os.path.isdir(folder):
+            return None, [("object folder", f"{folder}: listed object folder is missing")]
+        found, lats = [], []
+        for k in range(n):
+            for kind, fn, name in (("image", load_image, f"image_{k}.jpg"), ("latent", load_latent, f"latent_{k}.npy")):
+                try:
+                    out = fn(os.path.join(folder, name))
+                    lats += [out] if kind == "latent" else []
+                except DataError as e:
+                    found.append((kind, str(e)))
+        return (np.stack(lats) if len(lats) == n else None), found
+
+    for split in ("train", "val"):
+        try:
+            entries, _ = read_split(root, split, check_folders=False)
+        except DataError as e:
+            problems["list file"].append(str(e))
+            continue
+        n = N_VIEWS
+        try:
+            n = count_views(root, entries)
+        except (DataError, OSError):
+            pass
+        folders = [object_dir(root, e) for e in entries]
+        with ThreadPoolExecutor(workers or os.cpu_count()) as pool:  # PIL decodes without the GIL
+            results = list(tqdm(pool.map(scan_object, folders, [n] * len(folders)), total=len(folders),
+                                desc=f"check {split}", disable=not progress))
+        for _, found in results:
+            for kind, msg in found:
+                problems[kind].append(msg)
+        table_path = os.path.join(root, f"all_latents_{split}.npy")
+        if os.path.exists(table_path) and all(lat is not None for lat, _ in results):
+            try:
+                table = _load_npy(table_path, "latent table")
+                if not np.array_equal(table, np.concatenate([lat for lat, _ in results])):
+                    problems["all_latents"].append(f"{table_path}: differs from the per-view latent_k.npy files "
+                                                   f"(expected shape ({len(entries) * n}, 7), list order)")
+            except DataError as e:
+                problems["all_latents"].append(str(e))
+    return dict(problems)
+
+
+# ============================================================ renderer (the real scene, sie.md §1.1)
+# A small batched triangle rasteriser in torch (z-buffer, perspective camera, flat Lambert shading, a sun
+# and a coloured spot light, the floor plane), mesh-generic and device-generic.
+CAM_DIST, CAM_POLAR, CAM_AZIM = 2.5, math.pi / 4, math.pi / 2   # camera looking at the origin
+FOCAL = 50 / 18                      # Blender's default 50 mm lens on a 36 mm sensor (39.6 deg field of view)
+FLOOR_Z, SPOT_RADIUS = -1.0, 4.0
+SPOT_HALF_ANGLE, SPOT_BLEND = math.pi / 16, 0.15   # spot size pi/8 is Blender's full cone angle
+AMBIENT, SUN, SPOT = 0.30, 0.45, 20.0              # light strengths, chosen so images average ~0.5
+
+
+def look_at(pos):
+    """(B, 3) camera positions looking at the origin, z up -> (pos, rows [right, up, forward] (B, 3, 3))."""
+    fwd = F.normalize(-pos, dim=-1)
+    right = F.normalize(torch.linalg.cross(fwd, torch.tensor([0.0, 0, 1]).to(pos).expand_as(fwd)), dim=-1)
+    return pos, torch.stack([right, torch.linalg.cross(right, fwd), fwd], -2)
+
+
+def project(points, cam, H, W):
+    """(B, V, 3) world points -> (B, V, 3) [x pixel, y pixel, depth]; pixel (i, j) has its centre at (j+.5, i+.5)."""
+    pos, rows = cam
+    q = (points - pos[:, None]) @ rows.transpose(-1, -2)
+    z = q[..., 2].clamp(min=1e-6)
+    return torch.stack([(q[..., 0] / z * FOCAL + 1) * W / 2, (1 - q[..., 1] / z * FOCAL) * H / 2, z], -1)
+
+
+def rasterize(tri, img, n_images, H, W):
+    """Z-buffer. tri: (T, 3, 3) screen-space triangles (project's output), img: (T,) image index of each.
+    -> (n_images, H, W) long: the nearest triangle covering each pixel centre, -1 where none.
+    Every (triangle, pixel-in-its-bounding-box) pair is a candidate; a scatter-min on depth keeps the nearest."""
+    x, y, z = tri.unbind(-1)
+    x0 = (x.amin(1) - 0.5).ceil().clamp(min=0).long()
+    x1 = (x.amax(1) - 0.5).floor().clamp(max=W - 1).long()
+    y0 = (y.amin(1) - 0.5).ceil().clamp(min=0).long()
+    y1 = (y.amax(1) - 0.5).floor().clamp(max=H - 1).long()
+    w, h = (x1 - x0 + 1).clamp(min=0), (y1 - y0 + 1).clamp(min=0)
+    count = w * h
+    t = torch.repeat_interleave(torch.arange(len(tri), device=tri.device), count)
+    off = torch.arange(len(t), device=tri.device) - (count.cumsum(0) - count)[t]
+    px, py = x0[t] + off % w[t], y0[t] + off // w[t]
+    cx, cy, X, Y = px + 0.5, py + 0.5, x[t], y[t]
+    # Edge functions: e_k is twice the signed area of (pixel, vertex k+1, vertex k+2).
+    e = [(X[:, j] - X[:, i]) * (cy - Y[:, i]) - (Y[:, j] - Y[:, i]) * (cx - X[:, i]) for i, j in ((1, 2), (2, 0), (0, 1))]
+    area = e[0] + e[1] + e[2]
+    inside = (((e[0] >= 0) & (e[1] >= 0) & (e[2] >= 0)) | ((e[0] <= 0) & (e[1] <= 0) & (e[2] <= 0))) & (area != 0)
+    # Perspective-correct depth: 1/z is linear in screen space.
+    inv_z = sum(e[k] / z[t, k] for k in range(3)) / area
+    key = (1 / inv_z / 16 * 2 ** 30).long().clamp(0, 2 ** 30) * 2 ** 32 + t   # depth first, then triangle
+    pix = (img[t] * H + py) * W + px
+    zbuf = torch.full((n_images * H * W,), 2 ** 62, dtype=torch.long, device=tri.device)
+    zbuf.scatter_reduce_(0, pix[inside], key[inside], "amin")
+    return torch.where(zbuf == 2 ** 62, -1, zbuf % 2 ** 32).view(n_images, H, W)
+
+
+def hsv_to_rgb(h, s, v):
+    """Tensors of any shape -> (..., 3) RGB in [0, 1]."""
+    k = (torch.tensor([5.0, 3.0, 1.0], device=h.device) + h[..., None] * 6) % 6
+    return v[..., None] - (v * s)[..., None] * torch.minimum(k, 4 - k).clamp(0, 1)
+
+
+def render(verts, faces, colors, latents, size, ss=2):
+    """Render one mesh under B latent rows with the 3DIEBench scene (sie.md §1.1).
+    verts (V, 3) centred on the origin, faces (F, 3) long, colors (F, 3) albedo, latents (B, 7) float64
+    -> (B, 3, size, size) RGB in [0, 1]. Rendered at ss x the size and box-filtered (antialiasing)."""
+    dev, B, H = verts.device, len(latents), size * ss
+    lat = torch.as_tensor(latents, dtype=torch.float32, device=dev)
+    world = verts @ euler_xyz_to_matrix(lat[:, :3]).transpose(-1, -2)             # (B, V, 3): R v, extrinsic xyz
+    cam_pos = CAM_DIST * torch.tensor([math.sin(CAM_POLAR) * math.cos(CAM_AZIM),
+                                       math.sin(CAM_POLAR) * math.sin(CAM_AZIM), math.cos(CAM_POLAR)], device=dev)
+    cam = look_at(cam_pos.expand(B, 3))
+    tri_world = world[:, faces]                                                    # (B, F, 3, 3)
+    ids = rasterize(project(world, cam, H, H)[:, faces].flatten(0, 1),
+                    torch.arange(B, device=dev).repeat_interleave(len(faces)), B, H, H)
+    # A camera ray per pixel centre.
+    jj, ii = torch.meshgrid(torch.arange(H, device=dev) + 0.5, torch.arange(H, device=dev) + 0.5, indexing="xy")
+    ndc = torch.stack([(2 * jj / H - 1) / FOCAL, (1 - 2 * ii / H) / FOCAL, torch.ones_like(jj)], -1)
+    ray = F.normalize(ndc @ cam[1][0], dim=-1).expand(B, H, H, 3)                  # (B, H, H, 3)
+    hit = ids >= 0
+    # Floor z = FLOOR_Z, coloured HSV(floor_hue, 0.6, 0.6); the object's faces where hit.
+    t_floor = (FLOOR_Z - cam_pos[2]) / ray[..., 2].clamp(max=-1e-6)
+    floor_rgb = hsv_to_rgb(lat[:, 3], torch.tensor(0.6, device=dev), torch.tensor(0.6, device=dev))
+    albedo = torch.where(hit[..., None], colors[ids.clamp(min=0) % len(faces)], floor_rgb[:, None, None])
+    flat = tri_world.flatten(0, 1)[ids.clamp(min=0)]                         # (B, H, H, 3, 3) winning triangle
+    normal = F.normalize(torch.linalg.cross(flat[..., 1, :] - flat[..., 0, :], flat[..., 2, :] - flat[..., 0, :]), dim=-1)
+    normal = torch.where((normal * ray).sum(-1, keepdim=True) > 0, -normal, normal)   # two-sided: face the camera
+    t_obj = ((flat[..., 0, :] - cam_pos) * normal).sum(-1) / (ray * normal).sum(-1).clamp(max=-1e-6)
+    up = torch.tensor([0.0, 0, 1], device=dev)
+    normal = torch.where(hit[..., None], normal, up)
+    p = cam_pos + torch.where(hit, t_obj, t_floor)[..., None] * ray                 # (B, H, H, 3) surface point
+    # Spot light at (theta, phi), radius 4, pointing at the origin, colour HSV(spot_hue, 1, 0.8).
+    th, ph = lat[:, 4], lat[:, 5]
+    spot = SPOT_RADIUS * torch.stack([th.sin() * ph.cos(), th.sin() * ph.sin(), th.cos()], -1)[:, None, None]
+    to_light = spot - p
+    dist = to_light.norm(dim=-1)
+    l = to_light / dist[..., None]
+    cos_axis = (l * F.normalize(spot, dim=-1)).sum(-1)                              # angle from the spot's axis
+    edge = (1 - math.cos(SPOT_HALF_ANGLE)) * SPOT_BLEND
+    x = ((cos_axis - math.cos(SPOT_HALF_ANGLE)) / edge).clamp(0, 1)
+    cone = x * x * (3 - 2 * x)                                                     # Blender's smoothstep blend
+    spot_rgb = hsv_to_rgb(lat[:, 6], torch.tensor(1.0, device=dev), torch.tensor(0.8, device=dev))[:, None, None]
+    lambert = lambda d: (normal * d).sum(-1).clamp(min=0)[..., None]
+    light = AMBIENT + SUN * lambert(up) + SPOT * spot_rgb * (cone * 16 / dist ** 2)[..., None] * lambert(l)
+    rgb = (albedo * light).clamp(0, 1).permute(0, 3, 1, 2)
+    return F.avg_pool2d(rgb, ss) if ss > 1 else rgb
+
+
+# ============================================================ procedural shape families
+def unit_mesh(kind, n=12):
+    """Primitive in [-1, 1]^3 -> (verts (V, 3), faces (F, 3)). Kinds: box, cylinder, cone, sphere, prism, torus."""
+    a = torch.arange(n) * 2 * math.pi / n
+    if kind == "box":
+        v = torch.tensor([[x, y, z] for x in (-1, 1) for y in (-1, 1) for z in (-1, 1)], dtype=torch.float32)
+        f = [[0, 1, 3], [0, 3, 2], [4, 6, 7], [4, 7, 5], [0, 4, 5], [0, 5, 1],
+             [2, 3, 7], [2, 7, 6], [0, 2, 6], [0, 6, 4], [1, 5, 7], [1, 7, 3]]
+        return v, torch.tensor(f)
+    if kind in ("cylinder", "cone", "prism"):
+        n = 3 if kind == "prism" else n
+        a = torch.arange(n) * 2 * math.pi / n
+        ring = torch.stack([a.cos(), a.sin()], -1)
+        top = ring * (0.0 if kind == "cone" else 1.0)
+        v = torch.cat([torch.cat([ring, -torch.ones(n, 1)], 1), torch.cat([top, torch.ones(n, 1)], 1),
+                       torch.tensor([[0.0, 0, -1], [0.0, 0, 1]])])
+        i, j = torch.arange(n), (torch.arange(n) + 1) % n
+        f = torch.cat([torch.stack([i, j, j + n], 1), torch.stack([i, j + n, i + n], 1),
+                       torch.stack([i, torch.full_like(i, 2 * n), j], 1), torch.stack([i + n, j + n, torch.full_like(i, 2 * n + 1)], 1)])
+        return v, f
+    # sphere and torus: a (lat x lon) grid of quads
+    rows, cols = n // 2 + 1, n
+    u = torch.linspace(0, math.pi, rows) if kind == "sphere" else torch.arange(rows) * 2 * math.pi / (rows - 1)
+    uu, vv = torch.meshgrid(u, torch.arange(cols) * 2 * math.pi / cols, indexing="ij")
+    if kind == "sphere":
+        v = torch.stack([uu.sin() * vv.cos(), uu.sin() * vv.sin(), uu.cos()], -1)
+    else:
+        r = 1 + 0.35 * uu.cos()
+        v = torch.stack([r * vv.cos() / 1.35, r * vv.sin() / 1.35, 0.35 * uu.sin() / 1.35], -1)
+    idx = torch.arange(rows * cols).view(rows, cols)
+    q0, q1 = idx[:-1], idx[:-1].roll(-1, 1)
+    q2, q3 = idx[1:].roll(-1, 1), idx[1:]
+    f = torch.cat([torch.stack([q0, q1, q2], -1).flatten(0, 1), torch.stack([q0, q2, q3], -1).flatten(0, 1)])
+    return v.flatten(0, 1), f
+
+
+KINDS = ("box", "cylinder", "cone", "sphere", "prism", "torus")
+
+
+def class_recipe(c):
+    """Shape family of class c (independent of the seed, so every generated set shares its classes): a body
+    and 2-4 parts attached at random points of its surface; list of (kind, scale (3,), euler (3,), position
+    (3,), optional). Random attachment points make the families asymmetric, so a pose is recoverable."""
+    rng = np.random.default_rng([20230210, c])
+    parts = [(KINDS[rng.integers(len(KINDS))], rng.uniform(0.2, 0.55, 3), rng.uniform(-0.4, 0.4, 3), np.zeros(3), False)]
+    for _ in range(rng.integers(2, 5)):
+        u = rng.normal(size=3)
+        scale = rng.uniform(0.06, 0.25, 3)
+        scale[rng.integers(3)] *= rng.uniform(1, 3)                # often stick-like: legs, handles, wings
+        parts.append((KINDS[rng.integers(len(KINDS))], scale, rng.uniform(-math.pi, math.pi, 3),
+                      parts[0][1] * u / np.linalg.norm(u), rng.random() < 0.3))
+    return parts
+
+
+def object_mesh(c, rng):
+    """One object of class c: its family's parts with per-object jitter of size, placement and pose, optional
+    parts dropped at random, two random colours (colour says nothing about the class). Re-centred on its
+    bounding box and scaled to a unit bounding-box diagonal (ShapeNet's normalisation, sie.md §1.1).
+    -> verts (V, 3), faces (F, 3), colors (F, 3)."""
+    palette = hsv_to_rgb(torch.tensor(rng.uniform(0, 1, 2)), torch.tensor(rng.uniform(0.1, 0.7, 2)),
+                         torch.tensor(rng.uniform(0.5, 0.95, 2))).float()
+    verts, faces, colors, n = [], [], [], 0
+    for kind, scale, euler, pos, optional in class_recipe(c):
+        jitter = (rng.uniform(0.8, 1.25, 3), rng.normal(0, 0.12, 3), rng.normal(0, 0.04, 3), rng.random(), rng.integers(2))
+        if optional and jitter[3] < 0.5:
+            continue
+        v, f = unit_mesh(kind)
+        R = euler_xyz_to_matrix(torch.tensor(euler + jitter[1], dtype=torch.float32))
+        verts.append((v * torch.tensor(scale * jitter[0], dtype=torch.float32)) @ R.T + torch.tensor(pos + jitter[2], dtype=torch.float32))
+        faces.append(f + n)
+        colors.append(palette[jitter[4]].expand(len(f), 3))
+        n += len(v)
+    v = torch.cat(verts)
+    v = v - (v.amin(0) + v.amax(0)) / 2
+    return v / (v.amax(0) - v.amin(0)).norm(), torch.cat(faces), torch.cat(colors)
+
+
+# ============================================================ generator (the exact layout, sie.md §1.1-1.2)
+def sample_latents(rng, views, ood=False):
+    """(views, 7) float64, drawn per view in the real generator's order: floor hue, spot theta, spot phi,
+    spot hue, then 3 angles U(-pi/2, pi/2); --ood: |angle| in [pi/2, pi] (3DIEBench-OOD, peers.md §5)."""
+    out = np.empty((views, 7))
+    for k in range(views):
+        hue, th, ph, spot_hue = rng.uniform(0, 1), rng.uniform(0, math.pi / 4), rng.uniform(0, 2 * math.pi), rng.uniform(0, 1)
+        angles = rng.uniform(-math.pi / 2, math.pi / 2, 3)
+        if ood:
+            angles = np.sign(angles) * (math.pi / 2 + np.abs(angles))
+        out[k] = [*angles, hue, th, ph, spot_hue]
+    return out
+
+
+def object_ids(rng, n):
+    """n distinct hex ids of 29-32 characters, lengths in the real data's proportions (sie.md §1.1)."""
+    ids = set()
+    while len(ids) < n:
+        length = rng.choice(ID_LENGTHS, p=ID_LENGTH_P)
+        ids.add("".join(rng.choice(list("0123456789abcdef"), length)))
+    return sorted(ids, key=lambda s: rng.random())
+
+
+def write_object(folder, images, latents):
+    """JPEG quality 95 (OpenCV's default) + float64 latents. The real generator passed an RGB array to
+    cv2.imwrite, which expects BGR, so the stored JPEGs have R and B swapped (sie.md §6): kept here."""
+    os.makedirs(folder)
+    pixels = (images.flip(1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()   # flip: RGB -> BGR
+    for k, (im, lat) in enumerate(zip(pixels, latents)):
+        Image.fromarray(im).save(os.path.join(folder, f"image_{k}.jpg"), quality=95)
+        np.save(os.path.join(folder, f"latent_{k}.npy"), lat.astype(np.float64))
+
+
+def make_3diebench(out, classes=55, objects_per_class=6, views=50, size=64, seed=0, ood=False,
+                   device="cpu", progress=True):
+    """Write a look-alike data set in the exact 3DIEBench layout. Deterministic for a given seed; the same
+    seed with ood=True re-renders the same objects with out-of-distribution angles. Written to OUT.partial
+    and renamed at the end, so an interrupted run leaves no half-written OUT."""
+    from tqdm import tqdm
+    if os.path.exists(out) and os.listdir(out):
+        raise DataError(f"{out}: already exists and is not empty; choose another output folder")
+    if objects_per_class < 2 or views < 2:
+        raise DataError("make-3diebench needs at least 2 objects per class (train and val) and 2 views per object")
+    tmp = out.rstrip("/") + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    rng = np.random.default_rng(seed)
+    synsets = (REAL_SYNSETS + [f"{90000000 + c:08d}" for c in range(55, classes)])[:classes]
+    ids = object_ids(rng, classes * objects_per_class)
+    split = {"train": [], "val": []}
+    start, pending = time.time(), []
+    with ThreadPoolExecutor(1) as writer:          # JPEG encoding overlaps the next object's rendering
+        for c in tqdm(range(classes), desc="make-3diebench", disable=not progress):
+            n_val = max(1, round(0.2 * objects_per_class))   # ~20 % of each class in val (sie.md §1.2)
+            for o in range(objects_per_class):
+                obj = ids[c * objects_per_class + o]
+                verts, faces, colors = object_mesh(c, np.random.default_rng([seed, c, o, 0]))
+                lat = sample_latents(np.random.default_rng([seed, c, o, 1 + ood]), views, ood)
+                images = render(verts.to(device), faces.to(device), colors.to(device), lat, size)
+                pending.append(writer.submit(write_object, os.path.join(tmp, synsets[c], obj), images, lat))
+                split["val" if o < n_val else "train"].append((f"/{synsets[c]}/{obj}/", c, lat))
+        for p in pending:
+            p.result()
+    for name, items in split.items():
+        order = rng.permutation(len(items))      # list order is not class order in the real lists
+        items = [items[i] for i in order]
+        np.save(os.path.join(tmp, f"{name}_images.npy"), np.array([e for e, _, _ in items], dtype="<U43"))
+        np.save(os.path.join(tmp, f"{name}_labels.npy"), np.array([c for _, c, _ in items], dtype=np.int64))
+        np.save(os.path.join(tmp, f"all_latents_{name}.npy"), np.concatenate([l for _, _, l in items]))
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    if os.path.isdir(out):
+        os.rmdir(out)
+    os.replace(tmp, out)
+    seconds = time.time() - start
+    n = classes * objects_per_class * views
+    if progress:
+        print(f"wrote {n} images ({classes} classes x {objects_per_class} objects x {views} views, {size}x{size}) "
+              f"to {out} in {seconds:.1f} s: {n / seconds:.0f} images/s on {torch.get_num_threads()} threads")
+    return out
+
+
+def contact_sheet(root, out_png, objects=8, views=8):
+    """A grid, one row per object (one per class first), one column per view, as stored on disk."""
+    import torchvision
+    entries, labels = read_split(root, "train")
+    first = [int(np.flatnonzero(labels == c)[0]) for c in np.unique(labels)][:objects]
+    to_tensor = torchvision.transforms.ToTensor()
+    tiles = [to_tensor(load_image(os.path.join(object_dir(root, entries[i]), f"image_{k}.jpg")))
+             for i in first for k in range(views)]
+    torchvision.utils.save_image(torch.stack(tiles), out_png, nrow=views, padding=2, pad_value=1.0)
+    return out_png
+
+
+# ============================================================ command line
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("make-3diebench", help="generate a look-alike data set in the 3DIEBench layout")
+    g.add_argument("out", help="output folder (must not exist or be empty)")
+    g.add_argument("--classes", type=int, default=55, help="number of classes (real: 55)")
+    g.add_argument("--objects-per-class", type=int, default=6, help="objects per class; ~20%% go to val")
+    g.add_argument("--views", type=int, default=N_VIEWS, help="views per object (real: 50)")
+    g.add_argument("--size", type=int, default=64, help="image side in pixels, e.g. 64, 128, 256 (real: 256)")
+    g.add_argument("--seed", type=int, default=0, help="same seed -> identical files")
+    g.add_argument("--ood", action="store_true", help="angles in [pi/2, pi] u [-pi, -pi/2] (3DIEBench-OOD)")
+    g.add_argument("--device", default="cpu", help="torch device for the renderer (cpu, cuda)")
+    c = sub.add_parser("check", help="scan a data set (real or generated) and report every problem")
+    c.add_argument("root")
+    c.add_argument("--workers", type=int, default=None, help="decoding threads (default: all cores)")
+    s = sub.add_parser("contact-sheet", help="PNG grid of a few objects x views")
+    s.add_argument("root")
+    s.add_argument("out_png")
+    s.add_argument("--objects", type=int, default=8)
+    s.add_argument("--views", type=int, default=8)
+    args = p.parse_args(argv)
+    try:
+        if args.command == "make-3diebench":
+            make_3diebench(args.out, args.classes, args.objects_per_class, args.views, args.size, args.seed,
+                           args.ood, args.device)
+        elif args.command == "check":
+            problems = check(args.root, args.workers)
+            for kind, msgs in problems.items():
+                print(f"{kind}: {len(msgs)} problem(s)", file=sys.stderr)
+                for m in msgs[:5]:
+                    print(f"  {m}", file=sys.stderr)
+            if problems:
+                sys.exit(1)
+            print(f"{args.root}: OK")
+        elif args.command == "contact-sheet":
+            print(contact_sheet(args.root, args.out_png, args.objects, args.views))
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
