@@ -1,0 +1,553 @@
+"""Evaluation protocols shared by every script: SIE's 3DIEBench protocols (sie.md §4) and SER's
+ImageFolder protocols (ser.md §3). Frozen backbone; every metric is written with its definition.
+
+    python eval.py runs/sie-toy                                    # all protocols, the run's checkpoint
+    python eval.py runs/sie-toy/checkpoint.pt --protocol rotation retrieval --bn train
+    torchrun --standalone --nproc_per_node=2 eval.py runs/sie-toy   # same numbers, extraction sharded
+
+In code: `evaluate(Probeable(...), data_root, ...)` -> dict; it prints a table and writes eval.json.
+Exact under torchrun: see `extract`; the probe fits are cheap and run identically on every rank.
+"""
+import argparse
+import copy
+import importlib
+import json
+import math
+import os
+import sys
+from argparse import Namespace
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+import data
+
+# ================================== config ==================================
+PROTOCOLS_3DIE = ("classify", "rotation", "color", "retrieval")
+# Probe settings. `paper` = the official README commands (sie.md §4): Adam 1e-3, no schedule, batch
+# 256, 300 epochs, MLP head 1024-1024 for the R² probes, BN in train mode while fitting.
+# Deviation (toy): fewer epochs, a smaller batch and 10 cached views per training object, with BN in
+# eval mode so features are extracted once; a few seconds on a laptop CPU. Same heads and metrics.
+PRESETS = {
+    "paper": dict(epochs=300, batch_size=256, lr=1e-3, hidden=1024, train_views=None, val_pairs=10,
+                  bn="train", workers=8, seed=0, figure_objects=6),
+    "toy": dict(epochs=60, batch_size=32, lr=1e-3, hidden=1024, train_views=10, val_pairs=10,
+                bn="eval", workers=0, seed=0, figure_objects=6),
+}
+BN_MODES = {
+    "eval": "frozen backbone in eval mode (pretraining BN statistics) everywhere; features extracted "
+            "once and cached, the probe samples views from the cache each epoch",
+    "train": "official: backbone BN in train mode while fitting (batch statistics of each probe batch, "
+             "running statistics re-estimated on the train split), then eval mode with those statistics "
+             "for val; features recomputed every epoch",
+}
+DEFS = {
+    "top1": "top-1 accuracy of a linear probe Linear(k, C) (cross-entropy, Adam) on the frozen "
+            "representation slice, over every view of every val object (= the expectation of the "
+            "official one-random-view-per-object score, sie.md §4.1)",
+    "r2_pooled": "OFFICIAL R² = 1 - Σ(t-p)² / Σ(t-t̄)² with ONE scalar mean t̄ over all components of "
+                 "all val targets (sie.md §4.2); a constant predictor already scores ≈0.23 on quaternions",
+    "r2_per_output": "mean over output components j of 1 - Σ_i(t_ij-p_ij)² / Σ_i(t_ij-t̄_j)² "
+                     "(scikit-learn's uniform average; a constant predictor scores 0)",
+    "mrr": "mean of 1/rank of the target view v among the object's views, ranked by cosine to "
+           "predict(embed(view 0), g(0→v)); all v including v = 0 (sie.md §4.4)",
+    "hits": "fraction of the MRR queries whose target view ranks <= k",
+    "pre": "mean of 1 - <q, q̂>² between the absolute quaternion of the target view and that of the "
+           "nearest neighbour (cosine) of the prediction among ALL embeddings of the split (sie.md §4.4)",
+}
+
+
+@dataclass
+class Probeable:
+    """What a method script hands to `evaluate` (CONTRACT.md)."""
+    backbone: nn.Module                 # images (B,3,H,W) -> representation (B, D)
+    parts: dict                         # name -> slice of the representation, e.g. {"full": slice(0, 512)}
+    embed: nn.Module | None = None      # representation (B, D) -> equivariant embedding (B, d)
+    predict: Callable | None = None     # (embedding (B, d), g (B, g_dim)) -> predicted embedding (B, d)
+    g_dim: int = 4                      # 4 (quaternion) or 6 (quaternion + 2 hue differences)
+    token_maps: Callable | None = None  # images -> [per-block token map (B, C, h, w)] (ViT / SER)
+    step: int = 0                       # checkpoint step, reported with every metric
+
+
+# ================================ distributed ================================
+def world():
+    """(rank, world size) of the process group that torchrun / the calling script set up, else (0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def print0(*a):
+    if world()[0] == 0:
+        print(*a, flush=True)
+
+
+# =================================== data ===================================
+@torch.no_grad()
+def extract(fn, dataset, batch_size, device, workers=0, desc="features", shard=True):
+    """fn(images) -> (B, ...) for every item of `dataset`, returned on CPU in dataset order, on every rank.
+    Exact under torchrun (style rule 16): rank r takes items r, r+W, r+2W, ... (no DistributedSampler,
+    which pads the shards with repeated items); the shards are padded to equal length only for the
+    all_gather and interleaved back, so every item is counted exactly once whatever W is.
+    shard=False: every rank runs all items itself, in batches of dataset order (BN in train mode)."""
+    rank, W = world() if shard else (0, 1)
+    mine = Subset(dataset, range(rank, len(dataset), W))
+    loader = DataLoader(mine, batch_size, num_workers=workers, pin_memory=device.type == "cuda")
+    outs = [fn(batch[0].to(device, non_blocking=True)).float()
+            for batch in tqdm(loader, desc=desc, disable=world()[0] != 0, leave=False)]
+    local = torch.cat(outs)
+    if W == 1:
+        return local.cpu()
+    n_max = -(-len(dataset) // W)
+    padded = torch.cat([local, local.new_zeros(n_max - len(local), *local.shape[1:])])
+    shards = [torch.empty_like(padded) for _ in range(W)]
+    dist.all_gather(shards, padded)
+    out = torch.empty(len(dataset), *local.shape[1:])
+    for r, shard in enumerate(shards):
+        out[r::W] = shard[:len(range(r, len(dataset), W))].cpu()
+    return out
+
+
+def backbone_fn(backbone, device):
+    """images -> fp32 representation; bf16 autocast and channels_last on GPU (numerics only)."""
+    def fn(x):
+        if device.type == "cuda":
+            with torch.autocast("cuda", torch.bfloat16):
+                return backbone(x.contiguous(memory_format=torch.channels_last)).float()
+        return backbone(x)
+    return fn
+
+
+def epoch_views(n_obj, n_views, seed, epoch):
+    """(order, v_i, v_j): a shuffled object order and two DISTINCT uniform views per object, a function
+    of (seed, epoch) only, so every rank draws the same (the official probes use an unseeded RNG)."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(n_obj)
+    vi = rng.integers(n_views, size=n_obj)
+    vj = (vi + rng.integers(1, n_views, size=n_obj)) % n_views   # uniform over the other views
+    return order, vi[order], vj[order]
+
+
+def rotation_target(lat_i, lat_j):
+    """Relative quaternion quat(R_i^T R_j), scalar-last, not canonicalised (sie.md §1.3); angles cast to
+    float32 first, as the official probes do (sie.md §6)."""
+    f32 = lambda a: a[..., :3].astype(np.float32).astype(np.float64)
+    return torch.from_numpy(data.relative_quaternion(f32(lat_i), f32(lat_j))).float()
+
+
+def color_target(lat_i, lat_j):
+    """(Δfloor-hue, Δspot-hue) = latent_j[[3, 6]] - latent_i[[3, 6]], raw, not wrapped (sie.md §4.3)."""
+    return torch.from_numpy(lat_j[..., [3, 6]] - lat_i[..., [3, 6]]).float()
+
+
+def absolute_quaternion(lat):
+    """Absolute pose quaternion of each view from its float64 Euler angles (PRE, sie.md §4.4)."""
+    return torch.from_numpy(data.matrix_to_quaternion(data.euler_xyz_to_matrix(lat[..., :3]))).float()
+
+
+# ================================ probe heads ================================
+def make_heads(tasks, parts, n_classes, hidden):
+    """One head per (task, part): Linear(k, C) for classification (sie.md §4.1); the README's
+    `--deep-end` MLP Linear(2k, h)-ReLU-Linear(h, h)-ReLU-Linear(h, out) on [f(x_i); f(x_j)] for the
+    rotation (4 outputs) and colour (2 outputs) regressions (sie.md §4.2-4.3)."""
+    def mlp(k, out):
+        return nn.Sequential(nn.Linear(2 * k, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                             nn.Linear(hidden, out))
+    heads = {}
+    for name, sl in parts.items():
+        k = len(range(*sl.indices(10 ** 9)))
+        for task in tasks:
+            heads[f"{task}/{name}"] = (nn.Linear(k, n_classes) if task == "classify"
+                                       else mlp(k, 4 if task == "rotation" else 2))
+    return nn.ModuleDict(heads)
+
+
+def head_input(task, f_i, f_j, sl):
+    return f_i[:, sl] if task == "classify" else torch.cat([f_i[:, sl], f_j[:, sl]], 1)
+
+
+def head_loss(task, out, y):
+    return F.cross_entropy(out, y) if task == "classify" else F.mse_loss(out, y)
+
+
+# ================================== metrics ==================================
+def r2_pooled(pred, target):
+    """Official SIE R² (sie.md §4.2): one scalar mean over ALL entries of the targets."""
+    return float(1 - ((target - pred) ** 2).sum() / ((target - target.mean()) ** 2).sum())
+
+
+def r2_per_output(pred, target):
+    """scikit-learn's r2_score default: R² per output column, then the plain average."""
+    return float((1 - ((target - pred) ** 2).sum(0) / ((target - target.mean(0)) ** 2).sum(0)).mean())
+
+
+def target_ranks(pred, cands):
+    """pred (N, V, d): the prediction for target view v of object n; cands (N, V, d): the object's views.
+    -> (ranks (N, V), 1-based rank of view v among the V candidates by cosine; sims (N, V, V)).
+    p is normalised without eps, the candidates with +1e-8 on the norm, as the official script."""
+    p = pred / pred.norm(dim=-1, keepdim=True)
+    c = cands / (cands.norm(dim=-1, keepdim=True) + 1e-8)
+    sims = torch.einsum("nqd,ncd->nqc", p, c)
+    true = sims.diagonal(dim1=1, dim2=2).unsqueeze(-1)
+    return 1 + (sims > true).sum(-1), sims          # ties count in the target's favour (measure zero)
+
+
+def mrr_hits(ranks, ks=(1, 2, 5, 10)):
+    r = ranks.double().flatten()
+    return {"mrr": float((1 / r).mean()), **{f"H@{k}": float((r <= k).double().mean()) for k in ks}}
+
+
+@torch.no_grad()
+def pose_retrieval_error(pred, cands, q_true, q_cands, device, chunk=4096):
+    """PRE (sie.md §4.4): for each prediction (Q, d) the nearest candidate (M, d) by cosine over the WHOLE
+    split; mean of 1 - <q, q̂>² between the absolute quaternions (Q, 4) and (M, 4): sign-invariant, and
+    retrieving another object in the same pose counts as perfect."""
+    c = cands.to(device)
+    c = c / (c.norm(dim=-1, keepdim=True) + 1e-8)
+    nn_idx = torch.cat([(F.normalize(pred[s:s + chunk].to(device), dim=-1, eps=0) @ c.T).argmax(1).cpu()
+                        for s in range(0, len(pred), chunk)])
+    return float((1 - (q_true * q_cands[nn_idx]).sum(-1) ** 2).mean())
+
+
+def chance_levels(n_views, q_split):
+    """Random ranking of V candidates: MRR = H_V / V (0.0900 for 50), H@k = k / V; random retrieval:
+    PRE = 1 - mean_{a,b} <q_a, q_b>² = 1 - ||QᵀQ||_F² / M² exactly (≈0.627 on 3DIEBench poses)."""
+    q = q_split.double()
+    return {"mrr": sum(1 / r for r in range(1, n_views + 1)) / n_views,
+            **{f"H@{k}": min(k, n_views) / n_views for k in (1, 2, 5, 10)},
+            "pre": float(1 - (q.T @ q).pow(2).sum() / len(q) ** 2)}
+
+
+def constant_r2(target):
+    """Both R²s of the best constant predictor (the per-component mean of the val targets)."""
+    pred = target.mean(0, keepdim=True).expand_as(target)
+    return r2_pooled(pred, target), 0.0
+
+
+# ============================ 3DIEBench protocols ============================
+def fit_probes(heads, parts, epoch_features, labels, latents, n_views, cfg, device):
+    """Fit every head at once on the frozen features (sie.md §4): Adam, constant lr, wd 0. Each epoch
+    draws one pair of distinct views per training object; the classifier reads view i (one random view
+    per object, as the official script), the regressors read [f(x_i); f(x_j)]. The heads are
+    independent, so summing their losses under one Adam equals fitting them one by one."""
+    opt = torch.optim.Adam(heads.parameters(), lr=cfg["lr"], weight_decay=0)
+    B = cfg["batch_size"]
+    for epoch in tqdm(range(cfg["epochs"]), desc="probes", disable=world()[0] != 0, leave=False):
+        order, vi, vj, f_i, f_j = epoch_features(epoch)
+        lat_i, lat_j = latents[order * n_views + vi], latents[order * n_views + vj]
+        targets = {"classify": torch.from_numpy(labels[order]), "rotation": rotation_target(lat_i, lat_j),
+                   "color": color_target(lat_i, lat_j)}
+        for s in range(0, len(order), B):
+            xi, xj = f_i[s:s + B].to(device), f_j[s:s + B].to(device)
+            loss = 0
+            for key, head in heads.items():
+                task, part = key.split("/")
+                out = head(head_input(task, xi, xj, parts[part]))
+                loss = loss + head_loss(task, out, targets[task][s:s + B].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+
+@torch.no_grad()
+def score_probes(heads, parts, val_reps, labels, latents, majority, cfg, device):
+    """Val scores of the fitted heads: top-1 over every view of every object; both R²s over a fixed,
+    seeded set of `val_pairs` distinct-view pairs per object (the official probe re-draws one pair per
+    object every epoch; more fixed pairs estimate the same quantity with less noise)."""
+    N, V, D = val_reps.shape
+    P = cfg["val_pairs"]
+    _, vi, vj = epoch_views(N * P, V, cfg["seed"] + 1, 0)
+    obj = np.repeat(np.arange(N), P)
+    lat_i, lat_j = latents[obj * V + vi], latents[obj * V + vj]
+    targets = {"rotation": rotation_target(lat_i, lat_j), "color": color_target(lat_i, lat_j)}
+    f_all = val_reps.reshape(N * V, D)
+    recs = []
+    for key, head in heads.items():
+        task, part = key.split("/")
+        sl = parts[part]
+        run = lambda x: torch.cat([head(x[s:s + 4096].to(device)).float().cpu() for s in range(0, len(x), 4096)])
+        if task == "classify":
+            y = torch.from_numpy(np.repeat(labels, V))
+            acc = float((run(f_all[:, sl]).argmax(1) == y).double().mean())
+            recs.append(record("top1", part, acc, DEFS["top1"], N * V, f"representation[{sl.start}:{sl.stop}]",
+                               float((y == majority).double().mean()), task))
+            continue
+        t = targets[task]
+        p = run(torch.cat([val_reps[obj, vi][:, sl], val_reps[obj, vj][:, sl]], 1))
+        rep = f"[f(x_i); f(x_j)] of representation[{sl.start}:{sl.stop}]"
+        what = "relative quaternion (x,y,z,w)" if task == "rotation" else "(Δfloor-hue, Δspot-hue)"
+        c_pooled, c_per = constant_r2(t)
+        name = "rot" if task == "rotation" else "color"
+        recs.append(record(f"{name}_r2_pooled", part, r2_pooled(p, t), f"{what}; {DEFS['r2_pooled']}",
+                           len(t), rep, c_pooled, task))
+        recs.append(record(f"{name}_r2_per_output", part, r2_per_output(p, t),
+                           f"{what}; {DEFS['r2_per_output']}", len(t), rep, c_per, task))
+    return recs
+
+
+@torch.no_grad()
+def retrieval_metrics(probe, val_reps, latents, device, batch_size):
+    """MRR, H@k and PRE of the trained predictor on val (sie.md §4.4): embeddings e(o, v) of every view
+    (backbone and projector in eval mode), queries p(o, v) = predict(e(o, 0), g(0 -> v)) for every v
+    including 0, g from the float64 latents. -> (records, sims (N, V, V) for the figure)."""
+    N, V, D = val_reps.shape
+    chunks = lambda n: range(0, n, batch_size)
+    flat = val_reps.reshape(N * V, D)
+    emb = torch.cat([probe.embed(flat[s:s + batch_size].to(device)).float().cpu() for s in chunks(N * V)])
+    lat = latents.reshape(N, V, 7)
+    g = data.relative_quaternion(np.repeat(lat[:, :1, :3], V, 1), lat[:, :, :3])
+    if probe.g_dim == 6:  # rotation + colour conditioning (sie.md §1.3): the same hue differences
+        g = np.concatenate([g, lat[:, :, [3, 6]] - lat[:, :1, [3, 6]]], -1)
+    g = torch.from_numpy(g).float().reshape(N * V, -1)
+    src = emb.reshape(N, V, -1)[:, :1].expand(N, V, emb.shape[1]).reshape(N * V, -1)
+    pred = torch.cat([probe.predict(src[s:s + batch_size].to(device), g[s:s + batch_size].to(device)).float().cpu()
+                      for s in chunks(N * V)])
+    ranks, sims = target_ranks(pred.reshape(N, V, -1), emb.reshape(N, V, -1))
+    q = absolute_quaternion(latents)
+    pre = pose_retrieval_error(pred, emb, q, q, device)
+    chance = chance_levels(V, q)
+    rep = "predict(embed(view 0), g) vs embed(view v), equivariant embedding"
+    recs = [record(k, "embedding", v, DEFS["mrr"] if k == "mrr" else DEFS["hits"].replace("k", k[2:]),
+                   N * V, rep, chance[k], "retrieval") for k, v in mrr_hits(ranks).items()]
+    recs.append(record("pre", "embedding", pre, DEFS["pre"], N * V, rep + f", over all {N * V} val views",
+                       chance["pre"], "retrieval"))
+    return recs, sims
+
+
+def save_retrieval_figure(path, val_ds, sims, n_objects, seed, top=5):
+    """Like the paper's qualitative figure: per row, the source view (view 0), the `top` nearest
+    neighbours of the prediction among the object's views, and the true target view."""
+    from torchvision.utils import make_grid, save_image
+    N, V, _ = sims.shape
+    rng = np.random.default_rng([seed, 2])
+    images = []
+    for o in range(min(n_objects, N)):
+        v = int(rng.integers(1, V))
+        shown = [0] + sims[o, v].argsort(descending=True)[:top].tolist() + [v]
+        images += [val_ds[o * V + u][0] for u in shown]
+    x = torch.stack(images) * torch.tensor(data.STD).view(3, 1, 1) + torch.tensor(data.MEAN).view(3, 1, 1)
+    save_image(make_grid(x.clamp(0, 1), nrow=top + 2, padding=2, pad_value=1.0), path)
+
+
+def record(name, part, value, definition, n, representation, chance, protocol, split="val"):
+    return dict(name=name, part=part, value=value, chance=chance, definition=definition, split=split, n=n,
+                representation=representation, protocol=protocol)
+
+
+def evaluate_3diebench(probe, root, protos, cfg, device, out_dir):
+    """sie.md §4 on 3DIEBench (or its look-alike): -> (records, notes)."""
+    size, B, W = cfg["size"], cfg["batch_size_extract"], cfg["workers"]
+    val_ds = data.Views3DIEBench(root, "val", size=size)
+    V = len(val_ds.view_ids)
+    recs, notes = [], []
+    probes = [p for p in ("classify", "rotation", "color") if p in protos]
+    run_retrieval = "retrieval" in protos and probe.embed is not None and probe.predict is not None
+    if "retrieval" in protos and not run_retrieval:
+        notes.append("retrieval (MRR, H@k, PRE) skipped: this probeable has no embed/predict (no predictor)")
+    if run_retrieval or (probes and cfg["bn"] == "eval"):
+        val_reps = extract(backbone_fn(probe.backbone, device), val_ds, B, device, W, "val features")
+        val_reps = val_reps.reshape(-1, V, val_reps.shape[-1])
+    if run_retrieval:
+        r, sims = retrieval_metrics(probe, val_reps, val_ds.latents, device, B)
+        recs += r
+        if out_dir and world()[0] == 0 and cfg["figure_objects"]:
+            save_retrieval_figure(os.path.join(out_dir, "retrieval.png"), val_ds, sims, cfg["figure_objects"],
+                                  cfg["seed"])
+    if not probes:
+        return recs, notes
+    train_views = None if cfg["train_views"] is None else range(min(cfg["train_views"], V))
+    train_ds = data.Views3DIEBench(root, "train", size=size, views=train_views)
+    n_tr, Vt = len(train_ds.entries), len(train_ds.view_ids)
+    labels = train_ds.labels
+    if cfg["bn"] == "eval":  # features once; each epoch picks two cached views per object
+        cache = extract(backbone_fn(probe.backbone, device), train_ds, B, device, W, "train features")
+        cache = cache.reshape(n_tr, Vt, -1)
+
+        def epoch_features(epoch):
+            order, vi, vj = epoch_views(n_tr, Vt, cfg["seed"], epoch)
+            return order, vi, vj, cache[order, vi], cache[order, vj]
+        n_all = len(train_ds.latents) // n_tr
+    else:  # sie.md §4 "net.train()": batch statistics per probe batch, running statistics drift
+        bb = copy.deepcopy(probe.backbone).train().requires_grad_(False)
+        all_ds = data.Views3DIEBench(root, "train", size=size)
+        n_all = len(all_ds.view_ids)
+        fn = backbone_fn(bb, device)
+
+        def epoch_features(epoch):
+            order, vi, vj = epoch_views(n_tr, n_all, cfg["seed"], epoch)
+            # the same batches as the probe's minibatches, so BN sees what the official probe sees
+            f = [extract(fn, Subset(all_ds, order * n_all + v), cfg["batch_size"], device, W, "epoch", False)
+                 for v in (vi, vj)]
+            return (order, vi, vj, *f)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg["seed"])
+        heads = make_heads(probes, probe.parts, train_ds.num_classes, cfg["hidden"]).to(device)
+    # the cache holds views 0..Vt-1, whose latent rows are obj * n_all + view in the full table
+    fit_probes(heads, probe.parts, epoch_features, labels, train_ds.latents, n_all, cfg, device)
+    if cfg["bn"] == "train":
+        bb.eval()
+        val_reps = extract(backbone_fn(bb, device), val_ds, B, device, W, "val features (re-estimated BN)")
+        val_reps = val_reps.reshape(-1, V, val_reps.shape[-1])
+    majority = int(np.bincount(labels).argmax())
+    recs += score_probes(heads, probe.parts, val_reps, val_ds.labels, val_ds.latents, majority, cfg, device)
+    return recs, notes
+
+
+# ================================= evaluate =================================
+def resolve(preset, opts):
+    """Preset values, then the caller's options; an unknown option is an error naming it."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown eval preset {preset!r}; choose from {sorted(PRESETS)}")
+    cfg = dict(PRESETS[preset], size=None, batch_size_extract=256)
+    unknown = sorted(set(opts) - set(cfg))
+    if unknown:
+        raise ValueError(f"unknown eval option(s) {unknown}; known: {sorted(cfg)}")
+    cfg.update({k: v for k, v in opts.items() if v is not None})
+    if cfg["bn"] not in BN_MODES:
+        raise ValueError(f"unknown bn mode {cfg['bn']!r}; choose from {sorted(BN_MODES)}")
+    return cfg
+
+
+def expand_protocols(protocols, known):
+    names = [p.strip() for p in ([protocols] if isinstance(protocols, str) else protocols) if p.strip()]
+    bad = [p for p in names if p != "all" and p not in known]
+    if bad:
+        raise ValueError(f"unknown protocol(s) {bad}; choose from {['all', *known]}")
+    return tuple(known) if "all" in names or not names else tuple(dict.fromkeys(names))
+
+
+def print_table(result):
+    s = result["settings"]
+    print0(f"\nevaluation: step {result['step']}, {result['data_root']}, preset {result['preset']}, "
+           f"BN {s['bn']} mode, {s['epochs']} probe epochs")
+    print0(f"{'metric':<22}{'part':<11}{'value':>9}{'chance':>9}{'n':>9}  split")
+    for r in result["metrics"]:
+        print0(f"{r['name']:<22}{r['part']:<11}{r['value']:>9.4f}{r['chance']:>9.4f}{r['n']:>9}  {r['split']}")
+    for note in result["notes"]:
+        print0(f"note: {note}")
+
+
+def evaluate(probe, data_root, protocols=("all",), out_dir=None, device=None, preset="toy", **opts):
+    """Run the protocols on the frozen model, print a table, write out_dir/eval.json (rank 0) and return
+    the result dict: {"metrics": [one record per metric, with its definition, split, n, representation,
+    chance level and the checkpoint step], "summary": {"name/part": value}, "settings", "notes", ...}.
+    opts override the preset: epochs, batch_size, lr, hidden, train_views, val_pairs, bn ("eval" |
+    "train"), workers, seed, figure_objects, size (image side; None = native), batch_size_extract.
+    Under torchrun every rank must call it; every rank returns the same dict."""
+    cfg = resolve(preset, opts)
+    protos = expand_protocols(protocols, PROTOCOLS_3DIE)
+    device = torch.device(device) if device is not None else next(probe.backbone.parameters()).device
+    modules = [m for m in (probe.backbone, probe.embed, probe.predict) if isinstance(m, nn.Module)]
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.to(device).eval()
+    if out_dir and world()[0] == 0:
+        os.makedirs(out_dir, exist_ok=True)
+    try:
+        recs, notes = evaluate_3diebench(probe, data_root, protos, cfg, device, out_dir)
+    finally:
+        for m, mode in zip(modules, modes):
+            m.train(mode)
+    for r in recs:
+        r["step"] = probe.step
+    notes.append(f"BN: {cfg['bn']} mode = {BN_MODES[cfg['bn']]}")
+    result = dict(step=probe.step, data_root=str(data_root), preset=preset, protocols=list(protos),
+                  settings=cfg, notes=notes, metrics=recs,
+                  summary={f"{r['name']}/{r['part']}": r["value"] for r in recs})
+    print_table(result)
+    if out_dir and world()[0] == 0:
+        tmp = os.path.join(out_dir, "eval.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=1)
+        os.replace(tmp, os.path.join(out_dir, "eval.json"))
+    return result
+
+
+# =================================== main ===================================
+def fail(msg):
+    print(f"eval.py: error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def load_probeable(path, device):
+    """checkpoint.pt (CONTRACT.md) -> (Probeable, saved args): import the script that wrote it, rebuild
+    its model from the saved args, load the weights strictly, ask the script for its probeable."""
+    ckpt_path = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
+    if not os.path.isfile(ckpt_path):
+        fail(f"no checkpoint at {ckpt_path} (give a run directory holding checkpoint.pt, or the file)")
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises many types for truncated / foreign files
+        fail(f"cannot read checkpoint {ckpt_path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    missing = [k for k in ("script", "args", "model") if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        fail(f"{ckpt_path} is not a checkpoint written by sie.py / baselines.py / ser.py (missing {missing})")
+    try:
+        module = importlib.import_module(ckpt["script"])
+    except ImportError as e:
+        fail(f"{ckpt_path} was written by {ckpt['script']}.py, which cannot be imported here ({e})")
+    args = Namespace(**ckpt["args"])
+    model = module.build_model(args)
+    try:
+        model.load_state_dict(ckpt["model"], strict=True)
+    except RuntimeError as e:
+        fail(f"{ckpt_path} does not match {ckpt['script']}.build_model: {str(e).splitlines()[0][:300]}")
+    probe = module.probeable(model.to(device).eval(), args)
+    probe.step = int(ckpt.get("step", 0))
+    return probe, args
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Evaluate a checkpoint (sie.md §4, ser.md §3).")
+    p.add_argument("path", help="run directory holding checkpoint.pt, or a checkpoint file")
+    p.add_argument("--protocol", nargs="+", default=["all"], choices=["all", *PROTOCOLS_3DIE],
+                   help="classify = linear top-1 per part; rotation / color = R² (pooled and per-output); "
+                        "retrieval = MRR, H@1/2/5/10, PRE of the predictor")
+    p.add_argument("--preset", choices=PRESETS, help="probe settings (default: the checkpoint's preset)")
+    p.add_argument("--data-root", help="data set (default: the checkpoint's --data-root)")
+    p.add_argument("--size", type=int, help="image side in px (default: the checkpoint's --resolution)")
+    p.add_argument("--bn", choices=BN_MODES, help="BN while fitting probes: eval (toy default, cached "
+                   "features) or train (paper default, the official probes' net.train())")
+    p.add_argument("--epochs", type=int, help="probe epochs (paper 300)")
+    p.add_argument("--batch-size", type=int, help="probe batch (paper 256)")
+    p.add_argument("--train-views", type=int, help="views per training object cached for --bn eval")
+    p.add_argument("--workers", type=int, help="DataLoader workers")
+    p.add_argument("--seed", type=int, help="view sampling and head init")
+    p.add_argument("--out", help="where eval.json / retrieval.png go (default: the run directory)")
+    p.add_argument("--device", help="default: cuda:LOCAL_RANK if available, else cpu")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if "RANK" in os.environ and not dist.is_initialized():  # torchrun: NCCL on GPU, gloo on CPU
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device(args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+                                          if torch.cuda.is_available() else "cpu"))
+    probe, saved = load_probeable(args.path, device)
+    preset = args.preset or (saved.preset if getattr(saved, "preset", None) in PRESETS else "toy")
+    root = args.data_root or getattr(saved, "data_root", None) or data.DEFAULT_ROOT
+    out = args.out or (args.path if os.path.isdir(args.path) else os.path.dirname(args.path) or ".")
+    opts = dict(size=args.size or getattr(saved, "resolution", None), bn=args.bn, epochs=args.epochs,
+                batch_size=args.batch_size, train_views=args.train_views, workers=args.workers, seed=args.seed)
+    try:
+        evaluate(probe, root, args.protocol, out_dir=out, device=device, preset=preset, **opts)
+    except data.DataError as e:
+        fail(str(e))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,264 @@
+"""eval.py: metric definitions against naive formulas and the spec's chance levels (sie.md §4, §7.6),
+retrieval conventions with an exactly equivariant oracle, exact 1-vs-2-process extraction and metrics,
+an end-to-end evaluate() on the toy set with a tiny conv net, and the CLI's error messages."""
+import json
+import math
+import os
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import data
+import eval as ev
+from conftest import REPO, run
+
+
+# ------------------------------------------------------------------ metrics vs naive formulas
+def test_r2_definitions_match_naive_formulas():
+    g = torch.Generator().manual_seed(0)
+    t, p = torch.randn(50, 4, generator=g) + torch.tensor([0, 0, 0, 2.0]), torch.randn(50, 4, generator=g)
+    rows, cols = t.tolist(), p.tolist()
+    flat = [x for r in rows for x in r]
+    mean = sum(flat) / len(flat)
+    ss_res = sum((rows[i][j] - cols[i][j]) ** 2 for i in range(50) for j in range(4))
+    ss_tot = sum((x - mean) ** 2 for x in flat)
+    assert ev.r2_pooled(p, t) == pytest.approx(1 - ss_res / ss_tot, rel=1e-5)
+    per = []
+    for j in range(4):
+        mj = sum(rows[i][j] for i in range(50)) / 50
+        per.append(1 - sum((rows[i][j] - cols[i][j]) ** 2 for i in range(50)) /
+                   sum((rows[i][j] - mj) ** 2 for i in range(50)))
+    assert ev.r2_per_output(p, t) == pytest.approx(sum(per) / 4, rel=1e-5)
+    assert ev.r2_pooled(t, t) == 1.0 and ev.r2_per_output(t, t) == 1.0
+
+
+def test_constant_mean_predictor_on_relative_quaternions():
+    """sie.md §4.2: the per-component-mean predictor scores pooled R² ≈ 0.229, per-output R² = 0."""
+    rng = np.random.default_rng(0)
+    a1, a2 = rng.uniform(-np.pi / 2, np.pi / 2, (2, 100_000, 3))
+    t = torch.from_numpy(data.relative_quaternion(a1, a2))
+    pred = t.mean(0, keepdim=True).expand_as(t)
+    assert ev.r2_pooled(pred, t) == pytest.approx(0.229, abs=0.01)
+    assert ev.r2_per_output(pred, t) == pytest.approx(0.0, abs=1e-9)
+    assert ev.constant_r2(t)[0] == pytest.approx(ev.r2_pooled(pred, t))
+
+
+def test_random_rankings_are_at_chance():
+    g = torch.Generator().manual_seed(0)
+    ranks, _ = ev.target_ranks(torch.randn(2000, 50, 8, generator=g), torch.randn(2000, 50, 8, generator=g))
+    m = ev.mrr_hits(ranks)
+    assert m["mrr"] == pytest.approx(0.090, abs=0.004)
+    for k in (1, 2, 5, 10):
+        assert m[f"H@{k}"] == pytest.approx(k / 50, abs=0.006)
+    assert ev.chance_levels(50, torch.randn(10, 4))["mrr"] == pytest.approx(0.0900, abs=1e-4)
+
+
+def test_hand_built_ranks():
+    """Two objects, 3 views on the unit circle; the predictions' ranks are known by construction."""
+    ang = torch.tensor([0.0, 2.0, 4.0])
+    cands = torch.stack([torch.cos(ang), torch.sin(ang)], -1).expand(2, 3, 2)
+    pred = torch.stack([cands[0, [0, 0, 0]] * 3.0,                 # view 0 predicted for every target
+                        cands[1, [0, 1, 2]] * 0.5])                 # perfect predictions
+    ranks, _ = ev.target_ranks(pred, cands)
+    # object 0: target 0 rank 1; target 1 (2 rad away) rank 2; target 2 (4 rad = 2.28 rad away) rank 3
+    assert ranks.tolist() == [[1, 2, 3], [1, 1, 1]]
+    m = ev.mrr_hits(ranks, ks=(1, 2))
+    assert m["mrr"] == pytest.approx((1 + 1 / 2 + 1 / 3 + 3) / 6)
+    assert m["H@1"] == pytest.approx(4 / 6) and m["H@2"] == pytest.approx(5 / 6)
+
+
+def test_pre_random_retrieval_and_chance():
+    rng = np.random.default_rng(1)
+    q = ev.absolute_quaternion(np.concatenate([rng.uniform(-np.pi / 2, np.pi / 2, (20_000, 3)),
+                                               np.zeros((20_000, 4))], 1))
+    g = torch.Generator().manual_seed(1)
+    pre = ev.pose_retrieval_error(torch.randn(4000, 8, generator=g), torch.randn(20_000, 8, generator=g),
+                                  q[:4000], q, torch.device("cpu"))
+    assert pre == pytest.approx(0.627, abs=0.02)
+    assert ev.chance_levels(50, q)["pre"] == pytest.approx(0.627, abs=0.01)
+    # retrieving itself (or any view with the same pose, whatever the quaternion sign) is perfect
+    emb = torch.randn(100, 8, generator=g)
+    assert ev.pose_retrieval_error(emb, emb, q[:100], -q[:100], torch.device("cpu")) == pytest.approx(0, abs=1e-6)
+
+
+def quat_to_matrix(q):
+    x, y, z, w = q.unbind(-1)
+    return torch.stack([1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w),
+                        2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w),
+                        2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)], -1).unflatten(-1, (3, 3))
+
+
+def test_retrieval_conventions_with_an_equivariant_oracle():
+    """Embedding = the view's rotation matrix R_v; predictor = R_0 @ R(g). Exact only if g = quat(R_0^T R_v)
+    with view 0 as source, the latents read in list order: MRR = H@1 = 1 and PRE = 0. Dropping the
+    transpose (world-frame g) must break it."""
+    rng = np.random.default_rng(2)
+    N, V = 6, 50
+    lat = np.concatenate([rng.uniform(-np.pi / 2, np.pi / 2, (N * V, 3)), rng.uniform(0, 1, (N * V, 4))], 1)
+    reps = torch.from_numpy(data.euler_xyz_to_matrix(lat[:, :3])).float().reshape(N, V, 9)
+    oracle = lambda e, g: (e.view(-1, 3, 3) @ quat_to_matrix(g)).flatten(1)
+    probe = ev.Probeable(nn.Identity(), {}, embed=nn.Identity(), predict=oracle)
+    recs, _ = ev.retrieval_metrics(probe, reps, lat, torch.device("cpu"), 64)
+    got = {r["name"]: r["value"] for r in recs}
+    assert got["mrr"] == pytest.approx(1.0) and got["H@1"] == pytest.approx(1.0)
+    assert got["pre"] == pytest.approx(0.0, abs=1e-4)
+    wrong = ev.Probeable(nn.Identity(), {}, embed=nn.Identity(),
+                         predict=lambda e, g: (quat_to_matrix(g) @ e.view(-1, 3, 3)).flatten(1))
+    assert {r["name"]: r["value"] for r in ev.retrieval_metrics(wrong, reps, lat, torch.device("cpu"), 64)[0]}["mrr"] < 0.9
+
+
+# ------------------------------------------------------------------ a tiny method module + checkpoint
+TINY_METHOD = '''
+"""A stand-in method script with the contract's build_model / probeable (tests only)."""
+import torch, torch.nn as nn
+import eval as ev
+
+class Tiny(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.backbone = nn.Sequential(
+            nn.Conv2d(3, width, 3, 2, 1), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, 2, 1), nn.BatchNorm2d(2 * width), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.width = width
+        self.proj = nn.Sequential(nn.Linear(width, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 8))
+        self.hyper = nn.Linear(4, 64, bias=False)
+
+    def embed(self, r):
+        return self.proj(r[:, self.width:])
+
+    def predict(self, z, g):
+        return torch.einsum("boi,bi->bo", self.hyper(g).view(-1, 8, 8), z)
+
+class Embed(nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+    def forward(self, r):
+        return self.m.embed(r)
+
+def build_model(args):
+    torch.manual_seed(args.seed)
+    return Tiny(args.width)
+
+def probeable(model, args):
+    w = model.width
+    return ev.Probeable(model.backbone, {"full": slice(0, 2 * w), "inv": slice(0, w), "equi": slice(w, 2 * w)},
+                        embed=Embed(model), predict=model.predict)
+'''
+
+
+@pytest.fixture()
+def tiny_ckpt(tmp_path, toy_root, monkeypatch):
+    (tmp_path / "tinymethod.py").write_text(TINY_METHOD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+    tiny = importlib.import_module("tinymethod")
+    args = dict(width=8, seed=0, data_root=toy_root, resolution=None, preset="toy")
+    model = tiny.build_model(type("A", (), args))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    torch.save({"script": "tinymethod", "args": args, "model": model.state_dict(), "step": 11},
+               run_dir / "checkpoint.pt")
+    return run_dir
+
+
+# ------------------------------------------------------------------ end to end
+def test_evaluate_end_to_end_on_toy_set(tiny_ckpt, toy_root, tmp_path):
+    probe, _ = ev.load_probeable(str(tiny_ckpt), torch.device("cpu"))
+    probe.backbone.train()
+    bn_before = probe.backbone[1].running_mean.clone()
+    out = tmp_path / "out"
+    res = ev.evaluate(probe, toy_root, out_dir=str(out), preset="toy", epochs=3, bn="train", hidden=32)
+    assert probe.backbone.training                        # the caller's mode is restored
+    assert torch.equal(probe.backbone[1].running_mean, bn_before)   # bn=train works on a copy
+    saved = json.loads((out / "eval.json").read_text())
+    assert saved["summary"] == pytest.approx(res["summary"])
+    assert (out / "retrieval.png").stat().st_size > 0
+    n_val = len(data.read_split(toy_root, "val")[0])
+    names = {(r["name"], r["part"]) for r in saved["metrics"]}
+    for part in ("full", "inv", "equi"):
+        assert {("top1", part), ("rot_r2_pooled", part), ("rot_r2_per_output", part),
+                ("color_r2_pooled", part), ("color_r2_per_output", part)} <= names
+    assert {("mrr", "embedding"), ("H@1", "embedding"), ("H@10", "embedding"), ("pre", "embedding")} <= names
+    for r in saved["metrics"]:
+        assert r["step"] == 11 and r["split"] == "val" and r["definition"] and r["representation"]
+        assert math.isfinite(r["value"])
+        assert r["n"] == n_val * (50 if r["name"] in ("top1", "mrr", "pre") or r["name"].startswith("H@") else 10)
+    assert any("BN: train" in n for n in saved["notes"])
+    # without a predictor the retrieval protocol is skipped with a note
+    probe.embed = probe.predict = None
+    res = ev.evaluate(probe, toy_root, protocols=("retrieval", "classify"), epochs=1, hidden=8)
+    assert {r["name"] for r in res["metrics"]} == {"top1"} and "skipped" in res["notes"][0]
+    with pytest.raises(ValueError, match="unknown protocol"):
+        ev.evaluate(probe, toy_root, protocols=("rotaton",))
+    with pytest.raises(ValueError, match="unknown eval option"):
+        ev.evaluate(probe, toy_root, epoch=3)
+
+
+DDP_CHECK = '''
+import os, sys, torch, torch.distributed as dist
+from torch.utils.data import Subset
+import data, eval as ev
+ckpt, root, out = sys.argv[1:4]
+if "RANK" in os.environ:
+    dist.init_process_group("gloo")
+torch.set_num_threads(1)
+rank, world = ev.world()
+probe, _ = ev.load_probeable(ckpt, torch.device("cpu"))
+val = data.Views3DIEBench(root, "val")
+odd = Subset(val, range(len(val) - 1))                      # not a multiple of the world size
+cpu = torch.device("cpu")
+pix = ev.extract(lambda x: x.mean((2, 3)), odd, 16, cpu)
+feats = ev.extract(ev.backbone_fn(probe.backbone.eval(), cpu), odd, 16, cpu)
+res = ev.evaluate(probe, root, out_dir=os.path.join(out, f"w{world}"), epochs=2, hidden=32, bn="eval")
+if rank == 0:
+    torch.save({"pix": pix, "feats": feats, "metrics": res["metrics"]}, os.path.join(out, f"w{world}.pt"))
+'''
+
+
+def test_one_vs_two_gloo_processes_identical(tiny_ckpt, toy_root, tmp_path):
+    script = tmp_path / "ddp_check.py"
+    script.write_text(DDP_CHECK)
+    env = {"PYTHONPATH": os.pathsep.join([str(REPO), str(tmp_path)])}
+    args = f"{script} {tiny_ckpt / 'checkpoint.pt'} {toy_root} {tmp_path}"
+    run(f"python {args}", cwd=tmp_path, env=env, timeout=120)
+    run(f"torchrun --standalone --nproc_per_node=2 {args}", cwd=tmp_path, env=env, timeout=120)
+    one, two = torch.load(tmp_path / "w1.pt"), torch.load(tmp_path / "w2.pt")
+    assert len(one["pix"]) == len(data.Views3DIEBench(toy_root, "val")) - 1
+    assert torch.equal(one["pix"], two["pix"])
+    assert torch.allclose(one["feats"], two["feats"], atol=1e-6)
+    for a, b in zip(one["metrics"], two["metrics"], strict=True):
+        assert (a["name"], a["part"], a["n"]) == (b["name"], b["part"], b["n"])
+        assert a["value"] == pytest.approx(b["value"], abs=1e-4)
+
+
+# ------------------------------------------------------------------ CLI
+def test_cli_runs_a_checkpoint_and_reports_clear_errors(tiny_ckpt, tmp_path, capsys):
+    ev.main([str(tiny_ckpt), "--protocol", "classify", "retrieval", "--epochs", "1"])
+    saved = json.loads((tiny_ckpt / "eval.json").read_text())
+    assert saved["step"] == 11 and saved["protocols"] == ["classify", "retrieval"]
+    assert "top1" in capsys.readouterr().out
+
+    def error_of(argv):
+        with pytest.raises(SystemExit) as e:
+            ev.main(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert "Traceback" not in "\n".join(err)
+        return err[-1]
+    assert "no checkpoint at" in error_of([str(tmp_path / "nowhere")])
+    bad = tmp_path / "corrupt.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert "cannot read checkpoint" in error_of([str(bad)]) and str(bad) in error_of([str(bad)])
+    torch.save({"model": {}}, tmp_path / "foreign.pt")
+    assert "missing ['script', 'args']" in error_of([str(tmp_path / "foreign.pt")])
+    ck = torch.load(tiny_ckpt / "checkpoint.pt", weights_only=False)
+    ck["args"]["width"] = 4
+    torch.save(ck, tmp_path / "mismatch.pt")
+    assert "does not match tinymethod.build_model" in error_of([str(tmp_path / "mismatch.pt")])
+    assert "invalid choice: 'rotaton'" in error_of([str(tiny_ckpt), "--protocol", "rotaton"])
