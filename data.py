@@ -56,6 +56,10 @@ def generate_command(root):
     return f"python data.py make-3diebench {root}"
 
 
+def cores():
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
 # ============================================================ rotations (sie.md §1.1, §1.3)
 # Pure numpy/torch, no scipy. Every function takes numpy float64 arrays or torch tensors.
 def euler_xyz_to_matrix(angles):
@@ -327,7 +331,7 @@ def check(root, workers=None, progress=True):
         except (DataError, OSError):
             pass
         folders = [object_dir(root, e) for e in entries]
-        with ThreadPoolExecutor(workers or os.cpu_count()) as pool:  # PIL decodes without the GIL
+        with ThreadPoolExecutor(workers or cores()) as pool:  # PIL decodes without the GIL
             results = list(tqdm(pool.map(scan_object, folders, [n] * len(folders)), total=len(folders),
                                 desc=f"check {split}", disable=not progress))
         for _, found in results:
@@ -346,144 +350,149 @@ def check(root, workers=None, progress=True):
 
 
 # ============================================================ renderer (the real scene, sie.md §1.1)
-# A small batched triangle rasteriser in torch (z-buffer, perspective camera, flat Lambert shading, a sun
-# and a coloured spot light, the floor plane), mesh-generic and device-generic.
+# One small batched triangle rasteriser in torch (z-buffer, perspective camera), used twice per image: from
+# the camera, and from the spot light for its shadow. Flat Lambert shading, a white sun from above and the
+# coloured spot light; the floor plane. Mesh-generic (any triangles) and device-generic (cpu, cuda).
 CAM_DIST, CAM_POLAR, CAM_AZIM = 2.5, math.pi / 4, math.pi / 2   # camera looking at the origin
 FOCAL = 50 / 18                      # Blender's default 50 mm lens on a 36 mm sensor (39.6 deg field of view)
 FLOOR_Z, SPOT_RADIUS = -1.0, 4.0
 SPOT_HALF_ANGLE, SPOT_BLEND = math.pi / 16, 0.15   # spot size pi/8 is Blender's full cone angle
-AMBIENT, SUN, SPOT = 0.30, 0.45, 20.0              # light strengths, chosen so images average ~0.5
+AMBIENT, SUN, SPOT = 0.45, 0.55, 0.9               # light strengths, chosen so images average ~0.5
 
 
-def look_at(pos):
-    """(B, 3) camera positions looking at the origin, z up -> (pos, rows [right, up, forward] (B, 3, 3))."""
-    fwd = F.normalize(-pos, dim=-1)
-    right = F.normalize(torch.linalg.cross(fwd, torch.tensor([0.0, 0, 1]).to(pos).expand_as(fwd)), dim=-1)
-    return pos, torch.stack([right, torch.linalg.cross(right, fwd), fwd], -2)
+# Vectors are laid out (3, ...) so that dot products reduce over the first axis (fast on CPU).
+def dot(a, b):
+    return (a * b).sum(0, keepdim=True)
+
+
+def look_at(pos, focal):
+    """(3, B, 1) positions looking at the origin, z up -> camera (pos, axes [right, up, forward] (3, 3, B, 1), focal)."""
+    fwd = F.normalize(-pos, dim=0)
+    right = F.normalize(torch.linalg.cross(fwd, pos.new_tensor([0.0, 0, 1])[:, None, None].expand_as(fwd), dim=0), dim=0)
+    return pos, torch.stack([right, torch.linalg.cross(right, fwd, dim=0), fwd]), focal
 
 
 def project(points, cam, H, W):
-    """(B, V, 3) world points -> (B, V, 3) [x pixel, y pixel, depth]; pixel (i, j) has its centre at (j+.5, i+.5)."""
-    pos, rows = cam
-    q = (points - pos[:, None]) @ rows.transpose(-1, -2)
-    z = q[..., 2].clamp(min=1e-6)
-    return torch.stack([(q[..., 0] / z * FOCAL + 1) * W / 2, (1 - q[..., 1] / z * FOCAL) * H / 2, z], -1)
+    """(3, B, N) world points -> (3, B, N) [x pixel, y pixel, depth]; pixel (i, j) has its centre at (j+.5, i+.5)."""
+    pos, axes, focal = cam
+    q = [dot(a, points - pos)[0] for a in axes]
+    z = q[2].clamp(min=1e-6)
+    return torch.stack([(q[0] / z * focal + 1) * W / 2, (1 - q[1] / z * focal) * H / 2, z])
 
 
 def rasterize(tri, img, n_images, H, W):
     """Z-buffer. tri: (T, 3, 3) screen-space triangles (project's output), img: (T,) image index of each.
-    -> (n_images, H, W) long: the nearest triangle covering each pixel centre, -1 where none.
-    Every (triangle, pixel-in-its-bounding-box) pair is a candidate; a scatter-min on depth keeps the nearest."""
-    x, y, z = tri.unbind(-1)
-    x0 = (x.amin(1) - 0.5).ceil().clamp(min=0).long()
-    x1 = (x.amax(1) - 0.5).floor().clamp(max=W - 1).long()
-    y0 = (y.amin(1) - 0.5).ceil().clamp(min=0).long()
-    y1 = (y.amax(1) - 0.5).floor().clamp(max=H - 1).long()
-    w, h = (x1 - x0 + 1).clamp(min=0), (y1 - y0 + 1).clamp(min=0)
-    count = w * h
+    -> ids (n_images, H, W) long: the nearest triangle covering each pixel centre, -1 where none; and its depth.
+    Every (triangle, pixel of its bounding box) pair is a candidate; a scatter-min on depth keeps the nearest."""
+    x, y, z = tri.unbind(-1)                                                       # (T, 3) each
+    # Barycentric coordinates and 1/depth are affine in the pixel position: f = a x + b y + c, per triangle.
+    x1, x2, y1, y2 = x.roll(-1, 1), x.roll(-2, 1), y.roll(-1, 1), y.roll(-2, 1)
+    c = x1 * y2 - x2 * y1
+    area = c.sum(1, keepdim=True)                                                  # twice the signed area
+    bary = torch.stack([y1 - y2, x2 - x1, c], -1) / area[..., None]                # (T, 3 corners, 3 coefs)
+    plane = torch.cat([bary, (bary / z[..., None]).sum(1, keepdim=True)], 1)       # (T, 4, 3): + 1/z
+    x0, y0 = (x.amin(1) - 0.5).ceil().clamp(min=0), (y.amin(1) - 0.5).ceil().clamp(min=0)
+    w = ((x.amax(1) - 0.5).floor().clamp(max=W - 1) - x0 + 1).clamp(min=0)
+    h = ((y.amax(1) - 0.5).floor().clamp(max=H - 1) - y0 + 1).clamp(min=0)
+    count = (w * h * (area[:, 0].abs() > 1e-9)).long()
     t = torch.repeat_interleave(torch.arange(len(tri), device=tri.device), count)
-    off = torch.arange(len(t), device=tri.device) - (count.cumsum(0) - count)[t]
-    px, py = x0[t] + off % w[t], y0[t] + off // w[t]
-    cx, cy, X, Y = px + 0.5, py + 0.5, x[t], y[t]
-    # Edge functions: e_k is twice the signed area of (pixel, vertex k+1, vertex k+2).
-    e = [(X[:, j] - X[:, i]) * (cy - Y[:, i]) - (Y[:, j] - Y[:, i]) * (cx - X[:, i]) for i, j in ((1, 2), (2, 0), (0, 1))]
-    area = e[0] + e[1] + e[2]
-    inside = (((e[0] >= 0) & (e[1] >= 0) & (e[2] >= 0)) | ((e[0] <= 0) & (e[1] <= 0) & (e[2] <= 0))) & (area != 0)
-    # Perspective-correct depth: 1/z is linear in screen space.
-    inv_z = sum(e[k] / z[t, k] for k in range(3)) / area
-    key = (1 / inv_z / 16 * 2 ** 30).long().clamp(0, 2 ** 30) * 2 ** 32 + t   # depth first, then triangle
-    pix = (img[t] * H + py) * W + px
+    pick = lambda a, i: a.index_select(0, i)                                       # a[i], faster on CPU
+    off = (torch.arange(len(t), device=tri.device) - pick(count.cumsum(0) - count, t)).float()
+    wt = pick(w, t)
+    row = ((off + 0.5) / wt).floor()
+    cx, cy = pick(x0, t) + off - row * wt, pick(y0, t) + row                        # pixel indices
+    f = pick(plane, t)
+    f = f[..., 0] * (cx + 0.5)[:, None] + f[..., 1] * (cy + 0.5)[:, None] + f[..., 2]   # (K, 4)
+    k = (f[:, :3].amin(1) >= 0).nonzero()[:, 0]                                    # pixel centre inside
+    tk = pick(t, k)
+    key = (1 / pick(f[:, 3], k) / 16 * 2 ** 30).long().clamp(0, 2 ** 30) * 2 ** 32 + tk   # depth, then triangle
     zbuf = torch.full((n_images * H * W,), 2 ** 62, dtype=torch.long, device=tri.device)
-    zbuf.scatter_reduce_(0, pix[inside], key[inside], "amin")
-    return torch.where(zbuf == 2 ** 62, -1, zbuf % 2 ** 32).view(n_images, H, W)
+    zbuf.scatter_reduce_(0, (pick(img, tk) * H + pick(cy, k).long()) * W + pick(cx, k).long(), key, "amin")
+    empty = zbuf == 2 ** 62
+    ids = torch.where(empty, -1, zbuf % 2 ** 32).view(n_images, H, W)
+    return ids, torch.where(empty, torch.inf, (zbuf // 2 ** 32) * (16 / 2 ** 30)).view(n_images, H, W)
 
 
 def hsv_to_rgb(h, s, v):
-    """Tensors of any shape -> (..., 3) RGB in [0, 1]."""
-    k = (torch.tensor([5.0, 3.0, 1.0], device=h.device) + h[..., None] * 6) % 6
+    """Tensors (broadcastable) -> (..., 3) RGB in [0, 1]."""
+    h, s, v = torch.broadcast_tensors(*(torch.as_tensor(a, dtype=torch.float32) for a in (h, s, v)))
+    k = (h.new_tensor([5.0, 3.0, 1.0]) + h[..., None] * 6) % 6
     return v[..., None] - (v * s)[..., None] * torch.minimum(k, 4 - k).clamp(0, 1)
 
 
 def render(verts, faces, colors, latents, size, ss=2):
     """Render one mesh under B latent rows with the 3DIEBench scene (sie.md §1.1).
-    verts (V, 3) centred on the origin, faces (F, 3) long, colors (F, 3) albedo, latents (B, 7) float64
-    -> (B, 3, size, size) RGB in [0, 1]. Rendered at ss x the size and box-filtered (antialiasing)."""
-    dev, B, H = verts.device, len(latents), size * ss
-    lat = torch.as_tensor(latents, dtype=torch.float32, device=dev)
-    world = verts @ euler_xyz_to_matrix(lat[:, :3]).transpose(-1, -2)             # (B, V, 3): R v, extrinsic xyz
-    cam_pos = CAM_DIST * torch.tensor([math.sin(CAM_POLAR) * math.cos(CAM_AZIM),
-                                       math.sin(CAM_POLAR) * math.sin(CAM_AZIM), math.cos(CAM_POLAR)], device=dev)
-    cam = look_at(cam_pos.expand(B, 3))
-    tri_world = world[:, faces]                                                    # (B, F, 3, 3)
-    ids = rasterize(project(world, cam, H, H)[:, faces].flatten(0, 1),
-                    torch.arange(B, device=dev).repeat_interleave(len(faces)), B, H, H)
-    # A camera ray per pixel centre.
+    verts (V, 3) centred on the origin, faces (F, 3) long, colors (F, 3) albedo, latents (B, 7)
+    -> (B, 3, size, size) RGB in [0, 1], rendered at ss x the size and box-filtered (antialiasing)."""
+    dev, B, H, nf = verts.device, len(latents), size * ss, len(faces)
+    if B > 1 and B * H * H > 2 ** 20:                                              # bound memory: views in chunks
+        return torch.cat([render(verts, faces, colors, part, size, ss) for part in np.array_split(latents, 2)])
+    lat = torch.as_tensor(latents, dtype=torch.float32).to(dev)
+    world = (verts @ euler_xyz_to_matrix(lat[:, :3]).transpose(-1, -2)).permute(2, 0, 1)   # (3, B, V): R v
+    c = math.sin(CAM_POLAR) * math.cos(CAM_AZIM), math.sin(CAM_POLAR) * math.sin(CAM_AZIM), math.cos(CAM_POLAR)
+    cam = look_at(CAM_DIST * lat.new_tensor(c)[:, None, None].expand(3, B, 1), FOCAL)
+    th, ph = lat[:, 4], lat[:, 5]                                                  # spot light at (theta, phi)
+    spot = SPOT_RADIUS * torch.stack([th.sin() * ph.cos(), th.sin() * ph.sin(), th.cos()])[..., None]   # (3, B, 1)
+    light_cam = look_at(spot, 1 / (1.25 * math.tan(SPOT_HALF_ANGLE)))              # sees the whole cone
+    img = torch.arange(B, device=dev).repeat_interleave(nf)
+    corners = lambda pts: pts[:, :, faces].permute(1, 2, 3, 0).flatten(0, 1)        # (3, B, V) -> (B*F, 3, 3)
+    ids = rasterize(corners(project(world, cam, H, H)), img, B, H, H)[0]
+    S = H // 2                                                                     # shadow map resolution
+    shadow_depth = rasterize(corners(project(world, light_cam, S, S)), img, B, S, S)[1]
+    # One column per triangle and one per image's floor (z = -1, colour HSV(floor_hue, 0.6, 0.6)):
+    # [unit normal (3), plane offset n.x (1), albedo (3)]; each pixel gathers the column of what it sees.
+    v = world[:, :, faces]                                                         # (3, B, F, 3 corners)
+    n = F.normalize(torch.linalg.cross(v[..., 1] - v[..., 0], v[..., 2] - v[..., 0], dim=0), dim=0)
+    tri_cols = torch.cat([n, dot(n, v[..., 0]), colors.T[:, None].expand(3, B, nf)]).flatten(1)
+    floor_cols = torch.cat([lat.new_tensor([0, 0, 1, FLOOR_Z])[:, None].expand(4, B), hsv_to_rgb(lat[:, 3], 0.6, 0.6).T.to(dev)])
+    seen = torch.where(ids >= 0, ids, B * nf + torch.arange(B, device=dev)[:, None, None]).flatten()
+    normal, offset, albedo = torch.cat([tri_cols, floor_cols], 1).index_select(1, seen).view(7, B, H * H).split([3, 1, 3])
+    # The camera ray through each pixel centre meets that plane at p.
     jj, ii = torch.meshgrid(torch.arange(H, device=dev) + 0.5, torch.arange(H, device=dev) + 0.5, indexing="xy")
-    ndc = torch.stack([(2 * jj / H - 1) / FOCAL, (1 - 2 * ii / H) / FOCAL, torch.ones_like(jj)], -1)
-    ray = F.normalize(ndc @ cam[1][0], dim=-1).expand(B, H, H, 3)                  # (B, H, H, 3)
-    hit = ids >= 0
-    # Floor z = FLOOR_Z, coloured HSV(floor_hue, 0.6, 0.6); the object's faces where hit.
-    t_floor = (FLOOR_Z - cam_pos[2]) / ray[..., 2].clamp(max=-1e-6)
-    floor_rgb = hsv_to_rgb(lat[:, 3], torch.tensor(0.6, device=dev), torch.tensor(0.6, device=dev))
-    albedo = torch.where(hit[..., None], colors[ids.clamp(min=0) % len(faces)], floor_rgb[:, None, None])
-    flat = tri_world.flatten(0, 1)[ids.clamp(min=0)]                         # (B, H, H, 3, 3) winning triangle
-    normal = F.normalize(torch.linalg.cross(flat[..., 1, :] - flat[..., 0, :], flat[..., 2, :] - flat[..., 0, :]), dim=-1)
-    normal = torch.where((normal * ray).sum(-1, keepdim=True) > 0, -normal, normal)   # two-sided: face the camera
-    t_obj = ((flat[..., 0, :] - cam_pos) * normal).sum(-1) / (ray * normal).sum(-1).clamp(max=-1e-6)
-    up = torch.tensor([0.0, 0, 1], device=dev)
-    normal = torch.where(hit[..., None], normal, up)
-    p = cam_pos + torch.where(hit, t_obj, t_floor)[..., None] * ray                 # (B, H, H, 3) surface point
-    # Spot light at (theta, phi), radius 4, pointing at the origin, colour HSV(spot_hue, 1, 0.8).
-    th, ph = lat[:, 4], lat[:, 5]
-    spot = SPOT_RADIUS * torch.stack([th.sin() * ph.cos(), th.sin() * ph.sin(), th.cos()], -1)[:, None, None]
+    ndc = [(2 * jj / H - 1).flatten() / FOCAL, (1 - 2 * ii / H).flatten() / FOCAL, torch.ones(H * H, device=dev)]
+    ray = F.normalize(sum(a * axis[:, 0] for a, axis in zip(ndc, cam[1])), dim=0)[:, None]   # (3, 1, H*H)
+    along = dot(ray, normal)
+    p = cam[0] + (offset - dot(normal, cam[0])) / torch.where(along.abs() < 1e-6, 1e-6, along) * ray
+    normal = torch.where(along > 0, -normal, normal)                              # two-sided faces: face the camera
+    # Spot light: cone with Blender's smoothstep edge, 1/d^2 falloff, colour HSV(spot_hue, 1, 0.8), and the
+    # shadow test against the depth map seen from the light (bias: a few shadow-map pixels at that depth).
     to_light = spot - p
-    dist = to_light.norm(dim=-1)
-    l = to_light / dist[..., None]
-    cos_axis = (l * F.normalize(spot, dim=-1)).sum(-1)                              # angle from the spot's axis
-    edge = (1 - math.cos(SPOT_HALF_ANGLE)) * SPOT_BLEND
-    x = ((cos_axis - math.cos(SPOT_HALF_ANGLE)) / edge).clamp(0, 1)
-    cone = x * x * (3 - 2 * x)                                                     # Blender's smoothstep blend
-    spot_rgb = hsv_to_rgb(lat[:, 6], torch.tensor(1.0, device=dev), torch.tensor(0.8, device=dev))[:, None, None]
-    lambert = lambda d: (normal * d).sum(-1).clamp(min=0)[..., None]
-    light = AMBIENT + SUN * lambert(up) + SPOT * spot_rgb * (cone * 16 / dist ** 2)[..., None] * lambert(l)
-    rgb = (albedo * light).clamp(0, 1).permute(0, 3, 1, 2)
+    dist = dot(to_light, to_light).sqrt()
+    x = ((dot(to_light, spot) / (dist * SPOT_RADIUS) - math.cos(SPOT_HALF_ANGLE))
+         / ((1 - math.cos(SPOT_HALF_ANGLE)) * SPOT_BLEND)).clamp(0, 1)
+    u, w, z = project(p, light_cam, S, S)
+    depth = shadow_depth.flatten(1).gather(1, w.long().clamp(0, S - 1) * S + u.long().clamp(0, S - 1))
+    lit = z <= depth + 4 * z / (light_cam[2] * S) + 1e-3
+    spot_light = x * x * (3 - 2 * x) * lit * dot(normal, to_light).clamp(min=0) * 16 / dist ** 3
+    light = AMBIENT + SUN * normal[2:].clamp(min=0) + SPOT * hsv_to_rgb(lat[:, 6], 1.0, 0.8).T[..., None].to(dev) * spot_light
+    rgb = (albedo * light).clamp(0, 1).view(3, B, H, H).transpose(0, 1)
     return F.avg_pool2d(rgb, ss) if ss > 1 else rgb
 
 
 # ============================================================ procedural shape families
-def unit_mesh(kind, n=12):
-    """Primitive in [-1, 1]^3 -> (verts (V, 3), faces (F, 3)). Kinds: box, cylinder, cone, sphere, prism, torus."""
-    a = torch.arange(n) * 2 * math.pi / n
-    if kind == "box":
-        v = torch.tensor([[x, y, z] for x in (-1, 1) for y in (-1, 1) for z in (-1, 1)], dtype=torch.float32)
-        f = [[0, 1, 3], [0, 3, 2], [4, 6, 7], [4, 7, 5], [0, 4, 5], [0, 5, 1],
-             [2, 3, 7], [2, 7, 6], [0, 2, 6], [0, 6, 4], [1, 5, 7], [1, 7, 3]]
-        return v, torch.tensor(f)
-    if kind in ("cylinder", "cone", "prism"):
-        n = 3 if kind == "prism" else n
-        a = torch.arange(n) * 2 * math.pi / n
-        ring = torch.stack([a.cos(), a.sin()], -1)
-        top = ring * (0.0 if kind == "cone" else 1.0)
-        v = torch.cat([torch.cat([ring, -torch.ones(n, 1)], 1), torch.cat([top, torch.ones(n, 1)], 1),
-                       torch.tensor([[0.0, 0, -1], [0.0, 0, 1]])])
-        i, j = torch.arange(n), (torch.arange(n) + 1) % n
-        f = torch.cat([torch.stack([i, j, j + n], 1), torch.stack([i, j + n, i + n], 1),
-                       torch.stack([i, torch.full_like(i, 2 * n), j], 1), torch.stack([i + n, j + n, torch.full_like(i, 2 * n + 1)], 1)])
-        return v, f
-    # sphere and torus: a (lat x lon) grid of quads
-    rows, cols = n // 2 + 1, n
-    u = torch.linspace(0, math.pi, rows) if kind == "sphere" else torch.arange(rows) * 2 * math.pi / (rows - 1)
-    uu, vv = torch.meshgrid(u, torch.arange(cols) * 2 * math.pi / cols, indexing="ij")
-    if kind == "sphere":
-        v = torch.stack([uu.sin() * vv.cos(), uu.sin() * vv.sin(), uu.cos()], -1)
-    else:
-        r = 1 + 0.35 * uu.cos()
-        v = torch.stack([r * vv.cos() / 1.35, r * vv.sin() / 1.35, 0.35 * uu.sin() / 1.35], -1)
-    idx = torch.arange(rows * cols).view(rows, cols)
-    q0, q1 = idx[:-1], idx[:-1].roll(-1, 1)
-    q2, q3 = idx[1:].roll(-1, 1), idx[1:]
-    f = torch.cat([torch.stack([q0, q1, q2], -1).flatten(0, 1), torch.stack([q0, q2, q3], -1).flatten(0, 1)])
-    return v.flatten(0, 1), f
+def lathe(profile, n, closed=False):
+    """Surface of revolution about z: profile (P, 2) of (radius, z) points, n segments -> verts (P*n, 3),
+    faces. A radius of 0 closes an end; closed=True joins the last profile point to the first (a torus)."""
+    a = torch.arange(n) * 2 * math.pi / n + math.pi / n
+    prof = torch.as_tensor(profile, dtype=torch.float32)
+    verts = torch.stack([prof[:, :1] * a.cos(), prof[:, :1] * a.sin(), prof[:, 1:].expand(-1, n)], -1).flatten(0, 1)
+    P = len(prof)
+    i = torch.arange(P if closed else P - 1)[:, None] * n
+    j = torch.arange(n)[None]
+    q = [i + j, i + (j + 1) % n, (i + n) % (P * n) + (j + 1) % n, (i + n) % (P * n) + j]
+    return verts, torch.cat([torch.stack([q[0], q[1], q[2]], -1), torch.stack([q[0], q[2], q[3]], -1)]).flatten(0, 1)
+
+
+def unit_mesh(kind):
+    """A primitive in [-1, 1]^3 -> (verts (V, 3), faces (F, 3))."""
+    s = torch.linspace(0, math.pi, 7)
+    t = torch.arange(8) * 2 * math.pi / 8
+    return {"box": lambda: lathe([[0, -1], [1.41, -1], [1.41, 1], [0, 1]], 4),
+            "prism": lambda: lathe([[0, -1], [1, -1], [1, 1], [0, 1]], 3),
+            "cylinder": lambda: lathe([[0, -1], [1, -1], [1, 1], [0, 1]], 12),
+            "cone": lambda: lathe([[0, -1], [1, -1], [0, 1]], 12),
+            "sphere": lambda: lathe(torch.stack([s.sin(), -s.cos()], 1), 12),
+            "torus": lambda: lathe(torch.stack([0.7 + 0.3 * t.cos(), 0.3 * t.sin()], 1), 12, closed=True)}[kind]()
 
 
 KINDS = ("box", "cylinder", "cone", "sphere", "prism", "torus")
@@ -562,48 +571,63 @@ def write_object(folder, images, latents):
 
 def make_3diebench(out, classes=55, objects_per_class=6, views=50, size=64, seed=0, ood=False,
                    device="cpu", progress=True):
-    """Write a look-alike data set in the exact 3DIEBench layout. Deterministic for a given seed; the same
-    seed with ood=True re-renders the same objects with out-of-distribution angles. Written to OUT.partial
-    and renamed at the end, so an interrupted run leaves no half-written OUT."""
+    """Write a procedural look-alike in the exact 3DIEBench layout: the 55 real synset ids (then made-up
+    ones), random 29-32 character object ids, class c drawn from shape family c. Deterministic for a given
+    seed; the same seed with ood=True re-renders the same objects with out-of-distribution angles."""
+    if objects_per_class < 2:
+        raise DataError("make-3diebench needs at least 2 objects per class (train and val)")
+    rng = np.random.default_rng(seed)
+    synsets = (REAL_SYNSETS + [f"{90000000 + c:08d}" for c in range(55, classes)])[:classes]
+    ids = iter(object_ids(rng, classes * objects_per_class))
+    objects = [(c, synsets[c], next(ids), lambda c=c, o=o: object_mesh(c, np.random.default_rng([seed, c, o, 0])))
+               for c in range(classes) for o in range(objects_per_class)]
+    return write_3diebench(out, objects, views, size, seed, ood, device, progress)
+
+
+def write_3diebench(out, objects, views=50, size=64, seed=0, ood=False, device="cpu", progress=True):
+    """The writer behind every generator. objects: [(label, synset, obj_id, mesh_fn)], mesh_fn() -> (verts,
+    faces, colors). Renders each object's views on all cores, ~20 % of each class's objects to val
+    (sie.md §1.2), writes the lists, labels and all_latents files. Written to OUT.partial and renamed at the
+    end, so an interrupted run leaves no half-written OUT."""
     from tqdm import tqdm
     if os.path.exists(out) and os.listdir(out):
         raise DataError(f"{out}: already exists and is not empty; choose another output folder")
-    if objects_per_class < 2 or views < 2:
-        raise DataError("make-3diebench needs at least 2 objects per class (train and val) and 2 views per object")
+    if views < 2:
+        raise DataError("make-3diebench needs at least 2 views per object (training pairs are distinct views)")
     tmp = out.rstrip("/") + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
-    rng = np.random.default_rng(seed)
-    synsets = (REAL_SYNSETS + [f"{90000000 + c:08d}" for c in range(55, classes)])[:classes]
-    ids = object_ids(rng, classes * objects_per_class)
-    split = {"train": [], "val": []}
-    start, pending = time.time(), []
-    with ThreadPoolExecutor(1) as writer:          # JPEG encoding overlaps the next object's rendering
-        for c in tqdm(range(classes), desc="make-3diebench", disable=not progress):
-            n_val = max(1, round(0.2 * objects_per_class))   # ~20 % of each class in val (sie.md §1.2)
-            for o in range(objects_per_class):
-                obj = ids[c * objects_per_class + o]
-                verts, faces, colors = object_mesh(c, np.random.default_rng([seed, c, o, 0]))
-                lat = sample_latents(np.random.default_rng([seed, c, o, 1 + ood]), views, ood)
-                images = render(verts.to(device), faces.to(device), colors.to(device), lat, size)
-                pending.append(writer.submit(write_object, os.path.join(tmp, synsets[c], obj), images, lat))
-                split["val" if o < n_val else "train"].append((f"/{synsets[c]}/{obj}/", c, lat))
-        for p in pending:
-            p.result()
-    for name, items in split.items():
-        order = rng.permutation(len(items))      # list order is not class order in the real lists
-        items = [items[i] for i in order]
-        np.save(os.path.join(tmp, f"{name}_images.npy"), np.array([e for e, _, _ in items], dtype="<U43"))
-        np.save(os.path.join(tmp, f"{name}_labels.npy"), np.array([c for _, c, _ in items], dtype=np.int64))
-        np.save(os.path.join(tmp, f"all_latents_{name}.npy"), np.concatenate([l for _, _, l in items]))
+    latents = [sample_latents(np.random.default_rng([seed, i, 1 + ood]), views, ood) for i in range(len(objects))]
+
+    def job(i):
+        verts, faces, colors = objects[i][3]()
+        images = render(verts.to(device), faces.to(device), colors.to(device), latents[i], size)
+        write_object(os.path.join(tmp, objects[i][1], objects[i][2]), images, latents[i])
+
+    start, threads = time.time(), torch.get_num_threads()
+    torch.set_num_threads(1)                     # one object per core: torch ops and JPEG coding free the GIL
+    try:
+        with ThreadPoolExecutor(cores()) as pool:
+            list(tqdm(pool.map(job, range(len(objects))), total=len(objects), desc="render", disable=not progress))
+    finally:
+        torch.set_num_threads(threads)
+    labels = np.array([o[0] for o in objects])
+    in_val = np.zeros(len(objects), bool)
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        in_val[members[:round(0.2 * len(members)) or (len(members) > 1)]] = True
+    for name, chosen in (("train", ~in_val), ("val", in_val)):
+        order = np.random.default_rng([seed, name == "val"]).permutation(np.flatnonzero(chosen))  # not class order
+        np.save(os.path.join(tmp, f"{name}_images.npy"), np.array([f"/{objects[i][1]}/{objects[i][2]}/" for i in order], "<U43"))
+        np.save(os.path.join(tmp, f"{name}_labels.npy"), labels[order].astype(np.int64))
+        np.save(os.path.join(tmp, f"all_latents_{name}.npy"), np.concatenate([latents[i] for i in order]))
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     if os.path.isdir(out):
         os.rmdir(out)
     os.replace(tmp, out)
-    seconds = time.time() - start
-    n = classes * objects_per_class * views
+    n, seconds = len(objects) * views, time.time() - start
     if progress:
-        print(f"wrote {n} images ({classes} classes x {objects_per_class} objects x {views} views, {size}x{size}) "
-              f"to {out} in {seconds:.1f} s: {n / seconds:.0f} images/s on {torch.get_num_threads()} threads")
+        print(f"wrote {len(objects)} objects x {views} views = {n} images of {size}x{size} to {out} in "
+              f"{seconds:.1f} s: {n / seconds:.0f} images/s ({cores()} cores, {device})")
     return out
 
 

@@ -1,29 +1,303 @@
-"""data.py: rotations (sie.md §1.3 test vector), the real on-disk format, the generator, the checker."""
+"""data.py: rotations (sie.md §1.3 test vector), the real on-disk format (generated, hand-built and the
+official list files), every bad-input message, the checker, the generator and the renderer."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
+import pytest
 import torch
+from PIL import Image
 
 import data
 
+REPO = Path(__file__).resolve().parents[1]
+REAL_LISTS = Path("/work/shared/data/3diebench-lists")     # the official list files, where present
 A1 = np.array([0.3, -0.7, 1.1], np.float32).astype(np.float64)
 A2 = np.array([-1.2, 0.5, 0.2], np.float32).astype(np.float64)
 
 
+def cli(*args):
+    """Run `python data.py ...` as a user would; -> CompletedProcess."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, str(REPO / "data.py"), *map(str, args)], capture_output=True,
+                          text=True, timeout=120, env=env)
+
+
+# ---------------------------------------------------------------- rotations
 def test_relative_quaternion_test_vector_body_frame():
     # sie.md §1.3: scipy (r1.inv() * r2).as_quat() on these float32 angles, scalar-last
     q = data.relative_quaternion(A1, A2)
     assert np.allclose(q, [-0.538347, 0.646065, -0.168557, 0.514170], atol=1e-6)
-    qt = data.relative_quaternion(torch.tensor(A1), torch.tensor(A2))
-    assert torch.allclose(qt, torch.tensor(q), atol=1e-12)
-    # the world-frame R2 R1^T is a different rotation (same angle, other axis)
-    world = data.quaternion_multiply(data.euler_xyz_to_quaternion(A2),
-                                     data.euler_xyz_to_quaternion(A1) * [-1, -1, -1, 1])
+    assert torch.allclose(data.relative_quaternion(torch.tensor(A1), torch.tensor(A2)), torch.tensor(q), atol=1e-12)
+    # the world-frame R2 R1^T is another rotation (same angle, other axis): the spec's "wrong" vector
+    world = data.quaternion_multiply(data.euler_xyz_to_quaternion(A2), data.euler_xyz_to_quaternion(A1) * [-1, -1, -1, 1])
     assert np.allclose(world, [-0.789959, -0.081562, -0.323947, 0.514170], atol=1e-6)
+    # body frame: R2 = R1 r, with r the rotation of q
+    R1, R2 = data.euler_xyz_to_matrix(A1), data.euler_xyz_to_matrix(A2)
+    r = R1.T @ R2
+    assert np.allclose(np.abs(data.matrix_to_quaternion(r) @ q), 1, atol=1e-9)
+    assert not np.allclose(np.abs(data.matrix_to_quaternion(R2 @ R1.T) @ q), 1, atol=1e-3)
 
 
-def test_loader_on_generated_set(toy_root):
+def test_euler_is_extrinsic_xyz_and_quaternions_agree():
+    a = np.random.default_rng(0).uniform(-np.pi, np.pi, (100, 3))
+    c, s = np.cos(a), np.sin(a)
+    o, z = np.ones(100), np.zeros(100)
+    Rx = np.stack([o, z, z, z, c[:, 0], -s[:, 0], z, s[:, 0], c[:, 0]], -1).reshape(-1, 3, 3)
+    Ry = np.stack([c[:, 1], z, s[:, 1], z, o, z, -s[:, 1], z, c[:, 1]], -1).reshape(-1, 3, 3)
+    Rz = np.stack([c[:, 2], -s[:, 2], z, s[:, 2], c[:, 2], z, z, z, o], -1).reshape(-1, 3, 3)
+    R = data.euler_xyz_to_matrix(a)
+    assert np.allclose(R, Rz @ Ry @ Rx)
+    q = data.euler_xyz_to_quaternion(a)
+    assert np.allclose(np.abs((data.matrix_to_quaternion(R) * q).sum(-1)), 1)
+    assert (data.matrix_to_quaternion(R)[np.arange(100), np.abs(q).argmax(-1)] > 0).all()  # scipy's from_matrix sign
+    Rt = data.euler_xyz_to_matrix(torch.tensor(a))
+    assert torch.allclose(data.matrix_to_quaternion(Rt), torch.tensor(data.matrix_to_quaternion(R)))
+
+
+def test_relative_quaternion_statistics_match_spec():
+    # sie.md §1.3: means (0, 0, 0, 0.533), w < 0 in ~4.4 % of pairs (not canonicalised)
+    rng = np.random.default_rng(0)
+    q = data.relative_quaternion(*rng.uniform(-np.pi / 2, np.pi / 2, (2, 50000, 3)))
+    assert abs(q[:, 3].mean() - 0.533) < 0.01 and np.abs(q[:, :3].mean(0)).max() < 0.01
+    assert 0.035 < (q[:, 3] < 0).mean() < 0.055
+
+
+# ---------------------------------------------------------------- loaders on the generated set
+def test_generated_layout_is_the_real_format(toy_root):
+    root = Path(toy_root)
+    entries = np.load(root / "train_images.npy")
+    assert entries.dtype == np.dtype("<U43") and all(e.startswith("/") and e.endswith("/") for e in entries)
+    synset, obj = entries[0].strip("/").split("/")
+    assert len(synset) == 8 and synset in data.REAL_SYNSETS and 29 <= len(obj) <= 32
+    assert np.load(root / "train_labels.npy").dtype == np.int64
+    lat = np.load(root / entries[0].strip("/") / "latent_0.npy")
+    assert lat.dtype == np.float64 and lat.shape == (7,)
+    assert (np.abs(lat[:3]) <= np.pi / 2).all() and 0 <= lat[4] <= np.pi / 4
+    with Image.open(root / entries[0].strip("/") / "image_0.jpg") as im:
+        assert im.format == "JPEG" and im.size == (32, 32)
+    # ~20 % of each class in val: 1 of 5 here, labels = position of the synset in the sorted list
+    val, vlab = data.read_split(toy_root, "val")
+    train, tlab = data.read_split(toy_root, "train")
+    assert len(val) == 4 and len(train) == 16 and sorted(vlab) == [0, 1, 2, 3]
+    syn = sorted({e.split("/")[1] for e in train})
+    assert all(syn.index(e.split("/")[1]) == lab for e, lab in zip(train, tlab))
+    table = data.load_all_latents(toy_root, "train")
+    assert table.shape == (16 * 50, 7) and table.dtype == np.float64
+    assert np.array_equal(table[3 * 50 + 7], np.load(root / train[3].strip("/") / "latent_7.npy"))
+
+
+def test_pairs_item(toy_root):
     ds = data.Pairs3DIEBench(toy_root, "train")
-    x1, x2, g, label = ds[0]
-    assert x1.shape == (3, 32, 32) and x1.dtype == torch.float32 and g.shape == (4,)
-    assert ds.num_classes == 4 and 0 <= label < 4
-    views = data.Views3DIEBench(toy_root, "val")
-    assert len(views) == len(views.entries) * 50 and views.latents.shape == (len(views), 7)
+    assert len(ds) == 16 and ds.num_classes == 4
+    x1, x2, g, label = ds[3]
+    assert x1.shape == x2.shape == (3, 32, 32) and x1.dtype == torch.float32 and not torch.equal(x1, x2)
+    assert g.shape == (4,) and g.dtype == torch.float32 and abs(float(g.norm()) - 1) < 1e-5
+    assert label == ds.labels[3]
+    # the target is the relative quaternion of the two chosen views' latents
+    v1, v2 = np.random.default_rng([0, 0, 3]).choice(50, 2, replace=False)
+    table = data.load_all_latents(toy_root, "train")
+    expected = data.relative_quaternion(table[3 * 50 + v1, :3].astype(np.float32).astype(float),
+                                        table[3 * 50 + v2, :3].astype(np.float32).astype(float))
+    assert np.allclose(g.numpy(), expected, atol=1e-6)
+    color = data.Pairs3DIEBench(toy_root, "train", color=True)[3][2]
+    assert color.shape == (6,) and np.allclose(color[4:], table[3 * 50 + v2, [3, 6]] - table[3 * 50 + v1, [3, 6]], atol=1e-6)
+    assert data.Pairs3DIEBench(toy_root, "val", size=16)[0][0].shape == (3, 16, 16)
+
+
+def test_pairs_views_distinct_and_seeded_independently_of_workers(toy_root):
+    ds = data.Pairs3DIEBench(toy_root, "train", seed=1)
+
+    def views(d, workers):
+        loader = torch.utils.data.DataLoader(d, batch_size=4, num_workers=workers)
+        return torch.cat([g for _, _, g, _ in loader])
+
+    a = views(ds, 0)
+    assert torch.equal(a, views(ds, 2))                      # any number of workers: same pairs
+    assert (a[:, 3] < 0.9999).all()                         # two distinct views (never the identity)
+    sampler = [torch.utils.data.DistributedSampler(ds, num_replicas=2, rank=r, shuffle=False) for r in (0, 1)]
+    per_rank = [torch.stack([ds[i][2] for i in s]) for s in sampler]   # each rank sees its part
+    assert torch.equal(per_rank[0], a[0::2]) and torch.equal(per_rank[1], a[1::2])
+    ds.set_epoch(1)
+    assert not torch.equal(a, views(ds, 0))                 # a new epoch draws new views
+
+
+def test_views_dataset(toy_root):
+    ds = data.Views3DIEBench(toy_root, "val", views=[0, 5])
+    assert len(ds) == 4 * 2
+    x, label, obj, view = ds[3]
+    assert x.shape == (3, 32, 32) and (obj, view) == (1, 5) and label == ds.labels[1]
+    full = data.Views3DIEBench(toy_root, "val")
+    assert len(full) == 200 and full.latents.shape == (200, 7)
+
+
+def write_hand_built(root, ids=("0123456789abcdef0123456789abc", "fedcba9876543210fedcba98765", "a" * 32), views=3):
+    """A tiny set written without the generator: 2 synsets, 29-, 27+2- and 32-character ids."""
+    entries = []
+    for i, obj in enumerate(ids):
+        entry = f"/{'02691156' if i < 2 else '04379243'}/{obj}/"
+        folder = root / entry.strip("/")
+        folder.mkdir(parents=True)
+        for k in range(views):
+            Image.fromarray(np.full((24, 24, 3), 40 * k + i, np.uint8)).save(folder / f"image_{k}.jpg", quality=95)
+            np.save(folder / f"latent_{k}.npy", np.array([0.1 * k, 0.2, -0.3 * i, 0.5, 0.2, 1.0, 0.25 * k]))
+        entries.append(entry)
+    np.save(root / "val_images.npy", np.array(entries, dtype="<U43"))
+    np.save(root / "val_labels.npy", np.array([0, 0, 1], dtype=np.int64))
+    return entries
+
+
+def test_hand_built_set_with_29_char_ids(tmp_path):
+    entries = write_hand_built(tmp_path, ids=("0123456789abcdef0123456789abc", "b" * 30, "a" * 32))
+    got, labels = data.read_split(str(tmp_path), "val")
+    assert list(got) == entries and list(labels) == [0, 0, 1]
+    table = data.load_all_latents(str(tmp_path), "val")            # rebuilt from latent_k.npy (no all_latents file)
+    assert table.shape == (9, 7) and table[1 * 3 + 2, 6] == 0.5
+    x1, x2, g, label = data.Pairs3DIEBench(str(tmp_path), "val", size=32)[0]
+    assert x1.shape == (3, 32, 32) and label == 0
+    assert data.Views3DIEBench(str(tmp_path), "val")[8][1:] == (1, 2, 2)
+
+
+@pytest.mark.skipif(not REAL_LISTS.exists(), reason="official list files not present on this machine")
+def test_real_official_list_files():
+    entries, labels = data.read_split(str(REAL_LISTS), "val", check_folders=False)
+    assert entries.dtype == np.dtype("<U43") and len(entries) == len(labels) == 10552
+    synsets = sorted({e.split("/")[1] for e in entries})
+    assert len(synsets) == 55 and synsets == data.REAL_SYNSETS
+    assert all(synsets.index(e.split("/")[1]) == lab for e, lab in zip(entries[:2000], labels[:2000]))
+    assert {len(data.object_dir("", e).split("/")[1]) for e in entries} == {29, 30, 31, 32}
+    with pytest.raises(data.DataError, match="/02691156/dc8d9003cde43b66c8727b27ee96a4b7/"):
+        data.read_split(str(REAL_LISTS), "val")                # the images are not here: names the entry
+    with pytest.raises(data.DataError, match="train_images.npy"):
+        data.read_split(str(REAL_LISTS), "train")               # only train_labels.npy ships
+
+
+# ---------------------------------------------------------------- bad inputs: API and CLI
+@pytest.fixture()
+def broken(toy_root, tmp_path):
+    """A copy of the toy set, to damage."""
+    root = tmp_path / "broken"
+    shutil.copytree(toy_root, root)
+    entries = np.load(root / "train_images.npy")
+    return root, [root / e.strip("/") for e in entries]
+
+
+def test_missing_root_names_folder_and_command(tmp_path):
+    missing = tmp_path / "nowhere"
+    for make in (lambda: data.Pairs3DIEBench(str(missing)), lambda: data.ensure_3diebench(str(missing))):
+        with pytest.raises(data.DataError) as e:
+            make()
+        assert str(missing) in str(e.value) and f"python data.py make-3diebench {missing}" in str(e.value)
+    p = cli("check", missing)
+    assert p.returncode == 2 and "make-3diebench" in p.stderr and str(missing) in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("fault", ["missing folder", "latent shape", "corrupt jpeg", "truncated jpeg", "length mismatch"])
+def test_bad_input_message(broken, fault):
+    """Each fault: the Python API raises DataError naming the file, `data.py check` exits 1 naming it."""
+    root, folders = broken
+    if fault == "missing folder":
+        shutil.rmtree(folders[2])
+        needle, load = folders[2].name, lambda: data.Pairs3DIEBench(str(root))
+    elif fault == "latent shape":
+        np.save(folders[1] / "latent_4.npy", np.zeros(9))
+        needle, load = str(folders[1] / "latent_4.npy"), lambda: data.load_latent(str(folders[1] / "latent_4.npy"))
+    elif fault in ("corrupt jpeg", "truncated jpeg"):
+        bad = folders[1] / "image_4.jpg"
+        raw = bad.read_bytes()
+        bad.write_bytes(raw[: len(raw) // 2] if fault == "truncated jpeg" else b"not a jpeg" + raw[100:])
+        needle, load = str(bad), lambda: data.Views3DIEBench(str(root), "train", views=[4])[1]
+    else:
+        np.save(root / "train_labels.npy", np.load(root / "train_labels.npy")[:-1])
+        needle, load = str(root / "train_labels.npy"), lambda: data.Pairs3DIEBench(str(root))
+    with pytest.raises(data.DataError) as e:
+        load()
+    assert needle in str(e.value)
+    p = cli("check", root)
+    assert p.returncode == 1 and needle in p.stderr and "Traceback" not in p.stderr
+
+
+def test_check_reports_every_planted_fault_by_kind(broken):
+    root, folders = broken
+    np.save(folders[0] / "latent_1.npy", np.zeros((7, 2)))
+    np.save(folders[0] / "latent_2.npy", np.array([np.nan] * 7))
+    (folders[3] / "image_0.jpg").write_bytes(b"")
+    (folders[4] / "image_9.jpg").unlink()
+    np.save(root / "all_latents_val.npy", np.zeros((3, 7)))
+    problems = data.check(str(root), progress=False)
+    assert {k: len(v) for k, v in problems.items()} == {"latent": 2, "image": 2, "all_latents": 1}
+    out = cli("check", root).stderr
+    assert "latent: 2 problem(s)" in out and "image: 2 problem(s)" in out and "all_latents: 1 problem(s)" in out
+
+
+def test_check_passes_on_generated_set(toy_root):
+    assert data.check(toy_root, progress=False) == {}
+    p = cli("check", toy_root)
+    assert p.returncode == 0 and "OK" in p.stdout
+
+
+def test_dataloader_worker_error_keeps_clean_message(broken):
+    root, folders = broken
+    (folders[0] / "image_0.jpg").write_bytes(b"garbage")
+    ds = data.Views3DIEBench(str(root), "train", views=[0])
+    with pytest.raises(data.DataError) as e:
+        list(torch.utils.data.DataLoader(ds, batch_size=4, num_workers=1))
+    assert str(e.value).startswith(str(folders[0] / "image_0.jpg")) and "Traceback" not in str(e.value)
+
+
+# ---------------------------------------------------------------- generator and renderer
+def test_generator_is_deterministic_and_ood(tmp_path):
+    cfg = dict(classes=2, objects_per_class=2, views=3, size=16, progress=False)
+    a, b, c = (data.make_3diebench(str(tmp_path / n), seed=s, **cfg) for n, s in (("a", 0), ("b", 0), ("c", 1)))
+    files = sorted(p.relative_to(a) for p in Path(a).rglob("*") if p.is_file())
+    assert len(files) == 4 * 3 * 2 + 6
+    assert all((Path(a) / f).read_bytes() == (Path(b) / f).read_bytes() for f in files)
+    assert not (Path(c) / files[0]).exists() or (Path(c) / files[-1]).read_bytes() != (Path(a) / files[-1]).read_bytes()
+    ood = data.make_3diebench(str(tmp_path / "ood"), seed=0, ood=True, **cfg)
+    assert np.array_equal(np.load(Path(ood) / "val_images.npy"), np.load(Path(a) / "val_images.npy"))  # same objects
+    angles = np.load(Path(ood) / "all_latents_train.npy")[:, :3]
+    assert (np.abs(angles) >= np.pi / 2).all() and (np.abs(angles) <= np.pi).all()
+    with pytest.raises(data.DataError, match="not empty"):
+        data.make_3diebench(a, **cfg)
+
+
+def test_every_latent_changes_the_pixels():
+    verts, faces, colors = data.object_mesh(0, np.random.default_rng(0))
+    base = np.array([0.3, -0.2, 0.4, 0.1, 0.3, 1.0, 0.6])
+    rows = [base]
+    for i, delta in enumerate([0.6, 0.6, 0.6, 0.5, 0.4, 2.0, 0.5]):
+        rows.append(base.copy())
+        rows[-1][i] += delta
+    img = data.render(verts, faces, colors, np.stack(rows), 48)
+    diff = (img[1:] - img[0]).abs().mean((1, 2, 3))
+    assert (diff > 0.004).all(), diff
+
+
+def test_render_rotation_convention():
+    # rendering with Euler angles a == rendering the vertices rotated by R(a) = Rz Ry Rx with zero angles
+    verts, faces, colors = data.object_mesh(3, np.random.default_rng(1))
+    lat = np.array([[0.4, -0.9, 1.2, 0.3, 0.2, 2.0, 0.7]])
+    R = data.euler_xyz_to_matrix(torch.tensor(lat[0, :3], dtype=torch.float32))
+    zero = lat.copy()
+    zero[0, :3] = 0
+    a, b = data.render(verts, faces, colors, lat, 32), data.render(verts @ R.T, faces, colors, zero, 32)
+    assert (a - b).abs().max() < 0.05
+    assert (a - data.render(verts, faces, colors, zero, 32)).abs().mean() > 0.01
+
+
+def test_default_root_is_generated_on_first_use(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(data, "TOY_3DIEBENCH", dict(classes=2, objects_per_class=2, views=2, size=16, seed=0))
+    assert data.ensure_3diebench() == data.DEFAULT_ROOT
+    assert "generating" in capsys.readouterr().err
+    assert len(data.Pairs3DIEBench(data.DEFAULT_ROOT)) == 2
+
+
+def test_contact_sheet(toy_root, tmp_path):
+    p = cli("contact-sheet", toy_root, tmp_path / "sheet.png", "--objects", 3, "--views", 4)
+    assert p.returncode == 0
+    with Image.open(tmp_path / "sheet.png") as im:
+        assert im.size == (4 * 34 + 2, 3 * 34 + 2)
