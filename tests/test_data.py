@@ -195,42 +195,60 @@ def test_missing_root_names_folder_and_command(tmp_path):
     assert p.returncode == 2 and "make-3diebench" in p.stderr and str(missing) in p.stderr and "Traceback" not in p.stderr
 
 
-@pytest.mark.parametrize("fault", ["missing folder", "latent shape", "corrupt jpeg", "truncated jpeg", "length mismatch"])
-def test_bad_input_message(broken, fault):
-    """Each fault: the Python API raises DataError naming the file, `data.py check` exits 1 naming it."""
-    root, folders = broken
+def plant(root, folders, fault):
+    """Damage the copy; -> (text the message must contain, a call into the Python API that must fail)."""
     if fault == "missing folder":
         shutil.rmtree(folders[2])
-        needle, load = folders[2].name, lambda: data.Pairs3DIEBench(str(root))
-    elif fault == "latent shape":
+        return folders[2].name, lambda: data.Pairs3DIEBench(str(root))
+    if fault == "latent shape":
         np.save(folders[1] / "latent_4.npy", np.zeros(9))
-        needle, load = str(folders[1] / "latent_4.npy"), lambda: data.load_latent(str(folders[1] / "latent_4.npy"))
-    elif fault in ("corrupt jpeg", "truncated jpeg"):
-        bad = folders[1] / "image_4.jpg"
+        os.remove(root / "all_latents_train.npy")                  # so the table is rebuilt from the files
+        return str(folders[1] / "latent_4.npy"), lambda: data.load_all_latents(str(root), "train")
+    if fault in ("corrupt jpeg", "truncated jpeg"):
+        bad = folders[3 if fault == "corrupt jpeg" else 4] / "image_4.jpg"
         raw = bad.read_bytes()
         bad.write_bytes(raw[: len(raw) // 2] if fault == "truncated jpeg" else b"not a jpeg" + raw[100:])
-        needle, load = str(bad), lambda: data.Views3DIEBench(str(root), "train", views=[4])[1]
-    else:
-        np.save(root / "train_labels.npy", np.load(root / "train_labels.npy")[:-1])
-        needle, load = str(root / "train_labels.npy"), lambda: data.Pairs3DIEBench(str(root))
+        i = 3 if fault == "corrupt jpeg" else 4
+        return str(bad), lambda: data.Views3DIEBench(str(root), "train", views=[4])[i]
+    np.save(root / "val_labels.npy", np.load(root / "val_labels.npy")[:-1])   # list/label length mismatch
+    return str(root / "val_labels.npy"), lambda: data.Pairs3DIEBench(str(root), "val")
+
+
+FAULTS = ["missing folder", "latent shape", "corrupt jpeg", "truncated jpeg", "length mismatch"]
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_bad_input_raises_data_error_naming_the_file(broken, fault):
+    root, folders = broken
+    needle, load = plant(root, folders, fault)
     with pytest.raises(data.DataError) as e:
         load()
     assert needle in str(e.value)
-    p = cli("check", root)
-    assert p.returncode == 1 and needle in p.stderr and "Traceback" not in p.stderr
+    assert any(needle in m for msgs in data.check(str(root), progress=False).values() for m in msgs)
 
 
-def test_check_reports_every_planted_fault_by_kind(broken):
+def test_check_cli_reports_every_fault_at_once(broken):
     root, folders = broken
-    np.save(folders[0] / "latent_1.npy", np.zeros((7, 2)))
+    needles = [plant(root, folders, f)[0] for f in FAULTS]
     np.save(folders[0] / "latent_2.npy", np.array([np.nan] * 7))
-    (folders[3] / "image_0.jpg").write_bytes(b"")
-    (folders[4] / "image_9.jpg").unlink()
-    np.save(root / "all_latents_val.npy", np.zeros((3, 7)))
+    (folders[5] / "image_9.jpg").unlink()
+    np.save(root / "all_latents_train.npy", np.zeros((3, 7)))
     problems = data.check(str(root), progress=False)
-    assert {k: len(v) for k, v in problems.items()} == {"latent": 2, "image": 2, "all_latents": 1}
-    out = cli("check", root).stderr
-    assert "latent: 2 problem(s)" in out and "image: 2 problem(s)" in out and "all_latents: 1 problem(s)" in out
+    assert {k: len(v) for k, v in problems.items()} == {"list file": 1, "object folder": 1, "latent": 2, "image": 3}
+    p = cli("check", root)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert all(n in p.stderr for n in needles), p.stderr
+    assert "image: 3 problem(s)" in p.stderr and "latent: 2 problem(s)" in p.stderr
+
+
+def test_all_latents_table_is_checked(broken):
+    root, _ = broken
+    table = np.load(root / "all_latents_val.npy")
+    np.save(root / "all_latents_val.npy", table[::-1])          # rows out of list order
+    assert list(data.check(str(root), progress=False)) == ["all_latents"]
+    np.save(root / "all_latents_val.npy", table[:10])
+    with pytest.raises(data.DataError, match="all_latents_val.npy"):
+        data.load_all_latents(str(root), "val")
 
 
 def test_check_passes_on_generated_set(toy_root):
@@ -297,7 +315,6 @@ def test_default_root_is_generated_on_first_use(tmp_path, monkeypatch, capsys):
 
 
 def test_contact_sheet(toy_root, tmp_path):
-    p = cli("contact-sheet", toy_root, tmp_path / "sheet.png", "--objects", 3, "--views", 4)
-    assert p.returncode == 0
+    data.main(["contact-sheet", toy_root, str(tmp_path / "sheet.png"), "--objects", "3", "--views", "4"])
     with Image.open(tmp_path / "sheet.png") as im:
         assert im.size == (4 * 34 + 2, 3 * 34 + 2)
