@@ -1,198 +1,721 @@
-"""The methods SIE (Garrido, Najman, LeCun, ICML 2023) compares against, on 3DIEBench.
+"""The methods SIE (Garrido, Najman, LeCun, ICML 2023) compares against on 3DIEBench, in one file:
+model, loss, DDP training, exact resume and the call into eval.py, one loss section per method.
 
-One script, one section per method, each loss a small named function citing its paper:
+    vicreg           VICReg (Bardes, Ponce, LeCun, ICLR 2022)
+    simclr           SimCLR (Chen, Kornblith, Norouzi, Hinton, ICML 2020): NT-Xent over the global batch
+    simclr-augself   SimCLR + AugSelf (Lee et al., NeurIPS 2021): an MLP on [y; y'] regresses g
+    equimod-simclr   EquiMod (Devillers & Lefort, ICLR 2023): invariant + predicted-equivariant NT-Xent
+    equimod-vicreg   the VICReg-based EquiMod of the SIE code
+    vicreg-partinv   SIE ablation row: VICReg whose invariance term covers part of the embedding
+    simclr-onlyequi  SIE ablation row: NT-Xent between predicted and actual embeddings, no invariant part
 
-  vicreg            VICReg (Bardes, Ponce, LeCun, ICLR 2022)
-  simclr            SimCLR (Chen, Kornblith, Norouzi, Hinton, ICML 2020), NT-Xent over the global batch
-  simclr-augself    SimCLR + AugSelf (Lee et al., NeurIPS 2021): regress the relative transformation
-  equimod-simclr    EquiMod (Devillers & Lefort, ICLR 2023), SimCLR version
-  equimod-vicreg    EquiMod, the VICReg-based version of the SIE code
-  vicreg-partinv    VICReg with the invariance term on part of the embedding only (SIE ablation row)
-  simclr-onlyequi   SimCLR on predicted embeddings only, no invariant part (SIE ablation row)
+    python baselines.py --method simclr                      # toy preset: CPU, generated data
+    torchrun --standalone --nproc_per_node=8 baselines.py --method vicreg --preset paper --data-root /data/3DIEBench
 
-`--color` conditions on rotation + colour (6-d g) instead of the rotation quaternion (4-d).
-The training skeleton (backbone, data, optimiser, DDP, checkpoints, online monitor) repeats
-sie.py's on purpose, so that this file reads alone. Spec: sie.md §3, peers.md §3.
+Backbone, data, optimiser, DDP, checkpoints and the online monitor repeat sie.py's on purpose, so
+this file reads alone. "spec §x" refers to shared/spec/sie.md (§3 = the baselines).
+Sections: config, distributed, data, model pieces, loss, optimiser, checkpoint, train loop,
+eval, main(). Nothing runs at import: `from baselines import nt_xent, vicreg_loss` is safe.
 """
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
 
-# ============================================================================ distributed
+import data
 
-class FullGatherLayer(torch.autograd.Function):
-    """all_gather that keeps the autograd graph: forward concatenates every rank's rows; backward
-    sums the incoming gradients over ranks and returns this rank's slice. Every rank then computes
-    the loss on the global batch; DDP's gradient averaging turns the summed slice back into exactly
-    the full-batch gradient (sie.md §2.6 "single-GPU equivalence")."""
+# ================================== config ==================================
+# --preset fills these defaults; any flag given on the command line overrides them. Both presets
+# match sie.py's (same data, resolution, batch, epochs, total projector width), so numbers compare.
+PRESETS = {
+    "toy": dict(epochs=30, batch_size=64, resolution=64, mlp="1024-1024-1024", num_workers=1),
+    # The official comparison (spec §2.6, §3): SIE's README command with the baseline's --experience.
+    "paper": dict(epochs=2000, batch_size=1024, resolution=256, mlp="2048-2048-2048", sim_coeff=10.0,
+                  std_coeff=10.0, cov_coeff=1.0, temperature=0.1, augself_weight=1.0, equi_emb=256,
+                  lr=1e-3, wd=1e-6, num_workers=8),
+}
+METHODS = ("vicreg", "simclr", "simclr-augself", "equimod-simclr", "equimod-vicreg", "vicreg-partinv",
+           "simclr-onlyequi")
+USES_G = ("simclr-augself", "equimod-simclr", "equimod-vicreg", "simclr-onlyequi")   # need the transformation
+PREDICTS = ("equimod-simclr", "equimod-vicreg", "simclr-onlyequi")                  # have a predictor p(z, g)
+# EquiMod's alpha when --equi-factor is not given. Trap (spec §3, §6): the official argparse default
+# is 4.5, i.e. 4.5x the equivariant term, whenever the flag is forgotten. SimCLR version: 1, EquiMod's
+# own lambda (peers.md §3.1), the weight of the official SimCLREquiModRotColor and of the third-party
+# re-runs (seq-JEPA A.3). VICReg version: 0.45, the SIE README's --equi-factor, so its equivariance MSE
+# weighs 10 x 0.45 = 4.5 as in SIE.
+EQUI_FACTOR = {"equimod-simclr": 1.0, "equimod-vicreg": 0.45}
+NUM_CLASSES = 55        # 3DIEBench's synsets; generated sets use the first labels of the same range
+REPR_DIM = 512          # ResNet-18 representation
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="SIE's baselines on 3DIEBench (spec: shared/spec/sie.md §3).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--method", choices=METHODS, required=True, help="which baseline (see the module docstring)")
+    p.add_argument("--preset", choices=PRESETS, default="toy",
+                   help="toy = CPU minutes on generated data; paper = the official recipe")
+    g = p.add_argument_group("data")
+    g.add_argument("--data-root", default=data.DEFAULT_ROOT,
+                   help="3DIEBench root, real or generated; the default location is generated on first use")
+    g.add_argument("--resolution", type=int, help="image side in px (paper 256; 128 = low-compute regime)")
+    g.add_argument("--num-workers", type=int, help="DataLoader worker processes per rank")
+    g = p.add_argument_group("model (spec §3)")
+    g.add_argument("--mlp", help="projector widths 512 -> a-b-c, one such projector per head (paper 2048-2048-2048)")
+    g.add_argument("--predictor", choices=("hypernet", "mlp"), default="hypernet",
+                   help="EquiMod / only-equi predictor: hypernet W(g) z (SIE code default) or MLP([g; z])")
+    g.add_argument("--hypernet", choices=("linear", "deep"), default="linear",
+                   help="g -> W(g): one bias-free Linear or Linear-ReLU-Linear-ReLU-Linear, width 4")
+    g.add_argument("--mlp-pred-layers", type=int, default=1, help="depth of the --predictor mlp (official 1)")
+    g.add_argument("--rot-color", action="store_true",
+                   help="condition on 6-d g = [quaternion, d floor hue, d spot hue] (AugSelf/EquiMod RotColor)")
+    g = p.add_argument_group("loss (spec §3)")
+    g.add_argument("--sim-coeff", type=float, default=10.0, help="VICReg lambda on the invariance MSE (paper 10)")
+    g.add_argument("--std-coeff", type=float, default=10.0, help="VICReg mu on the variance terms (paper 10)")
+    g.add_argument("--cov-coeff", type=float, default=1.0, help="VICReg nu on the covariance terms (paper 1)")
+    g.add_argument("--temperature", type=float, default=0.1, help="NT-Xent tau (official --simclr-temp 0.1)")
+    g.add_argument("--augself-weight", type=float, default=1.0,
+                   help="weight of AugSelf's regression MSE (official --ec-weight 1)")
+    g.add_argument("--equi-factor", type=float,
+                   help="EquiMod alpha on the equivariant loss; default 1 (SimCLR version), 0.45 (VICReg "
+                        "version). NOT the official argparse default 4.5")
+    g.add_argument("--equi-emb", type=int, default=256,
+                   help="vicreg-partinv: the last e EMBEDDING dims are left out of the invariance term (official 256)")
+    g = p.add_argument_group("optimisation (spec §2.6)")
+    g.add_argument("--epochs", type=int, help="one epoch = one view pair per training object")
+    g.add_argument("--batch-size", type=int, help="GLOBAL batch in pairs; per-rank batch = global / world size")
+    g.add_argument("--lr", type=float, default=1e-3, help="Adam lr, constant: no warmup, no schedule (paper 1e-3)")
+    g.add_argument("--wd", type=float, default=1e-6, help="Adam weight decay on every parameter (paper 1e-6)")
+    g.add_argument("--amp", choices=("bf16", "fp16", "none"), default="bf16",
+                   help="autocast dtype on CUDA (ignored on CPU); fp16 adds a GradScaler; loss stats stay fp32")
+    g = p.add_argument_group("run")
+    g.add_argument("--run-dir", help="default runs/baselines-<preset>-<method>[-...]; rerun the same command to resume")
+    g.add_argument("--resume", help="checkpoint to resume from (default: <run-dir>/checkpoint.pt if present)")
+    g.add_argument("--seed", type=int, default=0, help="model init, view sampling and data order")
+    g.add_argument("--log-every", type=int, default=20, help="steps between log lines (the only host syncs)")
+    g.add_argument("--eval-protocols", default="all", help="eval.py protocols after training, comma-separated")
+    g.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
+    preset = p.parse_known_args(argv)[0].preset
+    p.set_defaults(**PRESETS[preset])
+    args = p.parse_args(argv)
+    if args.rot_color and args.method not in USES_G:
+        p.error(f"--rot-color: {args.method} does not use the transformation g")
+    if args.method not in PREDICTS and (args.predictor, args.hypernet) != ("hypernet", "linear"):
+        p.error(f"--predictor/--hypernet: {args.method} has no predictor")
+    if args.method == "vicreg-partinv" and not 0 < args.equi_emb < int(args.mlp.split("-")[-1]):
+        p.error(f"--equi-emb must be in 1..{int(args.mlp.split('-')[-1]) - 1} (the embedding width - 1)")
+    if args.batch_size < 2 or args.epochs < 1 or args.log_every < 1:
+        p.error("--batch-size must be >= 2, --epochs and --log-every >= 1")
+    if args.equi_factor is None:
+        args.equi_factor = EQUI_FACTOR.get(args.method)
+    if args.run_dir is None:
+        args.run_dir = os.path.join("runs", "-".join(["baselines", preset, args.method] + run_tags(args)))
+    return args
+
+
+def run_tags(args):
+    """Short names of the variant flags in use, so every variant gets its own run dir."""
+    tags = ["rotcolor"] if args.rot_color else []
+    return tags + (["mlppred"] if args.predictor == "mlp" else ["deephyper"] if args.hypernet == "deep" else [])
+
+
+# =============================== distributed ================================
+def setup_distributed():
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK (and the rendezvous); without them, one plain
+    process and no process group. NCCL on GPUs, gloo on CPU: the same code path either way."""
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)     # before init, so NCCL binds this rank to its own GPU
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
+    return rank, world, device
+
+
+def is_main():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def print0(*msg):
+    if is_main():
+        print(*msg, flush=True)
+
+
+class FullGather(torch.autograd.Function):
+    """all_gather that keeps gradients. Every rank computes the same global loss on the gathered
+    batch, so the gradient of its own rows is the SUM of all ranks' incoming gradients; DDP then
+    averages over ranks, which gives exactly the full-batch gradient (spec §2.6)."""
 
     @staticmethod
     def forward(ctx, x):
-        out = [torch.zeros_like(x) for _ in range(dist.get_world_size())]
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
         dist.all_gather(out, x.contiguous())
         return tuple(out)
 
     @staticmethod
     def backward(ctx, *grads):
-        all_grads = torch.stack(grads)
-        dist.all_reduce(all_grads)
-        return all_grads[dist.get_rank()]
+        grad = torch.stack(grads)
+        dist.all_reduce(grad)
+        return grad[dist.get_rank()]
 
 
 def gather(x):
-    """(n_local, d) -> (n_global, d), differentiable; identity when not distributed."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    """(B_local, D) -> (B_global, D), rank-major; identity in a single process."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
         return x
-    return torch.cat(FullGatherLayer.apply(x), dim=0)
+    return torch.cat(FullGather.apply(x))
 
-# ============================================================================ model pieces
 
-def Projector(in_dim, mlp):
-    """Expander "a-b-c": (Linear + BN + ReLU) for every layer but the last, which is a Linear
-    without bias (sie.md §2.2; VICReg Sec. 4.2). 512 -> 2048-2048-2048 has 9,449,472 parameters."""
-    dims = [in_dim] + [int(d) for d in mlp.split("-")]
-    layers = []
+# ================================== data ====================================
+def make_loader(args, rank, world):
+    """One item per training OBJECT: two distinct views, their relative rotation g, the label (spec §1.3)."""
+    root = data.ensure_3diebench(args.data_root)
+    pairs = data.Pairs3DIEBench(root, "train", size=args.resolution, color=args.rot_color, seed=args.seed)
+    # Same sampler for 1..N processes: the global order depends only on (seed, epoch).
+    sampler = DistributedSampler(pairs, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
+    loader = DataLoader(pairs, batch_size=args.batch_size // world, sampler=sampler, drop_last=False,
+                        num_workers=args.num_workers, pin_memory=torch.cuda.is_available())
+    return loader, root
+
+
+def to_device(batch, device):
+    """(x1, x2, g, label) from the loader -> device; images channels_last (faster ResNet convs)."""
+    x1, x2, g, labels = (t.to(device, non_blocking=True) for t in batch)
+    cl = torch.channels_last
+    return x1.contiguous(memory_format=cl), x2.contiguous(memory_format=cl), g, labels
+
+
+# =============================== model pieces ===============================
+class BasicBlock(nn.Module):
+    """The official block (spec §2.1): the stride sits on conv2, after an asymmetric zero pad."""
+
+    def __init__(self, c_in, c_out, stride, project):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.pad = nn.ZeroPad2d((0, 1, 0, 1)) if stride == 2 else nn.Identity()
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, stride, 0 if stride == 2 else 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        # Every stage's first block has a 1x1 projection shortcut, layer1's included.
+        self.shortcut = (nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+                         if project else nn.Identity())
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(self.pad(out)))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """The official ResNet-18 variant, not torchvision's: 11,180,736 parameters, (B,3,S,S) -> (B,512).
+    At S = 256 the stages are 128 -> 64 -> 64 -> 32 -> 16 -> 8, then global average pooling."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem_pad = nn.ZeroPad2d((2, 3, 2, 3))          # left 2, right 3, top 2, bottom 3
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 0, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        stages, c_in = [], 64
+        for c, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            stages.append(nn.Sequential(BasicBlock(c_in, c, stride, True), BasicBlock(c, c, 1, False)))
+            c_in = c
+        self.layers = nn.Sequential(*stages)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        for m in self.modules():
+            if isinstance(m, BasicBlock):
+                nn.init.zeros_(m.bn2.weight)                 # zero_init_residual: each block starts as identity
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(self.stem_pad(x))))
+        x = F.max_pool2d(F.pad(x, (0, 1, 0, 1), value=-1e4), 3, 2)   # -1e4 pad: never the max
+        return torch.flatten(F.adaptive_avg_pool2d(self.layers(x), 1), 1)
+
+
+def projector(d_in, widths):
+    """Linear-BN-ReLU for every layer but the last, which is a bias-free Linear (spec §2.2; VICReg
+    Sec. 4.2). 512 -> 2048-2048-2048 has 9,449,472 parameters."""
+    dims, layers = [d_in] + list(widths), []
     for a, b in zip(dims[:-2], dims[1:-1]):
         layers += [nn.Linear(a, b), nn.BatchNorm1d(b), nn.ReLU(inplace=True)]
-    layers.append(nn.Linear(dims[-2], dims[-1], bias=False))
-    return nn.Sequential(*layers)
+    return nn.Sequential(*layers, nn.Linear(dims[-2], dims[-1], bias=False))
 
 
 class HypernetPredictor(nn.Module):
-    """SIE's hypernetwork predictor, as the SIE code uses it for EquiMod and SimCLR only-equi
-    (sie.md §2.3): W(g) = reshape(H g) in R^{d x d}, prediction W(g) z, no bias. Computed as
-    sum_k g_k (A_k z) with A_k[o, i] = H[o*d + i, k], so no (B, d, d) tensor is built.
-    `deep` = the ablation's bias-free Linear(k,k)-ReLU-Linear(k,k)-ReLU before H (hidden width k)."""
+    """SIE's hypernetwork predictor, which the SIE code also gives EquiMod and SimCLR only-equi
+    (spec §2.3, §3): W(g) = reshape(H g) row-major, W[o, i] = (H g)[o*d + i], prediction W(g) z, no
+    bias. Computed as sum_k g_k (A_k z) with A_k[o, i] = H[o*d + i, k], so no (B, d, d) tensor is
+    built. H has d*d*k parameters: 16,777,216 at d = 2048, k = 4."""
 
     def __init__(self, d, g_dim=4, deep=False):
         super().__init__()
         self.d = d
-        self.pre = nn.Sequential(nn.Linear(g_dim, g_dim, bias=False), nn.ReLU(),
-                                 nn.Linear(g_dim, g_dim, bias=False), nn.ReLU()) if deep else nn.Identity()
-        self.H = nn.Linear(g_dim, d * d, bias=False)     # d^2 * k parameters (16,777,216 for d=2048, k=4)
+        # --hypernet deep: two bias-free Linear(k, k)+ReLU before H (hidden width k, spec §2.3).
+        self.hyper_in = (nn.Sequential(nn.Linear(g_dim, g_dim, bias=False), nn.ReLU(),
+                                       nn.Linear(g_dim, g_dim, bias=False), nn.ReLU()) if deep else nn.Identity())
+        self.hyper = nn.Linear(g_dim, d * d, bias=False)                    # H, weight (d*d, k)
 
-    def forward(self, z, g):                             # z (B, d), g (B, k) -> (B, d)
-        h = self.pre(g)
-        A = self.H.weight.t().reshape(-1, self.d, self.d)          # (k, d_out, d_in)
-        Az = torch.einsum("koi,bi->bko", A, z)                      # (B, k, d): every A_k z at once
-        return (h.unsqueeze(-1) * Az).sum(1)
+    def forward(self, z, g):                                 # z: (B, d), g: (B, k) -> (B, d)
+        c = self.hyper_in(g)                                 # (B, k)
+        A = self.hyper.weight.view(self.d, self.d, -1)       # A[o, i, k]
+        Az = torch.einsum("oik,bi->bko", A, z)               # A_k z for every k: (B, k, d)
+        return torch.einsum("bk,bko->bo", c, Az)
 
 
 class MLPPredictor(nn.Module):
-    """The concatenation predictor p(z, g) = MLP([g; z]) (sie.md §3 "MLP predictor variant"):
-    n_layers Linear layers of width d with ReLU between them; g comes first."""
+    """--predictor mlp (spec §3): p(z, g) = MLP([g; z]), g first. Closer to EquiMod's own predictor
+    (a Linear on [z; embedded transformation], peers.md §3.1) than the hypernetwork is."""
 
-    def __init__(self, d, g_dim=4, n_layers=1):
+    def __init__(self, d, g_dim=4, layers=1):
         super().__init__()
-        layers = [nn.Linear(d + g_dim, d)]
-        for _ in range(n_layers - 1):
-            layers += [nn.ReLU(inplace=True), nn.Linear(d, d)]
-        self.net = nn.Sequential(*layers)
+        mods = [nn.Linear(d + g_dim, d)]
+        for _ in range(layers - 1):
+            mods += [nn.ReLU(), nn.Linear(d, d)]
+        self.net = nn.Sequential(*mods)
 
     def forward(self, z, g):
-        return self.net(torch.cat([g.to(z.dtype), z], dim=1))
+        return self.net(torch.cat([g, z], dim=1))
 
 
-def AugSelfHead(repr_dim, g_dim):
-    """AugSelf's auxiliary head phi (Lee et al. 2021, Sec. 3): an MLP on the two views'
-    concatenated backbone representations [y; y'] that regresses the relative transformation.
-    Sizes of the SIE code (sie.md §3): 1024-1024-k, 2,103,300 parameters for k = 4."""
+def augself_head(repr_dim, g_dim):
+    """AugSelf's head phi (Lee et al. 2021, Sec. 3) at the SIE code's sizes (spec §3): an MLP
+    2*512 -> 1024 -> 1024 -> k on the concatenated representations [y; y']; 2,103,300 parameters at k = 4.
+    Deviation from AugSelf's code, which uses 512-wide heads: the SIE comparison's widths."""
     w = 2 * repr_dim
     return nn.Sequential(nn.Linear(w, w), nn.ReLU(inplace=True), nn.Linear(w, w), nn.ReLU(inplace=True),
                          nn.Linear(w, g_dim))
 
-# ============================================================================ loss
-# Which terms are local and which global (sie.md §2.4, §6): MSE terms (invariance, equivariance,
-# AugSelf) are per-rank means; variance, covariance and NT-Xent run on the gathered global batch.
-# Statistics are computed in float32 whatever the autocast dtype.
 
-# ---- VICReg (Bardes et al., ICLR 2022) ----
+class OnlineEvaluator(nn.Module):
+    """Training monitor (spec §2.5) on DETACHED representations, per part: a linear classifier on
+    single views and a rotation MLP on [y1; y2] -> quaternion. Its losses join the total (same Adam)
+    but cannot reach the backbone. Deviation: the official heads on the 2048-d projector embeddings
+    (about 40 M parameters) are left out; the representation heads are what eval.py measures."""
 
+    def __init__(self, parts):
+        super().__init__()
+        self.parts = parts                                   # name -> slice of the representation
+        width = {n: s.stop - s.start for n, s in parts.items()}
+        self.classify = nn.ModuleDict({n: nn.Linear(k, NUM_CLASSES) for n, k in width.items()})
+        self.rotation = nn.ModuleDict({n: nn.Sequential(nn.Linear(2 * k, 2 * k), nn.ReLU(), nn.Linear(2 * k, 2 * k),
+                                                        nn.ReLU(), nn.Linear(2 * k, 4)) for n, k in width.items()})
+
+    def forward(self, y1, y2, q, labels):
+        """Returns the summed CE + MSE losses and device-side sums for accuracy and pooled R²."""
+        y1, y2, q = y1.detach().float(), y2.detach().float(), q.float()
+        both = torch.cat([labels, labels])
+        loss, sums = 0.0, {"pairs": q.new_tensor(q.shape[0]), "q_sum": q.sum(), "q_sq": q.pow(2).sum()}
+        for name, s in self.parts.items():
+            logits = self.classify[name](torch.cat([y1[:, s], y2[:, s]]))
+            pred = self.rotation[name](torch.cat([y1[:, s], y2[:, s]], dim=1))
+            loss = loss + F.cross_entropy(logits, both) + F.mse_loss(pred, q)
+            sums[f"{name}_correct"] = (logits.argmax(1) == both).sum().float()
+            sums[f"{name}_sse"] = (pred - q).pow(2).sum()
+        return loss, sums
+
+
+def representation_parts(args):
+    """No baseline splits its representation (EquiMod's two projectors both read all 512 dims,
+    part-inv splits the EMBEDDING): every one is probed on the full 512 dims, as officially."""
+    return {"full": slice(0, REPR_DIM)}
+
+
+class Baseline(nn.Module):
+    """Backbone + the method's heads + online monitor. forward(x1, x2, g, labels) returns
+    (total loss, the method's loss terms, monitor sums): the whole training objective of one step."""
+
+    def __init__(self, args):
+        super().__init__()
+        self.args = args
+        widths = [int(w) for w in args.mlp.split("-")]
+        g_dim, d = (6 if args.rot_color else 4), widths[-1]
+        self.backbone = ResNet18()
+        self.projector = projector(REPR_DIM, widths)        # the invariant head (the only one for most)
+        if args.method.startswith("equimod"):               # EquiMod: a second, equivariant head on all 512 dims
+            self.proj_equi = projector(REPR_DIM, widths)
+        if args.method in PREDICTS:
+            self.predictor = (HypernetPredictor(d, g_dim, args.hypernet == "deep") if args.predictor == "hypernet"
+                              else MLPPredictor(d, g_dim, args.mlp_pred_layers))
+        if args.method == "simclr-augself":
+            self.augself = augself_head(REPR_DIM, g_dim)
+        self.online = OnlineEvaluator(representation_parts(args))
+
+    def forward(self, x1, x2, g, labels):
+        y1, y2 = self.backbone(x1), self.backbone(x2)        # two calls: BN statistics per view, as official
+        terms = method_loss(self, y1, y2, g, self.args)
+        online_loss, sums = self.online(y1, y2, g[:, :4], labels)
+        return terms["loss"] + online_loss, terms, sums
+
+
+def build_model(args):
+    """The whole training model from (saved) args, as eval.py rebuilds it."""
+    return Baseline(args)
+
+
+def probeable(model, args):
+    """What eval.py needs: the backbone and its parts; with a predictor, the equivariant head and it
+    (for MRR/H@k/PRE). Only-equi's single projector is its equivariant head."""
+    import eval as evaluation
+    embed = getattr(model, "proj_equi", model.projector) if args.method in PREDICTS else None
+    return evaluation.Probeable(backbone=model.backbone, parts=representation_parts(args), embed=embed,
+                                predict=getattr(model, "predictor", None), g_dim=6 if args.rot_color else 4)
+
+
+# =================================== loss ===================================
+# Local vs global under DDP (spec §6): the MSE terms (invariance, equivariance, AugSelf) are per-rank
+# means, which DDP's gradient averaging makes global; variance, covariance and NT-Xent see the
+# gathered global batch on every rank. Every statistic is computed in fp32 under any autocast.
+
+# ---- VICReg (Bardes, Ponce, LeCun, ICLR 2022) ----
 def variance_loss(z):
-    """Eq. 1: mean_j ReLU(1 - sqrt(Var_j + eps)), eps = 1e-4, unbiased variance over the rows."""
-    std = torch.sqrt(z.var(dim=0) + 1e-4)
-    return F.relu(1 - std).mean()
+    """Eq. 1-2: v(Z) = mean_j ReLU(1 - sqrt(Var_j(Z) + 1e-4)), unbiased variance over the rows."""
+    return F.relu(1.0 - torch.sqrt(z.var(dim=0) + 1e-4)).mean()
 
 
-def covariance_loss(z, batch_size):
-    """Eq. 3-4: (1/D) sum_{i != j} Cov_ij^2 with Cov = Zc^T Zc / (batch_size - 1). Like the official
-    code, the divisor is the configured global batch size (sie.md §2.4), not the rows present."""
+def covariance_loss(z, divisor):
+    """Eq. 3-4: c(Z) = (1/D) sum_{i != j} Cov(Z)_ij^2 with Cov = Zc^T Zc / divisor, Zc centred."""
     z = z - z.mean(dim=0)
-    cov = z.T @ z / (batch_size - 1)
-    off = cov - torch.diag(torch.diag(cov))
-    return off.pow(2).sum() / z.shape[1]
+    cov = z.T @ z / divisor
+    return (cov.pow(2).sum() - cov.diagonal().pow(2).sum()) / z.shape[1]
 
 
-def vicreg_regularizer(z1, z2, batch_size):
-    """Variance (halved per view, as in the VICReg code; Deviation from the paper's Eq. 6, which has
-    no 1/2) and covariance of both views, on the gathered batch. Returns (std_term, cov_term)."""
-    z1, z2 = gather(z1.float()), gather(z2.float())
-    std = variance_loss(z1) / 2 + variance_loss(z2) / 2
-    cov = covariance_loss(z1, batch_size) + covariance_loss(z2, batch_size)
-    return std, cov
+def vicreg_regularizer(z1, z2, batch_size=None):
+    """Variance and covariance of both views on the gathered batch: (v/2 + v'/2, c + c'). The 1/2 is
+    the official code's (Deviation from the paper's Eq. 6, which has none; vicreg#8). Like the SIE
+    code, the covariance divides by the CLI global batch_size - 1, also for a smaller last batch."""
+    Z1, Z2 = gather(z1.float()), gather(z2.float())
+    divisor = (batch_size or Z1.shape[0]) - 1
+    return (variance_loss(Z1) / 2 + variance_loss(Z2) / 2,
+            covariance_loss(Z1, divisor) + covariance_loss(Z2, divisor))
 
 
-def vicreg_loss(z1, z2, batch_size, sim_coeff=10.0, std_coeff=10.0, cov_coeff=1.0):
-    """Eq. 6: lambda s(Z, Z') + mu [v(Z) + v(Z')] + nu [c(Z) + c(Z')], lambda/mu/nu = 10/10/1 in the
-    SIE comparison (sie.md §3). Returns (loss, terms) with each term separately for the log."""
-    inv = F.mse_loss(z1.float(), z2.float())                # local, as in the official code
-    std, cov = vicreg_regularizer(z1, z2, batch_size)
-    return sim_coeff * inv + std_coeff * std + cov_coeff * cov, dict(inv=inv, std=std, cov=cov)
+def vicreg_loss(z1, z2, batch_size=None, sim_coeff=10.0, std_coeff=10.0, cov_coeff=1.0):
+    """Eq. 6: lambda s(Z, Z') + mu [v(Z) + v(Z')] + nu [c(Z) + c(Z')] with 10 / 10 / 1 (spec §3), D =
+    the embedding width. Returns the unweighted terms and the weighted 'loss'."""
+    t = {"inv": F.mse_loss(z1.float(), z2.float())}          # Eq. 5, s(Z, Z'): per-rank mean
+    t["std"], t["cov"] = vicreg_regularizer(z1, z2, batch_size)
+    t["loss"] = sim_coeff * t["inv"] + std_coeff * t["std"] + cov_coeff * t["cov"]
+    return t
 
-# ---- SimCLR (Chen et al., ICML 2020) ----
 
+# ---- SimCLR (Chen, Kornblith, Norouzi, Hinton, ICML 2020) ----
 def nt_xent(a, b, temperature=0.1):
-    """Eq. 1, the NT-Xent loss, on the 2N gathered rows [a; b]: cosine similarity / tau, the positive
-    of row i is row i +- N, the other 2N - 2 rows are negatives; mean over the 2N anchors. Negatives
-    come from every rank, with gradients (gather). tau = 0.1 is the SIE code's default (sie.md §3)."""
-    z = F.normalize(torch.cat([gather(a.float()), gather(b.float())]), dim=1)     # (2N, d)
+    """Eq. 1, NT-Xent, on the 2N gathered rows [a; b]: cosine similarity / tau; row i's positive is row
+    i +- N, the other 2N - 2 rows are its negatives, drawn from every rank WITH gradients; mean over
+    the 2N anchors. tau = 0.1 is the SIE code's default (spec §3)."""
+    z = F.normalize(torch.cat([gather(a.float()), gather(b.float())]), dim=1)        # (2N, d)
     n = z.shape[0] // 2
-    logits = z @ z.T / temperature
-    logits = logits.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
+    logits = (z @ z.T / temperature).fill_diagonal_(float("-inf"))                  # no self-pairs
     positive = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
     return F.cross_entropy(logits, positive)
 
-# ---- SimCLR + AugSelf (Lee et al., NeurIPS 2021) ----
 
+# ---- SimCLR + AugSelf (Lee, Lee, Kim, Lee, Shin, NeurIPS 2021) ----
 def augself_loss(head, y1, y2, g):
-    """Sec. 3 of AugSelf with the SIE code's target: MSE between phi([y; y']) and the relative transformation g
-    (quaternion, + two hue differences with --color). y, y' are NOT detached: the head's gradient
-    shapes the backbone, which is the point of AugSelf. One order only, as in the SIE code
-    (Deviation from AugSelf's code, which also feeds [y'; y])."""
+    """Sec. 3: MSE between phi([y; y']) and the relative transformation g (the quaternion, + two hue
+    differences with --rot-color). y, y' are NOT detached: the head's gradient shapes the backbone,
+    which is the point of AugSelf. One order only, as in the SIE code (Deviation from AugSelf's code,
+    which also feeds [y'; y] against the reversed target)."""
     return F.mse_loss(head(torch.cat([y1, y2], dim=1)).float(), g.float())
 
+
 # ---- EquiMod (Devillers & Lefort, ICLR 2023) ----
-
 def equimod_simclr_loss(z1_inv, z2_inv, pred, z2_equi, temperature=0.1, alpha=1.0):
-    """EquiMod Sec. 3: L_inv + alpha L_equi, both NT-Xent. The equivariant term is NT-Xent between
-    the predictions p(z_equi, g) and the actual embeddings of the second view: prediction i is positive
-    with target i; all other predictions and targets are negatives (sie.md §3)."""
-    inv, equi = nt_xent(z1_inv, z2_inv, temperature), nt_xent(pred, z2_equi, temperature)
-    return inv + alpha * equi, dict(inv=inv, equi=equi)
+    """Sec. 3: L = NT-Xent(z_inv, z'_inv) + alpha NT-Xent(p(z_equi, g), z'_equi). In the second term
+    prediction i is positive with target i; all other predictions and targets are negatives (spec §3).
+    Deviation from EquiMod's paper: 3DIEBench has no un-augmented view x0, so the prediction goes from
+    view 1 to view 2, and the predictor is the SIE code's (a hypernetwork by default)."""
+    t = {"inv": nt_xent(z1_inv, z2_inv, temperature), "equi": nt_xent(pred, z2_equi, temperature)}
+    t["loss"] = t["inv"] + alpha * t["equi"]
+    return t
 
 
-def equimod_vicreg_loss(z1_inv, z2_inv, z1_equi, z2_equi, pred, batch_size, alpha=0.45,
+def equimod_vicreg_loss(z1_inv, z2_inv, z1_equi, z2_equi, pred, batch_size=None, alpha=0.45,
                         sim_coeff=10.0, std_coeff=10.0, cov_coeff=1.0):
-    """The SIE code's VICReg-based EquiMod (sie.md §3): VIC on the invariant embeddings + alpha x
-    [lambda MSE(p(z_equi, g), z'_equi) + mu v + nu c], where v and c act on the equivariant
-    embeddings of both views (not on the predictions). No cross-decorrelation of inv and equi."""
-    loss_inv, t = vicreg_loss(z1_inv, z2_inv, batch_size, sim_coeff, std_coeff, cov_coeff)
-    equi = F.mse_loss(pred.float(), z2_equi.float())
-    std_e, cov_e = vicreg_regularizer(z1_equi, z2_equi, batch_size)
-    loss_equi = sim_coeff * equi + std_coeff * std_e + cov_coeff * cov_e
-    return loss_inv + alpha * loss_equi, dict(inv=t["inv"], equi=equi, std=t["std"] + std_e, cov=t["cov"] + cov_e)
+    """The SIE code's VICReg-based EquiMod (spec §3): VIC(z_inv, z'_inv) + alpha [lambda MSE(p(z_equi, g),
+    z'_equi) + mu (v/2 + v'/2) + nu (c + c')], where v and c act on the equivariant embeddings of both
+    views, NOT on the predictions; the inv and equi embeddings are not decorrelated from each other."""
+    t = vicreg_loss(z1_inv, z2_inv, batch_size, sim_coeff, std_coeff, cov_coeff)
+    t["equi"] = F.mse_loss(pred.float(), z2_equi.float())
+    t["std_equi"], t["cov_equi"] = vicreg_regularizer(z1_equi, z2_equi, batch_size)
+    t["loss"] = t["loss"] + alpha * (sim_coeff * t["equi"] + std_coeff * t["std_equi"] + cov_coeff * t["cov_equi"])
+    return t
 
-# ---- SIE ablation rows: VICReg part-inv, SimCLR only-equi ----
 
-def vicreg_partinv_loss(z1, z2, n_inv, batch_size, sim_coeff=10.0, std_coeff=10.0, cov_coeff=1.0):
-    """VICReg whose invariance MSE covers only the first n_inv embedding dims; variance and
-    covariance cover all of them (sie.md §3 "VICRegPartInv"). The last dims are left free."""
-    inv = F.mse_loss(z1[:, :n_inv].float(), z2[:, :n_inv].float())
-    std, cov = vicreg_regularizer(z1, z2, batch_size)
-    return sim_coeff * inv + std_coeff * std + cov_coeff * cov, dict(inv=inv, std=std, cov=cov)
+# ---- SIE ablation rows: VICReg part-inv, SimCLR only-equi (Garrido et al. 2023; spec §3) ----
+def vicreg_partinv_loss(z1, z2, n_inv, batch_size=None, sim_coeff=10.0, std_coeff=10.0, cov_coeff=1.0):
+    """VICReg whose invariance MSE covers only the first n_inv embedding dims, so the last ones are free
+    to vary with the view; variance and covariance still cover all of them (official VICRegPartInv)."""
+    t = {"inv": F.mse_loss(z1[:, :n_inv].float(), z2[:, :n_inv].float())}
+    t["std"], t["cov"] = vicreg_regularizer(z1, z2, batch_size)
+    t["loss"] = sim_coeff * t["inv"] + std_coeff * t["std"] + cov_coeff * t["cov"]
+    return t
 
 
 def simclr_onlyequi_loss(pred, z2, temperature=0.1):
-    """NT-Xent(p(z, g), z'): SimCLR where view 1 must first be moved by the predictor (sie.md §3)."""
-    return nt_xent(pred, z2, temperature)
+    """NT-Xent(p(z, g), z'): SimCLR where view 1's embedding is first moved by the predictor; no
+    invariant part at all (official SimCLROnlyEqui)."""
+    loss = nt_xent(pred, z2, temperature)
+    return {"equi": loss, "loss": loss}
+
+
+def method_loss(model, y1, y2, g, args):
+    """Projector(s), predictor and the method's loss on the representations y1, y2 (B, 512) of the two
+    views; g (B, 4|6) is the relative transformation. Returns the dict of terms with 'loss'."""
+    m, bs, tau = args.method, args.batch_size, args.temperature
+    vic = dict(sim_coeff=args.sim_coeff, std_coeff=args.std_coeff, cov_coeff=args.cov_coeff)
+    z1, z2 = model.projector(y1), model.projector(y2)
+    if m == "vicreg":
+        return vicreg_loss(z1, z2, bs, **vic)
+    if m == "simclr":
+        loss = nt_xent(z1, z2, tau)
+        return {"inv": loss, "loss": loss}
+    if m == "simclr-augself":
+        t = {"inv": nt_xent(z1, z2, tau), "augself": augself_loss(model.augself, y1, y2, g)}
+        t["loss"] = t["inv"] + args.augself_weight * t["augself"]
+        return t
+    if m == "vicreg-partinv":
+        return vicreg_partinv_loss(z1, z2, z1.shape[1] - args.equi_emb, bs, **vic)
+    if m == "simclr-onlyequi":
+        return simclr_onlyequi_loss(model.predictor(z1, g), z2, tau)
+    e1, e2 = model.proj_equi(y1), model.proj_equi(y2)       # EquiMod: the equivariant head
+    pred = model.predictor(e1, g)                            # one direction only: x -> x'
+    if m == "equimod-simclr":
+        return equimod_simclr_loss(z1, z2, pred, e2, tau, args.equi_factor)
+    return equimod_vicreg_loss(z1, z2, e1, e2, pred, bs, args.equi_factor, **vic)
+
+
+# ================================ optimiser =================================
+def make_optimizer(model, args):
+    """Adam, constant lr, L2 weight decay on every parameter (spec §2.6): no schedule to resume."""
+    return torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.wd,
+                            fused=next(model.parameters()).is_cuda)
+
+
+def autocast(args, device):
+    """bf16/fp16 autocast on CUDA only; CPU runs in fp32."""
+    dtype = torch.float16 if args.amp == "fp16" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda" and args.amp != "none")
+
+
+# ================================ checkpoint ================================
+RUN_LENGTH_FLAGS = {"epochs", "run_dir", "resume", "data_root", "num_workers", "log_every",
+                    "eval_protocols", "no_eval"}   # may change between a run and its resumption
+
+
+def rng_state():
+    """All RNG states as plain Python/tensor values, so the checkpoint loads with weights_only=True."""
+    np_state = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_save(obj, path):
+    """Write to a temp file, then rename: a crash mid-write never leaves a broken checkpoint."""
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def save_checkpoint(path, model, optimizer, scaler, epoch, step, args):
+    atomic_save({"script": "baselines", "args": vars(args), "model": model.state_dict(),
+                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                 "epoch": epoch, "step": step, "rng": rng_state()}, path)
+
+
+def load_checkpoint(path, model, optimizer, scaler, args):
+    """Restores everything save_checkpoint wrote; returns (epochs done, step). Refuses a checkpoint
+    written with different training flags, naming the first one that differs."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    for key, old in ckpt["args"].items():
+        new = getattr(args, key, None)
+        if key not in RUN_LENGTH_FLAGS and old != new:
+            raise SystemExit(f"error: {path} was trained with --{key.replace('_', '-')} {old}, this command "
+                             f"has {new}; pass the same flags to resume, or another --run-dir to start afresh")
+    model.load_state_dict(ckpt["model"], strict=True)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"])
+    return ckpt["epoch"], ckpt["step"]
+
+
+# ================================ train loop ================================
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def train_step(model, batch, optimizer, scaler, args):
+    """Forward, loss, backward and Adam step on a device batch; returns device tensors only."""
+    x1, x2, g, labels = batch
+    with autocast(args, x1.device):
+        loss, terms, sums = model(x1, x2, g, labels)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return {**{k: v.detach() for k, v in terms.items()}, "total": loss.detach()}, sums
+
+
+def reduce_sums(sums):
+    """One all-reduce and one host sync for a dict of device scalars: the logging point."""
+    keys = sorted(sums)
+    vec = torch.stack([sums[k].float() for k in keys])
+    if dist.is_initialized():
+        dist.all_reduce(vec)
+    return dict(zip(keys, vec.tolist()))
+
+
+def online_metrics(s, parts):
+    """Monitor figures from epoch sums: top-1 per part and pooled R² (spec §4.2: one scalar mean)."""
+    n = 4 * s["pairs"]
+    sst = s["q_sq"] - s["q_sum"] ** 2 / n
+    out = {f"top1_{p}": s[f"{p}_correct"] / (2 * s["pairs"]) for p in parts}
+    return {**out, **{f"rot_r2_{p}": 1 - s[f"{p}_sse"] / sst for p in parts}}
+
+
+def log_event(args, kind, **fields):
+    if is_main():
+        with open(os.path.join(args.run_dir, "log.jsonl"), "a") as f:
+            f.write(json.dumps({"kind": kind, **fields}) + "\n")
+
+
+def versions(device):
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except OSError:
+        sha = ""
+    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+            "cuda": torch.version.cuda, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+            else platform.processor() or "cpu", "git": sha}
+
+
+def train(args, rank, world, device):
+    """Pretrains the chosen baseline; returns the unwrapped model, the data root and the final step."""
+    if args.batch_size % world:
+        raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by {world} processes")
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    loader, root = make_loader(args, rank, world)
+    model = build_model(args).to(device, memory_format=torch.channels_last)
+    if device.type == "cuda" and world > 1:      # BN statistics over the global batch, as official
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    optimizer = make_optimizer(model, args)
+    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and args.amp == "fp16")
+    os.makedirs(args.run_dir, exist_ok=True)
+    ckpt_path = os.path.join(args.run_dir, "checkpoint.pt")
+    resume = args.resume or (ckpt_path if os.path.exists(ckpt_path) else None)
+    epoch0, step = load_checkpoint(resume, model, optimizer, scaler, args) if resume else (0, 0)
+    if resume:
+        print0(f"resumed from {resume}: {epoch0} epochs, step {step}")
+        log_event(args, "resume", checkpoint=resume, epoch=epoch0, step=step, world_size=world)
+    else:
+        log_event(args, "config", config=vars(args), argv=sys.argv, versions=versions(device), world_size=world)
+        if is_main():
+            shutil.copyfile(os.path.abspath(__file__), os.path.join(args.run_dir, "baselines.py.txt"))
+    ddp = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) if world > 1 else model
+    parts = representation_parts(args)
+    bar = tqdm(total=args.epochs * len(loader), initial=step, disable=not is_main(), unit="step", dynamic_ncols=True)
+    for epoch in range(epoch0, args.epochs):
+        loader.sampler.set_epoch(epoch)             # data order = f(seed, epoch)
+        loader.dataset.set_epoch(epoch)             # view choice = f(seed, epoch, object)
+        ddp.train()
+        window, epoch_sums, n_win, t0 = {}, {}, 0, time.perf_counter()
+        bad_step = torch.full((), -1.0, device=device)
+        for i, batch in enumerate(loader):
+            terms, sums = train_step(ddp, to_device(batch, device), optimizer, scaler, args)
+            bad_step = torch.where(torch.isfinite(terms["total"]) | (bad_step >= 0), bad_step,
+                                   torch.full_like(bad_step, step))
+            for k, v in terms.items():
+                window[k] = window.get(k, 0) + v
+            for k, v in sums.items():
+                epoch_sums[k] = epoch_sums.get(k, 0) + v
+            step, n_win = step + 1, n_win + 1
+            bar.update()
+            if step % args.log_every == 0 or i == len(loader) - 1:   # the only host syncs
+                means = reduce_sums({**window, "bad": bad_step / world})
+                if means.pop("bad") >= 0:
+                    log_event(args, "error", step=step, terms=means)
+                    raise NonFiniteLoss(f"non-finite loss at step {int(max(bad_step.tolist(), 0))} "
+                                        f"(epoch {epoch}); terms averaged over the last "
+                                        f"{n_win} steps: {means}; {ckpt_path} holds the last good state")
+                means = {k: v / (n_win * world) for k, v in means.items()}
+                pairs_s = n_win * args.batch_size / (time.perf_counter() - t0)
+                log_event(args, "train", epoch=epoch, step=step, lr=args.lr, pairs_per_s=pairs_s, **means)
+                bar.set_postfix(ep=epoch, **{k: f"{v:.3f}" for k, v in means.items()}, pairs_s=f"{pairs_s:.0f}")
+                window, n_win, t0 = {}, 0, time.perf_counter()
+        log_event(args, "online", epoch=epoch, step=step, **online_metrics(reduce_sums(epoch_sums), parts))
+        if is_main():
+            save_checkpoint(ckpt_path, model, optimizer, scaler, epoch + 1, step, args)
+        if dist.is_initialized():
+            dist.barrier()                          # nobody runs ahead of a checkpoint being written
+    bar.close()
+    if is_main():
+        atomic_save(model.backbone.state_dict(), os.path.join(args.run_dir, "backbone.pt"))
+    return model, root, step
+
+
+# =================================== eval ===================================
+def run_evaluation(model, args, root, step, device):
+    """SIE paper Sec. 4 protocols on the trained model, in-process (eval.py prints the table, writes
+    eval.json): the same probes as sie.py, on the full representation."""
+    import eval as evaluation
+    probe = probeable(model, args)
+    probe.step = step
+    return evaluation.evaluate(probe, root, protocols=tuple(args.eval_protocols.split(",")),
+                               out_dir=args.run_dir, device=device, preset=args.preset, size=args.resolution)
+
+
+# =================================== main ===================================
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = setup_distributed()
+    if world == 1 and torch.cuda.device_count() > 1:
+        print0(f"one process; for all GPUs: torchrun --standalone --nproc_per_node={torch.cuda.device_count()} "
+               f"baselines.py --method {args.method}")
+    try:
+        model, root, step = train(args, rank, world, device)
+        if not args.no_eval:
+            model.eval()
+            run_evaluation(model, args, root, step, device)
+    except data.DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

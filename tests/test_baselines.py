@@ -1,7 +1,9 @@
 """baselines.py: each loss against a naive reference written here (loops, explicit softmax),
 invariants, module sizes from sie.md §7, 1-vs-2 gloo processes, and short runs of every method."""
+import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -10,6 +12,15 @@ import torch.nn as nn
 import baselines as B
 
 torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """In-process training runs share 2 cores with everything else: one intra-op thread is faster."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 # ---------------------------------------------------------------- naive references (float64 loops)
@@ -63,34 +74,48 @@ def close(x, ref, rtol=1e-5):
 
 # ---------------------------------------------------------------- losses vs references
 
+def naive_nt_xent_torch(a, b, tau):
+    """Explicit softmax, one anchor at a time (differentiable, for gradient checks)."""
+    rows = torch.cat([a, b]).double()
+    rows = rows / rows.pow(2).sum(1, keepdim=True).sqrt()
+    n2, total = rows.shape[0], 0.0
+    for i in range(n2):
+        pos = (i + n2 // 2) % n2
+        den = sum(torch.exp(rows[i] @ rows[k] / tau) for k in range(n2) if k != i)
+        total = total - torch.log(torch.exp(rows[i] @ rows[pos] / tau) / den)
+    return total / n2
+
+
 def test_vicreg_matches_naive_reference():
     z1, z2 = torch.randn(12, 6), torch.randn(12, 6)
-    loss, terms = B.vicreg_loss(z1, z2, batch_size=12)
-    assert close(loss, naive_vicreg(z1, z2, 12))
-    assert close(terms["inv"], naive_mse(z1.double(), z2.double()))
+    t = B.vicreg_loss(z1, z2, batch_size=12)
+    assert close(t["loss"], naive_vicreg(z1, z2, 12))
+    assert close(t["inv"], naive_mse(z1.double(), z2.double()))
     # the covariance divisor is the configured global batch size, not the rows present (sie.md §2.4)
-    assert close(B.covariance_loss(z1, 16), naive_covariance(z1.double(), 16))
+    t16 = B.vicreg_loss(z1, z2, batch_size=16)
+    assert close(t16["cov"], naive_covariance(z1.double(), 16) + naive_covariance(z2.double(), 16))
 
 
 def test_vicreg_invariants():
     z = torch.randn(10, 5)
-    _, terms = B.vicreg_loss(z, z, batch_size=10)
-    assert float(terms["inv"]) == 0.0                                   # identical views
+    assert float(B.vicreg_loss(z, z)["inv"]) == 0.0                    # identical views
     collapsed = torch.ones(10, 5) * 3.0
-    _, terms = B.vicreg_loss(collapsed, collapsed, batch_size=10)
-    assert close(terms["std"], 1 - math.sqrt(1e-4))                    # variance term at its maximum
-    assert float(terms["cov"]) == 0.0
-    wide = torch.randn(64, 5) * 10                                      # std >> 1 -> hinge inactive
-    assert float(B.variance_loss(wide)) == 0.0
+    t = B.vicreg_loss(collapsed, collapsed)
+    assert close(t["std"], 1 - math.sqrt(1e-4))                         # variance term at its maximum
+    assert float(t["cov"]) == 0.0
+    assert float(B.variance_loss(torch.randn(64, 5) * 10)) == 0.0       # std >> 1: hinge inactive
 
 
 def test_nt_xent_matches_naive_reference_and_is_symmetric():
-    a, b = torch.randn(7, 5), torch.randn(7, 5)
+    a = torch.randn(7, 5, dtype=torch.double, requires_grad=True)
+    b = torch.randn(7, 5, dtype=torch.double, requires_grad=True)
     for tau in (0.1, 0.5):
-        assert close(B.nt_xent(a, b, tau), naive_nt_xent(a, b, tau))
-    assert close(B.nt_xent(a, b, 0.1), float(B.nt_xent(b, a, 0.1)))
-    # perfectly aligned, well separated pairs -> loss near its minimum
-    e = torch.eye(6) * 5
+        assert close(B.nt_xent(a, b, tau), naive_nt_xent(a.detach(), b.detach(), tau))
+    ga = torch.autograd.grad(B.nt_xent(a, b, 0.1), (a, b))
+    gr = torch.autograd.grad(naive_nt_xent_torch(a, b, 0.1), (a, b))
+    assert all(torch.allclose(x.double(), y, atol=1e-5) for x, y in zip(ga, gr))
+    assert close(B.nt_xent(a, b, 0.1), float(B.nt_xent(b, a, 0.1).detach()))   # symmetric in its views
+    e = torch.eye(6) * 5                                                 # aligned, separated pairs
     assert float(B.nt_xent(e, e, 0.1)) < 1e-3
 
 
@@ -98,28 +123,28 @@ def test_vicreg_partinv_invariance_covers_first_dims_only():
     z1 = torch.randn(9, 8)
     z2 = z1.clone()
     z2[:, 5:] = torch.randn(9, 3)                                       # last 3 dims differ
-    loss, terms = B.vicreg_partinv_loss(z1, z2, n_inv=5, batch_size=9)
-    assert float(terms["inv"]) == 0.0
+    t = B.vicreg_partinv_loss(z1, z2, n_inv=5, batch_size=9)
+    assert float(t["inv"]) == 0.0
     ref = (10 * (naive_variance(z1.double()) + naive_variance(z2.double())) / 2
            + naive_covariance(z1.double(), 9) + naive_covariance(z2.double(), 9))
-    assert close(loss, ref)
+    assert close(t["loss"], ref)
 
 
-def test_equimod_losses_match_their_definitions():
+def test_equimod_and_onlyequi_losses_match_their_definitions():
     n, d = 8, 6
     zi1, zi2, ze1, ze2, p = (torch.randn(n, d) for _ in range(5))
-    loss, terms = B.equimod_simclr_loss(zi1, zi2, p, ze2, temperature=0.1, alpha=0.7)
-    assert close(loss, naive_nt_xent(zi1, zi2, 0.1) + 0.7 * naive_nt_xent(p, ze2, 0.1))
-    loss, terms = B.equimod_vicreg_loss(zi1, zi2, ze1, ze2, p, batch_size=n, alpha=0.45)
+    t = B.equimod_simclr_loss(zi1, zi2, p, ze2, temperature=0.1, alpha=0.7)
+    assert close(t["loss"], naive_nt_xent(zi1, zi2, 0.1) + 0.7 * naive_nt_xent(p, ze2, 0.1))
+    t = B.equimod_vicreg_loss(zi1, zi2, ze1, ze2, p, batch_size=n, alpha=0.45)
     equi = (10 * naive_mse(p.double(), ze2.double())                   # MSE on the prediction,
             + 10 * (naive_variance(ze1.double()) + naive_variance(ze2.double())) / 2   # V and C on the
             + naive_covariance(ze1.double(), n) + naive_covariance(ze2.double(), n))   # embeddings
-    assert close(loss, naive_vicreg(zi1, zi2, n) + 0.45 * equi)
-    assert close(B.simclr_onlyequi_loss(p, ze2, 0.1), naive_nt_xent(p, ze2, 0.1))
+    assert close(t["loss"], naive_vicreg(zi1, zi2, n) + 0.45 * equi)
+    assert close(B.simclr_onlyequi_loss(p, ze2, 0.1)["loss"], naive_nt_xent(p, ze2, 0.1))
 
 
 def test_augself_regresses_g_from_non_detached_representations():
-    head = B.AugSelfHead(5, 6)
+    head = B.augself_head(5, 6)
     y1, y2 = torch.randn(4, 5, requires_grad=True), torch.randn(4, 5, requires_grad=True)
     g = torch.randn(4, 6)
     loss = B.augself_loss(head, y1, y2, g)
@@ -134,25 +159,27 @@ def test_hypernet_predictor_equals_materialised_weights():
     for deep in (False, True):
         pred = B.HypernetPredictor(d, k, deep=deep).double()
         z, g = torch.randn(3, d, dtype=torch.double), torch.randn(3, k, dtype=torch.double)
-        W = pred.H(pred.pre(g)).view(3, d, d)                           # W[b, o, i] = (H g)[o*d + i]
+        W = pred.hyper(pred.hyper_in(g)).view(3, d, d)                  # W[b, o, i] = (H g)[o*d + i]
         ref = torch.stack([W[b] @ z[b] for b in range(3)])
         assert torch.allclose(pred(z, g), ref)
-    mlp = B.MLPPredictor(d, k, n_layers=2)
-    assert mlp.net[0].in_features == d + k and len(mlp.net) == 3
 
 
 def test_module_sizes_from_the_spec():
     count = lambda m: sum(p.numel() for p in m.parameters())
-    assert count(B.Projector(512, "2048-2048-2048")) == 9_449_472
+    assert count(B.projector(512, [2048, 2048, 2048])) == 9_449_472
     assert count(B.HypernetPredictor(2048, 4)) == 16_777_216
-    assert count(B.AugSelfHead(512, 4)) == 2_103_300
+    assert count(B.augself_head(512, 4)) == 2_103_300
+    model = B.build_model(B.parse_args(["--method", "equimod-simclr", "--preset", "paper"]))
+    assert count(model.backbone) == 11_180_736
+    assert count(model.projector) == count(model.proj_equi) == 9_449_472
+    assert count(model.predictor) == 16_777_216
 
 
 # ---------------------------------------------------------------- 1 vs 2 gloo processes
 
 def _losses(model, x1, x2):
     z1, z2 = model(x1), model(x2)
-    return {"nt_xent": B.nt_xent(z1, z2, 0.1), "vicreg": B.vicreg_loss(z1, z2, batch_size=16)[0]}
+    return {"nt_xent": B.nt_xent(z1, z2, 0.1), "vicreg": B.vicreg_loss(z1, z2, batch_size=16)["loss"]}
 
 
 def _worker(rank, world, init, out):
@@ -191,3 +218,91 @@ def test_gathered_losses_equal_one_process_on_the_global_batch(tmp_path):
         assert torch.allclose(two[name][0], loss.detach(), atol=1e-6), name
         assert torch.allclose(two[name][1], model.weight.grad, atol=1e-6), name
         assert torch.allclose(two[name][2], model.bias.grad, atol=1e-6), name
+
+
+# ---------------------------------------------------------------- config
+
+def test_paper_preset_is_the_official_comparison():
+    a = B.parse_args(["--method", "vicreg", "--preset", "paper"])
+    assert (a.epochs, a.batch_size, a.resolution, a.mlp) == (2000, 1024, 256, "2048-2048-2048")
+    assert (a.sim_coeff, a.std_coeff, a.cov_coeff, a.lr, a.wd) == (10.0, 10.0, 1.0, 1e-3, 1e-6)
+    assert (a.temperature, a.augself_weight, a.equi_emb) == (0.1, 1.0, 256)
+    # EquiMod's alpha: never the official argparse default 4.5 (spec §3 trap); explicit flags win
+    assert B.parse_args(["--method", "equimod-simclr", "--preset", "paper"]).equi_factor == 1.0
+    assert B.parse_args(["--method", "equimod-vicreg", "--preset", "paper"]).equi_factor == 0.45
+    assert B.parse_args(["--method", "equimod-vicreg", "--equi-factor", "2"]).equi_factor == 2.0
+    toy = B.parse_args(["--method", "simclr"])
+    assert (toy.preset, toy.epochs, toy.run_dir) == ("toy", 30, os.path.join("runs", "baselines-toy-simclr"))
+
+
+@pytest.mark.parametrize("argv, flag", [([], "--method"), (["--method", "vicreg", "--rot-color"], "--rot-color"),
+                                        (["--method", "simclr", "--predictor", "mlp"], "--predictor"),
+                                        (["--method", "vicreg-partinv", "--equi-emb", "5000"], "--equi-emb"),
+                                        (["--method", "vicreg", "--bogus"], "--bogus")])
+def test_bad_flags_fail_with_a_message_naming_the_flag(argv, flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        B.parse_args(argv)
+    assert e.value.code == 2 and flag in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- runs on the toy set
+
+SMALL = ["--epochs", "1", "--batch-size", "8", "--resolution", "32", "--mlp", "64-64-64", "--num-workers", "0",
+         "--equi-emb", "16"]
+
+
+def read_log(run_dir):
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("variant", [["--method", m] for m in B.METHODS] + [
+    ["--method", "simclr-augself", "--rot-color"], ["--method", "equimod-simclr", "--predictor", "mlp"],
+    ["--method", "simclr-onlyequi", "--hypernet", "deep", "--rot-color"]], ids=" ".join)
+def test_every_method_trains_two_steps_and_reloads_for_eval(variant, toy_root, tmp_path):
+    import eval as evaluation
+    run_dir = str(tmp_path / "run")
+    B.main(variant + SMALL + ["--data-root", toy_root, "--run-dir", run_dir, "--no-eval"])
+    log = read_log(run_dir)
+    assert log[0]["kind"] == "config" and log[0]["config"]["method"] == variant[1]
+    train = [e for e in log if e["kind"] == "train"]
+    assert train[-1]["step"] == 2 and all(math.isfinite(v) for v in train[-1].values() if isinstance(v, float))
+    assert any(e["kind"] == "online" for e in log)
+    probe, saved = evaluation.load_probeable(run_dir, "cpu")            # strict load through eval.py
+    assert saved.method == variant[1] and probe.parts == {"full": slice(0, 512)}
+    assert (probe.predict is not None) == (variant[1] in B.PREDICTS)
+    assert probe.g_dim == (6 if "--rot-color" in variant else 4)
+
+
+def test_resume_continues_exactly(toy_root, tmp_path):
+    common = ["--method", "simclr-augself"] + SMALL + ["--data-root", toy_root, "--no-eval"]
+    B.main(common + ["--run-dir", str(tmp_path / "a"), "--epochs", "2"])
+    B.main(common + ["--run-dir", str(tmp_path / "b"), "--epochs", "1"])
+    B.main(common + ["--run-dir", str(tmp_path / "b"), "--epochs", "2"])   # same command, longer: resumes
+    last = lambda d: [e for e in read_log(str(tmp_path / d)) if e["kind"] == "train"][-1]
+    a, b = last("a"), last("b")
+    assert a["step"] == b["step"] == 4
+    for k in ("total", "inv", "augself"):
+        assert a[k] == pytest.approx(b[k], rel=1e-5), k
+
+
+# ---------------------------------------------------------------- README commands
+
+def test_readme_commands_run(workdir):
+    from conftest import readme_commands, run
+    cmds = readme_commands("baselines.py")
+    if not cmds:
+        pytest.skip("README has no baselines.py command yet")
+    shrink = " ".join(SMALL + ["--eval-protocols", "classify"])
+    for cmd in cmds:
+        loop = re.match(r"for (\w+) in ([^;]+); do (.+?); done", cmd)
+        if loop:                                                         # run the loop body once
+            var, values, body = loop.groups()
+            cmd = body.replace("$" + var, values.split()[0])
+        root = re.search(r"--data-root (\S+)", cmd)
+        if root and not os.path.exists(os.path.join(workdir, root.group(1))):   # real data: clear error
+            proc = run(cmd + " " + shrink, workdir, check=False)
+            assert proc.returncode == 2 and root.group(1) in proc.stderr, cmd
+            continue
+        proc = run(cmd + " " + shrink, workdir)
+        assert "top1" in proc.stdout, cmd
