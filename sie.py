@@ -1,0 +1,644 @@
+"""SIE: Self-supervised learning of Split Invariant-Equivariant representations (Garrido, Najman,
+LeCun, ICML 2023) on 3DIEBench, in one file: model, loss, DDP training, exact resume, evaluation.
+
+The 512-d ResNet-18 representation is split into an invariant part (first 512 - e dims) and an
+equivariant part (last e dims), each with its own projector. A hypernetwork turns the relative
+rotation g between two views (a quaternion) into the weights W(g) of a linear map that predicts
+view 2's equivariant embedding from view 1's; VICReg-style variance and covariance terms prevent
+collapse. "spec §x" = shared/spec/sie.md. Nothing runs at import (`from sie import sie_loss`).
+
+    python sie.py                                            # toy preset: CPU, generated data
+    torchrun --standalone --nproc_per_node=8 sie.py --preset paper --data-root /data/3DIEBench
+"""
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+import data
+import eval  # noqa: A004 (the project's eval.py; the builtin eval() is never used here)
+
+# ================================== config ==================================
+# --preset fills these defaults; any flag given on the command line overrides them.
+PRESETS = {
+    # A laptop CPU: data.py's generated set at its native 64 px, a few minutes with evaluation.
+    "toy": dict(epochs=30, batch_size=64, resolution=64, mlp="1024-1024-1024", num_workers=1),
+    # The official README command (spec §2.6): 8 GPUs x 128, 2000 epochs = 82,000 steps.
+    "paper": dict(epochs=2000, batch_size=1024, resolution=256, mlp="2048-2048-2048", equi=256,
+                  sim_coeff=10.0, equi_factor=0.45, std_coeff=10.0, cov_coeff=1.0, lr=1e-3, wd=1e-6,
+                  num_workers=8),
+}
+NUM_CLASSES = 55        # 3DIEBench's synsets; generated sets use the first labels of the same range
+REPR_DIM = 512          # ResNet-18 representation
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="SIE on 3DIEBench (spec: shared/spec/sie.md).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", choices=PRESETS, default="toy",
+                   help="toy = CPU minutes on generated data; paper = the official recipe")
+    g = p.add_argument_group("data")
+    g.add_argument("--data-root", default=data.DEFAULT_ROOT,
+                   help="3DIEBench root, real or generated; the default location is generated on first use")
+    g.add_argument("--resolution", type=int, help="image side in px (paper 256; 128 = low-compute regime)")
+    g.add_argument("--num-workers", type=int, help="DataLoader worker processes per rank")
+    g = p.add_argument_group("model (Sec. 3; spec §2.1-2.3)")
+    g.add_argument("--mlp", help="projector widths before the split-ratio scaling (paper 2048-2048-2048)")
+    g.add_argument("--equi", type=int, default=256, help="e = equivariant dims, the LAST e of 512 (paper 256)")
+    g.add_argument("--equi-only", action="store_true", help="ablation: no split, all 512 dims equivariant")
+    g.add_argument("--predictor", choices=("hypernet", "mlp"), default="hypernet",
+                   help="hypernet: W(g) z (paper); mlp: MLP([g; z]), the predictor that can ignore g")
+    g.add_argument("--hypernet", choices=("linear", "deep"), default="linear",
+                   help="g -> W(g): one bias-free Linear (paper) or Linear-ReLU-Linear-ReLU-Linear, width 4")
+    g.add_argument("--pred-bias", action="store_true", help="also generate a bias b(g) (paper figure; off in code)")
+    g.add_argument("--mlp-pred-layers", type=int, default=1, help="depth of the --predictor mlp (official 1)")
+    g.add_argument("--rot-color", action="store_true",
+                   help="ablation: condition on 6-d g = [quaternion, d floor hue, d spot hue]")
+    g = p.add_argument_group("loss (Eq. SIE; spec §2.4)")
+    g.add_argument("--sim-coeff", type=float, default=10.0, help="lambda_sim on the invariance MSE (paper 10)")
+    g.add_argument("--equi-factor", type=float, default=0.45,
+                   help="alpha: the equivariance MSE weighs sim_coeff*alpha (paper 0.45 -> 4.5)")
+    g.add_argument("--std-coeff", type=float, default=10.0, help="lambda_std on the variance terms (paper 10)")
+    g.add_argument("--cov-coeff", type=float, default=1.0, help="lambda_cov on the covariance terms (paper 1)")
+    g.add_argument("--no-pred-var", action="store_true", help="ablation: drop the variance term on W(g) z")
+    g = p.add_argument_group("optimisation (spec §2.6)")
+    g.add_argument("--epochs", type=int, help="one epoch = one view pair per training object")
+    g.add_argument("--batch-size", type=int, help="GLOBAL batch in pairs; per-rank batch = global / world size")
+    g.add_argument("--lr", type=float, default=1e-3, help="Adam lr, constant: no warmup, no schedule (paper 1e-3)")
+    g.add_argument("--wd", type=float, default=1e-6, help="Adam weight decay on every parameter (paper 1e-6)")
+    g.add_argument("--amp", choices=("bf16", "fp16", "none"), default="bf16",
+                   help="autocast dtype on CUDA (ignored on CPU); fp16 adds a GradScaler; loss stats stay fp32")
+    g = p.add_argument_group("run")
+    g.add_argument("--run-dir", help="default runs/sie-<preset>[-<ablation>]; rerun the same command to resume")
+    g.add_argument("--resume", help="checkpoint to resume from (default: <run-dir>/checkpoint.pt if present)")
+    g.add_argument("--seed", type=int, default=0, help="model init, view sampling and data order")
+    g.add_argument("--log-every", type=int, default=20, help="steps between log lines (the only host syncs)")
+    g.add_argument("--eval-protocols", default="all", help="eval.py protocols after training, comma-separated")
+    g.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
+    preset = p.parse_known_args(argv)[0].preset
+    p.set_defaults(**PRESETS[preset])
+    args = p.parse_args(argv)
+    if args.equi_only:
+        args.equi = REPR_DIM
+    if not 0 < args.equi <= REPR_DIM:
+        p.error(f"--equi must be in 1..{REPR_DIM} (got {args.equi})")
+    if args.equi == REPR_DIM and not args.equi_only:
+        p.error("--equi 512 leaves no invariant part: use --equi-only")
+    if args.batch_size < 2 or args.epochs < 1 or args.log_every < 1:
+        p.error("--batch-size must be >= 2, --epochs and --log-every >= 1")
+    if args.run_dir is None:
+        args.run_dir = os.path.join("runs", "-".join(["sie", preset] + ablation_tags(args)))
+    return args
+
+
+def ablation_tags(args):
+    """Short names of the ablation flags in use, so every README ablation gets its own run dir."""
+    tags = [name for name, on in (("equionly", args.equi_only), ("nopredvar", args.no_pred_var),
+                                  ("rotcolor", args.rot_color), ("predbias", args.pred_bias)) if on]
+    tags += [f"e{args.equi}"] if args.equi not in (256, REPR_DIM) else []
+    tags += ["mlppred"] if args.predictor == "mlp" else ["deephyper"] if args.hypernet == "deep" else []
+    return tags
+
+
+# =============================== distributed ================================
+def setup_distributed():
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK (and the rendezvous); without them, one plain
+    process and no process group. NCCL on GPUs, gloo on CPU: the same code path either way."""
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)     # before init, so NCCL binds this rank to its own GPU
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
+    return rank, world, device
+
+
+def is_main():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def print0(*msg):
+    if is_main():
+        print(*msg, flush=True)
+
+
+class FullGather(torch.autograd.Function):
+    """all_gather that keeps gradients. Every rank computes the same global loss on the gathered
+    batch, so the gradient of its own rows is the SUM of all ranks' incoming gradients; DDP then
+    averages over ranks, which gives exactly the full-batch gradient (spec §2.6)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x.contiguous())
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        grad = torch.stack(grads)
+        dist.all_reduce(grad)
+        return grad[dist.get_rank()]
+
+
+def gather(x):
+    """(B_local, D) -> (B_global, D), rank-major; identity in a single process."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x
+    return torch.cat(FullGather.apply(x))
+
+
+# ================================== data ====================================
+def make_loader(args, rank, world):
+    """One item per training OBJECT: two distinct views, their relative rotation g, the label (spec §1.3)."""
+    root = data.ensure_3diebench(args.data_root)
+    pairs = data.Pairs3DIEBench(root, "train", size=args.resolution, color=args.rot_color, seed=args.seed)
+    # Same sampler for 1..N processes: the global order depends only on (seed, epoch).
+    sampler = DistributedSampler(pairs, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
+    loader = DataLoader(pairs, batch_size=args.batch_size // world, sampler=sampler, drop_last=False,
+                        num_workers=args.num_workers, pin_memory=torch.cuda.is_available())
+    return loader, root
+
+
+def to_device(batch, device):
+    """(x1, x2, g, label) from the loader -> device; images channels_last (faster ResNet convs)."""
+    x1, x2, g, labels = (t.to(device, non_blocking=True) for t in batch)
+    cl = torch.channels_last
+    return x1.contiguous(memory_format=cl), x2.contiguous(memory_format=cl), g, labels
+
+
+# =============================== model pieces ===============================
+class BasicBlock(nn.Module):
+    """The official block (spec §2.1): the stride sits on conv2, after an asymmetric zero pad."""
+
+    def __init__(self, c_in, c_out, stride, project):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.pad = nn.ZeroPad2d((0, 1, 0, 1)) if stride == 2 else nn.Identity()
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, stride, 0 if stride == 2 else 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        # Every stage's first block has a 1x1 projection shortcut, layer1's included.
+        self.shortcut = (nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+                         if project else nn.Identity())
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(self.pad(out)))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """The official ResNet-18 variant, not torchvision's: 11,180,736 parameters, (B,3,S,S) -> (B,512).
+    At S = 256 the stages are 128 -> 64 -> 64 -> 32 -> 16 -> 8, then global average pooling."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem_pad = nn.ZeroPad2d((2, 3, 2, 3))          # left 2, right 3, top 2, bottom 3
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 0, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        stages, c_in = [], 64
+        for c, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            stages.append(nn.Sequential(BasicBlock(c_in, c, stride, True), BasicBlock(c, c, 1, False)))
+            c_in = c
+        self.layers = nn.Sequential(*stages)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        for m in self.modules():
+            if isinstance(m, BasicBlock):
+                nn.init.zeros_(m.bn2.weight)                 # zero_init_residual: each block starts as identity
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(self.stem_pad(x))))
+        x = F.max_pool2d(F.pad(x, (0, 1, 0, 1), value=-1e4), 3, 2)   # -1e4 pad: never the max
+        return torch.flatten(F.adaptive_avg_pool2d(self.layers(x), 1), 1)
+
+
+def projector(d_in, widths):
+    """Linear-BN-ReLU for every layer but the last, which is a bias-free Linear (spec §2.2)."""
+    dims, layers = [d_in] + list(widths), []
+    for a, b in zip(dims[:-2], dims[1:-1]):
+        layers += [nn.Linear(a, b), nn.BatchNorm1d(b), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers, nn.Linear(dims[-2], dims[-1], bias=False))
+
+
+def split_widths(mlp, part_dims):
+    """--mlp widths scaled by the part's share of the 512 dims, rounded half to even like np.round."""
+    return [int(w) for w in np.round(np.array([int(w) for w in mlp.split("-")]) * part_dims / REPR_DIM)]
+
+
+class HypernetPredictor(nn.Module):
+    """Sec. 3.3: z'_hat = W(g) z, with W(g) = reshape(H g) row-major, W[o, i] = (H g)[o*d + i].
+    H is one bias-free Linear(k, d*d) (4,194,304 parameters at d = 1024, k = 4). Since W is linear
+    in g, W(g) z = sum_k g_k (A_k z) with A_k[o, i] = H[o*d + i, k]: that is what forward computes,
+    so the (B, d, d) weight tensor is never built (1.07 G floats at B = 1024)."""
+
+    def __init__(self, d, g_dim=4, deep=False, bias=False):
+        super().__init__()
+        self.d = d
+        # --hypernet deep: two bias-free Linear(k, k)+ReLU before H (hidden width k, spec §2.3).
+        self.hyper_in = (nn.Sequential(nn.Linear(g_dim, g_dim, bias=False), nn.ReLU(),
+                                       nn.Linear(g_dim, g_dim, bias=False), nn.ReLU()) if deep else nn.Identity())
+        self.hyper = nn.Linear(g_dim, d * d, bias=False)                    # H, weight (d*d, k)
+        self.hyper_bias = nn.Linear(g_dim, d, bias=False) if bias else None  # --pred-bias: b(g) = B g
+
+    def forward(self, z, g):                                 # z: (B, d), g: (B, k) -> (B, d)
+        c = self.hyper_in(g)                                 # (B, k)
+        A = self.hyper.weight.view(self.d, self.d, -1)       # A[o, i, k]
+        Az = torch.einsum("oik,bi->bko", A, z)               # A_k z for every k: (B, k, d)
+        out = torch.einsum("bk,bko->bo", c, Az)
+        return out if self.hyper_bias is None else out + self.hyper_bias(c)
+
+
+class MLPPredictor(nn.Module):
+    """--predictor mlp (spec §3): p(z, g) = MLP([g; z]). g enters additively, so this predictor can
+    learn to ignore it and collapse to invariance: the paper's argument for the hypernetwork."""
+
+    def __init__(self, d, g_dim=4, layers=1):
+        super().__init__()
+        mods = [nn.Linear(d + g_dim, d)]
+        for _ in range(layers - 1):
+            mods += [nn.ReLU(), nn.Linear(d, d)]
+        self.net = nn.Sequential(*mods)
+
+    def forward(self, z, g):
+        return self.net(torch.cat([g, z], dim=1))
+
+
+class OnlineEvaluator(nn.Module):
+    """Training monitor (spec §2.5) on DETACHED representations, per part: a linear classifier on
+    single views and a rotation MLP on [y1; y2] -> quaternion. Its losses join the total (same Adam)
+    but cannot reach the backbone. Deviation: the official heads on the 2048-d projector embeddings
+    (about 40 M parameters) are left out; the representation heads are what eval.py measures."""
+
+    def __init__(self, parts):
+        super().__init__()
+        self.parts = parts                                   # name -> slice of the representation
+        width = {n: s.stop - s.start for n, s in parts.items()}
+        self.classify = nn.ModuleDict({n: nn.Linear(k, NUM_CLASSES) for n, k in width.items()})
+        self.rotation = nn.ModuleDict({n: nn.Sequential(nn.Linear(2 * k, 2 * k), nn.ReLU(), nn.Linear(2 * k, 2 * k),
+                                                        nn.ReLU(), nn.Linear(2 * k, 4)) for n, k in width.items()})
+
+    def forward(self, y1, y2, q, labels):
+        """Returns the summed CE + MSE losses and device-side sums for accuracy and pooled R²."""
+        y1, y2, q = y1.detach().float(), y2.detach().float(), q.float()
+        both = torch.cat([labels, labels])
+        loss, sums = 0.0, {"pairs": q.new_tensor(q.shape[0]), "q_sum": q.sum(), "q_sq": q.pow(2).sum()}
+        for name, s in self.parts.items():
+            logits = self.classify[name](torch.cat([y1[:, s], y2[:, s]]))
+            pred = self.rotation[name](torch.cat([y1[:, s], y2[:, s]], dim=1))
+            loss = loss + F.cross_entropy(logits, both) + F.mse_loss(pred, q)
+            sums[f"{name}_correct"] = (logits.argmax(1) == both).sum().float()
+            sums[f"{name}_sse"] = (pred - q).pow(2).sum()
+        return loss, sums
+
+
+def representation_parts(args):
+    """Sec. 3.2: inv = first 512 - e dims, equi = last e dims (only 'full' = 'equi' with --equi-only)."""
+    n_inv = REPR_DIM - args.equi
+    parts = {"full": slice(0, REPR_DIM)}
+    return parts if n_inv == 0 else {**parts, "inv": slice(0, n_inv), "equi": slice(n_inv, REPR_DIM)}
+
+
+class SIE(nn.Module):
+    """Backbone + split projectors + predictor + online monitor. forward(x1, x2, g, labels) returns
+    (total loss, SIE loss terms, monitor sums): the whole training objective of one step."""
+
+    def __init__(self, args):
+        super().__init__()
+        e, self.n_inv = args.equi, REPR_DIM - args.equi
+        inv_w, equi_w = split_widths(args.mlp, self.n_inv), split_widths(args.mlp, e)
+        g_dim, d = (6 if args.rot_color else 4), equi_w[-1]
+        self.backbone = ResNet18()
+        self.proj_inv = projector(self.n_inv, inv_w) if self.n_inv else None
+        self.proj_equi = projector(e, equi_w)
+        self.d_inv = inv_w[-1] if self.n_inv else 0          # invariant embedding width
+        self.predictor = (HypernetPredictor(d, g_dim, args.hypernet == "deep", args.pred_bias)
+                          if args.predictor == "hypernet" else MLPPredictor(d, g_dim, args.mlp_pred_layers))
+        self.online = OnlineEvaluator(representation_parts(args))
+        # --equi-only follows the official SIEOnlyEqui: the equivariance MSE weighs sim_coeff, no alpha.
+        self.loss_kw = dict(batch_size=args.batch_size, sim_coeff=args.sim_coeff,
+                            equi_weight=args.sim_coeff * (1.0 if args.equi_only else args.equi_factor),
+                            std_coeff=args.std_coeff, cov_coeff=args.cov_coeff, pred_var=not args.no_pred_var)
+
+    def embed(self, y):
+        """(B, 512) -> Z = [z_inv; z_equi] (B, D_inv + D_equi); the equivariant part is the last e dims."""
+        z_equi = self.proj_equi(y[:, self.n_inv:])
+        return z_equi if self.proj_inv is None else torch.cat([self.proj_inv(y[:, :self.n_inv]), z_equi], 1)
+
+    def forward(self, x1, x2, g, labels):
+        y1, y2 = self.backbone(x1), self.backbone(x2)        # two calls: BN statistics per view, as official
+        z1, z2 = self.embed(y1), self.embed(y2)
+        pred = self.predictor(z1[:, self.d_inv:], g)         # one direction only: x -> x' (spec §2.4)
+        terms = sie_loss(z1, z2, pred, self.d_inv, **self.loss_kw)
+        online_loss, sums = self.online(y1, y2, g[:, :4], labels)
+        return terms["loss"] + online_loss, terms, sums
+
+
+def build_model(args):
+    """The whole training model from (saved) args, as eval.py rebuilds it."""
+    return SIE(args)
+
+
+def probeable(model, args):
+    """What eval.py needs: the backbone, the parts, the equivariant embedding and the predictor."""
+    embed = nn.Sequential(SliceDims(REPR_DIM - args.equi), model.proj_equi)
+    return eval.Probeable(backbone=model.backbone, parts=representation_parts(args), embed=embed,
+                                predict=model.predictor, g_dim=6 if args.rot_color else 4)
+
+
+class SliceDims(nn.Module):
+    """Keeps representation dims [start:], the equivariant part, for the MRR/PRE protocols."""
+
+    def __init__(self, start):
+        super().__init__()
+        self.start = start
+
+    def forward(self, y):
+        return y[:, self.start:]
+
+
+# =================================== loss ===================================
+def variance_loss(z):
+    """V(Z) = mean_j ReLU(1 - sqrt(Var_j(Z) + 1e-4)), unbiased variance over the rows (spec §2.4)."""
+    return F.relu(1.0 - torch.sqrt(z.var(dim=0) + 1e-4)).mean()
+
+
+def covariance_loss(z, divisor):
+    """C(Z) = (1/D) sum_{i != j} Cov(Z)_ij^2 with Cov = Zc^T Zc / divisor, Zc centred (spec §2.4)."""
+    z = z - z.mean(dim=0)
+    cov = z.T @ z / divisor
+    return (cov.pow(2).sum() - cov.diagonal().pow(2).sum()) / z.shape[1]
+
+
+def sie_loss(z1, z2, pred, d_inv, batch_size=None, sim_coeff=10.0, equi_weight=4.5, std_coeff=10.0,
+             cov_coeff=1.0, pred_var=True):
+    """The SIE objective (Eq. 6 of the paper; spec §2.4 for the exact official form).
+
+    z1, z2: (B, D) embeddings [z_inv; z_equi] of views x and x' (the first d_inv columns invariant);
+    pred: (B, D - d_inv) = W(g) z1_equi. batch_size: the CLI GLOBAL batch; the covariance divides by
+    batch_size - 1 even for a smaller last batch, as the official code does (None: the real count).
+    Returns the unweighted terms and 'loss' = sim*inv + equi_weight*equi + std*(std + pred_std) + cov*cov,
+    where std = V(Z)/2 + V(Z')/2 and pred_std = V(Z'_hat)/2 already carry their 1/2 factors.
+
+    Local vs global under DDP: the two MSEs are per-rank means (DDP's gradient averaging makes them
+    global means); the variance and covariance terms see the gathered global batch on every rank.
+    """
+    z1, z2, pred = z1.float(), z2.float(), pred.float()      # statistics in fp32 under any autocast
+    zero = z1.new_zeros(())
+    terms = {"inv": F.mse_loss(z1[:, :d_inv], z2[:, :d_inv]) if d_inv else zero,   # invariance
+             "equi": F.mse_loss(pred, z2[:, d_inv:])}                              # equivariance, x -> x'
+    Z1, Z2 = gather(z1), gather(z2)
+    divisor = (batch_size or Z1.shape[0]) - 1
+    # Variance and covariance act on the full concatenation [z_inv; z_equi], D = both widths together,
+    # so the invariant and equivariant embeddings are also decorrelated from each other.
+    terms["std"] = variance_loss(Z1) / 2 + variance_loss(Z2) / 2
+    terms["pred_std"] = variance_loss(gather(pred)) / 2 if pred_var else zero
+    terms["cov"] = covariance_loss(Z1, divisor) + covariance_loss(Z2, divisor)
+    terms["loss"] = (sim_coeff * terms["inv"] + equi_weight * terms["equi"]
+                     + std_coeff * (terms["std"] + terms["pred_std"]) + cov_coeff * terms["cov"])
+    return terms
+
+
+# ================================ optimiser =================================
+def make_optimizer(model, args):
+    """Adam, constant lr, L2 weight decay on every parameter (spec §2.6): no schedule to resume."""
+    return torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.wd,
+                            fused=next(model.parameters()).is_cuda)
+
+
+def autocast(args, device):
+    """bf16/fp16 autocast on CUDA only; CPU runs in fp32."""
+    dtype = torch.float16 if args.amp == "fp16" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda" and args.amp != "none")
+
+
+# ================================ checkpoint ================================
+RUN_LENGTH_FLAGS = {"epochs", "run_dir", "resume", "data_root", "num_workers", "log_every",
+                    "eval_protocols", "no_eval"}   # may change between a run and its resumption
+
+
+def rng_state():
+    """All RNG states as plain Python/tensor values, so the checkpoint loads with weights_only=True."""
+    np_state = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_save(obj, path):
+    """Write to a temp file, then rename: a crash mid-write never leaves a broken checkpoint."""
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def save_checkpoint(path, model, optimizer, scaler, epoch, step, args):
+    atomic_save({"script": "sie", "args": vars(args), "model": model.state_dict(),
+                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                 "epoch": epoch, "step": step, "rng": rng_state()}, path)
+
+
+def load_checkpoint(path, model, optimizer, scaler, args):
+    """Restores everything save_checkpoint wrote; returns (epochs done, step). Refuses a checkpoint
+    written with different training flags, naming the first one that differs."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    for key, old in ckpt["args"].items():
+        new = getattr(args, key, None)
+        if key not in RUN_LENGTH_FLAGS and old != new:
+            raise SystemExit(f"error: {path} was trained with --{key.replace('_', '-')} {old}, this command "
+                             f"has {new}; pass the same flags to resume, or another --run-dir to start afresh")
+    model.load_state_dict(ckpt["model"], strict=True)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"])
+    return ckpt["epoch"], ckpt["step"]
+
+
+# ================================ train loop ================================
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def train_step(model, batch, optimizer, scaler, args):
+    """Forward, loss, backward and Adam step on a device batch; returns device tensors only."""
+    x1, x2, g, labels = batch
+    with autocast(args, x1.device):
+        loss, terms, sums = model(x1, x2, g, labels)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return {**{k: v.detach() for k, v in terms.items()}, "total": loss.detach()}, sums
+
+
+def reduce_sums(sums):
+    """One all-reduce and one host sync for a dict of device scalars: the logging point."""
+    keys = sorted(sums)
+    vec = torch.stack([sums[k].float() for k in keys])
+    if dist.is_initialized():
+        dist.all_reduce(vec)
+    return dict(zip(keys, vec.tolist()))
+
+
+def online_metrics(s, parts):
+    """Monitor figures from epoch sums: top-1 per part and pooled R² (spec §4.2: one scalar mean)."""
+    n = 4 * s["pairs"]
+    sst = s["q_sq"] - s["q_sum"] ** 2 / n
+    out = {f"top1_{p}": s[f"{p}_correct"] / (2 * s["pairs"]) for p in parts}
+    return {**out, **{f"rot_r2_{p}": 1 - s[f"{p}_sse"] / sst for p in parts}}
+
+
+def log_event(args, kind, **fields):
+    if is_main():
+        with open(os.path.join(args.run_dir, "log.jsonl"), "a") as f:
+            f.write(json.dumps({"kind": kind, **fields}) + "\n")
+
+
+def versions(device):
+    git = subprocess.run("git rev-parse --short HEAD && git status --porcelain -uno | head -1", shell=True,
+                         capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    sha, *dirty = git.stdout.split("\n", 1) if git.returncode == 0 else ("", "")
+    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+            "cuda": torch.version.cuda, "git": sha + ("-dirty" if any(d.strip() for d in dirty) else ""),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()}
+
+
+def setup_run(args, rank, world, device):
+    """Data, model, optimiser, scaler; resumes from the run dir's checkpoint when there is one."""
+    if args.batch_size % world:
+        raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by {world} processes")
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    loader, root = make_loader(args, rank, world)
+    model = build_model(args).to(device, memory_format=torch.channels_last)
+    if device.type == "cuda" and world > 1:      # BN statistics over the global batch, as official
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    optimizer = make_optimizer(model, args)
+    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and args.amp == "fp16")
+    os.makedirs(args.run_dir, exist_ok=True)
+    ckpt = os.path.join(args.run_dir, "checkpoint.pt")
+    resume = args.resume or (ckpt if os.path.exists(ckpt) else None)
+    epoch, step = load_checkpoint(resume, model, optimizer, scaler, args) if resume else (0, 0)
+    if resume:
+        print0(f"resumed from {resume}: {epoch} epochs done, step {step}")
+        log_event(args, "resume", checkpoint=resume, epoch=epoch, step=step, world_size=world)
+    else:
+        log_event(args, "config", config=vars(args), argv=sys.argv, versions=versions(device), world_size=world)
+        if is_main():                               # the run dir carries the code that produced it
+            shutil.copyfile(os.path.abspath(__file__), os.path.join(args.run_dir, "sie.py.txt"))
+    return loader, root, model, optimizer, scaler, epoch, step
+
+
+def first_nonfinite_step(bad_step):
+    """The first step (1-based) whose loss was not finite on any rank, or -1."""
+    if dist.is_initialized():
+        dist.all_reduce(bad_step, op=dist.ReduceOp.MAX)
+    return int(bad_step.tolist())
+
+
+def train(args, rank, world, device):
+    """Pretrains SIE; returns the unwrapped model, the data root and the final step."""
+    loader, root, model, optimizer, scaler, epoch0, step = setup_run(args, rank, world, device)
+    ddp = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) if world > 1 else model
+    ckpt, parts = os.path.join(args.run_dir, "checkpoint.pt"), representation_parts(args)
+    bar = tqdm(total=args.epochs * len(loader), initial=step, disable=not is_main(), unit="step", dynamic_ncols=True)
+    for epoch in range(epoch0, args.epochs):
+        loader.sampler.set_epoch(epoch)             # data order = f(seed, epoch)
+        loader.dataset.set_epoch(epoch)             # view choice = f(seed, epoch, object)
+        ddp.train()
+        window, epoch_sums, n_win, pairs, t0 = {}, {}, 0, 0, time.perf_counter()
+        bad_step = torch.full((), -1, device=device)
+        for i, batch in enumerate(loader):
+            terms, sums = train_step(ddp, to_device(batch, device), optimizer, scaler, args)
+            # Device-side bookkeeping only: no .item() in the step, one sync per log line.
+            bad_step = torch.where(torch.isfinite(terms["total"]) | (bad_step >= 0), bad_step, step + 1)
+            window = {k: window.get(k, 0) + v for k, v in terms.items()}
+            epoch_sums = {k: epoch_sums.get(k, 0) + v for k, v in sums.items()}
+            step, n_win, pairs = step + 1, n_win + 1, pairs + batch[0].shape[0] * world
+            bar.update()
+            if step % args.log_every and i < len(loader) - 1:
+                continue
+            bad = first_nonfinite_step(bad_step)
+            means = {k: v / (n_win * world) for k, v in reduce_sums(window).items()}
+            if bad >= 0:
+                log_event(args, "error", epoch=epoch, step=bad, terms=means)
+                raise NonFiniteLoss(f"non-finite loss at step {bad} (epoch {epoch}); loss terms averaged over "
+                                    f"steps {step - n_win + 1}-{step}: {means}; {ckpt} keeps the last good state")
+            pairs_s = pairs / (time.perf_counter() - t0)
+            log_event(args, "train", epoch=epoch, step=step, lr=args.lr, pairs_per_s=pairs_s, **means)
+            bar.set_postfix(ep=epoch, lr=args.lr, pairs_s=f"{pairs_s:.0f}",
+                            **{k: f"{means[k]:.3f}" for k in ("total", "inv", "equi", "std", "pred_std", "cov")})
+            window, n_win, pairs, t0 = {}, 0, 0, time.perf_counter()
+        log_event(args, "online", epoch=epoch, step=step, **online_metrics(reduce_sums(epoch_sums), parts))
+        if is_main():
+            save_checkpoint(ckpt, model, optimizer, scaler, epoch + 1, step, args)
+        if dist.is_initialized():
+            dist.barrier()                          # nobody runs ahead of a checkpoint being written
+    bar.close()
+    if is_main():
+        atomic_save(model.backbone.state_dict(), os.path.join(args.run_dir, "backbone.pt"))
+    return model, root, step
+
+
+# =================================== eval ===================================
+def run_evaluation(model, args, root, step, device):
+    """Sec. 4 protocols on the trained model, in-process, at the training resolution; every rank calls
+    it (eval.py shards the feature extraction), rank 0 prints the table and writes eval.json."""
+    probe = probeable(model, args)
+    probe.step = step
+    return eval.evaluate(probe, root, protocols=args.eval_protocols.split(","), out_dir=args.run_dir,
+                         device=device, preset=args.preset, size=args.resolution)
+
+
+# =================================== main ===================================
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = setup_distributed()
+    if world == 1 and torch.cuda.device_count() > 1:
+        print0(f"one process; for all GPUs: torchrun --standalone --nproc_per_node={torch.cuda.device_count()} sie.py")
+    try:
+        model, root, step = train(args, rank, world, device)
+        if not args.no_eval:
+            model.eval()
+            run_evaluation(model, args, root, step, device)
+    except data.DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

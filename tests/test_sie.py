@@ -1,0 +1,318 @@
+"""sie.py: the spec §7 self-checks, the predictor's cheap form, the loss against a naive reference,
+the paper preset, 1 vs 2 gloo processes, exact resume, the non-finite stop, the README commands."""
+import json
+import math
+import os
+import shlex
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
+
+import sie
+from conftest import readme_commands, run
+
+TINY = ["--resolution", "32", "--batch-size", "8", "--mlp", "64-64-64", "--num-workers", "0", "--log-every", "1"]
+
+
+def n_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+# ---------------------------------------------------------------- spec §7 self-checks
+def test_parameter_counts_and_shapes():
+    model = sie.build_model(sie.parse_args(["--preset", "paper"]))
+    assert n_params(model.backbone) == 11_180_736
+    assert n_params(model.proj_inv) == n_params(model.proj_equi) == 2_365_440
+    assert n_params(model.predictor) == 4_194_304
+    model.eval()
+    x = torch.randn(2, 3, 256, 256)
+    y = model.backbone(x)
+    assert y.shape == (2, 512)
+    z = model.embed(y)
+    assert z.shape == (2, 2048)
+    assert model.predictor(z[:, 1024:], torch.randn(2, 4)).shape == (2, 1024)
+    # Stage sizes 128 -> 64 -> 64 -> 32 -> 16 -> 8 (spec §7.1).
+    sizes, h = [], model.backbone.bn1.register_forward_hook(lambda m, i, o: sizes.append(o.shape[-1]))
+    hooks = [h] + [s.register_forward_hook(lambda m, i, o: sizes.append(o.shape[-1])) for s in model.backbone.layers]
+    model.backbone(torch.randn(1, 3, 256, 256))
+    for h in hooks:
+        h.remove()
+    assert sizes == [128, 64, 32, 16, 8]
+
+
+def test_ablation_sizes():
+    count = lambda *a: n_params(sie.build_model(sie.parse_args(["--preset", "paper", *a])).predictor)
+    assert count("--hypernet", "deep") == 4_194_336
+    assert count("--rot-color") == 6_291_456
+    only = sie.build_model(sie.parse_args(["--preset", "paper", "--equi-only"]))
+    assert only.proj_inv is None and n_params(only.proj_equi) == 9_449_472
+    assert n_params(only.predictor) == 16_777_216
+    assert only.loss_kw["equi_weight"] == 10.0   # SIEOnlyEqui: no alpha (spec §3)
+    mlp = sie.build_model(sie.parse_args(["--preset", "paper", "--predictor", "mlp"])).predictor
+    assert n_params(mlp) == (1024 + 4) * 1024 + 1024
+
+
+def test_split_takes_first_dims_invariant_last_dims_equivariant():
+    model = sie.build_model(sie.parse_args(["--mlp", "64-64-64", "--equi", "128"])).eval()
+    y = torch.randn(4, 512)
+    y2 = y.clone()
+    y2[:, 384:] += 1.0                                  # change only the last e = 128 dims
+    z, z2 = model.embed(y), model.embed(y2)
+    d_inv = model.d_inv
+    assert d_inv == 48 and z.shape[1] == 64             # widths scaled by 384/512 and 128/512
+    assert torch.equal(z[:, :d_inv], z2[:, :d_inv]) and not torch.equal(z[:, d_inv:], z2[:, d_inv:])
+
+
+# ---------------------------------------------------------------- predictor: cheap form == materialised W(g)
+@pytest.mark.parametrize("deep,bias", [(False, False), (True, False), (False, True)])
+def test_predictor_cheap_form_equals_materialised(deep, bias):
+    torch.manual_seed(0)
+    d, k, B = 6, 4, 5
+    pred = sie.HypernetPredictor(d, k, deep=deep, bias=bias).double()
+    z = torch.randn(B, d, dtype=torch.double, requires_grad=True)
+    g = torch.randn(B, k, dtype=torch.double, requires_grad=True)
+    out = pred(z, g)
+    w = torch.randn(B, d, dtype=torch.double)
+    grads = torch.autograd.grad((out * w).sum(), [z, g] + list(pred.parameters()))
+    # Reference: build W(g) = reshape(H c(g)) row-major, W[o, i] = (H c)[o*d + i], then W z with loops.
+    c = pred.hyper_in(g)
+    H = pred.hyper.weight                              # (d*d, k)
+    ref = []
+    for b in range(B):
+        flat = H @ c[b]
+        W = torch.stack([torch.stack([flat[o * d + i] for i in range(d)]) for o in range(d)])
+        row = W @ z[b]
+        ref.append(row + (pred.hyper_bias.weight @ c[b] if bias else 0))
+    ref = torch.stack(ref)
+    ref_grads = torch.autograd.grad((ref * w).sum(), [z, g] + list(pred.parameters()))
+    torch.testing.assert_close(out, ref)
+    for a, r in zip(grads, ref_grads):
+        torch.testing.assert_close(a, r)
+
+
+def test_predictor_is_linear_in_g():
+    pred = sie.HypernetPredictor(8)
+    z, g = torch.randn(3, 8), torch.randn(3, 4)
+    torch.testing.assert_close(pred(z, -g), -pred(z, g))     # q and -q give opposite predictions (spec §2.3)
+
+
+# ---------------------------------------------------------------- loss vs an independent naive reference
+def naive_variance(A):
+    N, D = A.shape
+    total = 0.0
+    for j in range(D):
+        mean = sum(A[n, j] for n in range(N)) / N
+        var = sum((A[n, j] - mean) ** 2 for n in range(N)) / (N - 1)
+        total += max(0.0, 1.0 - math.sqrt(var + 1e-4))
+    return total / D
+
+
+def naive_covariance(A, divisor):
+    N, D = A.shape
+    mean = [sum(A[n, j] for n in range(N)) / N for j in range(D)]
+    total = 0.0
+    for i in range(D):
+        for j in range(D):
+            if i != j:
+                c = sum((A[n, i] - mean[i]) * (A[n, j] - mean[j]) for n in range(N)) / divisor
+                total += c ** 2
+    return total / D
+
+
+def naive_mse(A, B):
+    return float(np.mean([(a - b) ** 2 for a, b in zip(A.ravel(), B.ravel())]))
+
+
+@pytest.mark.parametrize("batch_size", [None, 9])
+def test_loss_matches_naive_reference(batch_size):
+    rng = np.random.default_rng(0)
+    N, d_inv, d_equi = 6, 5, 3
+    z1, z2 = rng.normal(size=(N, d_inv + d_equi)) * 0.3, rng.normal(size=(N, d_inv + d_equi)) * 2
+    pred = rng.normal(size=(N, d_equi))
+    t = lambda a: torch.tensor(a, dtype=torch.float32)
+    terms = sie.sie_loss(t(z1), t(z2), t(pred), d_inv, batch_size=batch_size)
+    divisor = (batch_size or N) - 1                         # the CLI global batch - 1 (spec §2.4)
+    ref = {"inv": naive_mse(z1[:, :d_inv], z2[:, :d_inv]), "equi": naive_mse(pred, z2[:, d_inv:]),
+           "std": 0.5 * naive_variance(z1) + 0.5 * naive_variance(z2), "pred_std": 0.5 * naive_variance(pred),
+           "cov": naive_covariance(z1, divisor) + naive_covariance(z2, divisor)}
+    for k, v in ref.items():
+        assert terms[k].item() == pytest.approx(v, rel=1e-5, abs=1e-6), k
+    # spec §7.5: 10 L_inv + 4.5 L_equi + 10 L_std + 10 L_pred_std + 1 L_cov.
+    total = 10 * ref["inv"] + 4.5 * ref["equi"] + 10 * ref["std"] + 10 * ref["pred_std"] + ref["cov"]
+    assert terms["loss"].item() == pytest.approx(total, rel=1e-5)
+    assert sie.sie_loss(t(z1), t(z2), t(pred), d_inv, pred_var=False)["pred_std"].item() == 0.0
+
+
+def test_loss_invariants():
+    z = torch.randn(16, 8)
+    assert sie.sie_loss(z, z, z[:, 4:], 4)["inv"].item() == 0.0            # identical views
+    collapsed = torch.ones(16, 8)
+    assert sie.variance_loss(collapsed).item() == pytest.approx(1 - 1e-2)   # hinge at its maximum
+    assert sie.covariance_loss(torch.randn(16, 1) * torch.ones(1, 8), 15).item() > 0
+
+
+def test_model_loss_uses_paper_coefficients():
+    kw = sie.build_model(sie.parse_args(["--preset", "paper"])).loss_kw
+    assert kw == dict(batch_size=1024, sim_coeff=10.0, equi_weight=4.5, std_coeff=10.0, cov_coeff=1.0, pred_var=True)
+
+
+# ---------------------------------------------------------------- presets and flags
+def test_paper_preset_is_the_official_command():
+    a = sie.parse_args(["--preset", "paper"])
+    assert (a.epochs, a.batch_size, a.resolution, a.mlp, a.equi) == (2000, 1024, 256, "2048-2048-2048", 256)
+    assert (a.sim_coeff, a.equi_factor, a.std_coeff, a.cov_coeff) == (10.0, 0.45, 10.0, 1.0)
+    assert (a.lr, a.wd, a.predictor, a.hypernet, a.pred_bias) == (1e-3, 1e-6, "hypernet", "linear", False)
+    assert not (a.no_pred_var or a.equi_only or a.rot_color)
+    assert a.run_dir == os.path.join("runs", "sie-paper")
+    assert sie.parse_args(["--preset", "paper", "--epochs", "3"]).epochs == 3       # explicit flags override
+    assert sie.parse_args(["--no-pred-var"]).run_dir == os.path.join("runs", "sie-toy-nopredvar")
+
+
+@pytest.mark.parametrize("argv", [["--bogus"], ["--equi", "0"], ["--equi", "512"], ["--amp", "fp8"]])
+def test_bad_flags_fail_with_argparse_error(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        sie.parse_args(argv)
+    assert e.value.code == 2 and "error" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- 1 vs 2 gloo processes
+def _make_batch(n=8, size=32):
+    gen = torch.Generator().manual_seed(1)
+    return (torch.randn(n, 3, size, size, generator=gen), torch.randn(n, 3, size, size, generator=gen),
+            torch.randn(n, 4, generator=gen), torch.randint(0, 4, (n,), generator=gen))
+
+
+def _loss_and_grads(model, batch):
+    loss, terms, _ = model(*batch)
+    loss.backward()
+    module = model.module if isinstance(model, DistributedDataParallel) else model
+    return {k: v.detach() for k, v in terms.items()}, {n: p.grad.clone() for n, p in module.named_parameters()}
+
+
+def _tiny_model():
+    torch.manual_seed(0)
+    # BN in eval mode: SyncBatchNorm does not exist on CPU, so train-mode BN would see per-rank batches;
+    # everything this test is about (gather, global var/cov, DDP averaging) is unaffected.
+    return sie.build_model(sie.parse_args(TINY)).eval()
+
+
+def _ddp_worker(rank, world, store, out):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    x1, x2, g, y = _make_batch()
+    per = x1.shape[0] // world
+    local = tuple(t[rank * per:(rank + 1) * per] for t in (x1, x2, g, y))
+    terms, grads = _loss_and_grads(DistributedDataParallel(_tiny_model()), local)
+    for v in terms.values():                              # local MSEs differ per rank: average them
+        dist.all_reduce(v)
+        v /= world
+    if rank == 0:
+        torch.save({"terms": terms, "grads": grads}, out)
+    dist.destroy_process_group()
+
+
+def test_one_vs_two_gloo_processes(tmp_path):
+    torch.set_num_threads(1)
+    terms1, grads1 = _loss_and_grads(_tiny_model(), _make_batch())
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "store"), str(tmp_path / "out.pt")), nprocs=2)
+    two = torch.load(tmp_path / "out.pt")
+    for k in ("inv", "equi", "std", "pred_std", "cov", "loss"):
+        torch.testing.assert_close(two["terms"][k], terms1[k], rtol=1e-5, atol=1e-6)
+    for n, g in grads1.items():
+        torch.testing.assert_close(two["grads"][n], g, rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")
+
+
+# ---------------------------------------------------------------- exact resume, non-finite stop
+def _train_log(run_dir, kind="train"):
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        return [e for e in map(json.loads, f) if e["kind"] == kind]
+
+
+def test_resume_is_exact(toy_root, tmp_path):
+    common = TINY + ["--data-root", toy_root, "--no-eval"]
+    sie.main(common + ["--epochs", "2", "--run-dir", str(tmp_path / "straight")])
+    sie.main(common + ["--epochs", "1", "--run-dir", str(tmp_path / "resumed")])
+    sie.main(common + ["--epochs", "2", "--run-dir", str(tmp_path / "resumed")])
+    straight, resumed = _train_log(tmp_path / "straight"), _train_log(tmp_path / "resumed")
+    assert len(straight) == len(resumed) == 4            # 16 train objects / batch 8 = 2 steps per epoch
+    for a, b in zip(straight, resumed):
+        assert (a["step"], a["total"], a["equi"], a["cov"]) == (b["step"], b["total"], b["equi"], b["cov"])
+    assert _train_log(tmp_path / "resumed", "resume")[0]["step"] == 2
+    ck = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
+    assert ck["script"] == "sie" and ck["epoch"] == 2 and ck["step"] == 4
+    assert os.path.exists(tmp_path / "resumed" / "backbone.pt")
+    with pytest.raises(SystemExit, match="--lr"):        # different training flags: refuse, name the flag
+        sie.main(common + ["--epochs", "3", "--lr", "0.1", "--run-dir", str(tmp_path / "resumed")])
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(toy_root, tmp_path, monkeypatch, capsys):
+    run_dir = tmp_path / "nan"
+    calls, real_loss = [], sie.sie_loss
+
+    def loss_that_breaks_at_step_3(*a, **kw):
+        calls.append(1)
+        terms = real_loss(*a, **kw)
+        if len(calls) >= 3:
+            terms["loss"] = terms["loss"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(sie, "sie_loss", loss_that_breaks_at_step_3)
+    with pytest.raises(SystemExit) as e:
+        sie.main(TINY + ["--data-root", toy_root, "--no-eval", "--epochs", "3", "--run-dir", str(run_dir)])
+    assert e.value.code == 3
+    assert "non-finite loss at step 3" in capsys.readouterr().err
+    ck = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert ck["epoch"] == 1 and ck["step"] == 2
+    assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+    assert _train_log(run_dir, "error")[0]["step"] == 3
+
+
+def test_missing_data_root_is_one_message(tmp_path):
+    proc = run(f"python sie.py --data-root {tmp_path / 'nowhere'} --epochs 1", cwd=sie.__file__.rsplit("/", 1)[0],
+               check=False)
+    assert proc.returncode == 2 and "nowhere" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------- ablations, README commands
+@pytest.mark.parametrize("flags", [[], ["--no-pred-var"], ["--equi-only"], ["--rot-color"], ["--equi", "128"],
+                                   ["--predictor", "mlp"], ["--hypernet", "deep"], ["--pred-bias"]])
+def test_every_ablation_trains(flags):
+    args = sie.parse_args(TINY + flags)
+    torch.manual_seed(0)
+    model = sie.build_model(args)
+    optimizer = sie.make_optimizer(model, args)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    x1, x2, g, y = _make_batch()
+    g = torch.cat([g, torch.rand(8, 2) - 0.5], 1) if args.rot_color else g
+    before = [p.detach().clone() for p in model.backbone.parameters()]
+    terms, sums = sie.train_step(model, (x1, x2, g, y), optimizer, scaler, args)
+    assert all(torch.isfinite(v) for v in terms.values())
+    assert (terms["pred_std"] == 0) == ("--no-pred-var" in flags)
+    assert (terms["inv"] == 0) == ("--equi-only" in flags)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.backbone.parameters()))
+    assert set(sums) >= {"pairs", "full_correct", "full_sse"}
+
+
+def test_readme_commands(workdir):
+    """Every README command for sie.py: the flags parse; the toy ones run for one epoch, evaluation
+    included. The 2-process torchrun launch always runs, even before the README shows it."""
+    cmds = readme_commands("sie.py")
+    assert any(c.startswith("python sie.py") for c in cmds)
+    if not any(c.startswith("torchrun") and "paper" not in c for c in cmds):
+        cmds.append("torchrun --standalone --nproc_per_node=2 sie.py --run-dir runs/sie-toy-ddp")
+    for cmd in cmds:
+        argv = shlex.split(cmd)
+        flags = argv[argv.index("sie.py") + 1:]
+        args = sie.parse_args(flags)                       # every README flag exists and parses
+        if args.preset == "paper" or "--data-root" in flags:
+            continue                                       # real data, GPUs: parsing is what CI can check
+        shutil.rmtree(workdir / "runs", ignore_errors=True)
+        proc = run(cmd + " --epochs 1", cwd=workdir)
+        assert "Traceback" not in proc.stderr and "mrr" in proc.stdout, cmd   # the evaluation table
+        assert os.path.exists(workdir / args.run_dir / "checkpoint.pt"), cmd
+        assert os.path.exists(workdir / args.run_dir / "eval.json"), cmd
