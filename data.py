@@ -357,7 +357,7 @@ CAM_DIST, CAM_POLAR, CAM_AZIM = 2.5, math.pi / 4, math.pi / 2   # camera looking
 FOCAL = 50 / 18                      # Blender's default 50 mm lens on a 36 mm sensor (39.6 deg field of view)
 FLOOR_Z, SPOT_RADIUS = -1.0, 4.0
 SPOT_HALF_ANGLE, SPOT_BLEND = math.pi / 16, 0.15   # spot size pi/8 is Blender's full cone angle
-AMBIENT, SUN, SPOT = 0.45, 0.55, 0.9               # light strengths, chosen so images average ~0.5
+AMBIENT, SUN, SPOT = 0.5, 0.55, 0.8                # light strengths, chosen so images average ~0.5
 
 
 # Vectors are laid out (3, ...) so that dot products reduce over the first axis (fast on CPU).
@@ -503,11 +503,11 @@ def class_recipe(c):
     and 2-4 parts attached at random points of its surface; list of (kind, scale (3,), euler (3,), position
     (3,), optional). Random attachment points make the families asymmetric, so a pose is recoverable."""
     rng = np.random.default_rng([20230210, c])
-    parts = [(KINDS[rng.integers(len(KINDS))], rng.uniform(0.2, 0.55, 3), rng.uniform(-0.4, 0.4, 3), np.zeros(3), False)]
+    parts = [(KINDS[rng.integers(len(KINDS))], rng.uniform(0.3, 0.6, 3), rng.uniform(-0.4, 0.4, 3), np.zeros(3), False)]
     for _ in range(rng.integers(2, 5)):
         u = rng.normal(size=3)
-        scale = rng.uniform(0.06, 0.25, 3)
-        scale[rng.integers(3)] *= rng.uniform(1, 3)                # often stick-like: legs, handles, wings
+        scale = rng.uniform(0.1, 0.28, 3)
+        scale[rng.integers(3)] *= rng.uniform(1, 2.2)               # often stick-like: legs, handles, wings
         parts.append((KINDS[rng.integers(len(KINDS))], scale, rng.uniform(-math.pi, math.pi, 3),
                       parts[0][1] * u / np.linalg.norm(u), rng.random() < 0.3))
     return parts
@@ -552,11 +552,11 @@ def sample_latents(rng, views, ood=False):
 
 def object_ids(rng, n):
     """n distinct hex ids of 29-32 characters, lengths in the real data's proportions (sie.md §1.1)."""
-    ids = set()
+    ids = []
     while len(ids) < n:
-        length = rng.choice(ID_LENGTHS, p=ID_LENGTH_P)
-        ids.add("".join(rng.choice(list("0123456789abcdef"), length)))
-    return sorted(ids, key=lambda s: rng.random())
+        new = "".join(rng.choice(list("0123456789abcdef"), rng.choice(ID_LENGTHS, p=ID_LENGTH_P)))
+        ids += [new] if new not in ids else []
+    return ids
 
 
 def write_object(folder, images, latents):
