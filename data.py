@@ -31,6 +31,9 @@ DEFAULT_ROOT = "data/3diebench-toy"   # relative to cwd; generated on first use
 # The toy set every script's default runs on: 10 classes x 20 objects x 50 views at 64x64
 # (10,000 images, about 20 s to generate on 2 CPU cores).
 TOY_3DIEBENCH = dict(classes=10, objects_per_class=20, views=50, size=64, seed=0)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)   # for ImageFolder data (ser.md)
+DEFAULT_IMAGEFOLDER_ROOT = "data/imagefolder-toy"
+TOY_IMAGEFOLDER = dict(classes=10, train_per_class=100, val_per_class=20, size=64, seed=0)
 # The 55 real ShapeNetCore synset ids (sorted: label = position, sie.md §1.2), borrowed by the generator.
 REAL_SYNSETS = """02691156 02747177 02773838 02801938 02808440 02818832 02828884 02843684 02871439 02876657
 02880940 02924116 02933112 02942699 02946921 02954340 02958343 02992529 03001627 03046257 03085013 03207941
@@ -52,12 +55,18 @@ class DataError(Exception):
         return s.rsplit("DataError: ", 1)[-1].strip() if "Original Traceback" in s else s
 
 
-def generate_command(root):
-    return f"python data.py make-3diebench {root}"
-
-
-def cores():
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+def parallel_map(fn, jobs, desc, progress=True, workers=None):
+    """list(map(fn, jobs)) on one thread per core, torch ops single-threaded in each (torch, PIL and file I/O
+    release the GIL), with a progress bar."""
+    from tqdm import tqdm
+    workers = workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            return list(tqdm(pool.map(fn, jobs), total=len(jobs), desc=desc, disable=not progress))
+    finally:
+        torch.set_num_threads(threads)
 
 
 # ============================================================ rotations (sie.md §1.1, §1.3)
@@ -127,19 +136,23 @@ def relative_quaternion(a1, a2):
 
 # ============================================================ reading the on-disk format (sie.md §1.1-1.2)
 def ensure_3diebench(root=DEFAULT_ROOT):
-    """Return root. The default location is generated on first use; any other missing root is an error
-    that names the folder and the command generating a look-alike there."""
+    """Return root. The default location is generated on first use (one line says so); any other missing
+    root is an error naming the folder and the command that generates a look-alike there."""
+    return ensure(root, DEFAULT_ROOT, make_3diebench, TOY_3DIEBENCH, "3DIEBench", "make-3diebench")
+
+
+def missing_root(root, name="3DIEBench", command="make-3diebench"):
+    return DataError(f"{name} root not found: {root}\n  generate a look-alike there with: python data.py {command} {root}")
+
+
+def ensure(root, default, make, config, name, command):
     if os.path.isdir(root):
         return root
-    if os.path.abspath(root) == os.path.abspath(DEFAULT_ROOT):
-        cfg = TOY_3DIEBENCH
-        print(f"data: {root} not found, generating the toy 3DIEBench look-alike there "
-              f"({cfg['classes']} classes x {cfg['objects_per_class']} objects x {cfg['views']} views "
-              f"at {cfg['size']}x{cfg['size']})", file=sys.stderr)
-        make_3diebench(root, **cfg, progress=False)
-        return root
-    raise DataError(f"3DIEBench root not found: {root}\n"
-                    f"  generate a look-alike there with: {generate_command(root)}")
+    if os.path.abspath(root) != os.path.abspath(default):
+        raise missing_root(root, name, command)
+    print(f"data: {root} not found, generating the toy {name} look-alike there: "
+          + ", ".join(f"{k}={v}" for k, v in config.items()), file=sys.stderr)
+    return make(root, **config, progress=False)
 
 
 def _load_npy(path, what):
@@ -300,10 +313,8 @@ def num_classes(root, labels):
 def check(root, workers=None, progress=True):
     """Scan every list, folder, image (decoded) and latent of a data set. -> {kind: [messages]}; empty
     when the set is fine. Reports every problem at once instead of dying hours into training."""
-    from tqdm import tqdm
     if not os.path.isdir(root):
-        raise DataError(f"3DIEBench root not found: {root}\n"
-                        f"  generate a look-alike there with: {generate_command(root)}")
+        raise missing_root(root)
     problems = defaultdict(list)
 
     def scan_object(folder, n):  # -> (latents or None, [(kind, message)])
@@ -330,10 +341,7 @@ def check(root, workers=None, progress=True):
             n = count_views(root, entries)
         except (DataError, OSError):
             pass
-        folders = [object_dir(root, e) for e in entries]
-        with ThreadPoolExecutor(workers or cores()) as pool:  # PIL decodes without the GIL
-            results = list(tqdm(pool.map(scan_object, folders, [n] * len(folders)), total=len(folders),
-                                desc=f"check {split}", disable=not progress))
+        results = parallel_map(lambda e: scan_object(object_dir(root, e), n), entries, f"check {split}", progress, workers)
         for _, found in results:
             for kind, msg in found:
                 problems[kind].append(msg)
@@ -420,13 +428,14 @@ def hsv_to_rgb(h, s, v):
     return v[..., None] - (v * s)[..., None] * torch.minimum(k, 4 - k).clamp(0, 1)
 
 
-def render(verts, faces, colors, latents, size, ss=2):
+def render(verts, faces, colors, latents, size, ss=2, alpha=False):
     """Render one mesh under B latent rows with the 3DIEBench scene (sie.md §1.1).
     verts (V, 3) centred on the origin, faces (F, 3) long, colors (F, 3) albedo, latents (B, 7)
-    -> (B, 3, size, size) RGB in [0, 1], rendered at ss x the size and box-filtered (antialiasing)."""
+    -> (B, 3, size, size) RGB in [0, 1] (+ the object's coverage as a 4th channel with alpha=True),
+    rendered at ss x the size and box-filtered (antialiasing)."""
     dev, B, H, nf = verts.device, len(latents), size * ss, len(faces)
     if B > 1 and B * H * H > 2 ** 20:                                              # bound memory: views in chunks
-        return torch.cat([render(verts, faces, colors, part, size, ss) for part in np.array_split(latents, 2)])
+        return torch.cat([render(verts, faces, colors, part, size, ss, alpha) for part in np.array_split(latents, 2)])
     lat = torch.as_tensor(latents, dtype=torch.float32).to(dev)
     world = (verts @ euler_xyz_to_matrix(lat[:, :3]).transpose(-1, -2)).permute(2, 0, 1)   # (3, B, V): R v
     c = math.sin(CAM_POLAR) * math.cos(CAM_AZIM), math.sin(CAM_POLAR) * math.sin(CAM_AZIM), math.cos(CAM_POLAR)
@@ -465,8 +474,9 @@ def render(verts, faces, colors, latents, size, ss=2):
     lit = z <= depth + 4 * z / (light_cam[2] * S) + 1e-3
     spot_light = x * x * (3 - 2 * x) * lit * dot(normal, to_light).clamp(min=0) * 16 / dist ** 3
     light = AMBIENT + SUN * normal[2:].clamp(min=0) + SPOT * hsv_to_rgb(lat[:, 6], 1.0, 0.8).T[..., None].to(dev) * spot_light
-    rgb = (albedo * light).clamp(0, 1).view(3, B, H, H).transpose(0, 1)
-    return F.avg_pool2d(rgb, ss) if ss > 1 else rgb
+    out = (albedo * light).clamp(0, 1)
+    out = (torch.cat([out, (ids >= 0).float().view(1, B, -1)]) if alpha else out).view(-1, B, H, H).transpose(0, 1)
+    return F.avg_pool2d(out, ss) if ss > 1 else out
 
 
 # ============================================================ procedural shape families
@@ -589,7 +599,6 @@ def write_3diebench(out, objects, views=50, size=64, seed=0, ood=False, device="
     faces, colors). Renders each object's views on all cores, ~20 % of each class's objects to val
     (sie.md §1.2), writes the lists, labels and all_latents files. Written to OUT.partial and renamed at the
     end, so an interrupted run leaves no half-written OUT."""
-    from tqdm import tqdm
     if os.path.exists(out) and os.listdir(out):
         raise DataError(f"{out}: already exists and is not empty; choose another output folder")
     if views < 2:
@@ -603,13 +612,8 @@ def write_3diebench(out, objects, views=50, size=64, seed=0, ood=False, device="
         images = render(verts.to(device), faces.to(device), colors.to(device), latents[i], size)
         write_object(os.path.join(tmp, objects[i][1], objects[i][2]), images, latents[i])
 
-    start, threads = time.time(), torch.get_num_threads()
-    torch.set_num_threads(1)                     # one object per core: torch ops and JPEG coding free the GIL
-    try:
-        with ThreadPoolExecutor(cores()) as pool:
-            list(tqdm(pool.map(job, range(len(objects))), total=len(objects), desc="render", disable=not progress))
-    finally:
-        torch.set_num_threads(threads)
+    start = time.time()
+    parallel_map(job, range(len(objects)), "render", progress)
     labels = np.array([o[0] for o in objects])
     in_val = np.zeros(len(objects), bool)
     for c in np.unique(labels):
@@ -627,7 +631,7 @@ def write_3diebench(out, objects, views=50, size=64, seed=0, ood=False, device="
     n, seconds = len(objects) * views, time.time() - start
     if progress:
         print(f"wrote {len(objects)} objects x {views} views = {n} images of {size}x{size} to {out} in "
-              f"{seconds:.1f} s: {n / seconds:.0f} images/s ({cores()} cores, {device})")
+              f"{seconds:.1f} s: {n / seconds:.0f} images/s ({os.cpu_count()} cores, {device})")
     return out
 
 
@@ -641,6 +645,97 @@ def contact_sheet(root, out_png, objects=8, views=8):
              for i in first for k in range(views)]
     torchvision.utils.save_image(torch.stack(tiles), out_png, nrow=views, padding=2, pad_value=1.0)
     return out_png
+
+
+# ============================================================ ImageFolder (ser.py's ImageNet stand-in, issue 7)
+class ImageFolder(torch.utils.data.Dataset):
+    """'<root>/<split>/<wnid>/*.JPEG' (ImageNet's layout): items (transform(PIL RGB image), label), labels in
+    sorted-wnid order, attributes classes, samples, targets. Unlike torchvision's ImageFolder, every problem
+    is a DataError naming the folder or file."""
+
+    def __init__(self, root, split, transform=None):
+        folder, self.transform = os.path.join(ensure_imagefolder(root), split), transform
+        if not os.path.isdir(folder):
+            raise DataError(f"{folder}: missing split folder (expected {folder}/<wnid>/*.JPEG)")
+        self.classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+        if not self.classes:
+            raise DataError(f"{folder}: no class folders (expected {folder}/<wnid>/*.JPEG)")
+        train = os.path.join(root, "train")
+        if split != "train" and os.path.isdir(train) and sorted(os.listdir(train)) != self.classes:
+            raise DataError(f"{folder}: class folders differ from {train}'s, so labels would not match")
+        self.samples = []
+        for label, wnid in enumerate(self.classes):
+            files = sorted(f for f in os.listdir(os.path.join(folder, wnid)) if f.lower().endswith((".jpeg", ".jpg", ".png")))
+            if not files:
+                raise DataError(f"{os.path.join(folder, wnid)}: empty class folder (no .JPEG/.jpg/.png images)")
+            self.samples += [(os.path.join(folder, wnid, f), label) for f in files]
+        self.targets = [label for _, label in self.samples]
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        path, label = self.samples[i]
+        image = load_image(path)
+        return (self.transform(image) if self.transform else image), label
+
+
+def image_folder(root, split, transform=None):
+    return ImageFolder(root, split, transform)
+
+
+def ensure_imagefolder(root=DEFAULT_IMAGEFOLDER_ROOT):
+    """Like ensure_3diebench, for the ImageFolder look-alike."""
+    return ensure(root, DEFAULT_IMAGEFOLDER_ROOT, make_imagefolder, TOY_IMAGEFOLDER, "ImageFolder", "make-imagefolder")
+
+
+def backgrounds(gen, n, size):
+    """(n, 3, size, size) textures with a canonical "up", like photographs: a sky-to-ground vertical
+    gradient, soft colour blotches and stripes of random frequency and direction."""
+    rand = lambda *shape: torch.rand(*shape, generator=gen)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    sky, ground = 0.6 + 0.4 * rand(n, 3, 1, 1), 0.5 * rand(n, 3, 1, 1)
+    blotches = F.interpolate(rand(n, 3, 4, 4), size=(size, size), mode="bicubic", align_corners=False)
+    angle, freq = math.pi * rand(n, 1, 1, 1), 3 + 12 * rand(n, 1, 1, 1)
+    stripes = (torch.sin(2 * math.pi * freq * (xx * angle.cos() + yy * angle.sin())) > 0).float() * rand(n, 3, 1, 1)
+    return (0.55 * (sky * (1 - yy) + ground * yy) + 0.3 * blotches + 0.15 * stripes).clamp(0, 1)
+
+
+def make_imagefolder(out, classes=10, train_per_class=100, val_per_class=20, size=64, seed=0, progress=True):
+    """ImageNet-layout look-alike: class c = shape family c, each image a new object of that family, upright
+    with a small pose jitter, at a random position and scale over a textured background, so that rotations
+    and flips change what an image shows (what SER's equivariance is about). Deterministic for a seed."""
+    if os.path.exists(out) and os.listdir(out):
+        raise DataError(f"{out}: already exists and is not empty; choose another output folder")
+    tmp, per_object = out.rstrip("/") + ".partial", 4           # 4 images per object instance
+    shutil.rmtree(tmp, ignore_errors=True)
+    jobs = [(split, c, k) for split, n in (("train", train_per_class), ("val", val_per_class))
+            for c in range(classes) for k in range(0, n, per_object)]
+
+    def job(split, c, k):
+        rng = np.random.default_rng([seed, split == "val", c, k])
+        gen = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
+        n = min(per_object, (train_per_class if split == "train" else val_per_class) - k)
+        lat = sample_latents(rng, n)
+        lat[:, :3] = rng.normal(0, [0.12, 0.12, 0.5], (n, 3))      # upright: small tilt, some turn about z
+        zoom = rng.uniform(1.0, 1.8)                                # object scale; the crop sets its position
+        big = render(*object_mesh(c, rng), lat, round(size * zoom), alpha=True)
+        x0, y0 = rng.integers(0, big.shape[-1] - size + 1, (2, n))
+        crop = torch.stack([b[:, y:y + size, x:x + size] for b, x, y in zip(big, x0, y0)])
+        rgb, a = crop[:, :3], crop[:, 3:]
+        image = a * rgb + (1 - a) * (0.5 * rgb + 0.5 * backgrounds(gen, n, size))   # keeps floor light and shadow
+        wnid = f"n{90000000 + c:08d}"
+        os.makedirs(os.path.join(tmp, split, wnid), exist_ok=True)
+        for j, im in enumerate((image * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()):
+            name = f"{wnid}_{k + j}.JPEG" if split == "train" else f"ILSVRC2012_val_{c * val_per_class + k + j + 1:08d}.JPEG"
+            Image.fromarray(im).save(os.path.join(tmp, split, wnid, name), quality=90)
+
+    parallel_map(lambda j: job(*j), jobs, "make-imagefolder", progress)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    if os.path.isdir(out):
+        os.rmdir(out)
+    os.replace(tmp, out)
+    return out
 
 
 # ============================================================ command line
@@ -659,6 +754,13 @@ def main(argv=None):
     c = sub.add_parser("check", help="scan a data set (real or generated) and report every problem")
     c.add_argument("root")
     c.add_argument("--workers", type=int, default=None, help="decoding threads (default: all cores)")
+    m = sub.add_parser("make-imagefolder", help="generate an ImageNet-layout look-alike (train/<wnid>/*.JPEG, val/...)")
+    m.add_argument("out", help="output folder (must not exist or be empty)")
+    m.add_argument("--classes", type=int, default=10, help="number of classes (shape families)")
+    m.add_argument("--train-per-class", type=int, default=100)
+    m.add_argument("--val-per-class", type=int, default=20)
+    m.add_argument("--size", type=int, default=64, help="image side in pixels")
+    m.add_argument("--seed", type=int, default=0)
     s = sub.add_parser("contact-sheet", help="PNG grid of a few objects x views")
     s.add_argument("root")
     s.add_argument("out_png")
@@ -669,6 +771,8 @@ def main(argv=None):
         if args.command == "make-3diebench":
             make_3diebench(args.out, args.classes, args.objects_per_class, args.views, args.size, args.seed,
                            args.ood, args.device)
+        elif args.command == "make-imagefolder":
+            print(make_imagefolder(args.out, args.classes, args.train_per_class, args.val_per_class, args.size, args.seed))
         elif args.command == "check":
             problems = check(args.root, args.workers)
             for kind, msgs in problems.items():
