@@ -10,6 +10,7 @@ optional all_latents_{split}.npy (row = obj_idx * 50 + view). The scripts import
 nothing runs at import.
 """
 import argparse
+import contextlib
 import math
 import os
 import shutil
@@ -248,7 +249,23 @@ def image_transform(size=None):
 
 
 # ============================================================ datasets (sie.md §1.3-1.4)
-class Pairs3DIEBench(torch.utils.data.Dataset):
+class Split3DIEBench(torch.utils.data.Dataset):
+    """One split of a 3DIEBench root: list entries, labels, views per object, number of classes (1 + the
+    largest label of both splits: 55 for the real data), and the image transform."""
+
+    def __init__(self, root, split, size):
+        self.root = ensure_3diebench(root)
+        self.entries, self.labels = read_split(root, split)
+        self.views = count_views(root, self.entries)
+        both = [np.load(p) for s in ("train", "val") if os.path.isfile(p := os.path.join(root, f"{s}_labels.npy"))]
+        self.num_classes = 1 + int(max(lab.max(initial=0) for lab in both + [self.labels]))
+        self.transform = image_transform(size)
+
+    def path(self, obj, name):
+        return os.path.join(object_dir(self.root, self.entries[obj]), name)
+
+
+class Pairs3DIEBench(Split3DIEBench):
     """Training / rotation-probe item: one per OBJECT (an epoch = one pair per object), two DISTINCT
     random views (sie.md §1.3). Returns (x1, x2, g, label) with g the relative quaternion (x, y, z, w),
     or with color=True [quat, d_floor_hue, d_spot_hue], raw differences, not wrapped.
@@ -256,11 +273,8 @@ class Pairs3DIEBench(torch.utils.data.Dataset):
     ranks or DataLoader workers (the official code uses the unseeded global RNG)."""
 
     def __init__(self, root, split="train", size=None, color=False, seed=0):
-        self.root, self.color, self.seed, self.epoch = ensure_3diebench(root), color, seed, 0
-        self.entries, self.labels = read_split(root, split)
-        self.views = count_views(root, self.entries)
-        self.num_classes = num_classes(root, self.labels)
-        self.transform = image_transform(size)
+        super().__init__(root, split, size)
+        self.color, self.seed, self.epoch = color, seed, 0
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -270,9 +284,8 @@ class Pairs3DIEBench(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         v1, v2 = np.random.default_rng([self.seed, self.epoch, i]).choice(self.views, 2, replace=False)
-        folder = object_dir(self.root, self.entries[i])
-        x1, x2 = (self.transform(load_image(os.path.join(folder, f"image_{v}.jpg"))) for v in (v1, v2))
-        l1, l2 = (load_latent(os.path.join(folder, f"latent_{v}.npy")) for v in (v1, v2))
+        x1, x2 = (self.transform(load_image(self.path(i, f"image_{v}.jpg"))) for v in (v1, v2))
+        l1, l2 = (load_latent(self.path(i, f"latent_{v}.npy")) for v in (v1, v2))
         # sie.md §6: the angles are cast to float32 before the rotation maths, as in training.
         g = relative_quaternion(l1[:3].astype(np.float32).astype(np.float64),
                                 l2[:3].astype(np.float32).astype(np.float64))
@@ -281,32 +294,21 @@ class Pairs3DIEBench(torch.utils.data.Dataset):
         return x1, x2, torch.from_numpy(g.astype(np.float32)), int(self.labels[i])
 
 
-class Views3DIEBench(torch.utils.data.Dataset):
+class Views3DIEBench(Split3DIEBench):
     """Evaluation item: one VIEW. Index i -> object i // len(views), view views[i % len(views)];
     returns (x, label, obj_idx, view). `latents` is the per-view table of load_all_latents."""
 
     def __init__(self, root, split="val", size=None, views=None):
-        self.root = ensure_3diebench(root)
-        self.entries, self.labels = read_split(root, split)
-        n = count_views(root, self.entries)
-        self.view_ids = list(range(n)) if views is None else [int(v) for v in views]
-        self.num_classes = num_classes(root, self.labels)
+        super().__init__(root, split, size)
+        self.view_ids = list(range(self.views)) if views is None else [int(v) for v in views]
         self.latents = load_all_latents(root, split)
-        self.transform = image_transform(size)
 
     def __len__(self):
         return len(self.entries) * len(self.view_ids)
 
     def __getitem__(self, i):
         obj, view = i // len(self.view_ids), self.view_ids[i % len(self.view_ids)]
-        x = self.transform(load_image(os.path.join(object_dir(self.root, self.entries[obj]), f"image_{view}.jpg")))
-        return x, int(self.labels[obj]), obj, view
-
-
-def num_classes(root, labels):
-    """1 + the largest label of both splits' label files (55 for the real data)."""
-    other = [np.load(p) for s in ("train", "val") if os.path.isfile(p := os.path.join(root, f"{s}_labels.npy"))]
-    return int(max([labels.max(initial=-1)] + [o.max(initial=-1) for o in other])) + 1
+        return self.transform(load_image(self.path(obj, f"image_{view}.jpg"))), int(self.labels[obj]), obj, view
 
 
 # ============================================================ checking a whole data set
@@ -594,17 +596,32 @@ def make_3diebench(out, classes=55, objects_per_class=6, views=50, size=64, seed
     return write_3diebench(out, objects, views, size, seed, ood, device, progress)
 
 
+@contextlib.contextmanager
+def staged(out):
+    """Write into OUT.partial, renamed to OUT at the end: an interrupted run leaves no half-written OUT."""
+    if os.path.exists(out) and os.listdir(out):
+        raise DataError(f"{out}: already exists and is not empty; choose another output folder")
+    tmp = out.rstrip("/") + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    yield tmp
+    if os.path.isdir(out):
+        os.rmdir(out)
+    os.replace(tmp, out)
+
+
 def write_3diebench(out, objects, views=50, size=64, seed=0, ood=False, device="cpu", progress=True):
     """The writer behind every generator. objects: [(label, synset, obj_id, mesh_fn)], mesh_fn() -> (verts,
     faces, colors). Renders each object's views on all cores, ~20 % of each class's objects to val
-    (sie.md §1.2), writes the lists, labels and all_latents files. Written to OUT.partial and renamed at the
-    end, so an interrupted run leaves no half-written OUT."""
-    if os.path.exists(out) and os.listdir(out):
-        raise DataError(f"{out}: already exists and is not empty; choose another output folder")
+    (sie.md §1.2), writes the lists, labels and all_latents files."""
     if views < 2:
         raise DataError("make-3diebench needs at least 2 views per object (training pairs are distinct views)")
-    tmp = out.rstrip("/") + ".partial"
-    shutil.rmtree(tmp, ignore_errors=True)
+    with staged(out) as tmp:
+        write_objects(tmp, objects, views, size, seed, ood, device, progress)
+    return out
+
+
+def write_objects(tmp, objects, views, size, seed, ood, device, progress):
     latents = [sample_latents(np.random.default_rng([seed, i, 1 + ood]), views, ood) for i in range(len(objects))]
 
     def job(i):
@@ -624,15 +641,10 @@ def write_3diebench(out, objects, views=50, size=64, seed=0, ood=False, device="
         np.save(os.path.join(tmp, f"{name}_images.npy"), np.array([f"/{objects[i][1]}/{objects[i][2]}/" for i in order], "<U43"))
         np.save(os.path.join(tmp, f"{name}_labels.npy"), labels[order].astype(np.int64))
         np.save(os.path.join(tmp, f"all_latents_{name}.npy"), np.concatenate([latents[i] for i in order]))
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    if os.path.isdir(out):
-        os.rmdir(out)
-    os.replace(tmp, out)
     n, seconds = len(objects) * views, time.time() - start
     if progress:
-        print(f"wrote {len(objects)} objects x {views} views = {n} images of {size}x{size} to {out} in "
-              f"{seconds:.1f} s: {n / seconds:.0f} images/s ({os.cpu_count()} cores, {device})")
-    return out
+        print(f"wrote {len(objects)} objects x {views} views = {n} images of {size}x{size} in {seconds:.1f} s: "
+              f"{n / seconds:.0f} images/s ({os.cpu_count()} cores, {device})")
 
 
 def contact_sheet(root, out_png, objects=8, views=8):
@@ -680,8 +692,7 @@ class ImageFolder(torch.utils.data.Dataset):
         return (self.transform(image) if self.transform else image), label
 
 
-def image_folder(root, split, transform=None):
-    return ImageFolder(root, split, transform)
+image_folder = ImageFolder       # the name other scripts call: image_folder(root, split, transform=None)
 
 
 def ensure_imagefolder(root=DEFAULT_IMAGEFOLDER_ROOT):
@@ -705,14 +716,11 @@ def make_imagefolder(out, classes=10, train_per_class=100, val_per_class=20, siz
     """ImageNet-layout look-alike: class c = shape family c, each image a new object of that family, upright
     with a small pose jitter, at a random position and scale over a textured background, so that rotations
     and flips change what an image shows (what SER's equivariance is about). Deterministic for a seed."""
-    if os.path.exists(out) and os.listdir(out):
-        raise DataError(f"{out}: already exists and is not empty; choose another output folder")
-    tmp, per_object = out.rstrip("/") + ".partial", 4           # 4 images per object instance
-    shutil.rmtree(tmp, ignore_errors=True)
+    per_object = 4                                               # images per object instance
     jobs = [(split, c, k) for split, n in (("train", train_per_class), ("val", val_per_class))
             for c in range(classes) for k in range(0, n, per_object)]
 
-    def job(split, c, k):
+    def job(tmp, split, c, k):
         rng = np.random.default_rng([seed, split == "val", c, k])
         gen = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
         n = min(per_object, (train_per_class if split == "train" else val_per_class) - k)
@@ -730,11 +738,8 @@ def make_imagefolder(out, classes=10, train_per_class=100, val_per_class=20, siz
             name = f"{wnid}_{k + j}.JPEG" if split == "train" else f"ILSVRC2012_val_{c * val_per_class + k + j + 1:08d}.JPEG"
             Image.fromarray(im).save(os.path.join(tmp, split, wnid, name), quality=90)
 
-    parallel_map(lambda j: job(*j), jobs, "make-imagefolder", progress)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    if os.path.isdir(out):
-        os.rmdir(out)
-    os.replace(tmp, out)
+    with staged(out) as tmp:
+        parallel_map(lambda j: job(tmp, *j), jobs, "make-imagefolder", progress)
     return out
 
 
