@@ -1,0 +1,329 @@
+"""ser.py: rho_g against an exactly equivariant stand-in encoder, the token loss against an explicit
+log-softmax, where L_equiv's gradient goes, delayed-[CLS] order, exact token grids, the paper preset,
+1 vs 2 gloo processes, exact resume, the README commands."""
+import json
+import os
+import shlex
+import shutil
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+import data
+import ser
+from conftest import readme_commands, run
+
+# A ViT small enough for a CPU test: 16-px crops, patch 4 (4 x 4 tokens), 2 blocks.
+TINY = ["--resolution", "16", "--patch", "4", "--dim", "32", "--depth", "3", "--heads", "2", "--ser-layer", "1",
+        "--batch-size", "16", "--b2-ratio", "0.25", "--head-hidden", "64", "--head-dim", "32", "--token-dim", "32",
+        "--num-workers", "0", "--log-every", "1"]
+needs_imagefolder = pytest.mark.skipif(not hasattr(data, "make_imagefolder"), reason="data.py ImageFolder part")
+needs_imagefolder_eval = pytest.mark.skipif(
+    not any("equivariance" in v for k, v in vars(__import__("eval")).items() if k.startswith("PROTOCOLS")),
+    reason="eval.py's ImageFolder protocols (issue 7) not landed yet")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster than two on a shared 2-core machine; restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def smooth_images(n, size, seed=0):
+    """Zero-mean, low-frequency images: bicubic upsampling of 4 x 4 noise (natural-image-like smoothness)."""
+    g = torch.Generator().manual_seed(seed)
+    return F.interpolate(torch.randn(n, 3, 4, 4, generator=g), size=(size, size), mode="bicubic", align_corners=False)
+
+
+def map_cosine(a, b):
+    """Mean over images of the cosine between two whole maps (flattened, all tokens and channels)."""
+    return F.cosine_similarity(a.flatten(1), b.flatten(1), dim=1).mean().item()
+
+
+# ---------------------------------------------------------------- rho_g (§1.4, §6.3)
+def test_rho_aligns_an_exactly_equivariant_encoder():
+    """With f = patch average pooling (exactly equivariant to rot90/flip permutations), rho_g(f(x1)) matches
+    f(x2) up to the bicubic resampling error, both directions; without the reflection it does not."""
+    P, S, n = 8, 64, 6
+    encoder = lambda x: F.avg_pool2d(x, P)
+    good, bad = [], []
+    for step in range(12):
+        g = ser.sample_group(n, S // P, step, seed=1, device="cpu")
+        x = smooth_images(n, S, seed=step)
+        z0, z1 = encoder(ser.act_on_images(x, g, 0, P)), encoder(ser.act_on_images(x, g, 1, P))
+        good.append(map_cosine(ser.rho(z0, g["k"][0], g["hw"][1], g["k"][1]), z1))
+        good.append(map_cosine(ser.rho(z1, g["k"][1], g["hw"][0], g["k"][0]), z0))
+        # The same map with the reflection dropped: undo k0, resize, apply k1.
+        wrong = torch.rot90(F.interpolate(torch.rot90(z0, -g["k"][0], dims=(-2, -1)), size=g["hw"][1],
+                                          mode="bicubic", align_corners=False), g["k"][1], dims=(-2, -1))
+        bad.append(map_cosine(wrong, z1))
+    assert min(good) > 0.9, good
+    assert sum(bad) / len(bad) < 0.3, bad
+
+
+def test_every_pair_differs_by_a_reflection():
+    g = ser.sample_group(64, 8, 0, 0, "cpu")
+    assert torch.equal(g["d"][1], ~g["d"][0]) and torch.equal(g["f"][1], ~g["f"][0])
+
+
+# ---------------------------------------------------------------- token NT-Xent (§1.6)
+def reference_token_nce(anchor, target, tau, both, same_image=False):
+    """Per anchor token: -log softmax over [positive, other images' target tokens (+ anchor tokens)];
+    same_image=True also lets the anchor's own image's other tokens in (the mistake of §6.8)."""
+    n, C, h, w = anchor.shape
+    A = F.normalize(anchor.reshape(n, C, h * w).permute(0, 2, 1), dim=-1)   # (n, T, C)
+    B = F.normalize(target.reshape(n, C, h * w).permute(0, 2, 1), dim=-1)
+    losses = []
+    for i in range(n):
+        for j in range(h * w):
+            logits = [A[i, j] @ B[i, j] / tau]
+            for m in range(n):
+                for k in range(h * w):
+                    if m != i or (same_image and k != j):
+                        logits.append(A[i, j] @ B[m, k] / tau)
+                        if both:
+                            logits.append(A[i, j] @ A[m, k] / tau)
+            losses.append(-torch.log_softmax(torch.stack(logits), 0)[0])
+    return torch.stack(losses).mean()
+
+
+@pytest.mark.parametrize("negatives", ["target", "both"])
+def test_token_loss_equals_explicit_log_softmax(negatives):
+    torch.manual_seed(0)
+    a, t = torch.randn(3, 5, 2, 3, dtype=torch.float64), torch.randn(3, 5, 2, 3, dtype=torch.float64)
+    got = ser.token_nce(a, t, 0.4, negatives).double()
+    torch.testing.assert_close(got, reference_token_nce(a, t, 0.4, negatives == "both"), rtol=1e-6, atol=1e-8)
+    assert not torch.allclose(got, reference_token_nce(a, t, 0.4, negatives == "both", same_image=True))
+    assert ser.token_nce(t, t, 0.05, negatives) < 0.01 * ser.token_nce(a, t, 0.05, negatives)  # aligned -> ~0
+
+
+# ---------------------------------------------------------------- gradients (§5.1, §6.11)
+def _step_grads(base, lam):
+    args = ser.parse_args(TINY + ["--base", base, "--ser-lambda", str(lam)])
+    args.num_classes = 4
+    torch.manual_seed(0)
+    model = ser.build_model(args)
+    torch.manual_seed(1)
+    x = torch.rand(16, 3, 16, 16)
+    views, g = ser.make_views(x, x.flip(-1), args, step=0)
+    loss, terms = model(views, g, torch.arange(16) % 4, ser.schedule(0, args, 1))
+    loss.backward()
+    return model, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, terms
+
+
+@pytest.mark.parametrize("base", ["moco", "bt"])
+def test_equiv_gradient_reaches_first_blocks_and_projector_only_when_lambda_positive(base):
+    model, g1, terms = _step_grads(base, 1.0)
+    _, g0, terms0 = _step_grads(base, 0.0)
+    assert torch.isfinite(terms["equiv"]) and torch.equal(terms["equiv"], terms0["equiv"])  # logged even at 0
+    L = 1                                                              # --ser-layer in TINY
+    for name in g1:
+        if name.startswith("token_proj") or name.startswith("student.norm_equiv"):
+            assert g1[name].abs().sum() > 0 and g0[name].abs().sum() == 0, name
+        elif name.startswith(tuple(f"student.blocks.{i}." for i in range(L))):
+            assert not torch.allclose(g1[name], g0[name]), name    # L_equiv adds to blocks 1..L
+        elif name.startswith("student.blocks."):
+            torch.testing.assert_close(g1[name], g0[name], msg=name)  # ... and nothing after L
+    assert "student.blocks.0.qkv.weight" in g1 and "token_proj.0.weight" in g1
+
+
+def test_equiv_loss_alone_has_gradient_on_student_maps():
+    """The released code's bug (§5.1): its gathered student tokens carry no gradient. Here they do."""
+    args = ser.parse_args(TINY + ["--base", "moco"])
+    args.num_classes = 4
+    model = ser.build_model(args)
+    x = torch.rand(4, 3, 16, 16)
+    g = ser.sample_group(4, 4, 0, 0, "cpu")
+    u = [ser.act_on_images(x, g, v, 4) for v in (0, 1)]
+    maps = [model.student(v)[1] for v in u]
+    with torch.no_grad():
+        targets = [model.teacher(v)[1] for v in u]
+    loss = ser.equivariance_loss(model.token_proj, maps, targets, g, 0.5)
+    grads = torch.autograd.grad(loss, [maps[0], model.student.blocks[0].qkv.weight, model.token_proj[0].weight])
+    assert all(gr.abs().sum() > 0 for gr in grads)
+
+
+# ---------------------------------------------------------------- delayed [CLS] (§1.2, §6.6), grids (§6.5)
+@pytest.mark.parametrize("ser_flag,layer,expect_cls_at", [("on", 2, 2), ("on", 4, 3), ("off", 2, 0)])
+def test_delayed_cls_order(ser_flag, layer, expect_cls_at):
+    args = ser.parse_args(TINY + ["--depth", "4", "--ser", ser_flag, "--ser-layer", str(layer)])
+    args.num_classes = 4
+    vit = ser.build_model(args).student.eval()
+    assert vit.cls_at == expect_cls_at and vit.pos_embed.shape[1] == 16     # no [CLS] row in the table
+    assert (vit.cls_pos is None) == (ser_flag == "on")
+    seen = []
+    hooks = [b.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[1])) for b in vit.blocks]
+    x = torch.randn(2, 3, 16, 24)                                       # a non-square 4 x 6 grid
+    cls, eq_map = vit(x)
+    for h in hooks:
+        h.remove()
+    assert seen == [24] * expect_cls_at + [25] * (4 - expect_cls_at)   # [CLS] joins before block cls_at + 1
+    assert cls.shape == (2, 32)
+    if ser_flag == "on":
+        assert eq_map.shape == (2, 32, 4, 6)
+        vit.cls_token.data.add_(1.0)                                     # the layer-L map never sees [CLS] ...
+        cls2, eq2 = vit(x)
+        if layer <= expect_cls_at:
+            torch.testing.assert_close(eq2, eq_map)
+        assert not torch.allclose(cls2, cls)                             # ... the final [CLS] does
+    else:
+        assert eq_map is None
+    assert vit.last_blocks_features(x).shape == (2, 4 * 32)
+    assert [m.shape for m in vit.block_maps(x)] == [(2, 32, 4, 6)] * 4
+
+
+@pytest.mark.parametrize("grid,lo,hi", [(8, 6, 11), (14, 10, 18)])
+def test_token_grids_are_exact_patch_multiples(grid, lo, hi):
+    P = 4
+    vit = ser.ViT(grid * P, P, 16, 2, 2, cls_at=1, loss_layer=1)
+    for step in range(40):
+        g = ser.sample_group(2, grid, step, 0, "cpu")
+        for v in (0, 1):
+            h, w = g["hw"][v]
+            assert lo <= h <= hi and lo <= w <= hi
+            u = ser.act_on_images(torch.rand(2, 3, grid * P, grid * P), g, v, P)
+            expect = (P * h, P * w) if g["k"][v] % 2 == 0 else (P * w, P * h)
+            assert tuple(u.shape[-2:]) == expect
+            if step < 4:
+                assert vit(u)[1].shape[-2:] == (expect[0] // P, expect[1] // P)
+
+
+# ---------------------------------------------------------------- paper preset (§2)
+def test_paper_preset_is_the_released_recipe():
+    expect = {"moco": dict(lr=2.4e-3, wd=0.1, wd_end=0.1, clip_grad=0.0, crop_min=0.08, interp="bilinear",
+                           head_hidden=4096, head_dim=256, momentum=0.99, ser_lambda=1.0, ser_tau=0.5, drop_path=0.0),
+              "dino": dict(lr=8e-4, wd=0.04, wd_end=0.4, clip_grad=0.3, crop_min=0.25, interp="bicubic",
+                           head_hidden=2048, head_dim=65536, head_bottleneck=256, momentum=0.982, ser_lambda=0.3,
+                           ser_tau=0.4, drop_path=0.1, freeze_last_epochs=1, teacher_temp_epochs=10),
+              "bt": dict(lr=8e-4, wd=0.1, clip_grad=0.3, crop_min=0.08, interp="bicubic", head_hidden=8192,
+                         head_dim=8192, ser_lambda=1.0, ser_tau=0.4, drop_path=0.0)}
+    for base, want in expect.items():
+        a = ser.parse_args(["--preset", "paper", "--base", base])
+        assert (a.resolution, a.patch, a.dim, a.depth, a.heads) == (224, 16, 384, 12, 6)
+        assert (a.batch_size, a.epochs, a.warmup_epochs, a.ser_layer, a.token_dim) == (2048, 100, 10, 3, 512)
+        assert ser.b2_size(256, a) == 3 and a.ser == "on" and a.ser_negatives == "target"
+        assert (a.moco_tau, a.student_temp, a.teacher_temp0, a.teacher_temp, a.center_momentum, a.bt_lambda) == \
+            (0.2, 0.1, 0.04, 0.07, 0.9, 0.0051)
+        assert a.blr * a.batch_size / 256 == pytest.approx(want.pop("lr"))
+        assert {k: getattr(a, k) for k in want} == want, base
+    end = lambda base: ser.schedule(10 ** 9, ser.parse_args(["--preset", "paper", "--base", base]), 1)["lr"]
+    assert (end("moco"), end("dino"), end("bt")) == pytest.approx((0.0, 1e-5, 8e-7))
+    model = ser.build_model(ser.parse_args(["--preset", "paper", "--base", "moco"]))
+    assert sum(p.numel() for p in model.token_proj.parameters()) == 458_752          # §1.7: ~0.46 M
+    # ViT-S/16: timm's 21,665,664 - the [CLS] position row (384) + the separate norm_equiv (768).
+    assert sum(p.numel() for p in model.student.parameters()) == 21_666_048
+    assert not model.student.patch_embed.weight.requires_grad                         # MoCo-v3 frozen patch proj.
+
+
+# ---------------------------------------------------------------- 1 vs 2 gloo processes
+LOSSES = ("token_target", "token_both", "bt", "moco")
+
+
+def _losses(rows, w, rank=0, world=1):
+    """Every gathered loss on this rank's rows of a shared batch, through a shared parameter w."""
+    per = rows.shape[0] // world
+    z = rows[rank * per:(rank + 1) * per] @ w                        # (per, 64): two 8 x 2 x 2 maps
+    maps = z.view(per, 2, 8, 2, 2)
+    out = {f"token_{neg}": ser.token_nce(maps[:, 0], maps[:, 1], 0.4, neg) for neg in ("target", "both")}
+    out["bt"] = ser.barlow_twins_loss(z[:, :16], z[:, 16:32], 0.0051)
+    out["moco"] = ser.moco_infonce(z[:, :16], z[:, 16:32].detach(), 0.2)
+    return out
+
+
+def _gloo_worker(rank, world, store, out):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    rows, w0 = torch.randn(8, 6, dtype=torch.float64), torch.randn(6, 64, dtype=torch.float64)
+    res = {}
+    for name in LOSSES:
+        w = w0.clone().requires_grad_()
+        loss = _losses(rows, w, rank, world)[name]
+        loss.backward()
+        both = torch.cat([loss.detach().view(1), w.grad.flatten()])
+        dist.all_reduce(both)                                            # DDP: average loss and gradient
+        res[name] = both / world
+    if rank == 0:
+        torch.save(res, out)
+    dist.destroy_process_group()
+
+
+def test_one_vs_two_gloo_processes(tmp_path):
+    torch.manual_seed(0)
+    rows, w0 = torch.randn(8, 6, dtype=torch.float64), torch.randn(6, 64, dtype=torch.float64)
+    mp.spawn(_gloo_worker, args=(2, str(tmp_path / "store"), str(tmp_path / "out.pt")), nprocs=2)
+    two = torch.load(tmp_path / "out.pt")
+    for name in two:
+        w = w0.clone().requires_grad_()
+        loss = _losses(rows, w)[name]
+        loss.backward()
+        torch.testing.assert_close(two[name], torch.cat([loss.detach().view(1), w.grad.flatten()]),
+                                   msg=lambda m: f"{name}: {m}")
+
+
+# ---------------------------------------------------------------- exact resume, README commands
+def _log(run_dir, kind="train"):
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        return [e for e in map(json.loads, f) if e["kind"] == kind]
+
+
+@needs_imagefolder
+@pytest.mark.parametrize("base", ["dino"])     # teacher EMA, centre buffer, teacher-temperature schedule
+def test_resume_is_exact(toy_imagefolder, tmp_path, base):
+    common = TINY + ["--base", base, "--data-root", toy_imagefolder, "--no-eval", "--epochs", "2"]
+    ser.main(common + ["--run-dir", str(tmp_path / "straight")])
+    ser.main(common + ["--run-dir", str(tmp_path / "resumed"), "--stop-after-epochs", "1"])
+    assert not os.path.exists(tmp_path / "resumed" / "backbone.pt")     # stopped early: no export yet
+    ser.main(common + ["--run-dir", str(tmp_path / "resumed")])
+    straight, resumed = _log(tmp_path / "straight"), _log(tmp_path / "resumed")
+    assert len(straight) == len(resumed) == 8                           # 64 images / batch 16 x 2 epochs
+    for a, b in zip(straight, resumed):
+        assert {k: a[k] for k in ("step", "total", "inv", "equiv", "lr")} == \
+            {k: b[k] for k in ("step", "total", "inv", "equiv", "lr")}
+    ck = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
+    assert ck["script"] == "ser" and ck["epoch"] == 2 and ck["step"] == 8
+    assert os.path.exists(tmp_path / "resumed" / "backbone.pt")
+    with pytest.raises(SystemExit, match="--ser-lambda"):
+        ser.main(common + ["--run-dir", str(tmp_path / "resumed"), "--ser-lambda", "0.5"])
+
+
+@needs_imagefolder_eval
+def test_readme_commands(imagefolder_workdir):
+    """Every README command for ser.py parses; the toy ones run for one epoch, evaluation included. The
+    2-process torchrun launch always runs, even before the README shows it."""
+    cmds = [c for c in readme_commands("ser.py") if c.split()[0] in ("python", "torchrun")]
+    if not any(c.startswith("torchrun") and "paper" not in c for c in cmds):
+        cmds.append("torchrun --standalone --nproc_per_node=2 ser.py --base bt --run-dir runs/ser-toy-ddp")
+    if not any(c.startswith("python ser.py") for c in cmds):
+        cmds.append("python ser.py --base moco")
+    for cmd in cmds:
+        flags = shlex.split(cmd)[shlex.split(cmd).index("ser.py") + 1:]
+        args = ser.parse_args(flags)
+        if args.preset == "paper" or "--data-root" in flags:
+            continue                                                    # real data, GPUs: parsing is checked
+        shutil.rmtree(imagefolder_workdir / "runs", ignore_errors=True)
+        proc = run(cmd + " --epochs 1", cwd=imagefolder_workdir)
+        assert "Traceback" not in proc.stderr, cmd
+        assert os.path.exists(imagefolder_workdir / args.run_dir / "checkpoint.pt"), cmd
+        assert os.path.exists(imagefolder_workdir / args.run_dir / "eval.json"), cmd
+
+
+@needs_imagefolder
+def test_missing_data_root_is_one_message(tmp_path):
+    proc = run(f"python ser.py --data-root {tmp_path / 'nowhere'} --epochs 1", cwd=ser.__file__.rsplit("/", 1)[0],
+               check=False)
+    assert proc.returncode == 2 and "nowhere" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("argv", [["--base", "simclr"], ["--resolution", "30", "--patch", "4"],
+                                  ["--ser-layer", "9", "--depth", "6"], ["--no-such-flag"]])
+def test_bad_flags_fail_with_argparse_error(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        ser.parse_args(argv)
+    assert e.value.code == 2 and "error" in capsys.readouterr().err
