@@ -33,12 +33,12 @@ import data
 PROTOCOLS_3DIE = ("classify", "rotation", "color", "retrieval")
 # Probe settings. `paper` = the official README commands (sie.md §4): Adam 1e-3, no schedule, batch
 # 256, 300 epochs, MLP head 1024-1024 for the R² probes, BN in train mode while fitting.
-# Deviation (toy): fewer epochs, a smaller batch and 10 cached views per training object, with BN in
-# eval mode so features are extracted once; a few seconds on a laptop CPU. Same heads and metrics.
+# Deviation (toy): 100 epochs, batch 64, MLP hidden 256, 10 cached views per training object, BN in
+# eval mode so features are extracted once: seconds on a laptop CPU. Same head shapes and metrics.
 PRESETS = {
     "paper": dict(epochs=300, batch_size=256, lr=1e-3, hidden=1024, train_views=None, val_pairs=10,
                   bn="train", workers=8, seed=0, figure_objects=6),
-    "toy": dict(epochs=60, batch_size=32, lr=1e-3, hidden=1024, train_views=10, val_pairs=10,
+    "toy": dict(epochs=100, batch_size=64, lr=1e-3, hidden=256, train_views=10, val_pairs=10,
                 bn="eval", workers=0, seed=0, figure_objects=6),
 }
 BN_MODES = {
@@ -73,6 +73,7 @@ class Probeable:
     predict: Callable | None = None     # (embedding (B, d), g (B, g_dim)) -> predicted embedding (B, d)
     g_dim: int = 4                      # 4 (quaternion) or 6 (quaternion + 2 hue differences)
     token_maps: Callable | None = None  # images -> [per-block token map (B, C, h, w)] (ViT / SER)
+    input_stats: tuple | None = None    # (mean, std) the backbone was trained with; None = the data's own
     step: int = 0                       # checkpoint step, reported with every metric
 
 
@@ -115,14 +116,25 @@ def extract(fn, dataset, batch_size, device, workers=0, desc="features", shard=T
     return out
 
 
-def backbone_fn(backbone, device):
-    """images -> fp32 representation; bf16 autocast and channels_last on GPU (numerics only)."""
+def backbone_fn(backbone, device, pre=None):
+    """images -> fp32 representation, after the optional input map `pre`; bf16 autocast and
+    channels_last on GPU (numerics only)."""
     def fn(x):
+        x = pre(x) if pre is not None else x
         if device.type == "cuda":
             with torch.autocast("cuda", torch.bfloat16):
                 return backbone(x.contiguous(memory_format=torch.channels_last)).float()
         return backbone(x)
     return fn
+
+
+def normalizer(stats, src=None):
+    """x in [0, 1], or normalised with src = (mean, std) -> normalised with stats = (mean, std)."""
+    col = lambda v, x: torch.tensor(v, device=x.device, dtype=x.dtype).view(3, 1, 1)
+    def pre(x):
+        x = x if src is None else x * col(src[1], x) + col(src[0], x)
+        return (x - col(stats[0], x)) / col(stats[1], x)
+    return pre
 
 
 def epoch_views(n_obj, n_views, seed, epoch):
@@ -154,27 +166,56 @@ def absolute_quaternion(lat):
 
 # ================================ probe heads ================================
 def make_heads(tasks, parts, n_classes, hidden):
-    """One head per (task, part): Linear(k, C) for classification (sie.md §4.1); the README's
-    `--deep-end` MLP Linear(2k, h)-ReLU-Linear(h, h)-ReLU-Linear(h, out) on [f(x_i); f(x_j)] for the
-    rotation (4 outputs) and colour (2 outputs) regressions (sie.md §4.2-4.3)."""
-    def mlp(k, out):
-        return nn.Sequential(nn.Linear(2 * k, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                             nn.Linear(hidden, out))
+    """One head per "task/part": Linear(k, C) for classification (sie.md §4.1); the README's `--deep-end`
+    MLP Linear(2k, h)-ReLU-Linear(h, h)-ReLU-Linear(h, out) on [f(x_i); f(x_j)] for the rotation
+    (4 outputs) and colour (2 outputs) regressions (sie.md §4.2-4.3)."""
     heads = {}
     for name, sl in parts.items():
-        k = len(range(*sl.indices(10 ** 9)))
+        k = sl.stop - sl.start
         for task in tasks:
-            heads[f"{task}/{name}"] = (nn.Linear(k, n_classes) if task == "classify"
-                                       else mlp(k, 4 if task == "rotation" else 2))
+            out = {"rotation": 4, "color": 2}.get(task)
+            heads[f"{task}/{name}"] = nn.Linear(k, n_classes) if out is None else nn.Sequential(
+                nn.Linear(2 * k, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, out))
     return nn.ModuleDict(heads)
 
 
-def head_input(task, f_i, f_j, sl):
-    return f_i[:, sl] if task == "classify" else torch.cat([f_i[:, sl], f_j[:, sl]], 1)
+def fit_heads(heads, epoch_data, cfg, device):
+    """Fit every head at once on frozen features: Adam, constant lr, no weight decay (sie.md §4: the
+    official schedule helper is never called); the last epoch is reported. epoch_data(epoch) ->
+    {key: (inputs (N, k), targets (N, ...))} in that epoch's order. The heads are independent, so one
+    Adam on the summed losses fits each exactly as alone."""
+    opt = torch.optim.Adam(heads.parameters(), lr=cfg["lr"], weight_decay=0)
+    B = cfg["batch_size"]
+    for epoch in tqdm(range(cfg["epochs"]), desc="probes", disable=world()[0] != 0, leave=False):
+        batch = epoch_data(epoch)
+        for s in range(0, len(next(iter(batch.values()))[0]), B):
+            loss = 0
+            for key, (x, y) in batch.items():
+                out, y = heads[key](x[s:s + B].to(device)), y[s:s + B].to(device)
+                loss = loss + (F.cross_entropy(out, y) if y.dtype == torch.long else F.mse_loss(out, y))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
 
 
-def head_loss(task, out, y):
-    return F.cross_entropy(out, y) if task == "classify" else F.mse_loss(out, y)
+@torch.no_grad()
+def apply(head, x, device, chunk=4096):
+    return torch.cat([head(x[s:s + chunk].to(device)).float().cpu() for s in range(0, len(x), chunk)])
+
+
+def pair_batch(keys, parts, f_i, f_j, targets):
+    """{key: (input, target)}: a classifier reads f_i[part], a regressor [f_i[part]; f_j[part]]."""
+    out = {}
+    for key in keys:
+        task, part = key.split("/")
+        sl = parts[part]
+        out[key] = (f_i[:, sl] if task == "classify" else torch.cat([f_i[:, sl], f_j[:, sl]], 1), targets[task])
+    return out
+
+
+def pair_targets(labels, lat_i, lat_j):
+    return {"classify": torch.from_numpy(labels), "rotation": rotation_target(lat_i, lat_j),
+            "color": color_target(lat_i, lat_j)}
 
 
 # ================================== metrics ==================================
@@ -186,6 +227,12 @@ def r2_pooled(pred, target):
 def r2_per_output(pred, target):
     """scikit-learn's r2_score default: R² per output column, then the plain average."""
     return float((1 - ((target - pred) ** 2).sum(0) / ((target - target.mean(0)) ** 2).sum(0)).mean())
+
+
+def constant_r2(target):
+    """Both R²s of the best constant predictor (the per-component mean of the val targets)."""
+    pred = target.mean(0, keepdim=True).expand_as(target)
+    return r2_pooled(pred, target), 0.0
 
 
 def target_ranks(pred, cands):
@@ -225,70 +272,37 @@ def chance_levels(n_views, q_split):
             "pre": float(1 - (q.T @ q).pow(2).sum() / len(q) ** 2)}
 
 
-def constant_r2(target):
-    """Both R²s of the best constant predictor (the per-component mean of the val targets)."""
-    pred = target.mean(0, keepdim=True).expand_as(target)
-    return r2_pooled(pred, target), 0.0
+def record(name, part, value, definition, n, representation, chance, protocol, split="val"):
+    return dict(name=name, part=part, value=value, chance=chance, definition=definition, split=split, n=n,
+                representation=representation, protocol=protocol)
 
 
 # ============================ 3DIEBench protocols ============================
-def fit_probes(heads, parts, epoch_features, labels, latents, n_views, cfg, device):
-    """Fit every head at once on the frozen features (sie.md §4): Adam, constant lr, wd 0. Each epoch
-    draws one pair of distinct views per training object; the classifier reads view i (one random view
-    per object, as the official script), the regressors read [f(x_i); f(x_j)]. The heads are
-    independent, so summing their losses under one Adam equals fitting them one by one."""
-    opt = torch.optim.Adam(heads.parameters(), lr=cfg["lr"], weight_decay=0)
-    B = cfg["batch_size"]
-    for epoch in tqdm(range(cfg["epochs"]), desc="probes", disable=world()[0] != 0, leave=False):
-        order, vi, vj, f_i, f_j = epoch_features(epoch)
-        lat_i, lat_j = latents[order * n_views + vi], latents[order * n_views + vj]
-        targets = {"classify": torch.from_numpy(labels[order]), "rotation": rotation_target(lat_i, lat_j),
-                   "color": color_target(lat_i, lat_j)}
-        for s in range(0, len(order), B):
-            xi, xj = f_i[s:s + B].to(device), f_j[s:s + B].to(device)
-            loss = 0
-            for key, head in heads.items():
-                task, part = key.split("/")
-                out = head(head_input(task, xi, xj, parts[part]))
-                loss = loss + head_loss(task, out, targets[task][s:s + B].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-
-@torch.no_grad()
 def score_probes(heads, parts, val_reps, labels, latents, majority, cfg, device):
     """Val scores of the fitted heads: top-1 over every view of every object; both R²s over a fixed,
     seeded set of `val_pairs` distinct-view pairs per object (the official probe re-draws one pair per
     object every epoch; more fixed pairs estimate the same quantity with less noise)."""
     N, V, D = val_reps.shape
-    P = cfg["val_pairs"]
-    _, vi, vj = epoch_views(N * P, V, cfg["seed"] + 1, 0)
-    obj = np.repeat(np.arange(N), P)
-    lat_i, lat_j = latents[obj * V + vi], latents[obj * V + vj]
-    targets = {"rotation": rotation_target(lat_i, lat_j), "color": color_target(lat_i, lat_j)}
-    f_all = val_reps.reshape(N * V, D)
+    obj = np.repeat(np.arange(N), cfg["val_pairs"])
+    _, vi, vj = epoch_views(len(obj), V, cfg["seed"] + 1, 0)
+    every_view = pair_batch([k for k in heads if k.startswith("classify")], parts, val_reps.reshape(N * V, D),
+                            None, {"classify": torch.from_numpy(np.repeat(labels, V))})
+    pairs = pair_batch([k for k in heads if not k.startswith("classify")], parts, val_reps[obj, vi],
+                       val_reps[obj, vj], pair_targets(labels[obj], latents[obj * V + vi], latents[obj * V + vj]))
     recs = []
-    for key, head in heads.items():
+    for key, (x, t) in {**every_view, **pairs}.items():
         task, part = key.split("/")
-        sl = parts[part]
-        run = lambda x: torch.cat([head(x[s:s + 4096].to(device)).float().cpu() for s in range(0, len(x), 4096)])
+        sl, p = parts[part], apply(heads[key], x, device)
+        rep = f"representation[{sl.start}:{sl.stop}]"
         if task == "classify":
-            y = torch.from_numpy(np.repeat(labels, V))
-            acc = float((run(f_all[:, sl]).argmax(1) == y).double().mean())
-            recs.append(record("top1", part, acc, DEFS["top1"], N * V, f"representation[{sl.start}:{sl.stop}]",
-                               float((y == majority).double().mean()), task))
+            recs.append(record("top1", part, float((p.argmax(1) == t).double().mean()), DEFS["top1"], len(t),
+                               rep, float((t == majority).double().mean()), task))
             continue
-        t = targets[task]
-        p = run(torch.cat([val_reps[obj, vi][:, sl], val_reps[obj, vj][:, sl]], 1))
-        rep = f"[f(x_i); f(x_j)] of representation[{sl.start}:{sl.stop}]"
         what = "relative quaternion (x,y,z,w)" if task == "rotation" else "(Δfloor-hue, Δspot-hue)"
-        c_pooled, c_per = constant_r2(t)
-        name = "rot" if task == "rotation" else "color"
-        recs.append(record(f"{name}_r2_pooled", part, r2_pooled(p, t), f"{what}; {DEFS['r2_pooled']}",
-                           len(t), rep, c_pooled, task))
-        recs.append(record(f"{name}_r2_per_output", part, r2_per_output(p, t),
-                           f"{what}; {DEFS['r2_per_output']}", len(t), rep, c_per, task))
+        name, chance = "rot" if task == "rotation" else "color", constant_r2(t)
+        for i, (kind, fn) in enumerate((("pooled", r2_pooled), ("per_output", r2_per_output))):
+            recs.append(record(f"{name}_r2_{kind}", part, fn(p, t), f"{what}; {DEFS['r2_' + kind]}", len(t),
+                               f"[f(x_i); f(x_j)] of {rep}", chance[i], task))
     return recs
 
 
@@ -298,9 +312,7 @@ def retrieval_metrics(probe, val_reps, latents, device, batch_size):
     (backbone and projector in eval mode), queries p(o, v) = predict(e(o, 0), g(0 -> v)) for every v
     including 0, g from the float64 latents. -> (records, sims (N, V, V) for the figure)."""
     N, V, D = val_reps.shape
-    chunks = lambda n: range(0, n, batch_size)
-    flat = val_reps.reshape(N * V, D)
-    emb = torch.cat([probe.embed(flat[s:s + batch_size].to(device)).float().cpu() for s in chunks(N * V)])
+    emb = apply(probe.embed, val_reps.reshape(N * V, D), device, batch_size)
     lat = latents.reshape(N, V, 7)
     g = data.relative_quaternion(np.repeat(lat[:, :1, :3], V, 1), lat[:, :, :3])
     if probe.g_dim == 6:  # rotation + colour conditioning (sie.md §1.3): the same hue differences
@@ -308,16 +320,15 @@ def retrieval_metrics(probe, val_reps, latents, device, batch_size):
     g = torch.from_numpy(g).float().reshape(N * V, -1)
     src = emb.reshape(N, V, -1)[:, :1].expand(N, V, emb.shape[1]).reshape(N * V, -1)
     pred = torch.cat([probe.predict(src[s:s + batch_size].to(device), g[s:s + batch_size].to(device)).float().cpu()
-                      for s in chunks(N * V)])
+                      for s in range(0, N * V, batch_size)])
     ranks, sims = target_ranks(pred.reshape(N, V, -1), emb.reshape(N, V, -1))
     q = absolute_quaternion(latents)
-    pre = pose_retrieval_error(pred, emb, q, q, device)
     chance = chance_levels(V, q)
     rep = "predict(embed(view 0), g) vs embed(view v), equivariant embedding"
     recs = [record(k, "embedding", v, DEFS["mrr"] if k == "mrr" else DEFS["hits"].replace("k", k[2:]),
                    N * V, rep, chance[k], "retrieval") for k, v in mrr_hits(ranks).items()]
-    recs.append(record("pre", "embedding", pre, DEFS["pre"], N * V, rep + f", over all {N * V} val views",
-                       chance["pre"], "retrieval"))
+    recs.append(record("pre", "embedding", pose_retrieval_error(pred, emb, q, q, device), DEFS["pre"], N * V,
+                       rep + f", over all {N * V} val views", chance["pre"], "retrieval"))
     return recs, sims
 
 
@@ -336,66 +347,52 @@ def save_retrieval_figure(path, val_ds, sims, n_objects, seed, top=5):
     save_image(make_grid(x.clamp(0, 1), nrow=top + 2, padding=2, pad_value=1.0), path)
 
 
-def record(name, part, value, definition, n, representation, chance, protocol, split="val"):
-    return dict(name=name, part=part, value=value, chance=chance, definition=definition, split=split, n=n,
-                representation=representation, protocol=protocol)
-
-
 def evaluate_3diebench(probe, root, protos, cfg, device, out_dir):
     """sie.md §4 on 3DIEBench (or its look-alike): -> (records, notes)."""
     size, B, W = cfg["size"], cfg["batch_size_extract"], cfg["workers"]
     val_ds = data.Views3DIEBench(root, "val", size=size)
-    V = len(val_ds.view_ids)
-    recs, notes = [], []
-    probes = [p for p in ("classify", "rotation", "color") if p in protos]
-    run_retrieval = "retrieval" in protos and probe.embed is not None and probe.predict is not None
-    if "retrieval" in protos and not run_retrieval:
+    V, recs, notes = len(val_ds.view_ids), [], []
+    tasks = [p for p in ("classify", "rotation", "color") if p in protos]
+    retrieval = "retrieval" in protos and probe.embed is not None and probe.predict is not None
+    if "retrieval" in protos and not retrieval:
         notes.append("retrieval (MRR, H@k, PRE) skipped: this probeable has no embed/predict (no predictor)")
-    if run_retrieval or (probes and cfg["bn"] == "eval"):
-        val_reps = extract(backbone_fn(probe.backbone, device), val_ds, B, device, W, "val features")
-        val_reps = val_reps.reshape(-1, V, val_reps.shape[-1])
-    if run_retrieval:
+    # a backbone trained with other input statistics (an ImageNet ViT, ser.md §3.2) gets its own
+    pre = probe.input_stats and normalizer(probe.input_stats, src=(data.MEAN, data.STD))
+    features = lambda bb, ds, desc: extract(backbone_fn(bb, device, pre), ds, B, device, W, desc)
+    if retrieval or (tasks and cfg["bn"] == "eval"):   # pretraining BN statistics (sie.md §4.4)
+        val_reps = features(probe.backbone, val_ds, "val features").unflatten(0, (-1, V))
+    if retrieval:
         r, sims = retrieval_metrics(probe, val_reps, val_ds.latents, device, B)
         recs += r
         if out_dir and world()[0] == 0 and cfg["figure_objects"]:
             save_retrieval_figure(os.path.join(out_dir, "retrieval.png"), val_ds, sims, cfg["figure_objects"],
                                   cfg["seed"])
-    if not probes:
+    if not tasks:
         return recs, notes
-    train_views = None if cfg["train_views"] is None else range(min(cfg["train_views"], V))
-    train_ds = data.Views3DIEBench(root, "train", size=size, views=train_views)
-    n_tr, Vt = len(train_ds.entries), len(train_ds.view_ids)
-    labels = train_ds.labels
-    if cfg["bn"] == "eval":  # features once; each epoch picks two cached views per object
-        cache = extract(backbone_fn(probe.backbone, device), train_ds, B, device, W, "train features")
-        cache = cache.reshape(n_tr, Vt, -1)
-
-        def epoch_features(epoch):
-            order, vi, vj = epoch_views(n_tr, Vt, cfg["seed"], epoch)
-            return order, vi, vj, cache[order, vi], cache[order, vj]
-        n_all = len(train_ds.latents) // n_tr
-    else:  # sie.md §4 "net.train()": batch statistics per probe batch, running statistics drift
+    views = None if cfg["bn"] == "train" or cfg["train_views"] is None else range(cfg["train_views"])
+    train_ds = data.Views3DIEBench(root, "train", size=size, views=views)
+    n_tr, n_cached, lat = len(train_ds.entries), len(train_ds.view_ids), train_ds.latents
+    Vtr = len(lat) // n_tr                                   # latent row = object * Vtr + view
+    if cfg["bn"] == "eval":  # features once; each epoch picks two of the cached views per object
+        cache = features(probe.backbone, train_ds, "train features").unflatten(0, (n_tr, n_cached))
+        pair_features = lambda order, vi, vj: (cache[order, vi], cache[order, vj])
+    else:  # sie.md §4 "net.train()": batch statistics of each probe batch, running statistics drift
         bb = copy.deepcopy(probe.backbone).train().requires_grad_(False)
-        all_ds = data.Views3DIEBench(root, "train", size=size)
-        n_all = len(all_ds.view_ids)
-        fn = backbone_fn(bb, device)
+        # per epoch, the images of exactly the probe's minibatches, so BN sees what the official probe sees
+        pair_features = lambda order, vi, vj: [extract(backbone_fn(bb, device, pre), Subset(
+            train_ds, order * Vtr + v), cfg["batch_size"], device, W, "epoch", shard=False) for v in (vi, vj)]
 
-        def epoch_features(epoch):
-            order, vi, vj = epoch_views(n_tr, n_all, cfg["seed"], epoch)
-            # the same batches as the probe's minibatches, so BN sees what the official probe sees
-            f = [extract(fn, Subset(all_ds, order * n_all + v), cfg["batch_size"], device, W, "epoch", False)
-                 for v in (vi, vj)]
-            return (order, vi, vj, *f)
-    with torch.random.fork_rng(devices=[]):
+    def epoch_data(epoch):
+        order, vi, vj = epoch_views(n_tr, n_cached, cfg["seed"], epoch)
+        return pair_batch(heads, probe.parts, *pair_features(order, vi, vj),
+                          pair_targets(train_ds.labels[order], lat[order * Vtr + vi], lat[order * Vtr + vj]))
+    with torch.random.fork_rng(devices=[]):   # leave the caller's RNG stream alone
         torch.manual_seed(cfg["seed"])
-        heads = make_heads(probes, probe.parts, train_ds.num_classes, cfg["hidden"]).to(device)
-    # the cache holds views 0..Vt-1, whose latent rows are obj * n_all + view in the full table
-    fit_probes(heads, probe.parts, epoch_features, labels, train_ds.latents, n_all, cfg, device)
+        heads = make_heads(tasks, probe.parts, train_ds.num_classes, cfg["hidden"]).to(device)
+    fit_heads(heads, epoch_data, cfg, device)
     if cfg["bn"] == "train":
-        bb.eval()
-        val_reps = extract(backbone_fn(bb, device), val_ds, B, device, W, "val features (re-estimated BN)")
-        val_reps = val_reps.reshape(-1, V, val_reps.shape[-1])
-    majority = int(np.bincount(labels).argmax())
+        val_reps = features(bb.eval(), val_ds, "val features (re-estimated BN)").unflatten(0, (-1, V))
+    majority = int(np.bincount(train_ds.labels).argmax())
     recs += score_probes(heads, probe.parts, val_reps, val_ds.labels, val_ds.latents, majority, cfg, device)
     return recs, notes
 
@@ -498,7 +495,7 @@ def load_probeable(path, device):
     try:
         model.load_state_dict(ckpt["model"], strict=True)
     except RuntimeError as e:
-        fail(f"{ckpt_path} does not match {ckpt['script']}.build_model: {str(e).splitlines()[0][:300]}")
+        fail(f"{ckpt_path} does not match {ckpt['script']}.build_model: {' '.join(str(e).split())[:400]}")
     probe = module.probeable(model.to(device).eval(), args)
     probe.step = int(ckpt.get("step", 0))
     return probe, args
@@ -536,13 +533,14 @@ def main(argv=None):
                                           if torch.cuda.is_available() else "cpu"))
     probe, saved = load_probeable(args.path, device)
     preset = args.preset or (saved.preset if getattr(saved, "preset", None) in PRESETS else "toy")
-    root = args.data_root or getattr(saved, "data_root", None) or data.DEFAULT_ROOT
+    saved_arg = lambda *names: next((getattr(saved, n) for n in names if getattr(saved, n, None)), None)
+    root = args.data_root or saved_arg("data_root", "data") or data.DEFAULT_ROOT   # sie/baselines, ser names
     out = args.out or (args.path if os.path.isdir(args.path) else os.path.dirname(args.path) or ".")
-    opts = dict(size=args.size or getattr(saved, "resolution", None), bn=args.bn, epochs=args.epochs,
+    opts = dict(size=args.size or saved_arg("resolution", "img_size"), bn=args.bn, epochs=args.epochs,
                 batch_size=args.batch_size, train_views=args.train_views, workers=args.workers, seed=args.seed)
     try:
         evaluate(probe, root, args.protocol, out_dir=out, device=device, preset=preset, **opts)
-    except data.DataError as e:
+    except (data.DataError, ValueError) as e:
         fail(str(e))
     finally:
         if dist.is_initialized():
