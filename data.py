@@ -3,6 +3,7 @@
     python data.py make-3diebench OUT [--classes 55 --objects-per-class 6 --views 50 --size 64 --seed 0 --ood]
     python data.py check ROOT                     # every problem of a data set at once, non-zero exit
     python data.py contact-sheet ROOT OUT.png     # a grid of objects x views
+    python data.py make-imagefolder OUT [--classes 10 --train-per-class 100 --val-per-class 20 --size 64]
 
 Layout (sie.md §1.1-1.2): <root>/<synset>/<obj_id>/image_k.jpg + latent_k.npy (7 float64),
 <root>/{train,val}_images.npy ('/SYNSET/OBJ_ID/' entries), {train,val}_labels.npy (int64),
@@ -30,7 +31,7 @@ STD = (0.1030, 0.0999, 0.0969)
 N_VIEWS = 50                          # renderings per object (sie.md §1.1)
 DEFAULT_ROOT = "data/3diebench-toy"   # relative to cwd; generated on first use
 # The toy set every script's default runs on: 10 classes x 20 objects x 50 views at 64x64
-# (10,000 images, about 20 s to generate on 2 CPU cores).
+# (10,000 images: 33 CPU-seconds to generate, ~17 s on 2 free cores).
 TOY_3DIEBENCH = dict(classes=10, objects_per_class=20, views=50, size=64, seed=0)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)   # for ImageFolder data (ser.md)
 DEFAULT_IMAGEFOLDER_ROOT = "data/imagefolder-toy"
