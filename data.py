@@ -57,15 +57,18 @@ class DataError(Exception):
         return s.rsplit("DataError: ", 1)[-1].strip() if "Original Traceback" in s else s
 
 
+def cpu_cores():
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
 def parallel_map(fn, jobs, desc, progress=True, workers=None):
     """list(map(fn, jobs)) on one thread per core, torch ops single-threaded in each (torch, PIL and file I/O
     release the GIL), with a progress bar."""
     from tqdm import tqdm
-    workers = workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with ThreadPoolExecutor(workers) as pool:
+        with ThreadPoolExecutor(workers or cpu_cores()) as pool:
             return list(tqdm(pool.map(fn, jobs), total=len(jobs), desc=desc, disable=not progress))
     finally:
         torch.set_num_threads(threads)
@@ -613,39 +616,35 @@ def staged(out):
 
 def write_3diebench(out, objects, views=50, size=64, seed=0, ood=False, device="cpu", progress=True):
     """The writer behind every generator. objects: [(label, synset, obj_id, mesh_fn)], mesh_fn() -> (verts,
-    faces, colors). Renders each object's views on all cores, ~20 % of each class's objects to val
-    (sie.md §1.2), writes the lists, labels and all_latents files."""
+    faces, colors). Renders each object's views on all cores, puts ~20 % of each class's objects in val
+    (sie.md §1.2), writes the lists (in shuffled order, like the real ones), labels and all_latents files."""
     if views < 2:
         raise DataError("make-3diebench needs at least 2 views per object (training pairs are distinct views)")
-    with staged(out) as tmp:
-        write_objects(tmp, objects, views, size, seed, ood, device, progress)
-    return out
-
-
-def write_objects(tmp, objects, views, size, seed, ood, device, progress):
     latents = [sample_latents(np.random.default_rng([seed, i, 1 + ood]), views, ood) for i in range(len(objects))]
-
-    def job(i):
-        verts, faces, colors = objects[i][3]()
-        images = render(verts.to(device), faces.to(device), colors.to(device), latents[i], size)
-        write_object(os.path.join(tmp, objects[i][1], objects[i][2]), images, latents[i])
-
-    start = time.time()
-    parallel_map(job, range(len(objects)), "render", progress)
     labels = np.array([o[0] for o in objects])
     in_val = np.zeros(len(objects), bool)
     for c in np.unique(labels):
         members = np.flatnonzero(labels == c)
         in_val[members[:round(0.2 * len(members)) or (len(members) > 1)]] = True
-    for name, chosen in (("train", ~in_val), ("val", in_val)):
-        order = np.random.default_rng([seed, name == "val"]).permutation(np.flatnonzero(chosen))  # not class order
-        np.save(os.path.join(tmp, f"{name}_images.npy"), np.array([f"/{objects[i][1]}/{objects[i][2]}/" for i in order], "<U43"))
-        np.save(os.path.join(tmp, f"{name}_labels.npy"), labels[order].astype(np.int64))
-        np.save(os.path.join(tmp, f"all_latents_{name}.npy"), np.concatenate([latents[i] for i in order]))
+    start = time.time()
+    with staged(out) as tmp:
+        def job(i):
+            verts, faces, colors = objects[i][3]()
+            images = render(verts.to(device), faces.to(device), colors.to(device), latents[i], size)
+            write_object(os.path.join(tmp, objects[i][1], objects[i][2]), images, latents[i])
+
+        parallel_map(job, range(len(objects)), "render", progress)
+        for name, chosen in (("train", ~in_val), ("val", in_val)):
+            order = np.random.default_rng([seed, name == "val"]).permutation(np.flatnonzero(chosen))
+            entries = [f"/{objects[i][1]}/{objects[i][2]}/" for i in order]
+            np.save(os.path.join(tmp, f"{name}_images.npy"), np.array(entries, dtype="<U43"))
+            np.save(os.path.join(tmp, f"{name}_labels.npy"), labels[order].astype(np.int64))
+            np.save(os.path.join(tmp, f"all_latents_{name}.npy"), np.concatenate([latents[i] for i in order]))
     n, seconds = len(objects) * views, time.time() - start
     if progress:
         print(f"wrote {len(objects)} objects x {views} views = {n} images of {size}x{size} in {seconds:.1f} s: "
-              f"{n / seconds:.0f} images/s ({os.cpu_count()} cores, {device})")
+              f"{n / seconds:.0f} images/s ({cpu_cores()} cores, {device})")
+    return out
 
 
 def contact_sheet(root, out_png, objects=8, views=8):
