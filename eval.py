@@ -440,7 +440,7 @@ def evaluate(probe, data_root, protocols=("all",), out_dir=None, device=None, pr
     Under torchrun every rank must call it; every rank returns the same dict."""
     cfg = resolve(preset, opts)
     protos = expand_protocols(protocols, PROTOCOLS_3DIE)
-    device = torch.device(device) if device is not None else next(probe.backbone.parameters()).device
+    device = torch.device(device if device is not None else next(probe.backbone.parameters(), torch.empty(0)).device)
     modules = [m for m in (probe.backbone, probe.embed, probe.predict) if isinstance(m, nn.Module)]
     modes = [m.training for m in modules]
     for m in modules:
