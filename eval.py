@@ -4,9 +4,8 @@ ImageFolder protocols (ser.md §3). Frozen backbone; every metric is written wit
     python eval.py runs/sie-toy                                    # all protocols, the run's checkpoint
     python eval.py runs/sie-toy/checkpoint.pt --protocol rotation retrieval --bn train
     torchrun --standalone --nproc_per_node=2 eval.py runs/sie-toy   # same numbers, extraction sharded
-
+    python eval.py --table runs/sie-toy runs/baselines-toy-*         # one markdown row per run
 In code: `evaluate(Probeable(...), data_root, ...)` -> dict; it prints a table and writes eval.json.
-Exact under torchrun: see `extract`; the probe fits are cheap and run identically on every rank.
 """
 import argparse
 import copy
@@ -30,37 +29,46 @@ from tqdm import tqdm
 import data
 
 # ================================== config ==================================
-PROTOCOLS_3DIE = ("classify", "rotation", "color", "retrieval")
+PROTOCOLS = {"3diebench": ("classify", "rotation", "color", "retrieval"),      # sie.md §4
+             "imagefolder": ("linear", "knn", "equivariance", "robustness")}   # ser.md §3
 # Probe settings. `paper` = the official README commands (sie.md §4): Adam 1e-3, no schedule, batch
 # 256, 300 epochs, MLP head 1024-1024 for the R² probes, BN in train mode while fitting.
 # Deviation (toy): 100 epochs, batch 64, MLP hidden 256, 10 cached views per training object, BN in
 # eval mode so features are extracted once: seconds on a laptop CPU. Same head shapes and metrics.
+# ImageFolder: linear probe 50 epochs (ser.md §3.1), DINO's k-NN k ∈ {10, 20, 100, 200}, T = 0.07;
+# Deviation (toy): k ∈ {10, 20}, 100 probe epochs, the equivariance score on 256 held-out images.
 PRESETS = {
-    "paper": dict(epochs=300, batch_size=256, lr=1e-3, hidden=1024, train_views=None, val_pairs=10,
-                  bn="train", workers=8, seed=0, figure_objects=6),
-    "toy": dict(epochs=100, batch_size=64, lr=1e-3, hidden=256, train_views=10, val_pairs=10,
-                bn="eval", workers=0, seed=0, figure_objects=6),
+    "paper": dict(epochs=300, batch_size=256, lr=1e-3, hidden=1024, train_views=None, val_pairs=10, bn="train",
+                  workers=8, seed=0, figure_objects=6, linear_epochs=50, knn_k=(10, 20, 100, 200), equi_images=2000),
+    "toy": dict(epochs=100, batch_size=64, lr=1e-3, hidden=256, train_views=10, val_pairs=10, bn="eval",
+                workers=0, seed=0, figure_objects=6, linear_epochs=100, knn_k=(10, 20), equi_images=256),
 }
 BN_MODES = {
-    "eval": "frozen backbone in eval mode (pretraining BN statistics) everywhere; features extracted "
-            "once and cached, the probe samples views from the cache each epoch",
-    "train": "official: backbone BN in train mode while fitting (batch statistics of each probe batch, "
-             "running statistics re-estimated on the train split), then eval mode with those statistics "
-             "for val; features recomputed every epoch",
+    "eval": "frozen backbone in eval mode (pretraining BN statistics) everywhere; features extracted once "
+            "and cached, the probe samples views from the cache each epoch",
+    "train": "official: BN in train mode while fitting (batch statistics of each probe batch, running statistics "
+             "re-estimated on train), then eval mode with those for val; features recomputed every epoch",
 }
 DEFS = {
-    "top1": "top-1 accuracy of a linear probe Linear(k, C) (cross-entropy, Adam) on the frozen "
-            "representation slice, over every view of every val object (= the expectation of the "
-            "official one-random-view-per-object score, sie.md §4.1)",
+    "top1": "top-1 of a linear probe Linear(k, C) (cross-entropy, Adam) on the frozen representation slice, "
+            "over every view of every val object (the official one-random-view score's expectation, sie.md §4.1)",
     "r2_pooled": "OFFICIAL R² = 1 - Σ(t-p)² / Σ(t-t̄)² with ONE scalar mean t̄ over all components of "
                  "all val targets (sie.md §4.2); a constant predictor already scores ≈0.23 on quaternions",
     "r2_per_output": "mean over output components j of 1 - Σ_i(t_ij-p_ij)² / Σ_i(t_ij-t̄_j)² "
                      "(scikit-learn's uniform average; a constant predictor scores 0)",
-    "mrr": "mean of 1/rank of the target view v among the object's views, ranked by cosine to "
-           "predict(embed(view 0), g(0→v)); all v including v = 0 (sie.md §4.4)",
+    "mrr": "mean 1/rank of target view v among the object's views by cosine to predict(embed(view 0), g(0→v)); "
+           "every v including v = 0 (sie.md §4.4)",
     "hits": "fraction of the MRR queries whose target view ranks <= k",
     "pre": "mean of 1 - <q, q̂>² between the absolute quaternion of the target view and that of the "
            "nearest neighbour (cosine) of the prediction among ALL embeddings of the split (sie.md §4.4)",
+    "linear": "top-1 of a linear probe Linear(k, C) (Adam, cached centre-crop features) on the frozen "
+              "representation; for SER the concatenated [CLS] of the last 4 blocks (ser.md §3.1)",
+    "knn": "top-1 of DINO's weighted k-NN: the k={k} nearest train features by cosine vote with exp(cos / 0.07)",
+    "robust": "top-1 of the clean-trained linear probe on shifted val images (ImageNet-C/P-like proxy)",
+    "equivariance": "OUR PROXY (the paper's definition is not published, ser.md §3.4): mean over held-out "
+                    "images, tokens and g ∈ {rot90, rot180, rot270, flip, rescale 1.25x} of "
+                    "cos(ρ_g(f_l(x)), f_l(g·x)) for the block-l patch-token map; per_g holds each g's mean; "
+                    "'chance' = the same with ρ_g left out (a map that ignores g scores this)",
 }
 
 
@@ -85,11 +93,6 @@ def world():
     return 0, 1
 
 
-def print0(*a):
-    if world()[0] == 0:
-        print(*a, flush=True)
-
-
 # =================================== data ===================================
 @torch.no_grad()
 def extract(fn, dataset, batch_size, device, workers=0, desc="features", shard=True):
@@ -106,8 +109,7 @@ def extract(fn, dataset, batch_size, device, workers=0, desc="features", shard=T
     local = torch.cat(outs)
     if W == 1:
         return local.cpu()
-    n_max = -(-len(dataset) // W)
-    padded = torch.cat([local, local.new_zeros(n_max - len(local), *local.shape[1:])])
+    padded = torch.cat([local, local.new_zeros(-(-len(dataset) // W) - len(local), *local.shape[1:])])
     shards = [torch.empty_like(padded) for _ in range(W)]
     dist.all_gather(shards, padded)
     out = torch.empty(len(dataset), *local.shape[1:])
@@ -169,14 +171,11 @@ def make_heads(tasks, parts, n_classes, hidden):
     """One head per "task/part": Linear(k, C) for classification (sie.md §4.1); the README's `--deep-end`
     MLP Linear(2k, h)-ReLU-Linear(h, h)-ReLU-Linear(h, out) on [f(x_i); f(x_j)] for the rotation
     (4 outputs) and colour (2 outputs) regressions (sie.md §4.2-4.3)."""
-    heads = {}
-    for name, sl in parts.items():
-        k = sl.stop - sl.start
-        for task in tasks:
-            out = {"rotation": 4, "color": 2}.get(task)
-            heads[f"{task}/{name}"] = nn.Linear(k, n_classes) if out is None else nn.Sequential(
-                nn.Linear(2 * k, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, out))
-    return nn.ModuleDict(heads)
+    mlp = lambda k, out: nn.Sequential(nn.Linear(2 * k, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                                       nn.Linear(hidden, out))
+    return nn.ModuleDict({f"{task}/{name}": nn.Linear(sl.stop - sl.start, n_classes) if task == "classify" else
+                          mlp(sl.stop - sl.start, 4 if task == "rotation" else 2)
+                          for name, sl in parts.items() for task in tasks})
 
 
 def fit_heads(heads, epoch_data, cfg, device):
@@ -184,18 +183,21 @@ def fit_heads(heads, epoch_data, cfg, device):
     official schedule helper is never called); the last epoch is reported. epoch_data(epoch) ->
     {key: (inputs (N, k), targets (N, ...))} in that epoch's order. The heads are independent, so one
     Adam on the summed losses fits each exactly as alone."""
-    opt = torch.optim.Adam(heads.parameters(), lr=cfg["lr"], weight_decay=0)
-    B = cfg["batch_size"]
+    opt, B = torch.optim.Adam(heads.parameters(), lr=cfg["lr"], weight_decay=0), cfg["batch_size"]
+    head_loss = lambda out, y: F.cross_entropy(out, y) if y.dtype == torch.long else F.mse_loss(out, y)
     for epoch in tqdm(range(cfg["epochs"]), desc="probes", disable=world()[0] != 0, leave=False):
         batch = epoch_data(epoch)
         for s in range(0, len(next(iter(batch.values()))[0]), B):
-            loss = 0
-            for key, (x, y) in batch.items():
-                out, y = heads[key](x[s:s + B].to(device)), y[s:s + B].to(device)
-                loss = loss + (F.cross_entropy(out, y) if y.dtype == torch.long else F.mse_loss(out, y))
+            loss = sum(head_loss(heads[k](x[s:s + B].to(device)), y[s:s + B].to(device)) for k, (x, y) in batch.items())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+
+
+def seeded(make_heads, cfg, device):
+    with torch.random.fork_rng(devices=[]):   # leave the caller's RNG stream alone
+        torch.manual_seed(cfg["seed"])
+        return make_heads().to(device)
 
 
 @torch.no_grad()
@@ -204,13 +206,10 @@ def apply(head, x, device, chunk=4096):
 
 
 def pair_batch(keys, parts, f_i, f_j, targets):
-    """{key: (input, target)}: a classifier reads f_i[part], a regressor [f_i[part]; f_j[part]]."""
-    out = {}
-    for key in keys:
-        task, part = key.split("/")
-        sl = parts[part]
-        out[key] = (f_i[:, sl] if task == "classify" else torch.cat([f_i[:, sl], f_j[:, sl]], 1), targets[task])
-    return out
+    """{"task/part": (input, target)}: a classifier reads f_i[part], a regressor [f_i[part]; f_j[part]]."""
+    sl = lambda key: parts[key.split("/")[1]]
+    return {k: (f_i[:, sl(k)] if k.startswith("classify") else torch.cat([f_i[:, sl(k)], f_j[:, sl(k)]], 1),
+                targets[k.split("/")[0]]) for k in keys}
 
 
 def pair_targets(labels, lat_i, lat_j):
@@ -279,9 +278,8 @@ def record(name, part, value, definition, n, representation, chance, protocol, s
 
 # ============================ 3DIEBench protocols ============================
 def score_probes(heads, parts, val_reps, labels, latents, majority, cfg, device):
-    """Val scores of the fitted heads: top-1 over every view of every object; both R²s over a fixed,
-    seeded set of `val_pairs` distinct-view pairs per object (the official probe re-draws one pair per
-    object every epoch; more fixed pairs estimate the same quantity with less noise)."""
+    """Top-1 over every view of every val object; both R²s over `val_pairs` fixed, seeded distinct-view pairs
+    per object (the official probe re-draws one pair per object per epoch: same expectation, more noise)."""
     N, V, D = val_reps.shape
     obj = np.repeat(np.arange(N), cfg["val_pairs"])
     _, vi, vj = epoch_views(len(obj), V, cfg["seed"] + 1, 0)
@@ -377,7 +375,9 @@ def evaluate_3diebench(probe, root, protos, cfg, device, out_dir):
         cache = features(probe.backbone, train_ds, "train features").unflatten(0, (n_tr, n_cached))
         pair_features = lambda order, vi, vj: (cache[order, vi], cache[order, vj])
     else:  # sie.md §4 "net.train()": batch statistics of each probe batch, running statistics drift
-        bb = copy.deepcopy(probe.backbone).train().requires_grad_(False)
+        bb = copy.deepcopy(probe.backbone).eval().requires_grad_(False)   # BN only: dropout stays off
+        for m in filter(lambda m: isinstance(m, nn.modules.batchnorm._BatchNorm), bb.modules()):
+            m.train()
         # per epoch, the images of exactly the probe's minibatches, so BN sees what the official probe sees
         pair_features = lambda order, vi, vj: [extract(backbone_fn(bb, device, pre), Subset(
             train_ds, order * Vtr + v), cfg["batch_size"], device, W, "epoch", shard=False) for v in (vi, vj)]
@@ -386,14 +386,127 @@ def evaluate_3diebench(probe, root, protos, cfg, device, out_dir):
         order, vi, vj = epoch_views(n_tr, n_cached, cfg["seed"], epoch)
         return pair_batch(heads, probe.parts, *pair_features(order, vi, vj),
                           pair_targets(train_ds.labels[order], lat[order * Vtr + vi], lat[order * Vtr + vj]))
-    with torch.random.fork_rng(devices=[]):   # leave the caller's RNG stream alone
-        torch.manual_seed(cfg["seed"])
-        heads = make_heads(tasks, probe.parts, train_ds.num_classes, cfg["hidden"]).to(device)
+    heads = seeded(lambda: make_heads(tasks, probe.parts, train_ds.num_classes, cfg["hidden"]), cfg, device)
     fit_heads(heads, epoch_data, cfg, device)
     if cfg["bn"] == "train":
         val_reps = features(bb.eval(), val_ds, "val features (re-estimated BN)").unflatten(0, (-1, V))
     majority = int(np.bincount(train_ds.labels).argmax())
     recs += score_probes(heads, probe.parts, val_reps, val_ds.labels, val_ds.latents, majority, cfg, device)
+    return recs, notes
+
+
+# ============================ ImageFolder protocols ============================
+def group_actions(grid):
+    """The equivariance score's g (ser.md §3.4 proxy): (name, act on images, ρ_g on token maps). rot90^k and
+    the flip permute tokens; the rescale resizes the image to a 1.25x token grid (exact patch multiples) and
+    ρ resamples the map bicubically to the grid f(g·x) has (ser.md §1.4)."""
+    up = max(grid + 1, round(1.25 * grid))
+    acts = [(f"rot{90 * k}", lambda x, k=k: torch.rot90(x, k, (2, 3)), lambda m, t, k=k: torch.rot90(m, k, (2, 3)))
+            for k in (1, 2, 3)]
+    return acts + [("flip", lambda x: x.flip(3), lambda m, t: m.flip(3)),
+                   ("rescale", lambda x: resample(x, (x.shape[2] * up // grid, x.shape[3] * up // grid)),
+                    lambda m, t: resample(m, t.shape[-2:]))]
+
+
+def resample(x, size, mode="bicubic"):
+    return F.interpolate(x, size=tuple(size), mode=mode, align_corners=False)
+
+
+def equivariance_fn(token_maps, pre, grid):
+    """images -> (B, blocks, |G|, 2): per image, block and g, the mean over tokens of cos(ρ_g(f_l(x)), f_l(g·x)),
+    and as a reference the same with ρ_g ignored (only resampled to the other grid for the rescale)."""
+    cos = lambda a, b: F.cosine_similarity(a.float(), b.float(), dim=1).flatten(1).mean(1)
+
+    def fn(x):
+        maps, per_g = token_maps(pre(x)), []
+        for _, act, rho in group_actions(grid):
+            per_g.append(torch.stack([torch.stack([cos(rho(m, t), t), cos(resample(m, t.shape[-2:]), t)], 1)
+                                      for m, t in zip(maps, token_maps(pre(act(x))))], 1))
+        return torch.stack(per_g, 2)
+    return fn
+
+
+def corruptions(size, seed):
+    """Test-time shifts on [0, 1] images (an ImageNet-C/P-like proxy, one severity each): geometric
+    (rot90, rot180, vertical flip, 1.5x zoom on the centre) and corruptions (Gaussian noise σ 0.1 — a fixed,
+    seeded field, so the result does not depend on how images are batched or sharded — Gaussian blur
+    σ = size/64 px, JPEG quality 10)."""
+    from torchvision.io import decode_jpeg, encode_jpeg
+    from torchvision.transforms.functional import gaussian_blur
+    noise = 0.1 * torch.randn(3, size, size, generator=torch.Generator().manual_seed(seed))
+    sigma, c = max(size / 64, 0.5), round(size / 6)
+    jpeg = lambda x: torch.stack(decode_jpeg(encode_jpeg(list((x * 255).round().byte().cpu()), quality=10))).to(x)
+    return {"rot90": lambda x: torch.rot90(x, 1, (2, 3)), "rot180": lambda x: torch.rot90(x, 2, (2, 3)),
+            "vflip": lambda x: x.flip(2), "zoom": lambda x: resample(x[..., c:size - c, c:size - c], (size, size)),
+            "noise": lambda x: (x + noise.to(x)).clamp(0, 1),
+            "blur": lambda x: gaussian_blur(x, [2 * math.ceil(2 * sigma) + 1] * 2, [sigma] * 2),
+            "jpeg": jpeg}
+
+
+def knn_top1(train, train_labels, val, val_labels, ks, T, n_classes, device, chunk=1024):
+    """DINO's weighted k-NN (Caron et al. 2021): cosine similarity to every training feature, the k
+    nearest vote with weight exp(sim / T). -> {k: top-1}."""
+    tr, correct = F.normalize(train.to(device), dim=1), dict.fromkeys(ks, 0)
+    for s in range(0, len(val), chunk):
+        sims, idx = (F.normalize(val[s:s + chunk].to(device), dim=1) @ tr.T).topk(min(max(ks), len(tr)), dim=1)
+        for k in ks:
+            votes = torch.zeros(len(idx), n_classes, device=device).scatter_add_(
+                1, train_labels.to(device)[idx[:, :k]], (sims[:, :k] / T).exp())
+            correct[k] += int((votes.argmax(1).cpu() == val_labels[s:s + chunk]).sum())
+    return {k: correct[k] / len(val) for k in ks}
+
+
+def evaluate_imagefolder(probe, root, protos, cfg, device):
+    """ser.md §3 on an ImageFolder root: linear probe and weighted k-NN on every representation part,
+    per-block equivariance score, linear-probe accuracy on shifted val images -> (records, notes)."""
+    import torchvision.transforms as T
+    size, B, W, notes, recs = cfg["size"], cfg["batch_size_extract"], cfg["workers"], [], []
+    # Deviation: features of the test transform (resize 256/224 + centre crop) for train and val, cached;
+    # SER's probe trains on random-resized crops + flips with SGD and a cosine schedule (ser.md §3.1).
+    tf = T.Compose(([T.Resize(round(size * 256 / 224)), T.CenterCrop(size)] if size else []) + [T.ToTensor()])
+    train_ds, val_ds = data.image_folder(root, "train", tf), data.image_folder(root, "val", tf)
+    pre = normalizer(probe.input_stats or (data.IMAGENET_MEAN, data.IMAGENET_STD))
+    ytr, yva, C = torch.tensor(train_ds.targets), torch.tensor(val_ds.targets), len(train_ds.classes)
+    feats = lambda ds, t=None, desc="val features": extract(backbone_fn(
+        probe.backbone, device, pre if t is None else (lambda x: pre(t(x)))), ds, B, device, W, desc)
+    majority = float((yva == ytr.bincount().argmax()).double().mean())
+    if {"linear", "knn", "robustness"} & set(protos):
+        ftr, fva = feats(train_ds, desc="train features"), feats(val_ds)
+    rep = lambda sl: f"representation[{sl.start}:{sl.stop}]"
+    if {"linear", "robustness"} & set(protos):
+        parts = {f"linear/{p}": sl for p, sl in probe.parts.items()}   # "/": a part may be named like a method
+        heads = seeded(lambda: nn.ModuleDict({k: nn.Linear(sl.stop - sl.start, C) for k, sl in parts.items()}),
+                       cfg, device)
+
+        def epoch_data(epoch):
+            order = torch.from_numpy(np.random.default_rng([cfg["seed"], epoch]).permutation(len(ytr)))
+            return {k: (ftr[order][:, sl], ytr[order]) for k, sl in parts.items()}
+        fit_heads(heads, epoch_data, dict(cfg, epochs=cfg["linear_epochs"]), device)
+        top1 = lambda p, f: float((apply(heads["linear/" + p], f[:, probe.parts[p]], device).argmax(1) == yva)
+                                  .double().mean())
+    if "linear" in protos:
+        recs += [record("linear_top1", p, top1(p, fva), DEFS["linear"], len(yva), rep(sl), majority, "linear")
+                 for p, sl in probe.parts.items()]
+    if "knn" in protos:
+        for p, sl in probe.parts.items():
+            for k, acc in knn_top1(ftr[:, sl], ytr, fva[:, sl], yva, cfg["knn_k"], 0.07, C, device).items():
+                recs.append(record(f"knn{k}_top1", p, acc, DEFS["knn"].format(k=k), len(yva), rep(sl), majority, "knn"))
+    if "robustness" in protos:
+        p = next(iter(probe.parts))
+        for name, t in corruptions(size or val_ds[0][0].shape[-1], cfg["seed"]).items():
+            recs.append(record(f"robust_top1_{name}", p, top1(p, feats(val_ds, t, f"val {name}")), DEFS["robust"],
+                               len(yva), rep(probe.parts[p]) + f" of {name} val images", majority, "robustness"))
+    if "equivariance" in protos and probe.token_maps is None:
+        notes.append("equivariance skipped: this probeable has no token_maps")
+    elif "equivariance" in protos:
+        held_out = Subset(val_ds, range(min(cfg["equi_images"], len(val_ds))))
+        grid = probe.token_maps(pre(held_out[0][0][None].to(device)))[0].shape[-1]
+        cos = extract(equivariance_fn(probe.token_maps, pre, grid), held_out, B, device, W, "equivariance")
+        names = [n for n, _, _ in group_actions(grid)]
+        for block, c in enumerate(cos.mean(0), 1):     # (|G|, 2) per block
+            r = record("equivariance", f"block{block}", float(c[:, 0].mean()), DEFS["equivariance"], len(held_out),
+                       f"patch-token map after block {block}", float(c[:, 1].mean()), "equivariance")
+            recs.append(dict(r, per_g=dict(zip(names, c[:, 0].tolist()))))
     return recs, notes
 
 
@@ -403,8 +516,7 @@ def resolve(preset, opts):
     if preset not in PRESETS:
         raise ValueError(f"unknown eval preset {preset!r}; choose from {sorted(PRESETS)}")
     cfg = dict(PRESETS[preset], size=None, batch_size_extract=256)
-    unknown = sorted(set(opts) - set(cfg))
-    if unknown:
+    if unknown := sorted(set(opts) - set(cfg)):
         raise ValueError(f"unknown eval option(s) {unknown}; known: {sorted(cfg)}")
     cfg.update({k: v for k, v in opts.items() if v is not None})
     if cfg["bn"] not in BN_MODES:
@@ -412,34 +524,42 @@ def resolve(preset, opts):
     return cfg
 
 
-def expand_protocols(protocols, known):
+def dataset_kind(root):
+    """3DIEBench layout ('{split}_images.npy' lists) or ImageNet's ('train/<wnid>/*.JPEG')."""
+    folder = os.path.isdir(os.path.join(root, "train")) and not os.path.isfile(os.path.join(root, "train_images.npy"))
+    default = os.path.abspath(root) == os.path.abspath(data.DEFAULT_IMAGEFOLDER_ROOT)   # generated on first use
+    return "imagefolder" if folder or default else "3diebench"   # else data.py names what is missing
+
+
+def expand_protocols(protocols, kind):
     names = [p.strip() for p in ([protocols] if isinstance(protocols, str) else protocols) if p.strip()]
-    bad = [p for p in names if p != "all" and p not in known]
-    if bad:
-        raise ValueError(f"unknown protocol(s) {bad}; choose from {['all', *known]}")
+    known = PROTOCOLS[kind]
+    for p in names:
+        if p != "all" and p not in known:
+            other = [k for k, v in PROTOCOLS.items() if p in v]
+            raise ValueError(f"protocol {p!r} needs a {other[0]} data root, this one is {kind}" if other else
+                             f"unknown protocol {p!r}; choose from {['all', *known]}")
     return tuple(known) if "all" in names or not names else tuple(dict.fromkeys(names))
 
 
 def print_table(result):
-    s = result["settings"]
-    print0(f"\nevaluation: step {result['step']}, {result['data_root']}, preset {result['preset']}, "
-           f"BN {s['bn']} mode, {s['epochs']} probe epochs")
-    print0(f"{'metric':<22}{'part':<11}{'value':>9}{'chance':>9}{'n':>9}  split")
+    lines = [f"\nevaluation: step {result['step']}, {result['data_root']}, preset {result['preset']}",
+             f"{'metric':<22}{'part':<11}{'value':>9}{'chance':>9}{'n':>9}  split"]
     for r in result["metrics"]:
-        print0(f"{r['name']:<22}{r['part']:<11}{r['value']:>9.4f}{r['chance']:>9.4f}{r['n']:>9}  {r['split']}")
-    for note in result["notes"]:
-        print0(f"note: {note}")
+        chance = "" if r["chance"] is None else f"{r['chance']:.4f}"
+        lines.append(f"{r['name']:<22}{r['part']:<11}{r['value']:>9.4f}{chance:>9}{r['n']:>9}  {r['split']}")
+    print("\n".join(lines + [f"note: {n}" for n in result["notes"]]), flush=True)
 
 
 def evaluate(probe, data_root, protocols=("all",), out_dir=None, device=None, preset="toy", **opts):
     """Run the protocols on the frozen model, print a table, write out_dir/eval.json (rank 0) and return
     the result dict: {"metrics": [one record per metric, with its definition, split, n, representation,
     chance level and the checkpoint step], "summary": {"name/part": value}, "settings", "notes", ...}.
-    opts override the preset: epochs, batch_size, lr, hidden, train_views, val_pairs, bn ("eval" |
-    "train"), workers, seed, figure_objects, size (image side; None = native), batch_size_extract.
-    Under torchrun every rank must call it; every rank returns the same dict."""
+    opts override the preset (PRESETS' keys, plus size: image side, None = native; batch_size_extract).
+    The data root's layout picks the protocols (PROTOCOLS). Under torchrun every rank must call it."""
     cfg = resolve(preset, opts)
-    protos = expand_protocols(protocols, PROTOCOLS_3DIE)
+    kind = dataset_kind(data_root)
+    protos = expand_protocols(protocols, kind)
     device = torch.device(device if device is not None else next(probe.backbone.parameters(), torch.empty(0)).device)
     modules = [m for m in (probe.backbone, probe.embed, probe.predict) if isinstance(m, nn.Module)]
     modes = [m.training for m in modules]
@@ -448,17 +568,20 @@ def evaluate(probe, data_root, protocols=("all",), out_dir=None, device=None, pr
     if out_dir and world()[0] == 0:
         os.makedirs(out_dir, exist_ok=True)
     try:
-        recs, notes = evaluate_3diebench(probe, data_root, protos, cfg, device, out_dir)
+        recs, notes = (evaluate_3diebench(probe, data_root, protos, cfg, device, out_dir) if kind == "3diebench"
+                       else evaluate_imagefolder(probe, data_root, protos, cfg, device))
     finally:
         for m, mode in zip(modules, modes):
             m.train(mode)
     for r in recs:
         r["step"] = probe.step
-    notes.append(f"BN: {cfg['bn']} mode = {BN_MODES[cfg['bn']]}")
+    if kind == "3diebench":
+        notes.append(f"BN: {cfg['bn']} mode = {BN_MODES[cfg['bn']]}")
     result = dict(step=probe.step, data_root=str(data_root), preset=preset, protocols=list(protos),
                   settings=cfg, notes=notes, metrics=recs,
                   summary={f"{r['name']}/{r['part']}": r["value"] for r in recs})
-    print_table(result)
+    if world()[0] == 0:
+        print_table(result)
     if out_dir and world()[0] == 0:
         tmp = os.path.join(out_dir, "eval.json.tmp")
         with open(tmp, "w") as f:
@@ -501,12 +624,33 @@ def load_probeable(path, device):
     return probe, args
 
 
+TABLE = ("top1/full", "top1/inv", "top1/equi", "rot_r2_pooled/full", "rot_r2_pooled/inv", "rot_r2_pooled/equi",
+         "color_r2_pooled/full", "mrr/embedding", "H@1/embedding", "H@5/embedding", "pre/embedding")
+
+
+def print_runs_table(run_dirs):
+    """One markdown row per run directory, read from its eval.json (the table of all methods)."""
+    rows = []
+    for d in run_dirs:
+        if not os.path.isfile(path := os.path.join(d, "eval.json")):
+            fail(f"no eval.json in {d} (evaluate it first: python eval.py {d})")
+        with open(path) as f:
+            res = json.load(f)
+        cells = [f"{res['summary'][k]:.3f}" if k in res["summary"] else "" for k in TABLE]
+        rows.append(f"| {os.path.basename(os.path.normpath(d))} | {res['step']} | " + " | ".join(cells) + " |")
+    print(f"data: {res['data_root']} (val split)\n| run | step | " + " | ".join(TABLE) + " |")
+    print("|---" * (len(TABLE) + 2) + "|\n" + "\n".join(rows))
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a checkpoint (sie.md §4, ser.md §3).")
-    p.add_argument("path", help="run directory holding checkpoint.pt, or a checkpoint file")
-    p.add_argument("--protocol", nargs="+", default=["all"], choices=["all", *PROTOCOLS_3DIE],
-                   help="classify = linear top-1 per part; rotation / color = R² (pooled and per-output); "
-                        "retrieval = MRR, H@1/2/5/10, PRE of the predictor")
+    p.add_argument("path", nargs="+", help="run directory holding checkpoint.pt, or a checkpoint file "
+                   "(several run directories with --table)")
+    p.add_argument("--table", action="store_true", help="print one markdown row per run from its eval.json")
+    p.add_argument("--protocol", nargs="+", default=["all"], choices=["all", *sum(PROTOCOLS.values(), ())],
+                   help="3DIEBench: classify = linear top-1 per part; rotation / color = R² (pooled and "
+                        "per-output); retrieval = MRR, H@1/2/5/10, PRE of the predictor. ImageFolder: linear, "
+                        "knn, equivariance (per block), robustness")
     p.add_argument("--preset", choices=PRESETS, help="probe settings (default: the checkpoint's preset)")
     p.add_argument("--data-root", help="data set (default: the checkpoint's --data-root)")
     p.add_argument("--size", type=int, help="image side in px (default: the checkpoint's --resolution)")
@@ -524,13 +668,17 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.table:
+        return print_runs_table(args.path)
+    if len(args.path) > 1:
+        fail(f"one checkpoint at a time (got {len(args.path)} paths); several run directories need --table")
+    args.path = args.path[0]
+    cuda = torch.cuda.is_available()
+    device = torch.device(args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu"))
     if "RANK" in os.environ and not dist.is_initialized():  # torchrun: NCCL on GPU, gloo on CPU
-        cuda = torch.cuda.is_available()
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl" if cuda else "gloo")
-    device = torch.device(args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
-                                          if torch.cuda.is_available() else "cpu"))
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     probe, saved = load_probeable(args.path, device)
     preset = args.preset or (saved.preset if getattr(saved, "preset", None) in PRESETS else "toy")
     saved_arg = lambda *names: next((getattr(saved, n) for n in names if getattr(saved, n, None)), None)

@@ -4,13 +4,12 @@ an end-to-end evaluate() on the toy set with a tiny conv net, and the CLI's erro
 import json
 import math
 import os
-import sys
-import textwrap
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import data
 import eval as ev
@@ -260,6 +259,70 @@ def test_one_vs_two_gloo_processes_identical(tiny_ckpt, toy_root, tmp_path):
     for a, b in zip(one["metrics"], two["metrics"], strict=True):
         assert (a["name"], a["part"], a["n"]) == (b["name"], b["part"], b["n"])
         assert a["value"] == pytest.approx(b["value"], abs=1e-4)
+
+
+# ------------------------------------------------------------------ ImageFolder protocols (ser.md §3)
+def test_weighted_knn_matches_a_naive_loop():
+    g = torch.Generator().manual_seed(3)
+    tr, va = torch.randn(60, 5, generator=g), torch.randn(25, 5, generator=g)
+    ytr, yva = torch.randint(0, 3, (60,), generator=g), torch.randint(0, 3, (25,), generator=g)
+    correct = {10: 0, 20: 0}
+    for i in range(25):
+        cos = [float(va[i] @ tr[j] / va[i].norm() / tr[j].norm()) for j in range(60)]
+        nearest = sorted(range(60), key=lambda j: -cos[j])
+        for k in correct:
+            votes = [sum(math.exp(cos[j] / 0.07) for j in nearest[:k] if ytr[j] == c) for c in range(3)]
+            correct[k] += votes.index(max(votes)) == yva[i]
+    got = ev.knn_top1(tr, ytr, va, yva, (10, 20), 0.07, 3, torch.device("cpu"), chunk=7)
+    assert got == {k: pytest.approx(v / 25) for k, v in correct.items()}
+
+
+def test_normalizer_maps_between_input_statistics():
+    x = torch.rand(2, 3, 4, 4)
+    mine = (x - torch.tensor(data.MEAN).view(3, 1, 1)) / torch.tensor(data.STD).view(3, 1, 1)
+    want = (x - torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(data.IMAGENET_STD).view(3, 1, 1)
+    stats = (data.IMAGENET_MEAN, data.IMAGENET_STD)
+    assert torch.allclose(ev.normalizer(stats, src=(data.MEAN, data.STD))(mine), want, atol=1e-5)
+    assert torch.allclose(ev.normalizer(stats)(x), want, atol=1e-6)
+
+
+class PooledTokens(nn.Module):
+    """Block 1: 4x4 average pooling (exactly rot90/flip-equivariant); block 2: plus a fixed position pattern
+    (not equivariant). Representation = the pooled map, flattened."""
+    def __init__(self):
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)))
+
+    def maps(self, x):
+        m = F.avg_pool2d(x, 4)
+        return [m, m + 3 * self.pos[..., :m.shape[-2], :m.shape[-1]]]
+
+    def forward(self, x):
+        return F.adaptive_avg_pool2d(x, 4).flatten(1)
+
+
+def test_imagefolder_protocols(toy_imagefolder, toy_root):
+    net = PooledTokens()
+    probe = ev.Probeable(net, {"full": slice(0, 48), "half": slice(0, 24)}, token_maps=net.maps, step=5)
+    res = ev.evaluate(probe, toy_imagefolder, linear_epochs=5)
+    n_val = len(data.image_folder(toy_imagefolder, "val"))
+    s = res["summary"]
+    for part in ("full", "half"):
+        assert {f"linear_top1/{part}", f"knn10_top1/{part}", f"knn20_top1/{part}"} <= set(s)
+    for name in ("rot90", "rot180", "vflip", "zoom", "noise", "blur", "jpeg"):
+        assert 0 <= s[f"robust_top1_{name}/full"] <= 1
+    eq = {r["part"]: r for r in res["metrics"] if r["name"] == "equivariance"}
+    assert set(eq) == {"block1", "block2"} and eq["block1"]["n"] == n_val
+    for g in ("rot90", "rot180", "rot270", "flip"):
+        assert eq["block1"]["per_g"][g] == pytest.approx(1.0, abs=1e-5)     # pooling commutes with them
+        assert eq["block2"]["per_g"][g] < 0.99                             # the position pattern does not
+    assert eq["block1"]["per_g"]["rescale"] > 0.9
+    assert eq["block1"]["value"] > eq["block1"]["chance"]
+    assert all(r["step"] == 5 and r["definition"] for r in res["metrics"])
+    with pytest.raises(ValueError, match="needs a imagefolder data root"):
+        ev.evaluate(probe, toy_root, protocols=("linear",))
+    probe.token_maps = None
+    assert "equivariance skipped" in ev.evaluate(probe, toy_imagefolder, protocols=("equivariance",))["notes"][0]
 
 
 # ------------------------------------------------------------------ CLI
