@@ -147,7 +147,8 @@ def ensure_3diebench(root=DEFAULT_ROOT):
 
 
 def missing_root(root, name="3DIEBench", command="make-3diebench"):
-    return DataError(f"{name} root not found: {root}\n  generate a look-alike there with: python data.py {command} {root}")
+    return DataError(f"{name} root not found: {root}\n"
+                     f"  generate a look-alike there with: python data.py {command} {root}")
 
 
 def ensure(root, default, make, config, name, command):
@@ -347,7 +348,8 @@ def check(root, workers=None, progress=True):
             n = count_views(root, entries)
         except (DataError, OSError):
             pass
-        results = parallel_map(lambda e: scan_object(object_dir(root, e), n), entries, f"check {split}", progress, workers)
+        results = parallel_map(lambda e: scan_object(object_dir(root, e), n), entries, f"check {split}",
+                               progress, workers)
         for _, found in results:
             for kind, msg in found:
                 problems[kind].append(msg)
@@ -380,9 +382,10 @@ def dot(a, b):
 
 
 def look_at(pos, focal):
-    """(3, B, 1) positions looking at the origin, z up -> camera (pos, axes [right, up, forward] (3, 3, B, 1), focal)."""
+    """(3, B, 1) positions looking at the origin, z up -> camera (pos, axes [right, up, forward], focal)."""
     fwd = F.normalize(-pos, dim=0)
-    right = F.normalize(torch.linalg.cross(fwd, pos.new_tensor([0.0, 0, 1])[:, None, None].expand_as(fwd), dim=0), dim=0)
+    z_up = pos.new_tensor([0.0, 0, 1])[:, None, None].expand_as(fwd)
+    right = F.normalize(torch.linalg.cross(fwd, z_up, dim=0), dim=0)
     return pos, torch.stack([right, torch.linalg.cross(right, fwd, dim=0), fwd]), focal
 
 
@@ -459,9 +462,11 @@ def render(verts, faces, colors, latents, size, ss=2, alpha=False):
     v = world[:, :, faces]                                                         # (3, B, F, 3 corners)
     n = F.normalize(torch.linalg.cross(v[..., 1] - v[..., 0], v[..., 2] - v[..., 0], dim=0), dim=0)
     tri_cols = torch.cat([n, dot(n, v[..., 0]), colors.T[:, None].expand(3, B, nf)]).flatten(1)
-    floor_cols = torch.cat([lat.new_tensor([0, 0, 1, FLOOR_Z])[:, None].expand(4, B), hsv_to_rgb(lat[:, 3], 0.6, 0.6).T.to(dev)])
+    floor_cols = torch.cat([lat.new_tensor([0, 0, 1, FLOOR_Z])[:, None].expand(4, B),
+                            hsv_to_rgb(lat[:, 3], 0.6, 0.6).T.to(dev)])
     seen = torch.where(ids >= 0, ids, B * nf + torch.arange(B, device=dev)[:, None, None]).flatten()
-    normal, offset, albedo = torch.cat([tri_cols, floor_cols], 1).index_select(1, seen).view(7, B, H * H).split([3, 1, 3])
+    cols = torch.cat([tri_cols, floor_cols], 1).index_select(1, seen)
+    normal, offset, albedo = cols.view(7, B, H * H).split([3, 1, 3])                  # (3 | 1 | 3, B, H*H)
     # The camera ray through each pixel centre meets that plane at p.
     jj, ii = torch.meshgrid(torch.arange(H, device=dev) + 0.5, torch.arange(H, device=dev) + 0.5, indexing="xy")
     ndc = [(2 * jj / H - 1).flatten() / FOCAL, (1 - 2 * ii / H).flatten() / FOCAL, torch.ones(H * H, device=dev)]
@@ -479,7 +484,8 @@ def render(verts, faces, colors, latents, size, ss=2, alpha=False):
     depth = shadow_depth.flatten(1).gather(1, w.long().clamp(0, S - 1) * S + u.long().clamp(0, S - 1))
     lit = z <= depth + 4 * z / (light_cam[2] * S) + 1e-3
     spot_light = x * x * (3 - 2 * x) * lit * dot(normal, to_light).clamp(min=0) * 16 / dist ** 3
-    light = AMBIENT + SUN * normal[2:].clamp(min=0) + SPOT * hsv_to_rgb(lat[:, 6], 1.0, 0.8).T[..., None].to(dev) * spot_light
+    spot_rgb = hsv_to_rgb(lat[:, 6], 1.0, 0.8).T[..., None].to(dev)              # (3, B, 1)
+    light = AMBIENT + SUN * normal[2:].clamp(min=0) + SPOT * spot_rgb * spot_light
     out = (albedo * light).clamp(0, 1)
     out = (torch.cat([out, (ids >= 0).float().view(1, B, -1)]) if alpha else out).view(-1, B, H, H).transpose(0, 1)
     return F.avg_pool2d(out, ss) if ss > 1 else out
@@ -536,16 +542,19 @@ def object_mesh(c, rng):
     -> verts (V, 3), faces (F, 3), colors (F, 3)."""
     palette = hsv_to_rgb(torch.tensor(rng.uniform(0, 1, 2)), torch.tensor(rng.uniform(0.1, 0.7, 2)),
                          torch.tensor(rng.uniform(0.5, 0.95, 2))).float()
+    f32 = lambda a: torch.tensor(a, dtype=torch.float32)
     verts, faces, colors, n = [], [], [], 0
     for kind, scale, euler, pos, optional in class_recipe(c):
-        jitter = (rng.uniform(0.8, 1.25, 3), rng.normal(0, 0.12, 3), rng.normal(0, 0.04, 3), rng.random(), rng.integers(2))
-        if optional and jitter[3] < 0.5:
+        # this object's jitter of the part's size, pose and placement; optional parts dropped half the time
+        size, angles = f32(scale * rng.uniform(0.8, 1.25, 3)), f32(euler + rng.normal(0, 0.12, 3))
+        shift = f32(pos + rng.normal(0, 0.04, 3))
+        dropped, color = optional and rng.random() < 0.5, palette[rng.integers(2)]
+        if dropped:
             continue
         v, f = unit_mesh(kind)
-        R = euler_xyz_to_matrix(torch.tensor(euler + jitter[1], dtype=torch.float32))
-        verts.append((v * torch.tensor(scale * jitter[0], dtype=torch.float32)) @ R.T + torch.tensor(pos + jitter[2], dtype=torch.float32))
+        verts.append((v * size) @ euler_xyz_to_matrix(angles).T + shift)
         faces.append(f + n)
-        colors.append(palette[jitter[4]].expand(len(f), 3))
+        colors.append(color.expand(len(f), 3))
         n += len(v)
     v = torch.cat(verts)
     v = v - (v.amin(0) + v.amax(0)) / 2
@@ -558,7 +567,8 @@ def sample_latents(rng, views, ood=False):
     spot hue, then 3 angles U(-pi/2, pi/2); --ood: |angle| in [pi/2, pi] (3DIEBench-OOD, peers.md §5)."""
     out = np.empty((views, 7))
     for k in range(views):
-        hue, th, ph, spot_hue = rng.uniform(0, 1), rng.uniform(0, math.pi / 4), rng.uniform(0, 2 * math.pi), rng.uniform(0, 1)
+        hue, th, ph = rng.uniform(0, 1), rng.uniform(0, math.pi / 4), rng.uniform(0, 2 * math.pi)
+        spot_hue = rng.uniform(0, 1)
         angles = rng.uniform(-math.pi / 2, math.pi / 2, 3)
         if ood:
             angles = np.sign(angles) * (math.pi / 2 + np.abs(angles))
@@ -677,7 +687,8 @@ class ImageFolder(torch.utils.data.Dataset):
             raise DataError(f"{folder}: class folders differ from {train}'s, so labels would not match")
         self.samples = []
         for label, wnid in enumerate(self.classes):
-            files = sorted(f for f in os.listdir(os.path.join(folder, wnid)) if f.lower().endswith((".jpeg", ".jpg", ".png")))
+            files = sorted(f for f in os.listdir(os.path.join(folder, wnid))
+                           if f.lower().endswith((".jpeg", ".jpg", ".png")))
             if not files:
                 raise DataError(f"{os.path.join(folder, wnid)}: empty class folder (no .JPEG/.jpg/.png images)")
             self.samples += [(os.path.join(folder, wnid, f), label) for f in files]
@@ -735,7 +746,8 @@ def make_imagefolder(out, classes=10, train_per_class=100, val_per_class=20, siz
         wnid = f"n{90000000 + c:08d}"
         os.makedirs(os.path.join(tmp, split, wnid), exist_ok=True)
         for j, im in enumerate((image * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()):
-            name = f"{wnid}_{k + j}.JPEG" if split == "train" else f"ILSVRC2012_val_{c * val_per_class + k + j + 1:08d}.JPEG"
+            number = k + j if split == "train" else c * val_per_class + k + j + 1
+            name = f"{wnid}_{number}.JPEG" if split == "train" else f"ILSVRC2012_val_{number:08d}.JPEG"
             Image.fromarray(im).save(os.path.join(tmp, split, wnid, name), quality=90)
 
     with staged(out) as tmp:
@@ -777,7 +789,8 @@ def main(argv=None):
             make_3diebench(args.out, args.classes, args.objects_per_class, args.views, args.size, args.seed,
                            args.ood, args.device)
         elif args.command == "make-imagefolder":
-            print(make_imagefolder(args.out, args.classes, args.train_per_class, args.val_per_class, args.size, args.seed))
+            print(make_imagefolder(args.out, args.classes, args.train_per_class, args.val_per_class, args.size,
+                                   args.seed))
         elif args.command == "check":
             problems = check(args.root, args.workers)
             for kind, msgs in problems.items():
