@@ -1,14 +1,14 @@
-"""3DIEBench data: the exact on-disk format, a look-alike generator in that format, and a checker.
+"""3DIEBench data: the exact on-disk format, a look-alike generator in that format, and a checker;
+plus ImageNet's ImageFolder layout and its look-alike (for ser.py).
 
     python data.py make-3diebench OUT [--classes 55 --objects-per-class 6 --views 50 --size 64 --seed 0 --ood]
     python data.py check ROOT                     # every problem of a data set at once, non-zero exit
     python data.py contact-sheet ROOT OUT.png     # a grid of objects x views
     python data.py make-imagefolder OUT [--classes 10 --train-per-class 100 --val-per-class 20 --size 64]
 
-Layout (sie.md §1.1-1.2): <root>/<synset>/<obj_id>/image_k.jpg + latent_k.npy (7 float64),
-<root>/{train,val}_images.npy ('/SYNSET/OBJ_ID/' entries), {train,val}_labels.npy (int64),
-optional all_latents_{split}.npy (row = obj_idx * 50 + view). The scripts import the loaders;
-nothing runs at import.
+3DIEBench layout (sie.md §1.1-1.2): <root>/<synset>/<obj_id>/image_k.jpg + latent_k.npy (7 float64),
+<root>/{train,val}_images.npy ('/SYNSET/OBJ_ID/' entries), {train,val}_labels.npy (int64), optional
+all_latents_{split}.npy (row = obj_idx * 50 + view). Scripts import the loaders; nothing runs at import.
 """
 import argparse
 import contextlib
@@ -33,7 +33,7 @@ DEFAULT_ROOT = "data/3diebench-toy"   # relative to cwd; generated on first use
 # The toy set every script's default runs on: 10 classes x 20 objects x 50 views at 64x64
 # (10,000 images: 33 CPU-seconds to generate, ~17 s on 2 free cores).
 TOY_3DIEBENCH = dict(classes=10, objects_per_class=20, views=50, size=64, seed=0)
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)   # for ImageFolder data (ser.md)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)   # for ImageFolder data
 DEFAULT_IMAGEFOLDER_ROOT = "data/imagefolder-toy"
 TOY_IMAGEFOLDER = dict(classes=10, train_per_class=100, val_per_class=20, size=64, seed=0)
 # The 55 real ShapeNetCore synset ids (sorted: label = position, sie.md §1.2), borrowed by the generator.
@@ -50,9 +50,7 @@ class DataError(Exception):
     """A problem with the data a user can act on: one message naming the file. Scripts catch it,
     print str(e) to stderr and exit(2)."""
 
-    def __str__(self):
-        # A DataLoader worker re-raises it as DataError("Caught DataError in worker ... Original
-        # Traceback ... DataError: <msg>"): keep only the message.
+    def __str__(self):  # a DataLoader worker re-raises it wrapped in its traceback text: keep the message
         s = super().__str__()
         return s.rsplit("DataError: ", 1)[-1].strip() if "Original Traceback" in s else s
 
@@ -62,8 +60,8 @@ def cpu_cores():
 
 
 def parallel_map(fn, jobs, desc, progress=True, workers=None):
-    """list(map(fn, jobs)) on one thread per core, torch ops single-threaded in each (torch, PIL and file I/O
-    release the GIL), with a progress bar."""
+    """list(map(fn, jobs)) on one thread per core with single-threaded torch ops in each (torch, PIL and
+    file I/O release the GIL), with a progress bar."""
     from tqdm import tqdm
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -75,13 +73,11 @@ def parallel_map(fn, jobs, desc, progress=True, workers=None):
 
 
 # ============================================================ rotations (sie.md §1.1, §1.3)
-# Pure numpy/torch, no scipy. Every function takes numpy float64 arrays or torch tensors.
+# Pure numpy/torch, no scipy: every function takes numpy float64 arrays or torch tensors.
 def euler_xyz_to_matrix(angles):
-    """(..., 3) angles -> (..., 3, 3). Extrinsic xyz (Blender's XYZ mode, scipy "xyz"):
-    R = Rz(a2) @ Ry(a1) @ Rx(a0) (sie.md §1.1)."""
+    """(..., 3) -> (..., 3, 3). Extrinsic xyz (Blender's XYZ mode, scipy "xyz"): R = Rz(a2) Ry(a1) Rx(a0)."""
     xp = torch if torch.is_tensor(angles) else np
-    ca, cb, cc = xp.cos(angles[..., 0]), xp.cos(angles[..., 1]), xp.cos(angles[..., 2])
-    sa, sb, sc = xp.sin(angles[..., 0]), xp.sin(angles[..., 1]), xp.sin(angles[..., 2])
+    (ca, cb, cc), (sa, sb, sc) = ([f(angles[..., k]) for k in range(3)] for f in (xp.cos, xp.sin))
     rows = [cb * cc, sa * sb * cc - ca * sc, ca * sb * cc + sa * sc,
             cb * sc, sa * sb * sc + ca * cc, ca * sb * sc - sa * cc,
             -sb, sa * cb, ca * cb]
@@ -89,79 +85,71 @@ def euler_xyz_to_matrix(angles):
 
 
 def matrix_to_quaternion(R):
-    """(..., 3, 3) -> (..., 4) unit quaternion, scalar-LAST (x, y, z, w) like scipy's as_quat, and
-    NOT canonicalised (sie.md §6): scipy's branch choice, whose largest component is positive."""
-    xp = torch if torch.is_tensor(R) else np
-    r = lambda i, j: R[..., i, j]
+    """(..., 3, 3) -> (..., 4) scalar-last (x, y, z, w) as scipy's from_matrix: its largest component
+    comes out positive (no further canonicalisation)."""
+    xp, r = torch if torch.is_tensor(R) else np, lambda i, j: R[..., i, j]
     tr = r(0, 0) + r(1, 1) + r(2, 2)
-    # One unnormalised candidate per largest component (x, y, z, w), then pick by the diagonal.
-    cand = xp.stack([
-        xp.stack([1 + 2 * r(0, 0) - tr, r(1, 0) + r(0, 1), r(2, 0) + r(0, 2), r(2, 1) - r(1, 2)], -1),
-        xp.stack([r(0, 1) + r(1, 0), 1 + 2 * r(1, 1) - tr, r(2, 1) + r(1, 2), r(0, 2) - r(2, 0)], -1),
-        xp.stack([r(0, 2) + r(2, 0), r(1, 2) + r(2, 1), 1 + 2 * r(2, 2) - tr, r(1, 0) - r(0, 1)], -1),
-        xp.stack([r(2, 1) - r(1, 2), r(0, 2) - r(2, 0), r(1, 0) - r(0, 1), 1 + tr], -1)], -2)
-    choice = xp.stack([r(0, 0), r(1, 1), r(2, 2), tr], -1).argmax(-1)
-    if xp is np:
-        q = np.take_along_axis(cand, choice[..., None, None], -2)[..., 0, :]
-    else:
-        q = cand.gather(-2, choice[..., None, None].expand(*choice.shape, 1, 4))[..., 0, :]
-    return q / (q * q).sum(-1)[..., None] ** 0.5
+    # One unnormalised candidate per largest component (x, y, z, w), chosen from the diagonal.
+    cand = xp.stack([xp.stack(c, -1) for c in (
+        [1 + 2 * r(0, 0) - tr, r(1, 0) + r(0, 1), r(2, 0) + r(0, 2), r(2, 1) - r(1, 2)],
+        [r(0, 1) + r(1, 0), 1 + 2 * r(1, 1) - tr, r(2, 1) + r(1, 2), r(0, 2) - r(2, 0)],
+        [r(0, 2) + r(2, 0), r(1, 2) + r(2, 1), 1 + 2 * r(2, 2) - tr, r(1, 0) - r(0, 1)],
+        [r(2, 1) - r(1, 2), r(0, 2) - r(2, 0), r(1, 0) - r(0, 1), 1 + tr])], -2)
+    pick = xp.stack([r(0, 0), r(1, 1), r(2, 2), tr], -1).argmax(-1)[..., None, None]
+    q = np.take_along_axis(cand, pick, -2) if xp is np else cand.gather(-2, pick.expand(*pick.shape[:-1], 4))
+    return q[..., 0, :] / (q[..., 0, :] ** 2).sum(-1)[..., None] ** 0.5
 
 
 def quaternion_multiply(p, q):
     """Hamilton product p * q of (..., 4) scalar-last quaternions (apply q first, then p)."""
-    xp = torch if torch.is_tensor(p) else np
-    x1, y1, z1, w1 = (p[..., k] for k in range(4))
-    x2, y2, z2, w2 = (q[..., k] for k in range(4))
-    return xp.stack([w1 * x2 + x1 * w2 + y1 * z2 - z1 * y2, w1 * y2 - x1 * z2 + y1 * w2 + z1 * x2,
-                     w1 * z2 + x1 * y2 - y1 * x2 + z1 * w2, w1 * w2 - x1 * x2 - y1 * y2 - z1 * z2], -1)
+    (x1, y1, z1, w1), (x2, y2, z2, w2) = ([a[..., k] for k in range(4)] for a in (p, q))
+    return (torch if torch.is_tensor(p) else np).stack([
+        w1 * x2 + x1 * w2 + y1 * z2 - z1 * y2, w1 * y2 - x1 * z2 + y1 * w2 + z1 * x2,
+        w1 * z2 + x1 * y2 - y1 * x2 + z1 * w2, w1 * w2 - x1 * x2 - y1 * y2 - z1 * z2], -1)
 
 
 def euler_xyz_to_quaternion(angles):
-    """(..., 3) -> (..., 4) scalar-last: q_z(a2) * q_y(a1) * q_x(a0), composed from the three elementary
-    quaternions (sin(a/2) axis, cos(a/2)) as scipy's from_euler("xyz") does, signs included."""
+    """(..., 3) -> (..., 4) scalar-last q_z(a2) q_y(a1) q_x(a0), multiplied out, with the signs of scipy's
+    from_euler("xyz"), which composes the elementary quaternions (sin(a/2) axis, cos(a/2))."""
     xp = torch if torch.is_tensor(angles) else np
-    c, s = xp.cos(angles / 2), xp.sin(angles / 2)
-    zero = 0 * c[..., 0]
-    elem = [xp.stack([s[..., 0], zero, zero, c[..., 0]], -1), xp.stack([zero, s[..., 1], zero, c[..., 1]], -1),
-            xp.stack([zero, zero, s[..., 2], c[..., 2]], -1)]
-    return quaternion_multiply(elem[2], quaternion_multiply(elem[1], elem[0]))
+    (cx, cy, cz), (sx, sy, sz) = ([f(angles[..., k] / 2) for k in range(3)] for f in (xp.cos, xp.sin))
+    return xp.stack([sx * cy * cz - cx * sy * sz, cx * sy * cz + sx * cy * sz,
+                     cx * cy * sz - sx * sy * cz, cx * cy * cz + sx * sy * sz], -1)
 
 
 def relative_quaternion(a1, a2):
-    """quat(R1^T R2) for two (..., 3) Euler-angle arrays: the rotation from view 1 to view 2 in view 1's
-    OBJECT (body) frame, R2 = R1 r; NOT the world-frame R2 R1^T (sie.md §1.3, §6).
-    Computed as the official code does, scipy's `r1.inv() * r2` = conj(q1) * q2: the sign follows the
-    quaternion algebra (w < 0 for ~4.4 % of pairs), which matrix_to_quaternion(R1^T R2) would not reproduce
-    (its largest component is always positive), and the hypernetwork is linear in g, so the sign matters."""
-    q1, q2 = euler_xyz_to_quaternion(a1), euler_xyz_to_quaternion(a2)
-    conj = q1 * (np.array([-1.0, -1, -1, 1]) if not torch.is_tensor(q1) else q1.new_tensor([-1.0, -1, -1, 1]))
-    return quaternion_multiply(conj, q2)
+    """quat(R1^T R2) from two (..., 3) Euler-angle arrays: view 1 -> view 2 in view 1's OBJECT (body) frame,
+    R2 = R1 r, not the world-frame R2 R1^T (sie.md §1.3, §6). Computed as the official scipy code,
+    r1.inv() * r2 = conj(q1) q2, so the sign is the same (w < 0 for ~4.4 % of pairs; the hypernetwork is
+    linear in g, so the sign matters); matrix_to_quaternion(R1^T R2) would flip some of them."""
+    q1 = euler_xyz_to_quaternion(a1)
+    conj = q1 * (q1.new_tensor([-1.0, -1, -1, 1]) if torch.is_tensor(q1) else np.array([-1.0, -1, -1, 1]))
+    return quaternion_multiply(conj, euler_xyz_to_quaternion(a2))
 
 
 # ============================================================ reading the on-disk format (sie.md §1.1-1.2)
-def ensure_3diebench(root=DEFAULT_ROOT):
-    """Return root. The default location is generated on first use (one line says so); any other missing
-    root is an error naming the folder and the command that generates a look-alike there."""
-    return ensure(root, DEFAULT_ROOT, make_3diebench, TOY_3DIEBENCH, "3DIEBench", "make-3diebench")
-
-
-def missing_root(root, name="3DIEBench", command="make-3diebench"):
-    return DataError(f"{name} root not found: {root}\n"
-                     f"  generate a look-alike there with: python data.py {command} {root}")
-
-
-def ensure(root, default, make, config, name, command):
+def ensure(root, name="3DIEBench", generate=True):
+    """Return root if it exists. The default location of `name` ("3DIEBench" or "ImageFolder") is generated
+    on first use (one line says so); any other missing root is an error that names the folder and the
+    command generating a look-alike there."""
+    default, command, make, config = {
+        "3DIEBench": (DEFAULT_ROOT, "make-3diebench", make_3diebench, TOY_3DIEBENCH),
+        "ImageFolder": (DEFAULT_IMAGEFOLDER_ROOT, "make-imagefolder", make_imagefolder, TOY_IMAGEFOLDER)}[name]
     if os.path.isdir(root):
         return root
-    if os.path.abspath(root) != os.path.abspath(default):
-        raise missing_root(root, name, command)
+    if not generate or os.path.abspath(root) != os.path.abspath(default):
+        raise DataError(f"{name} root not found: {root}\n"
+                        f"  generate a look-alike there with: python data.py {command} {root}")
     print(f"data: {root} not found, generating the toy {name} look-alike there: "
           + ", ".join(f"{k}={v}" for k, v in config.items()), file=sys.stderr)
     return make(root, **config, progress=False)
 
 
-def _load_npy(path, what):
+def ensure_3diebench(root=DEFAULT_ROOT):
+    return ensure(root, "3DIEBench")
+
+
+def load_npy(path, what):
     if not os.path.isfile(path):
         raise DataError(f"{path}: missing {what}")
     try:
@@ -176,28 +164,21 @@ def object_dir(root, entry):
 
 
 def read_split(root, split, check_folders=True):
-    """-> (entries, labels): the '{split}_images.npy' list (one entry per object, list order matters
-    for all_latents, sie.md §6) and '{split}_labels.npy' (int64 index of the synset in the sorted
-    synset list). Checks that both exist, have the same length, and every listed folder exists."""
-    if not os.path.isdir(root):
-        ensure_3diebench(root)
-    images_path = os.path.join(root, f"{split}_images.npy")
-    labels_path = os.path.join(root, f"{split}_labels.npy")
-    entries = _load_npy(images_path, f"{split} list file ('/SYNSET/OBJ_ID/' entries)")
-    labels = _load_npy(labels_path, f"{split} label file")
+    """-> (entries, labels) of '{split}_images.npy' (one entry per object; the order matters for all_latents,
+    sie.md §6) and '{split}_labels.npy' (int64 index of the synset in the sorted synset list), checked:
+    both readable, same length, and every listed folder exists."""
+    list_file, label_file = (os.path.join(ensure_3diebench(root), f"{split}_{k}.npy") for k in ("images", "labels"))
+    entries, labels = load_npy(list_file, f"{split} list file"), load_npy(label_file, f"{split} label file")
     if entries.ndim != 1 or entries.dtype.kind != "U":
-        raise DataError(f"{images_path}: expected a 1-d unicode array of '/SYNSET/OBJ_ID/' entries, "
-                        f"got {entries.dtype} {entries.shape}")
+        raise DataError(f"{list_file}: expected '/SYNSET/OBJ_ID/' strings, got {entries.dtype} {entries.shape}")
     if labels.ndim != 1 or labels.dtype.kind not in "iu" or (len(labels) and labels.min() < 0):
-        raise DataError(f"{labels_path}: expected a 1-d array of non-negative integer labels, "
-                        f"got {labels.dtype} {labels.shape}")
+        raise DataError(f"{label_file}: expected non-negative integer labels, got {labels.dtype} {labels.shape}")
     if len(entries) != len(labels):
-        raise DataError(f"{labels_path}: {len(labels)} labels but {images_path} lists {len(entries)} objects")
-    if check_folders:
-        missing = [e for e in entries if not os.path.isdir(object_dir(root, e))]
-        if missing:
-            raise DataError(f"{images_path}: {len(missing)} of {len(entries)} listed object folders are "
-                            f"missing under {root}, first: {missing[0]} ({object_dir(root, missing[0])})")
+        raise DataError(f"{label_file}: {len(labels)} labels but {list_file} lists {len(entries)} objects")
+    missing = [e for e in entries if not os.path.isdir(object_dir(root, e))] if check_folders else []
+    if missing:
+        raise DataError(f"{list_file}: {len(missing)} of {len(entries)} listed object folders are missing, "
+                        f"first: {missing[0]} ({object_dir(root, missing[0])})")
     return entries, labels.astype(np.int64)
 
 
@@ -211,15 +192,15 @@ def count_views(root, entries):
 
 
 def load_latent(path):
-    """One view's latent: float64 (7,) = 3 Euler angles, floor hue, spot theta, spot phi, spot hue (sie.md §1.1)."""
-    lat = _load_npy(path, "latent file")
+    """One view's float64 (7,) latent: 3 Euler angles, floor hue, spot theta, spot phi, spot hue (sie.md §1.1)."""
+    lat = load_npy(path, "latent file")
     if lat.shape != (7,) or lat.dtype.kind != "f" or not np.isfinite(lat).all():
         raise DataError(f"{path}: latent must be 7 finite floats, got {lat.dtype} {lat.shape}")
     return lat.astype(np.float64)
 
 
 def load_image(path):
-    """PIL RGB image, decoded now, so a corrupt or truncated JPEG fails here with its path."""
+    """PIL RGB image, decoded now, so that a corrupt or truncated file fails here, with its path."""
     try:
         with Image.open(path) as im:
             return im.convert("RGB")
@@ -233,24 +214,22 @@ def load_all_latents(root, split):
     """(N_obj * views, 7) float64, row obj_idx * views + view in list order (sie.md §1.2): the
     all_latents_{split}.npy file if present, else rebuilt from the per-view latent_k.npy files."""
     entries, _ = read_split(root, split)
-    n = count_views(root, entries)
-    path = os.path.join(root, f"all_latents_{split}.npy")
-    if os.path.exists(path):
-        table = _load_npy(path, "latent table")
-        if table.shape != (len(entries) * n, 7) or table.dtype.kind != "f":
-            raise DataError(f"{path}: expected shape ({len(entries) * n}, 7) float "
-                            f"({len(entries)} objects x {n} views), got {table.dtype} {table.shape}")
-        return table.astype(np.float64)
-    return np.stack([load_latent(os.path.join(object_dir(root, e), f"latent_{k}.npy"))
-                     for e in entries for k in range(n)])
+    n, path = count_views(root, entries), os.path.join(root, f"all_latents_{split}.npy")
+    if not os.path.exists(path):
+        return np.stack([load_latent(os.path.join(object_dir(root, e), f"latent_{k}.npy"))
+                         for e in entries for k in range(n)])
+    table = load_npy(path, "latent table")
+    if table.shape != (len(entries) * n, 7) or table.dtype.kind != "f":
+        raise DataError(f"{path}: expected shape ({len(entries) * n}, 7) float ({len(entries)} objects x {n} "
+                        f"views), got {table.dtype} {table.shape}")
+    return table.astype(np.float64)
 
 
 def image_transform(size=None):
-    """PIL -> float32 (3, S, S) normalised with the data set's MEAN/STD (sie.md §1.4); optional resize
-    (the community's 128x128 low-compute regime)."""
+    """PIL -> float32 (3, S, S) normalised with MEAN/STD (sie.md §1.4); optional resize (e.g. the 128x128
+    low-compute regime)."""
     import torchvision.transforms as T
-    steps = [T.Resize((size, size))] if size else []
-    return T.Compose(steps + [T.ToTensor(), T.Normalize(MEAN, STD)])
+    return T.Compose(([T.Resize((size, size))] if size else []) + [T.ToTensor(), T.Normalize(MEAN, STD)])
 
 
 # ============================================================ datasets (sie.md §1.3-1.4)
@@ -271,11 +250,10 @@ class Split3DIEBench(torch.utils.data.Dataset):
 
 
 class Pairs3DIEBench(Split3DIEBench):
-    """Training / rotation-probe item: one per OBJECT (an epoch = one pair per object), two DISTINCT
-    random views (sie.md §1.3). Returns (x1, x2, g, label) with g the relative quaternion (x, y, z, w),
-    or with color=True [quat, d_floor_hue, d_spot_hue], raw differences, not wrapped.
-    The views are a function of (seed, epoch, index) only, so they are the same for any number of
-    ranks or DataLoader workers (the official code uses the unseeded global RNG)."""
+    """Training / rotation-probe item: one per OBJECT (an epoch = one pair per object), two DISTINCT random
+    views (sie.md §1.3) -> (x1, x2, g, label), g the relative quaternion (x, y, z, w), or with color=True
+    [quat, d_floor_hue, d_spot_hue] (raw differences, not wrapped). The views are a function of (seed, epoch,
+    index) only: the same for any number of ranks or DataLoader workers (the official code's are unseeded)."""
 
     def __init__(self, root, split="train", size=None, color=False, seed=0):
         super().__init__(root, split, size)
@@ -292,16 +270,15 @@ class Pairs3DIEBench(Split3DIEBench):
         x1, x2 = (self.transform(load_image(self.path(i, f"image_{v}.jpg"))) for v in (v1, v2))
         l1, l2 = (load_latent(self.path(i, f"latent_{v}.npy")) for v in (v1, v2))
         # sie.md §6: the angles are cast to float32 before the rotation maths, as in training.
-        g = relative_quaternion(l1[:3].astype(np.float32).astype(np.float64),
-                                l2[:3].astype(np.float32).astype(np.float64))
+        g = relative_quaternion(*(lat[:3].astype(np.float32).astype(np.float64) for lat in (l1, l2)))
         if self.color:  # sie.md §1.3: indices 3 and 6 (floor hue, spot hue), not wrapped mod 1
             g = np.concatenate([g, l2[[3, 6]] - l1[[3, 6]]])
         return x1, x2, torch.from_numpy(g.astype(np.float32)), int(self.labels[i])
 
 
 class Views3DIEBench(Split3DIEBench):
-    """Evaluation item: one VIEW. Index i -> object i // len(views), view views[i % len(views)];
-    returns (x, label, obj_idx, view). `latents` is the per-view table of load_all_latents."""
+    """Evaluation item: one VIEW. Index i -> object i // len(views), view views[i % len(views)] ->
+    (x, label, obj_idx, view). `latents` is the per-view table of load_all_latents."""
 
     def __init__(self, root, split="val", size=None, views=None):
         super().__init__(root, split, size)
@@ -318,23 +295,24 @@ class Views3DIEBench(Split3DIEBench):
 
 # ============================================================ checking a whole data set
 def check(root, workers=None, progress=True):
-    """Scan every list, folder, image (decoded) and latent of a data set. -> {kind: [messages]}; empty
-    when the set is fine. Reports every problem at once instead of dying hours into training."""
-    if not os.path.isdir(root):
-        raise missing_root(root)
+    """Scan every list, folder, image (decoded) and latent of a data set -> {kind: [messages]}, empty when
+    the set is fine: every problem at once, instead of dying hours into training."""
+    ensure(root, generate=False)
     problems = defaultdict(list)
 
-    def scan_object(folder, n):  # -> (latents or None, [(kind, message)])
+    def scan_object(folder, n):  # -> (its (n, 7) latents or None, [(kind, message)])
         if not os.path.isdir(folder):
             return None, [("object folder", f"{folder}: listed object folder is missing")]
         found, lats = [], []
         for k in range(n):
-            for kind, fn, name in (("image", load_image, f"image_{k}.jpg"), ("latent", load_latent, f"latent_{k}.npy")):
-                try:
-                    out = fn(os.path.join(folder, name))
-                    lats += [out] if kind == "latent" else []
-                except DataError as e:
-                    found.append((kind, str(e)))
+            try:
+                load_image(os.path.join(folder, f"image_{k}.jpg"))
+            except DataError as e:
+                found.append(("image", str(e)))
+            try:
+                lats.append(load_latent(os.path.join(folder, f"latent_{k}.npy")))
+            except DataError as e:
+                found.append(("latent", str(e)))
         return (np.stack(lats) if len(lats) == n else None), found
 
     for split in ("train", "val"):
@@ -343,23 +321,20 @@ def check(root, workers=None, progress=True):
         except DataError as e:
             problems["list file"].append(str(e))
             continue
-        n = N_VIEWS
         try:
             n = count_views(root, entries)
         except (DataError, OSError):
-            pass
+            n = N_VIEWS
         results = parallel_map(lambda e: scan_object(object_dir(root, e), n), entries, f"check {split}",
                                progress, workers)
-        for _, found in results:
-            for kind, msg in found:
-                problems[kind].append(msg)
-        table_path = os.path.join(root, f"all_latents_{split}.npy")
-        if os.path.exists(table_path) and all(lat is not None for lat, _ in results):
+        for kind, msg in (p for _, found in results for p in found):
+            problems[kind].append(msg)
+        path = os.path.join(root, f"all_latents_{split}.npy")
+        if os.path.exists(path) and all(lat is not None for lat, _ in results):
             try:
-                table = _load_npy(table_path, "latent table")
-                if not np.array_equal(table, np.concatenate([lat for lat, _ in results])):
-                    problems["all_latents"].append(f"{table_path}: differs from the per-view latent_k.npy files "
-                                                   f"(expected shape ({len(entries) * n}, 7), list order)")
+                if not np.array_equal(load_npy(path, "latent table"), np.concatenate([lat for lat, _ in results])):
+                    raise DataError(f"{path}: differs from the per-view latent_k.npy files (expected shape "
+                                    f"({len(entries) * n}, 7), rows in list order)")
             except DataError as e:
                 problems["all_latents"].append(str(e))
     return dict(problems)
@@ -491,6 +466,7 @@ def render(verts, faces, colors, latents, size, ss=2, alpha=False):
     return F.avg_pool2d(out, ss) if ss > 1 else out
 
 
+# ============================================================ procedural shape families
 # ============================================================ procedural shape families
 def lathe(profile, n, closed=False):
     """Surface of revolution about z: profile (P, 2) of (radius, z) points, n segments -> verts (P*n, 3),
@@ -707,8 +683,7 @@ image_folder = ImageFolder       # the name other scripts call: image_folder(roo
 
 
 def ensure_imagefolder(root=DEFAULT_IMAGEFOLDER_ROOT):
-    """Like ensure_3diebench, for the ImageFolder look-alike."""
-    return ensure(root, DEFAULT_IMAGEFOLDER_ROOT, make_imagefolder, TOY_IMAGEFOLDER, "ImageFolder", "make-imagefolder")
+    return ensure(root, "ImageFolder")
 
 
 def backgrounds(gen, n, size):

@@ -376,3 +376,10 @@ def test_render_alpha_is_the_object_coverage():
     a = out[:, 3]
     assert out.shape == (2, 4, 32, 32) and a.min() == 0 and a.max() == 1 and a[:, 0, 0].sum() == 0
     assert torch.equal(out[:, :3], data.render(verts, faces, colors, data.sample_latents(np.random.default_rng(0), 2), 32))
+
+
+def test_object_colour_does_not_depend_on_the_class():
+    # the palette is drawn from the object's own random stream before its shape: same stream, same colours,
+    # whatever the class (class is told by shape only, issue 4)
+    colours = [set(map(tuple, data.object_mesh(c, np.random.default_rng(7))[2].tolist())) for c in range(6)]
+    assert all(c == colours[0] for c in colours)
