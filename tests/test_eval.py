@@ -331,6 +331,9 @@ def test_cli_runs_a_checkpoint_and_reports_clear_errors(tiny_ckpt, tmp_path, cap
     saved = json.loads((tiny_ckpt / "eval.json").read_text())
     assert saved["step"] == 11 and saved["protocols"] == ["classify", "retrieval"]
     assert "top1" in capsys.readouterr().out
+    ev.main(["--table", str(tiny_ckpt)])
+    table = capsys.readouterr().out.splitlines()
+    assert table[1].startswith("| run | step | top1/full") and table[3].startswith("| run | 11 | ")
 
     def error_of(argv):
         with pytest.raises(SystemExit) as e:
@@ -340,6 +343,7 @@ def test_cli_runs_a_checkpoint_and_reports_clear_errors(tiny_ckpt, tmp_path, cap
         assert "Traceback" not in "\n".join(err)
         return err[-1]
     assert "no checkpoint at" in error_of([str(tmp_path / "nowhere")])
+    assert "no eval.json in" in error_of(["--table", str(tmp_path)])
     bad = tmp_path / "corrupt.pt"
     bad.write_bytes(b"not a checkpoint")
     assert "cannot read checkpoint" in error_of([str(bad)]) and str(bad) in error_of([str(bad)])
