@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 import data
+import eval  # noqa: A004 (the project's eval.py; the builtin eval() is never used here)
 
 # ================================== config ==================================
 # --preset fills these defaults; any flag given on the command line overrides them. Both presets
@@ -197,9 +198,8 @@ def make_loader(args, rank, world):
 
 def to_device(batch, device):
     """(x1, x2, g, label) from the loader -> device; images channels_last (faster ResNet convs)."""
-    x1, x2, g, labels = (t.to(device, non_blocking=True) for t in batch)
-    cl = torch.channels_last
-    return x1.contiguous(memory_format=cl), x2.contiguous(memory_format=cl), g, labels
+    cl, keep = torch.channels_last, torch.preserve_format
+    return [t.to(device, non_blocking=True, memory_format=cl if t.dim() == 4 else keep) for t in batch]
 
 
 # =============================== model pieces ===============================
@@ -297,8 +297,8 @@ class MLPPredictor(nn.Module):
 
 def augself_head(repr_dim, g_dim):
     """AugSelf's head phi (Lee et al. 2021, Sec. 3) at the SIE code's sizes (spec §3): an MLP
-    2*512 -> 1024 -> 1024 -> k on the concatenated representations [y; y']; 2,103,300 parameters at k = 4.
-    Deviation from AugSelf's code, which uses 512-wide heads: the SIE comparison's widths."""
+    2*512 -> 1024 -> 1024 -> k on the concatenated representations [y; y']; 2,103,300 parameters at k = 4."""
+    # Deviation: AugSelf's code uses 512-wide heads; these are the SIE comparison's widths.
     w = 2 * repr_dim
     return nn.Sequential(nn.Linear(w, w), nn.ReLU(inplace=True), nn.Linear(w, w), nn.ReLU(inplace=True),
                          nn.Linear(w, g_dim))
@@ -373,9 +373,8 @@ def build_model(args):
 def probeable(model, args):
     """What eval.py needs: the backbone and its parts; with a predictor, the equivariant head and it
     (for MRR/H@k/PRE). Only-equi's single projector is its equivariant head."""
-    import eval as evaluation
     embed = getattr(model, "proj_equi", model.projector) if args.method in PREDICTS else None
-    return evaluation.Probeable(backbone=model.backbone, parts=representation_parts(args), embed=embed,
+    return eval.Probeable(backbone=model.backbone, parts=representation_parts(args), embed=embed,
                                 predict=getattr(model, "predictor", None), g_dim=6 if args.rot_color else 4)
 
 
@@ -398,11 +397,11 @@ def covariance_loss(z, divisor):
 
 
 def vicreg_regularizer(z1, z2, batch_size=None):
-    """Variance and covariance of both views on the gathered batch: (v/2 + v'/2, c + c'). The 1/2 is
-    the official code's (Deviation from the paper's Eq. 6, which has none; vicreg#8). Like the SIE
+    """Variance and covariance of both views on the gathered batch: (v/2 + v'/2, c + c'). Like the SIE
     code, the covariance divides by the CLI global batch_size - 1, also for a smaller last batch."""
     Z1, Z2 = gather(z1.float()), gather(z2.float())
     divisor = (batch_size or Z1.shape[0]) - 1
+    # Deviation: the 1/2 per view is the official VICReg code's; the paper's Eq. 6 has none (vicreg#8).
     return (variance_loss(Z1) / 2 + variance_loss(Z2) / 2,
             covariance_loss(Z1, divisor) + covariance_loss(Z2, divisor))
 
@@ -432,17 +431,17 @@ def nt_xent(a, b, temperature=0.1):
 def augself_loss(head, y1, y2, g):
     """Sec. 3: MSE between phi([y; y']) and the relative transformation g (the quaternion, + two hue
     differences with --rot-color). y, y' are NOT detached: the head's gradient shapes the backbone,
-    which is the point of AugSelf. One order only, as in the SIE code (Deviation from AugSelf's code,
-    which also feeds [y'; y] against the reversed target)."""
+    which is the point of AugSelf."""
+    # Deviation: one order only, as in the SIE code; AugSelf's code also feeds [y'; y] (reversed target).
     return F.mse_loss(head(torch.cat([y1, y2], dim=1)).float(), g.float())
 
 
 # ---- EquiMod (Devillers & Lefort, ICLR 2023) ----
 def equimod_simclr_loss(z1_inv, z2_inv, pred, z2_equi, temperature=0.1, alpha=1.0):
     """Sec. 3: L = NT-Xent(z_inv, z'_inv) + alpha NT-Xent(p(z_equi, g), z'_equi). In the second term
-    prediction i is positive with target i; all other predictions and targets are negatives (spec §3).
-    Deviation from EquiMod's paper: 3DIEBench has no un-augmented view x0, so the prediction goes from
-    view 1 to view 2, and the predictor is the SIE code's (a hypernetwork by default)."""
+    prediction i is positive with target i; all other predictions and targets are negatives (spec §3)."""
+    # Deviation: EquiMod predicts from an un-augmented view x0, which 3DIEBench lacks: here view 1 -> view 2,
+    # with the SIE code's predictor (a hypernetwork by default) instead of EquiMod's Linear + BN.
     t = {"inv": nt_xent(z1_inv, z2_inv, temperature), "equi": nt_xent(pred, z2_equi, temperature)}
     t["loss"] = t["inv"] + alpha * t["equi"]
     return t
@@ -568,7 +567,7 @@ def load_checkpoint(path, model, optimizer, scaler, args):
 
 # ================================ train loop ================================
 class NonFiniteLoss(RuntimeError):
-    pass
+    """The loss became inf/nan: training stops before the next checkpoint could store the damage."""
 
 
 def train_step(model, batch, optimizer, scaler, args):
@@ -607,18 +606,15 @@ def log_event(args, kind, **fields):
 
 
 def versions(device):
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except OSError:
-        sha = ""
+    git = subprocess.run("git describe --always --dirty", shell=True, capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-            "cuda": torch.version.cuda, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
-            else platform.processor() or "cpu", "git": sha}
+            "cuda": torch.version.cuda, "git": git,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()}
 
 
-def train(args, rank, world, device):
-    """Pretrains the chosen baseline; returns the unwrapped model, the data root and the final step."""
+def setup_run(args, rank, world, device):
+    """Data, model, optimiser, scaler; resumes from the run dir's checkpoint when there is one."""
     if args.batch_size % world:
         raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by {world} processes")
     torch.manual_seed(args.seed)
@@ -631,50 +627,56 @@ def train(args, rank, world, device):
     optimizer = make_optimizer(model, args)
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and args.amp == "fp16")
     os.makedirs(args.run_dir, exist_ok=True)
-    ckpt_path = os.path.join(args.run_dir, "checkpoint.pt")
-    resume = args.resume or (ckpt_path if os.path.exists(ckpt_path) else None)
-    epoch0, step = load_checkpoint(resume, model, optimizer, scaler, args) if resume else (0, 0)
+    ckpt = os.path.join(args.run_dir, "checkpoint.pt")
+    resume = args.resume or (ckpt if os.path.exists(ckpt) else None)
+    epoch, step = load_checkpoint(resume, model, optimizer, scaler, args) if resume else (0, 0)
     if resume:
-        print0(f"resumed from {resume}: {epoch0} epochs, step {step}")
-        log_event(args, "resume", checkpoint=resume, epoch=epoch0, step=step, world_size=world)
+        print0(f"resumed from {resume}: {epoch} epochs done, step {step}")
+        log_event(args, "resume", checkpoint=resume, epoch=epoch, step=step, world_size=world)
     else:
         log_event(args, "config", config=vars(args), argv=sys.argv, versions=versions(device), world_size=world)
-        if is_main():
+        if is_main():                               # the run dir carries the code that produced it
             shutil.copyfile(os.path.abspath(__file__), os.path.join(args.run_dir, "baselines.py.txt"))
+    return loader, root, model, optimizer, scaler, epoch, step
+
+
+def train(args, rank, world, device):
+    """Pretrains the chosen baseline; returns the unwrapped model, the data root and the final step."""
+    loader, root, model, optimizer, scaler, epoch0, step = setup_run(args, rank, world, device)
     ddp = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) if world > 1 else model
-    parts = representation_parts(args)
+    ckpt, parts = os.path.join(args.run_dir, "checkpoint.pt"), representation_parts(args)
     bar = tqdm(total=args.epochs * len(loader), initial=step, disable=not is_main(), unit="step", dynamic_ncols=True)
     for epoch in range(epoch0, args.epochs):
         loader.sampler.set_epoch(epoch)             # data order = f(seed, epoch)
         loader.dataset.set_epoch(epoch)             # view choice = f(seed, epoch, object)
         ddp.train()
-        window, epoch_sums, n_win, t0 = {}, {}, 0, time.perf_counter()
-        bad_step = torch.full((), -1.0, device=device)
+        window, epoch_sums, n_win, pairs, t0 = {}, {}, 0, 0, time.perf_counter()
+        bad_step = torch.full((), -1, device=device)
         for i, batch in enumerate(loader):
             terms, sums = train_step(ddp, to_device(batch, device), optimizer, scaler, args)
-            bad_step = torch.where(torch.isfinite(terms["total"]) | (bad_step >= 0), bad_step,
-                                   torch.full_like(bad_step, step))
-            for k, v in terms.items():
-                window[k] = window.get(k, 0) + v
-            for k, v in sums.items():
-                epoch_sums[k] = epoch_sums.get(k, 0) + v
-            step, n_win = step + 1, n_win + 1
+            # Device-side bookkeeping only: no .item() in the step, one sync per log line.
+            bad_step = torch.where(torch.isfinite(terms["total"]) | (bad_step >= 0), bad_step, step + 1)
+            window = {k: window.get(k, 0) + v for k, v in terms.items()}
+            epoch_sums = {k: epoch_sums.get(k, 0) + v for k, v in sums.items()}
+            step, n_win, pairs = step + 1, n_win + 1, pairs + batch[0].shape[0] * world
             bar.update()
-            if step % args.log_every == 0 or i == len(loader) - 1:   # the only host syncs
-                means = reduce_sums({**window, "bad": bad_step / world})
-                if means.pop("bad") >= 0:
-                    log_event(args, "error", step=step, terms=means)
-                    raise NonFiniteLoss(f"non-finite loss at step {int(max(bad_step.tolist(), 0))} "
-                                        f"(epoch {epoch}); terms averaged over the last "
-                                        f"{n_win} steps: {means}; {ckpt_path} holds the last good state")
-                means = {k: v / (n_win * world) for k, v in means.items()}
-                pairs_s = n_win * args.batch_size / (time.perf_counter() - t0)
-                log_event(args, "train", epoch=epoch, step=step, lr=args.lr, pairs_per_s=pairs_s, **means)
-                bar.set_postfix(ep=epoch, **{k: f"{v:.3f}" for k, v in means.items()}, pairs_s=f"{pairs_s:.0f}")
-                window, n_win, t0 = {}, 0, time.perf_counter()
+            if step % args.log_every and i < len(loader) - 1:
+                continue
+            if dist.is_initialized():
+                dist.all_reduce(bad_step, op=dist.ReduceOp.MAX)   # first non-finite step on any rank
+            bad = int(bad_step.tolist())
+            means = {k: v / (n_win * world) for k, v in reduce_sums(window).items()}
+            if bad >= 0:
+                log_event(args, "error", epoch=epoch, step=bad, terms=means)
+                raise NonFiniteLoss(f"non-finite loss at step {bad} (epoch {epoch}); loss terms averaged over "
+                                    f"steps {step - n_win + 1}-{step}: {means}; {ckpt} keeps the last good state")
+            pairs_s = pairs / (time.perf_counter() - t0)
+            log_event(args, "train", epoch=epoch, step=step, lr=args.lr, pairs_per_s=pairs_s, **means)
+            bar.set_postfix(ep=epoch, lr=args.lr, pairs_s=f"{pairs_s:.0f}", **{k: f"{v:.3f}" for k, v in means.items()})
+            window, n_win, pairs, t0 = {}, 0, 0, time.perf_counter()
         log_event(args, "online", epoch=epoch, step=step, **online_metrics(reduce_sums(epoch_sums), parts))
         if is_main():
-            save_checkpoint(ckpt_path, model, optimizer, scaler, epoch + 1, step, args)
+            save_checkpoint(ckpt, model, optimizer, scaler, epoch + 1, step, args)
         if dist.is_initialized():
             dist.barrier()                          # nobody runs ahead of a checkpoint being written
     bar.close()
@@ -685,13 +687,12 @@ def train(args, rank, world, device):
 
 # =================================== eval ===================================
 def run_evaluation(model, args, root, step, device):
-    """SIE paper Sec. 4 protocols on the trained model, in-process (eval.py prints the table, writes
-    eval.json): the same probes as sie.py, on the full representation."""
-    import eval as evaluation
+    """SIE paper Sec. 4 protocols on the trained model, in-process, at the training resolution; every
+    rank calls it (eval.py shards the feature extraction), rank 0 prints the table and writes eval.json."""
     probe = probeable(model, args)
     probe.step = step
-    return evaluation.evaluate(probe, root, protocols=tuple(args.eval_protocols.split(",")),
-                               out_dir=args.run_dir, device=device, preset=args.preset, size=args.resolution)
+    return eval.evaluate(probe, root, protocols=args.eval_protocols.split(","), out_dir=args.run_dir,
+                         device=device, preset=args.preset, size=args.resolution)
 
 
 # =================================== main ===================================
@@ -706,12 +707,9 @@ def main(argv=None):
         if not args.no_eval:
             model.eval()
             run_evaluation(model, args, root, step, device)
-    except data.DataError as e:
+    except (data.DataError, NonFiniteLoss) as e:    # one message, no traceback: bad data 2, divergence 3
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except NonFiniteLoss as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(3)
+        sys.exit(2 if isinstance(e, data.DataError) else 3)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
