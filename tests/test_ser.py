@@ -12,7 +12,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-import data
 import ser
 from conftest import readme_commands, run
 
@@ -20,10 +19,6 @@ from conftest import readme_commands, run
 TINY = ["--resolution", "16", "--patch", "4", "--dim", "32", "--depth", "3", "--heads", "2", "--ser-layer", "1",
         "--batch-size", "16", "--b2-ratio", "0.25", "--head-hidden", "64", "--head-dim", "32", "--token-dim", "32",
         "--num-workers", "0", "--log-every", "1"]
-needs_imagefolder = pytest.mark.skipif(not hasattr(data, "make_imagefolder"), reason="data.py ImageFolder part")
-needs_imagefolder_eval = pytest.mark.skipif(
-    not any("equivariance" in v for k, v in vars(__import__("eval")).items() if k.startswith("PROTOCOLS")),
-    reason="eval.py's ImageFolder protocols (issue 7) not landed yet")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -273,7 +268,6 @@ def _log(run_dir, kind="train"):
         return [e for e in map(json.loads, f) if e["kind"] == kind]
 
 
-@needs_imagefolder
 @pytest.mark.parametrize("base", ["dino"])     # teacher EMA, centre buffer, teacher-temperature schedule
 def test_resume_is_exact(toy_imagefolder, tmp_path, base):
     common = TINY + ["--base", base, "--data-root", toy_imagefolder, "--no-eval", "--epochs", "2"]
@@ -293,7 +287,6 @@ def test_resume_is_exact(toy_imagefolder, tmp_path, base):
         ser.main(common + ["--run-dir", str(tmp_path / "resumed"), "--ser-lambda", "0.5"])
 
 
-@needs_imagefolder_eval
 def test_readme_commands(imagefolder_workdir):
     """Every README command for ser.py parses; the toy ones run for one epoch, evaluation included. The
     2-process torchrun launch always runs, even before the README shows it."""
@@ -314,7 +307,6 @@ def test_readme_commands(imagefolder_workdir):
         assert os.path.exists(imagefolder_workdir / args.run_dir / "eval.json"), cmd
 
 
-@needs_imagefolder
 def test_missing_data_root_is_one_message(tmp_path):
     proc = run(f"python ser.py --data-root {tmp_path / 'nowhere'} --epochs 1", cwd=ser.__file__.rsplit("/", 1)[0],
                check=False)
