@@ -365,7 +365,7 @@ def evaluate_3diebench(probe, root, protos, cfg, device, out_dir):
                                   cfg["seed"])
     if not tasks:
         return recs, notes
-    views = None if cfg["bn"] == "train" or cfg["train_views"] is None else range(cfg["train_views"])
+    views = None if cfg["bn"] == "train" or cfg["train_views"] is None else range(min(cfg["train_views"], V))
     train_ds = data.Views3DIEBench(root, "train", size=size, views=views)
     n_tr, n_cached, lat = len(train_ds.entries), len(train_ds.view_ids), train_ds.latents
     Vtr = len(lat) // n_tr                                   # latent row = object * Vtr + view
