@@ -112,6 +112,8 @@ def parse_args(argv=None):
     preset = p.parse_known_args(argv)[0].preset
     p.set_defaults(**PRESETS[preset])
     args = p.parse_args(argv)
+    if not all(w.isdigit() and int(w) > 0 for w in args.mlp.split("-")):
+        p.error(f"--mlp must be widths joined by '-', e.g. 2048-2048-2048 (got {args.mlp!r})")
     if args.rot_color and args.method not in USES_G:
         p.error(f"--rot-color: {args.method} does not use the transformation g")
     if args.method not in PREDICTS and (args.predictor, args.hypernet) != ("hypernet", "linear"):
@@ -375,7 +377,7 @@ def probeable(model, args):
     (for MRR/H@k/PRE). Only-equi's single projector is its equivariant head."""
     embed = getattr(model, "proj_equi", model.projector) if args.method in PREDICTS else None
     return eval.Probeable(backbone=model.backbone, parts=representation_parts(args), embed=embed,
-                                predict=getattr(model, "predictor", None), g_dim=6 if args.rot_color else 4)
+                          predict=getattr(model, "predictor", None), g_dim=6 if args.rot_color else 4)
 
 
 # =================================== loss ===================================
@@ -427,7 +429,7 @@ def nt_xent(a, b, temperature=0.1):
     return F.cross_entropy(logits, positive)
 
 
-# ---- SimCLR + AugSelf (Lee, Lee, Kim, Lee, Shin, NeurIPS 2021) ----
+# ---- SimCLR + AugSelf (H. Lee, K. Lee, K. Lee, H. Lee, Shin, NeurIPS 2021) ----
 def augself_loss(head, y1, y2, g):
     """Sec. 3: MSE between phi([y; y']) and the relative transformation g (the quaternion, + two hue
     differences with --rot-color). y, y' are NOT detached: the head's gradient shapes the backbone,

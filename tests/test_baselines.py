@@ -238,6 +238,7 @@ def test_paper_preset_is_the_official_comparison():
 @pytest.mark.parametrize("argv, flag", [([], "--method"), (["--method", "vicreg", "--rot-color"], "--rot-color"),
                                         (["--method", "simclr", "--predictor", "mlp"], "--predictor"),
                                         (["--method", "vicreg-partinv", "--equi-emb", "5000"], "--equi-emb"),
+                                        (["--method", "vicreg", "--mlp", "64-x"], "--mlp"),
                                         (["--method", "vicreg", "--bogus"], "--bogus")])
 def test_bad_flags_fail_with_a_message_naming_the_flag(argv, flag, capsys):
     with pytest.raises(SystemExit) as e:
