@@ -12,11 +12,14 @@ all_latents_{split}.npy (row = obj_idx * 50 + view). Scripts import the loaders;
 """
 import argparse
 import contextlib
+import glob
 import math
 import os
+import re
 import shutil
 import sys
 import time
+import zipfile
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
@@ -373,36 +376,49 @@ def project(points, cam, H, W):
 
 
 def rasterize(tri, img, n_images, H, W):
-    """Z-buffer. tri: (T, 3, 3) screen-space triangles (project's output), img: (T,) image index of each.
-    -> ids (n_images, H, W) long: the nearest triangle covering each pixel centre, -1 where none; and its depth.
-    Every (triangle, pixel of its bounding box) pair is a candidate; a scatter-min on depth keeps the nearest."""
-    x, y, z = tri.unbind(-1)                                                       # (T, 3) each
+    """Z-buffer. tri: (3 [x pixel, y pixel, depth], T, 3 corners) screen-space triangles, img: (T,) image of each
+    -> ids (n_images, H, W) long: the nearest triangle covering each pixel centre, -1 where none; its depth; and
+    its corners' perspective-correct barycentric weights there (n_images * H * W, 3). Candidates: each row of a
+    triangle's pixel box, and on it only the span where its three edge functions are >= 0 (a thin sliver's box
+    is mostly empty); a scatter-min on depth keeps the nearest."""
+    dev, pick = tri.device, lambda a, i: a.index_select(0, i)                       # a[i], faster on CPU
+
+    def expand(counts):                                                            # i repeated counts[i] times, 0..counts[i]-1
+        i = torch.repeat_interleave(torch.arange(len(counts), device=dev), counts)
+        return i, (torch.arange(len(i), device=dev) - pick(counts.cumsum(0) - counts, i)).float()
+
+    lo, hi = (tri[:2].amin(2) - 0.5).ceil().clamp(min=0), (tri[:2].amax(2) - 0.5).floor()
+    hi = torch.minimum(hi, hi.new_tensor([[W - 1], [H - 1]]))                       # (2 [x, y], T): pixel box
+    keep = (hi >= lo).all(0).nonzero()[:, 0]                                       # boxes holding a pixel centre
+    (x, y, z), (lx, ly), (hx, hy) = (a.index_select(1, keep) for a in (tri, lo, hi))
     # Barycentric coordinates and 1/depth are affine in the pixel position: f = a x + b y + c, per triangle.
     x1, x2, y1, y2 = x.roll(-1, 1), x.roll(-2, 1), y.roll(-1, 1), y.roll(-2, 1)
     c = x1 * y2 - x2 * y1
     area = c.sum(1, keepdim=True)                                                  # twice the signed area
     bary = torch.stack([y1 - y2, x2 - x1, c], -1) / area[..., None]                # (T, 3 corners, 3 coefs)
     plane = torch.cat([bary, (bary / z[..., None]).sum(1, keepdim=True)], 1)       # (T, 4, 3): + 1/z
-    x0, y0 = (x.amin(1) - 0.5).ceil().clamp(min=0), (y.amin(1) - 0.5).ceil().clamp(min=0)
-    w = ((x.amax(1) - 0.5).floor().clamp(max=W - 1) - x0 + 1).clamp(min=0)
-    h = ((y.amax(1) - 0.5).floor().clamp(max=H - 1) - y0 + 1).clamp(min=0)
-    count = (w * h * (area[:, 0].abs() > 1e-9)).long()
-    t = torch.repeat_interleave(torch.arange(len(tri), device=tri.device), count)
-    pick = lambda a, i: a.index_select(0, i)                                       # a[i], faster on CPU
-    off = (torch.arange(len(t), device=tri.device) - pick(count.cumsum(0) - count, t)).float()
-    wt = pick(w, t)
-    row = ((off + 0.5) / wt).floor()
-    cx, cy = pick(x0, t) + off - row * wt, pick(y0, t) + row                        # pixel indices
+    t, row = expand(((hy - ly + 1) * (area[:, 0].abs() > 1e-9)).long())
+    cy, f = pick(ly, t) + row, pick(bary, t)
+    a = f[..., 0].where(f[..., 0] != 0, 1e-20)                                     # a x >= -(b y + c): x's bound
+    bound = -(f[..., 1] * (cy + 0.5)[:, None] + f[..., 2]) / a
+    x0 = torch.maximum((torch.where(a > 0, bound, -torch.inf).amax(1) - 0.5 - 1e-3).ceil(), pick(lx, t))
+    x1 = torch.minimum((torch.where(a < 0, bound, torch.inf).amin(1) - 0.5 + 1e-3).floor(), pick(hx, t))
+    r, off = expand((x1 - x0 + 1).clamp(min=0).long())
+    t, cx, cy = pick(t, r), pick(x0, r) + off, pick(cy, r)                         # candidate pixel indices
     f = pick(plane, t)
     f = f[..., 0] * (cx + 0.5)[:, None] + f[..., 1] * (cy + 0.5)[:, None] + f[..., 2]   # (K, 4)
     k = (f[:, :3].amin(1) >= 0).nonzero()[:, 0]                                    # pixel centre inside
-    tk = pick(t, k)
-    key = (1 / pick(f[:, 3], k) / 16 * 2 ** 30).long().clamp(0, 2 ** 30) * 2 ** 32 + tk   # depth, then triangle
-    zbuf = torch.full((n_images * H * W,), 2 ** 62, dtype=torch.long, device=tri.device)
-    zbuf.scatter_reduce_(0, (pick(img, tk) * H + pick(cy, k).long()) * W + pick(cx, k).long(), key, "amin")
+    f, t, tk = pick(f, k), pick(t, k), pick(keep, pick(t, k))
+    key = (1 / f[:, 3] / 16 * 2 ** 30).long().clamp(0, 2 ** 30) * 2 ** 32 + tk    # depth, then triangle
+    pix = (pick(img, tk) * H + pick(cy, k).long()) * W + pick(cx, k).long()
+    zbuf = torch.full((n_images * H * W,), 2 ** 62, dtype=torch.long, device=dev)
+    zbuf.scatter_reduce_(0, pix, key, "amin")
+    win = (pick(zbuf, pix) == key).nonzero()[:, 0]                                 # each pixel's nearest
+    weights = torch.zeros(n_images * H * W, 3, device=dev).index_copy_(0, pick(pix, win), pick(
+        f[:, :3] / pick(z, t) / f[:, 3:], win))                                     # lambda_k / z_k / (1 / z)
     empty = zbuf == 2 ** 62
     ids = torch.where(empty, -1, zbuf % 2 ** 32).view(n_images, H, W)
-    return ids, torch.where(empty, torch.inf, (zbuf // 2 ** 32) * (16 / 2 ** 30)).view(n_images, H, W)
+    return ids, torch.where(empty, torch.inf, (zbuf // 2 ** 32) * (16 / 2 ** 30)).view(n_images, H, W), weights
 
 
 def hsv_to_rgb(h, s, v):
@@ -412,36 +428,40 @@ def hsv_to_rgb(h, s, v):
     return v[..., None] - (v * s)[..., None] * torch.minimum(k, 4 - k).clamp(0, 1)
 
 
-def render(verts, faces, colors, latents, size, ss=2, alpha=False):
-    """Render one mesh under B latent rows with the 3DIEBench scene (sie.md §1.1).
-    verts (V, 3) centred on the origin, faces (F, 3) long, colors (F, 3) albedo, latents (B, 7)
+def render(verts, faces, look, latents, size, ss=2, alpha=False):
+    """Render one mesh under B latent rows with the 3DIEBench scene (sie.md §1.1). verts (V, 3) centred on the
+    origin, faces (F, 3) long, look the albedo: (F, 3) colours or read_obj's (uv, material, atlas), latents (B, 7)
     -> (B, 3, size, size) RGB in [0, 1] (+ the object's coverage as a 4th channel with alpha=True),
     rendered at ss x the size and box-filtered (antialiasing)."""
     dev, B, H, nf = verts.device, len(latents), size * ss, len(faces)
     if B > 1 and B * H * H > 2 ** 20:                                              # bound memory: views in chunks
-        return torch.cat([render(verts, faces, colors, part, size, ss, alpha) for part in np.array_split(latents, 2)])
+        return torch.cat([render(verts, faces, look, part, size, ss, alpha) for part in np.array_split(latents, 2)])
+    # Colours are 1 x 1 tiles, one per face (uv unused then).
+    look = look if isinstance(look, tuple) else (look, torch.arange(nf), look[..., None, None])
+    uv, mat, atlas = (x.to(dev) for x in look)
     lat = torch.as_tensor(latents, dtype=torch.float32).to(dev)
-    world = (verts @ euler_xyz_to_matrix(lat[:, :3]).transpose(-1, -2)).permute(2, 0, 1)   # (3, B, V): R v
+    R = euler_xyz_to_matrix(lat[:, :3])                                            # (B, 3, 3)
+    world = (verts @ R.transpose(-1, -2)).permute(2, 0, 1)                         # (3, B, V): R v
     c = math.sin(CAM_POLAR) * math.cos(CAM_AZIM), math.sin(CAM_POLAR) * math.sin(CAM_AZIM), math.cos(CAM_POLAR)
     cam = look_at(CAM_DIST * lat.new_tensor(c)[:, None, None].expand(3, B, 1), FOCAL)
     th, ph = lat[:, 4], lat[:, 5]                                                  # spot light at (theta, phi)
     spot = SPOT_RADIUS * torch.stack([th.sin() * ph.cos(), th.sin() * ph.sin(), th.cos()])[..., None]   # (3, B, 1)
     light_cam = look_at(spot, 1 / (1.25 * math.tan(SPOT_HALF_ANGLE)))              # sees the whole cone
     img = torch.arange(B, device=dev).repeat_interleave(nf)
-    corners = lambda pts: pts[:, :, faces].permute(1, 2, 3, 0).flatten(0, 1)        # (3, B, V) -> (B*F, 3, 3)
-    ids = rasterize(corners(project(world, cam, H, H)), img, B, H, H)[0]
+    corners = lambda pts: pts.index_select(2, faces.flatten()).view(3, B * nf, 3)   # (3, B, V) -> (3, B*F, 3)
+    ids, _, bary = rasterize(corners(project(world, cam, H, H)), img, B, H, H)
     S = H // 2                                                                     # shadow map resolution
     shadow_depth = rasterize(corners(project(world, light_cam, S, S)), img, B, S, S)[1]
-    # One column per triangle and one per image's floor (z = -1, colour HSV(floor_hue, 0.6, 0.6)):
-    # [unit normal (3), plane offset n.x (1), albedo (3)]; each pixel gathers the column of what it sees.
-    v = world[:, :, faces]                                                         # (3, B, F, 3 corners)
-    n = F.normalize(torch.linalg.cross(v[..., 1] - v[..., 0], v[..., 2] - v[..., 0], dim=0), dim=0)
-    tri_cols = torch.cat([n, dot(n, v[..., 0]), colors.T[:, None].expand(3, B, nf)]).flatten(1)
-    floor_cols = torch.cat([lat.new_tensor([0, 0, 1, FLOOR_Z])[:, None].expand(4, B),
-                            hsv_to_rgb(lat[:, 3], 0.6, 0.6).T.to(dev)])
+    # One column per triangle and one per image's floor (z = -1): [unit normal (3), plane offset n.x (1)]; each
+    # pixel gathers the column of what it sees. Rotation invariant: made once on the mesh, then rotated.
+    v = verts[faces]                                                               # (F, 3 corners, 3)
+    n = F.normalize(torch.linalg.cross(v[:, 1] - v[:, 0], v[:, 2] - v[:, 0]), dim=1)   # (F, 3)
+    tri_cols = torch.cat([(R @ n.T).transpose(0, 1), (n * v[:, 0]).sum(1).expand(1, B, nf)]).flatten(1)
+    floor_cols = lat.new_tensor([0, 0, 1, FLOOR_Z])[:, None].expand(4, B)
+    hit = ids.flatten().clamp(min=0)                                               # (B*H*H,) triangle seen
     seen = torch.where(ids >= 0, ids, B * nf + torch.arange(B, device=dev)[:, None, None]).flatten()
     cols = torch.cat([tri_cols, floor_cols], 1).index_select(1, seen)
-    normal, offset, albedo = cols.view(7, B, H * H).split([3, 1, 3])                  # (3 | 1 | 3, B, H*H)
+    normal, offset = cols.view(4, B, H * H).split([3, 1])                          # (3 | 1, B, H*H)
     # The camera ray through each pixel centre meets that plane at p.
     jj, ii = torch.meshgrid(torch.arange(H, device=dev) + 0.5, torch.arange(H, device=dev) + 0.5, indexing="xy")
     ndc = [(2 * jj / H - 1).flatten() / FOCAL, (1 - 2 * ii / H).flatten() / FOCAL, torch.ones(H * H, device=dev)]
@@ -449,6 +469,15 @@ def render(verts, faces, colors, latents, size, ss=2, alpha=False):
     along = dot(ray, normal)
     p = cam[0] + (offset - dot(normal, cam[0])) / torch.where(along.abs() < 1e-6, 1e-6, along) * ray
     normal = torch.where(along > 0, -normal, normal)                              # two-sided faces: face the camera
+    # Albedo: the floor's HSV(floor_hue, 0.6, 0.6), else the seen face's material tile, at the pixel's texture
+    # coordinates (its barycentric weights on the corners' uv; nearest texel, repeated) when textured.
+    face, T = hit % nf, atlas.shape[-1]
+    texel = mat.index_select(0, face) * T * T
+    if T > 1:
+        st = (bary[:, :, None] * uv.index_select(0, face)).sum(1)                  # (B*H*H, 2)
+        texel += (((1 - st[:, 1]) % 1 * T).long().clamp(max=T - 1) * T + (st[:, 0] % 1 * T).long().clamp(max=T - 1))
+    albedo = torch.where(ids.view(1, B, -1) >= 0, atlas.transpose(0, 1).reshape(3, -1).index_select(1, texel).view(3, B, -1),
+                         hsv_to_rgb(lat[:, 3], 0.6, 0.6).T.to(dev)[..., None])
     # Spot light: cone with Blender's smoothstep edge, 1/d^2 falloff, colour HSV(spot_hue, 1, 0.8), and the
     # shadow test against the depth map seen from the light (bias: a few shadow-map pixels at that depth).
     to_light = spot - p
@@ -532,9 +561,58 @@ def object_mesh(c, rng):
         faces.append(f + n)
         colors.append(color.expand(len(f), 3))
         n += len(v)
-    v = torch.cat(verts)
+    return normalise(torch.cat(verts)), torch.cat(faces), torch.cat(colors)
+
+
+def normalise(v):
+    """Bounding box centred on the origin with a unit diagonal: ShapeNet's normalisation; the real generator
+    re-centres on the bounding-box centre (sie.md §1.1)."""
     v = v - (v.amin(0) + v.amax(0)) / 2
-    return v / (v.amax(0) - v.amin(0)).norm(), torch.cat(faces), torch.cat(colors)
+    return v / (v.amax(0) - v.amin(0)).norm()
+
+
+# ============================================================ real meshes: OBJ + MTL (issue 8)
+def obj_lines(path):
+    """(keyword, [arguments]) per non-empty line of an OBJ or MTL file."""
+    with open(path, encoding="latin-1") as lines:
+        yield from ((w[0], w[1:]) for w in map(str.split, lines) if w)
+
+
+def read_obj(path, tile=128):
+    """A minimal Wavefront OBJ reader -> (verts (V, 3) normalised, faces (F, 3), (uv (F, 3, 2), material (F,),
+    atlas (M, 3, T, T))): one atlas tile per material, its map_Kd texture resized to T x T, else its Kd colour.
+    Reads v, vt, f (polygons fan-triangulated; v, v/vt, v//vn, v/vt/vn, negative = relative), usemtl, mtllib
+    (Kd, map_Kd); a texture replaces Kd, as in Blender's importer. OBJ is y-up: (x, y, z) -> (x, -z, y), Blender's
+    import axes. An unreadable file, missing MTL or texture, no faces or non-finite vertices: DataError."""
+    v, vt, tris, mats, kd, tex, name = [], [], [], {"": 0}, {}, {}, ""
+    m, where = 0, lambda i, n: i - 1 if i > 0 else n + i if i else -1   # 1-based, relative (< 0), absent (0)
+    try:
+        for key, w in obj_lines(path):
+            if key == "f":
+                c = [[where(int(i or 0), n) for i, n in zip((a + "//").split("/"), (len(v), len(vt)))] for a in w]
+                tris += [(*c[0], *c[k], *c[k + 1], m) for k in range(1, len(c) - 1)]
+            elif key in ("v", "vt"):
+                (v if key == "v" else vt).append([float(x) for x in w[:3 if key == "v" else 2]])
+            elif key == "usemtl":
+                m = mats.setdefault(" ".join(w), len(mats))
+            elif key == "mtllib":
+                lib = os.path.join(os.path.dirname(path), " ".join(w))
+                for k, a in obj_lines(lib):
+                    name = " ".join(a) if k == "newmtl" else name
+                    kd.update({name: [float(x) for x in a[:3]]} if k == "Kd" else {})
+                    tex.update({name: os.path.join(os.path.dirname(lib), " ".join(a).replace("\\", "/"))} if k == "map_Kd" else {})
+        t = torch.tensor(tris, dtype=torch.long).view(-1, 7)
+        verts = normalise(torch.tensor(v, dtype=torch.float32).view(-1, 3)[:, [0, 2, 1]] * torch.tensor([1.0, -1, 1]))
+        if not len(t) or not torch.isfinite(verts).all() or t[:, 0:6:2].min() < 0 or t[:, 0:6:2].max() >= len(v):
+            raise ValueError("no faces, a non-finite vertex or a face index out of range")
+        uv = torch.tensor(vt + [[0.0, 0.0]], dtype=torch.float32)[t[:, 1:6:2]]   # absent vt (-1): (0, 0)
+        names, T = sorted(mats, key=mats.get), tile if tex else 1
+        atlas = torch.stack([torch.from_numpy(np.array(Image.open(tex[n]).convert("RGB").resize((T, T), Image.BILINEAR)))
+                             .permute(2, 0, 1).float() / 255 if n in tex else
+                             torch.tensor(kd.get(n, [0.8] * 3)).view(3, 1, 1).expand(3, T, T) for n in names])
+    except (OSError, ValueError, IndexError, RuntimeError, UnboundLocalError) as e:
+        raise DataError(f"{path}: unreadable mesh ({e})") from None
+    return verts, t[:, 0:6:2], (uv, t[:, 6], atlas)
 
 
 # ============================================================ generator (the exact layout, sie.md §1.1-1.2)
@@ -572,64 +650,136 @@ def write_object(folder, images, latents):
 
 
 def make_3diebench(out, classes=55, objects_per_class=6, views=50, size=64, seed=0, ood=False,
-                   device="cpu", progress=True):
+                   device="cpu", progress=True, meshes=None):
     """Write a procedural look-alike in the exact 3DIEBench layout: the 55 real synset ids (then made-up
     ones), random 29-32 character object ids, class c drawn from shape family c. Deterministic for a given
-    seed; the same seed with ood=True re-renders the same objects with out-of-distribution angles."""
-    if objects_per_class < 2:
+    seed; the same seed with ood=True re-renders the same objects with out-of-distribution angles.
+    meshes=DIR: render the OBJ meshes of DIR instead (mesh_objects; classes and objects_per_class unused)."""
+    if objects_per_class < 2 and not meshes:
         raise DataError("make-3diebench needs at least 2 objects per class (train and val)")
     rng = np.random.default_rng(seed)
     synsets = (REAL_SYNSETS + [f"{90000000 + c:08d}" for c in range(55, classes)])[:classes]
-    ids = iter(object_ids(rng, classes * objects_per_class))
-    objects = [(c, synsets[c], next(ids), lambda c=c, o=o: object_mesh(c, np.random.default_rng([seed, c, o, 0])))
-               for c in range(classes) for o in range(objects_per_class)]
+    ids = iter(object_ids(rng, classes * objects_per_class) if not meshes else [])
+    objects = mesh_objects(meshes) if meshes else [
+        (synsets[c], next(ids), lambda c=c, o=o: object_mesh(c, np.random.default_rng([seed, c, o, 0])))
+        for c in range(classes) for o in range(objects_per_class)]
     return write_3diebench(out, objects, views, size, seed, ood, device, progress)
+
+
+def mesh_objects(meshes):
+    """[(class folder, model name, mesh_fn)] of DIR/<class>/<model>.obj, or of one OBJ anywhere in DIR/<class>/<model>/
+    (import_sweethome3d's output; ShapeNetCore v2's <synset>/<model_id>/models/model_normalized.obj, ids kept)."""
+    found = [(c, name, os.path.join(meshes, c, name)) for c in sorted(os.listdir(meshes)) if os.path.isdir(
+        os.path.join(meshes, c)) for name in sorted(os.listdir(os.path.join(meshes, c)))] if os.path.isdir(meshes) else []
+    objects = [(c, os.path.splitext(name)[0], lambda p=(sorted(glob.glob(os.path.join(path, "**", "*.obj"), recursive=True))
+               or [path])[0]: read_obj(p)) for c, name, path in found if os.path.isdir(path) or name.lower().endswith(".obj")]
+    if not objects:
+        raise DataError(f"{meshes}: no meshes (expected {meshes}/<class>/<model>.obj or {meshes}/<class>/<model>/*.obj)")
+    return objects
 
 
 @contextlib.contextmanager
 def staged(out):
-    """Write into OUT.partial, renamed to OUT at the end: an interrupted run leaves no half-written OUT."""
+    """Write into OUT.partial, renamed to OUT at the end: an interrupted run leaves no half-written OUT (an
+    exception or Ctrl-C removes OUT.partial too)."""
     if os.path.exists(out) and os.listdir(out):
         raise DataError(f"{out}: already exists and is not empty; choose another output folder")
     tmp = out.rstrip("/") + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    yield tmp
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if os.path.isdir(out):
         os.rmdir(out)
     os.replace(tmp, out)
 
 
 def write_3diebench(out, objects, views=50, size=64, seed=0, ood=False, device="cpu", progress=True):
-    """The writer behind every generator. objects: [(label, synset, obj_id, mesh_fn)], mesh_fn() -> (verts,
-    faces, colors). Renders each object's views on all cores, puts ~20 % of each class's objects in val
-    (sie.md §1.2), writes the lists (in shuffled order, like the real ones), labels and all_latents files."""
+    """The writer behind every generator. objects: [(synset, obj_id, mesh_fn)], mesh_fn() -> render's (verts,
+    faces, look). Renders each object's views on all cores; a mesh that fails to load (DataError) is reported
+    and skipped. Label = position of the synset among those written (sie.md §1.2); puts ~20 % of each class's
+    objects in val, writes the lists (in shuffled order, like the real ones), labels and all_latents files."""
     if views < 2:
         raise DataError("make-3diebench needs at least 2 views per object (training pairs are distinct views)")
     latents = [sample_latents(np.random.default_rng([seed, i, 1 + ood]), views, ood) for i in range(len(objects))]
-    labels = np.array([o[0] for o in objects])
-    in_val = np.zeros(len(objects), bool)
-    for c in np.unique(labels):
-        members = np.flatnonzero(labels == c)
-        in_val[members[:round(0.2 * len(members)) or (len(members) > 1)]] = True
     start = time.time()
     with staged(out) as tmp:
         def job(i):
-            verts, faces, colors = objects[i][3]()
-            images = render(verts.to(device), faces.to(device), colors.to(device), latents[i], size)
-            write_object(os.path.join(tmp, objects[i][1], objects[i][2]), images, latents[i])
+            try:
+                verts, faces, look = objects[i][2]()
+            except DataError as e:
+                return str(e)
+            images = render(verts.to(device), faces.to(device), look, latents[i], size)
+            write_object(os.path.join(tmp, objects[i][0], objects[i][1]), images, latents[i])
 
-        parallel_map(job, range(len(objects)), "render", progress)
-        for name, chosen in (("train", ~in_val), ("val", in_val)):
+        failed = parallel_map(job, range(len(objects)), "render", progress)
+        print("".join(f"skipped {e}\n" for e in failed if e), end="", file=sys.stderr)
+        synsets = sorted({o[0] for o, e in zip(objects, failed) if not e})
+        if not synsets:
+            raise DataError("no mesh could be read (see the skipped ones above)")
+        labels = np.array([-1 if e else synsets.index(o[0]) for o, e in zip(objects, failed)])
+        in_val = np.zeros(len(objects), bool)
+        for c in range(len(synsets)):
+            members = np.flatnonzero(labels == c)
+            in_val[members[:round(0.2 * len(members)) or (len(members) > 1)]] = True
+        for name, chosen in (("train", (labels >= 0) & ~in_val), ("val", in_val)):
             order = np.random.default_rng([seed, name == "val"]).permutation(np.flatnonzero(chosen))
-            entries = [f"/{objects[i][1]}/{objects[i][2]}/" for i in order]
-            np.save(os.path.join(tmp, f"{name}_images.npy"), np.array(entries, dtype="<U43"))
+            entries = [f"/{objects[i][0]}/{objects[i][1]}/" for i in order]
+            np.save(os.path.join(tmp, f"{name}_images.npy"), np.array(entries, dtype=f"<U{max([43, *map(len, entries)])}"))
             np.save(os.path.join(tmp, f"{name}_labels.npy"), labels[order].astype(np.int64))
-            np.save(os.path.join(tmp, f"all_latents_{name}.npy"), np.concatenate([latents[i] for i in order]))
-    n, seconds = len(objects) * views, time.time() - start
+            np.save(os.path.join(tmp, f"all_latents_{name}.npy"), np.array([latents[i] for i in order]).reshape(-1, 7))
+    n, seconds = (labels >= 0).sum() * views, time.time() - start
     if progress:
-        print(f"wrote {len(objects)} objects x {views} views = {n} images of {size}x{size} in {seconds:.1f} s: "
-              f"{n / seconds:.0f} images/s ({cpu_cores()} cores, {device})")
+        print(f"wrote {(labels >= 0).sum()} objects x {views} views = {n} images of {size}x{size} in {seconds:.1f} s: "
+              f"{n / seconds:.0f} images/s ({cpu_cores()} cores, {device}); {sum(map(bool, failed))} bad meshes skipped")
+    return out
+
+
+# Issue 8's 11 classes: (class, pattern searched in the catalogue's "category/name", lower case); first match wins.
+SH3D_CLASSES = [
+    ("person", r"^characters/.*\b(male|female|boy|girl|mannequin)\b"), ("vehicle", r"^vehicles/"),
+    ("window", r"\bwindow\b(?! (blind|shutter))"), ("door", r"\bdoor\b(?! cabinet)"),
+    ("cabinet", r"cabinet|cupboard|wardrobe|dresser|drawers|bookcase|shelves|\bchest\b(?! freezer)"),
+    ("sofa", r"\bsofa|couch"), ("bed", r"\bbed\b|\bcrib\b|futon"), ("chair", r"(?<!wheel)chair|\bstool\b|\bseat\b"),
+    ("table", r"(?<!pool )(?<!football )\btable\b(?! (fan|tennis))|\bdesk\b(?! lamp)"),
+    ("lamp", r"lamp|\blight\b|lantern|chandelier"), ("plant", r"plant|\btree|flower|cactus|bamboo|bonsai|ficus|palm|pine|"
+     r"orchid|tulip|lily|yucca|spathiphyllum|hedge|bush|acacia|maple|beech|cypress|poplar|blossom")]
+
+
+def import_sweethome3d(unpacked, out):
+    """Sort the models of the Sweet Home 3D furniture libraries under `unpacked` (*.sh3f zips, e.g. Debian's
+    sweethome3d-furniture unpacked with dpkg -x) into out/<class>/<catalogue id>/ (OBJ, MTL, textures) by the name
+    and category each has in its library's catalogue (PluginFurnitureCatalog.properties); others are left out.
+    The catalogue's modelRotation (which stands a model upright) is applied to its vertices."""
+    libraries, counts = sorted(glob.glob(os.path.join(unpacked, "**", "*.sh3f"), recursive=True)), defaultdict(int)
+    if not libraries:
+        raise DataError(f"{unpacked}: no Sweet Home 3D library (*.sh3f); unpack the package there with dpkg -x")
+    with staged(out) as tmp:
+        for library in libraries:
+            with zipfile.ZipFile(library) as z:
+                catalogue = defaultdict(dict)
+                for key, i, value in re.findall(r"^(\w+)#(\d+)\s*[=:]\s*(.*?)\s*$", z.read(
+                        "PluginFurnitureCatalog.properties").decode("latin-1"), re.M):
+                    catalogue[i][key] = value
+                for e in catalogue.values():
+                    found = [c for c, pattern in SH3D_CLASSES if re.search(pattern, f"{e.get('category')}/{e.get('name')}".lower())]
+                    if not found or "model" not in e:
+                        continue
+                    model, dest = e["model"].strip("/"), os.path.join(tmp, found[0], re.sub(r"[^\w-]+", "-", e["id"]))
+                    z.extractall(dest, [m for m in z.namelist() if m.startswith(os.path.dirname(model) + "/")])
+                    counts[found[0]] += 1
+                    if "modelRotation" in e:
+                        R, path = np.array(e["modelRotation"].split(), float).reshape(3, 3), os.path.join(dest, model)
+                        with open(path, encoding="latin-1") as f:
+                            text = re.sub(r"^v\s+(\S+)\s+(\S+)\s+(\S+)", lambda m: "v " + " ".join(
+                                f"{x:.7g}" for x in R @ np.array(m.groups(), float)), f.read(), flags=re.M)
+                        with open(path, "w", encoding="latin-1") as f:
+                            f.write(text)
+    print(f"{out}: {sum(counts.values())} models in {len(counts)} classes: "
+          + ", ".join(f"{c} {n}" for c, n in sorted(counts.items(), key=lambda cn: -cn[1])))
     return out
 
 
@@ -743,6 +893,11 @@ def main(argv=None):
     g.add_argument("--seed", type=int, default=0, help="same seed -> identical files")
     g.add_argument("--ood", action="store_true", help="angles in [pi/2, pi] u [-pi, -pi/2] (3DIEBench-OOD)")
     g.add_argument("--device", default="cpu", help="torch device for the renderer (cpu, cuda)")
+    g.add_argument("--meshes", help="render the OBJ meshes DIR/<class>/<model>.obj (or .../<model>/*.obj: ShapeNetCore "
+                   "v2's <synset>/<id>/models/model_normalized.obj) instead; --classes/--objects-per-class unused")
+    i = sub.add_parser("import-sweethome3d", help="sort the models of an unpacked sweethome3d-furniture into class folders")
+    i.add_argument("unpacked", help="folder where the package was unpacked (dpkg -x)")
+    i.add_argument("mesh_dir", help="output: MESH_DIR/<class>/<model>/ (must not exist or be empty)")
     c = sub.add_parser("check", help="scan a data set (real or generated) and report every problem")
     c.add_argument("root")
     c.add_argument("--workers", type=int, default=None, help="decoding threads (default: all cores)")
@@ -762,7 +917,9 @@ def main(argv=None):
     try:
         if args.command == "make-3diebench":
             make_3diebench(args.out, args.classes, args.objects_per_class, args.views, args.size, args.seed,
-                           args.ood, args.device)
+                           args.ood, args.device, meshes=args.meshes)
+        elif args.command == "import-sweethome3d":
+            import_sweethome3d(args.unpacked, args.mesh_dir)
         elif args.command == "make-imagefolder":
             print(make_imagefolder(args.out, args.classes, args.train_per_class, args.val_per_class, args.size,
                                    args.seed))
