@@ -5,6 +5,8 @@ plus ImageNet's ImageFolder layout and its look-alike (for ser.py).
     python data.py check ROOT                     # every problem of a data set at once, non-zero exit
     python data.py contact-sheet ROOT OUT.png     # a grid of objects x views
     python data.py make-imagefolder OUT [--classes 10 --train-per-class 100 --val-per-class 20 --size 64]
+    python data.py import-sweethome3d UNPACKED_DIR MESH_DIR   # real models (Debian's sweethome3d-furniture) by class
+    python data.py make-3diebench OUT --meshes MESH_DIR [...]  # render OBJ meshes (or ShapeNetCore v2) instead
 
 3DIEBench layout (sie.md §1.1-1.2): <root>/<synset>/<obj_id>/image_k.jpg + latent_k.npy (7 float64),
 <root>/{train,val}_images.npy ('/SYNSET/OBJ_ID/' entries), {train,val}_labels.npy (int64), optional
@@ -33,8 +35,7 @@ MEAN = (0.5016, 0.5037, 0.5060)      # sie.md §1.4: the data set's own statisti
 STD = (0.1030, 0.0999, 0.0969)
 N_VIEWS = 50                          # renderings per object (sie.md §1.1)
 DEFAULT_ROOT = "data/3diebench-toy"   # relative to cwd; generated on first use
-# The toy set every script's default runs on: 10 classes x 20 objects x 50 views at 64x64
-# (10,000 images: 33 CPU-seconds to generate, ~17 s on 2 free cores).
+# The toy set every script's default runs on (10,000 images: 33 CPU-seconds to generate, ~17 s on 2 free cores).
 TOY_3DIEBENCH = dict(classes=10, objects_per_class=20, views=50, size=64, seed=0)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)   # for ImageFolder data
 DEFAULT_IMAGEFOLDER_ROOT = "data/imagefolder-toy"
@@ -131,13 +132,14 @@ def relative_quaternion(a1, a2):
 
 
 # ============================================================ reading the on-disk format (sie.md §1.1-1.2)
-def ensure(root, name="3DIEBench", generate=True):
+def ensure(root=None, name="3DIEBench", generate=True):
     """Return root if it exists. The default location of `name` ("3DIEBench" or "ImageFolder") is generated
     on first use (one line says so); any other missing root is an error that names the folder and the
-    command generating a look-alike there."""
+    command generating a look-alike there. ensure_3diebench(root) and ensure_imagefolder(root) are its forms."""
     default, command, make, config = {
         "3DIEBench": (DEFAULT_ROOT, "make-3diebench", make_3diebench, TOY_3DIEBENCH),
         "ImageFolder": (DEFAULT_IMAGEFOLDER_ROOT, "make-imagefolder", make_imagefolder, TOY_IMAGEFOLDER)}[name]
+    root = root or default
     if os.path.isdir(root):
         return root
     if not generate or os.path.abspath(root) != os.path.abspath(default):
@@ -148,8 +150,8 @@ def ensure(root, name="3DIEBench", generate=True):
     return make(root, **config, progress=False)
 
 
-def ensure_3diebench(root=DEFAULT_ROOT):
-    return ensure(root, "3DIEBench")
+ensure_3diebench = ensure                                    # (root=DEFAULT_ROOT)
+ensure_imagefolder = lambda root=DEFAULT_IMAGEFOLDER_ROOT: ensure(root, "ImageFolder")
 
 
 def load_npy(path, what):
@@ -377,13 +379,12 @@ def project(points, cam, H, W):
 
 def rasterize(tri, img, n_images, H, W):
     """Z-buffer. tri: (3 [x pixel, y pixel, depth], T, 3 corners) screen-space triangles, img: (T,) image of each
-    -> ids (n_images, H, W) long: the nearest triangle covering each pixel centre, -1 where none; its depth; and
-    its corners' perspective-correct barycentric weights there (n_images * H * W, 3). Candidates: each row of a
-    triangle's pixel box, and on it only the span where its three edge functions are >= 0 (a thin sliver's box
-    is mostly empty); a scatter-min on depth keeps the nearest."""
+    -> ids (n_images, H, W): the nearest triangle covering each pixel centre (-1: none), its depth, and its corners'
+    perspective-correct barycentric weights there (n_images * H * W, 3). Candidates: each row of a triangle's pixel
+    box, and on it the span where its 3 edge functions are >= 0; a scatter-min on depth keeps the nearest."""
     dev, pick = tri.device, lambda a, i: a.index_select(0, i)                       # a[i], faster on CPU
 
-    def expand(counts):                                                            # i repeated counts[i] times, 0..counts[i]-1
+    def expand(counts):                                              # i repeated counts[i] times, 0..counts[i]-1
         i = torch.repeat_interleave(torch.arange(len(counts), device=dev), counts)
         return i, (torch.arange(len(i), device=dev) - pick(counts.cumsum(0) - counts, i)).float()
 
@@ -436,8 +437,7 @@ def render(verts, faces, look, latents, size, ss=2, alpha=False):
     dev, B, H, nf = verts.device, len(latents), size * ss, len(faces)
     if B > 1 and B * H * H > 2 ** 20:                                              # bound memory: views in chunks
         return torch.cat([render(verts, faces, look, part, size, ss, alpha) for part in np.array_split(latents, 2)])
-    # Colours are 1 x 1 tiles, one per face (uv unused then).
-    look = look if isinstance(look, tuple) else (look, torch.arange(nf), look[..., None, None])
+    look = look if isinstance(look, tuple) else (look, torch.arange(nf), look[..., None, None])   # colours: 1x1 tiles
     uv, mat, atlas = (x.to(dev) for x in look)
     lat = torch.as_tensor(latents, dtype=torch.float32).to(dev)
     R = euler_xyz_to_matrix(lat[:, :3])                                            # (B, 3, 3)
@@ -476,7 +476,7 @@ def render(verts, faces, look, latents, size, ss=2, alpha=False):
     if T > 1:
         st = (bary[:, :, None] * uv.index_select(0, face)).sum(1)                  # (B*H*H, 2)
         texel += (((1 - st[:, 1]) % 1 * T).long().clamp(max=T - 1) * T + (st[:, 0] % 1 * T).long().clamp(max=T - 1))
-    albedo = torch.where(ids.view(1, B, -1) >= 0, atlas.transpose(0, 1).reshape(3, -1).index_select(1, texel).view(3, B, -1),
+    albedo = torch.where(ids.view(1, B, -1) >= 0, atlas.transpose(0, 1).flatten(1)[:, texel].view(3, B, -1),
                          hsv_to_rgb(lat[:, 3], 0.6, 0.6).T.to(dev)[..., None])
     # Spot light: cone with Blender's smoothstep edge, 1/d^2 falloff, colour HSV(spot_hue, 1, 0.8), and the
     # shadow test against the depth map seen from the light (bias: a few shadow-map pixels at that depth).
@@ -496,7 +496,6 @@ def render(verts, faces, look, latents, size, ss=2, alpha=False):
 
 
 # ============================================================ procedural shape families
-# ============================================================ procedural shape families
 def lathe(profile, n, closed=False):
     """Surface of revolution about z: profile (P, 2) of (radius, z) points, n segments -> verts (P*n, 3),
     faces. A radius of 0 closes an end; closed=True joins the last profile point to the first (a torus)."""
@@ -504,16 +503,14 @@ def lathe(profile, n, closed=False):
     prof = torch.as_tensor(profile, dtype=torch.float32)
     verts = torch.stack([prof[:, :1] * a.cos(), prof[:, :1] * a.sin(), prof[:, 1:].expand(-1, n)], -1).flatten(0, 1)
     P = len(prof)
-    i = torch.arange(P if closed else P - 1)[:, None] * n
-    j = torch.arange(n)[None]
+    i, j = torch.arange(P if closed else P - 1)[:, None] * n, torch.arange(n)[None]
     q = [i + j, i + (j + 1) % n, (i + n) % (P * n) + (j + 1) % n, (i + n) % (P * n) + j]
     return verts, torch.cat([torch.stack([q[0], q[1], q[2]], -1), torch.stack([q[0], q[2], q[3]], -1)]).flatten(0, 1)
 
 
 def unit_mesh(kind):
     """A primitive in [-1, 1]^3 -> (verts (V, 3), faces (F, 3))."""
-    s = torch.linspace(0, math.pi, 7)
-    t = torch.arange(8) * 2 * math.pi / 8
+    s, t = torch.linspace(0, math.pi, 7), torch.arange(8) * 2 * math.pi / 8
     return {"box": lambda: lathe([[0, -1], [1.41, -1], [1.41, 1], [0, 1]], 4),
             "prism": lambda: lathe([[0, -1], [1, -1], [1, 1], [0, 1]], 3),
             "cylinder": lambda: lathe([[0, -1], [1, -1], [1, 1], [0, 1]], 12),
@@ -532,8 +529,7 @@ def class_recipe(c):
     rng = np.random.default_rng([20230210, c])
     parts = [(KINDS[rng.integers(len(KINDS))], rng.uniform(0.3, 0.6, 3), rng.uniform(-0.4, 0.4, 3), np.zeros(3), False)]
     for _ in range(rng.integers(2, 5)):
-        u = rng.normal(size=3)
-        scale = rng.uniform(0.1, 0.28, 3)
+        u, scale = rng.normal(size=3), rng.uniform(0.1, 0.28, 3)
         scale[rng.integers(3)] *= rng.uniform(1, 2.2)               # often stick-like: legs, handles, wings
         parts.append((KINDS[rng.integers(len(KINDS))], scale, rng.uniform(-math.pi, math.pi, 3),
                       parts[0][1] * u / np.linalg.norm(u), rng.random() < 0.3))
@@ -548,7 +544,7 @@ def object_mesh(c, rng):
     palette = hsv_to_rgb(torch.tensor(rng.uniform(0, 1, 2)), torch.tensor(rng.uniform(0.1, 0.7, 2)),
                          torch.tensor(rng.uniform(0.5, 0.95, 2))).float()
     f32 = lambda a: torch.tensor(a, dtype=torch.float32)
-    verts, faces, colors, n = [], [], [], 0
+    verts, faces, colors = [], [], []
     for kind, scale, euler, pos, optional in class_recipe(c):
         # this object's jitter of the part's size, pose and placement; optional parts dropped half the time
         size, angles = f32(scale * rng.uniform(0.8, 1.25, 3)), f32(euler + rng.normal(0, 0.12, 3))
@@ -557,10 +553,9 @@ def object_mesh(c, rng):
         if dropped:
             continue
         v, f = unit_mesh(kind)
+        faces.append(f + sum(map(len, verts)))
         verts.append((v * size) @ euler_xyz_to_matrix(angles).T + shift)
-        faces.append(f + n)
         colors.append(color.expand(len(f), 3))
-        n += len(v)
     return normalise(torch.cat(verts)), torch.cat(faces), torch.cat(colors)
 
 
@@ -572,45 +567,40 @@ def normalise(v):
 
 
 # ============================================================ real meshes: OBJ + MTL (issue 8)
-def obj_lines(path):
-    """(keyword, [arguments]) per non-empty line of an OBJ or MTL file."""
-    with open(path, encoding="latin-1") as lines:
-        yield from ((w[0], w[1:]) for w in map(str.split, lines) if w)
-
-
 def read_obj(path, tile=128):
-    """A minimal Wavefront OBJ reader -> (verts (V, 3) normalised, faces (F, 3), (uv (F, 3, 2), material (F,),
-    atlas (M, 3, T, T))): one atlas tile per material, its map_Kd texture resized to T x T, else its Kd colour.
-    Reads v, vt, f (polygons fan-triangulated; v, v/vt, v//vn, v/vt/vn, negative = relative), usemtl, mtllib
-    (Kd, map_Kd); a texture replaces Kd, as in Blender's importer. OBJ is y-up: (x, y, z) -> (x, -z, y), Blender's
-    import axes. An unreadable file, missing MTL or texture, no faces or non-finite vertices: DataError."""
-    v, vt, tris, mats, kd, tex, name = [], [], [], {"": 0}, {}, {}, ""
-    m, where = 0, lambda i, n: i - 1 if i > 0 else n + i if i else -1   # 1-based, relative (< 0), absent (0)
+    """Minimal OBJ reader: v, vt, f (polygons fan-triangulated; v, v/vt, v//vn, v/vt/vn; negative = relative),
+    usemtl, mtllib (Kd, map_Kd; a texture replaces Kd, as in Blender's importer); y-up -> z-up: (x, -z, y), Blender's
+    import axes. -> (verts (V, 3) normalised, faces (F, 3), (uv (F, 3, 2), material (F,), atlas (M, 3, T, T)): one
+    tile per material: its texture resized, or its colour). Unreadable, missing MTL or texture, no faces: DataError."""
+    def lines(file):                                                               # (keyword, arguments)
+        with open(file, encoding="latin-1") as f:
+            yield from ((w[0], w[1:]) for w in map(str.split, f) if w)
+
+    v, vt, tris, mats, kd, tex, name, m, folder = [], [], [], {"": 0}, {}, {}, "", 0, os.path.dirname(path)
+    index = lambda i, n: i - 1 if i > 0 else n + i if i else -1                    # 1-based, relative (< 0), absent
     try:
-        for key, w in obj_lines(path):
+        for key, w in lines(path):
             if key == "f":
-                c = [[where(int(i or 0), n) for i, n in zip((a + "//").split("/"), (len(v), len(vt)))] for a in w]
+                c = [[index(int(i or 0), n) for i, n in zip((a + "//").split("/"), (len(v), len(vt)))] for a in w]
                 tris += [(*c[0], *c[k], *c[k + 1], m) for k in range(1, len(c) - 1)]
             elif key in ("v", "vt"):
                 (v if key == "v" else vt).append([float(x) for x in w[:3 if key == "v" else 2]])
             elif key == "usemtl":
                 m = mats.setdefault(" ".join(w), len(mats))
-            elif key == "mtllib":
-                lib = os.path.join(os.path.dirname(path), " ".join(w))
-                for k, a in obj_lines(lib):
+            elif key == "mtllib":                                              # texture paths: from the OBJ's folder
+                for k, a in lines(os.path.join(folder, " ".join(w))):
                     name = " ".join(a) if k == "newmtl" else name
-                    kd.update({name: [float(x) for x in a[:3]]} if k == "Kd" else {})
-                    tex.update({name: os.path.join(os.path.dirname(lib), " ".join(a).replace("\\", "/"))} if k == "map_Kd" else {})
-        t = torch.tensor(tris, dtype=torch.long).view(-1, 7)
-        verts = normalise(torch.tensor(v, dtype=torch.float32).view(-1, 3)[:, [0, 2, 1]] * torch.tensor([1.0, -1, 1]))
+                    {"Kd": kd, "map_Kd": tex}.get(k, {})[name] = a
+        t, T = torch.tensor(tris, dtype=torch.long).view(-1, 7), tile if tex else 1
+        verts = normalise(torch.tensor(v).view(-1, 3)[:, [0, 2, 1]] * torch.tensor([1.0, -1, 1]))
         if not len(t) or not torch.isfinite(verts).all() or t[:, 0:6:2].min() < 0 or t[:, 0:6:2].max() >= len(v):
             raise ValueError("no faces, a non-finite vertex or a face index out of range")
-        uv = torch.tensor(vt + [[0.0, 0.0]], dtype=torch.float32)[t[:, 1:6:2]]   # absent vt (-1): (0, 0)
-        names, T = sorted(mats, key=mats.get), tile if tex else 1
-        atlas = torch.stack([torch.from_numpy(np.array(Image.open(tex[n]).convert("RGB").resize((T, T), Image.BILINEAR)))
-                             .permute(2, 0, 1).float() / 255 if n in tex else
-                             torch.tensor(kd.get(n, [0.8] * 3)).view(3, 1, 1).expand(3, T, T) for n in names])
-    except (OSError, ValueError, IndexError, RuntimeError, UnboundLocalError) as e:
+        uv = torch.tensor(vt + [[0.0, 0.0]])[t[:, 1:6:2]]                         # absent (-1): (0, 0)
+        rgb = lambda a: Image.open(os.path.join(folder, " ".join(a).replace("\\", "/"))).convert("RGB")
+        atlas = torch.stack([torch.tensor(np.array(rgb(tex[n]).resize((T, T)))).permute(2, 0, 1) / 255 if n in tex else
+                             torch.tensor([float(x) for x in kd.get(n, [0.8] * 3)[:3]]).view(3, 1, 1).expand(3, T, T)
+                             for n in mats])                                       # one tile per material
+    except (OSError, ValueError, IndexError, RuntimeError) as e:
         raise DataError(f"{path}: unreadable mesh ({e})") from None
     return verts, t[:, 0:6:2], (uv, t[:, 6], atlas)
 
@@ -622,11 +612,8 @@ def sample_latents(rng, views, ood=False):
     out = np.empty((views, 7))
     for k in range(views):
         hue, th, ph = rng.uniform(0, 1), rng.uniform(0, math.pi / 4), rng.uniform(0, 2 * math.pi)
-        spot_hue = rng.uniform(0, 1)
-        angles = rng.uniform(-math.pi / 2, math.pi / 2, 3)
-        if ood:
-            angles = np.sign(angles) * (math.pi / 2 + np.abs(angles))
-        out[k] = [*angles, hue, th, ph, spot_hue]
+        spot_hue, angles = rng.uniform(0, 1), rng.uniform(-math.pi / 2, math.pi / 2, 3)
+        out[k] = [*(np.sign(angles) * (math.pi / 2 + np.abs(angles)) if ood else angles), hue, th, ph, spot_hue]
     return out
 
 
@@ -654,28 +641,23 @@ def make_3diebench(out, classes=55, objects_per_class=6, views=50, size=64, seed
     """Write a procedural look-alike in the exact 3DIEBench layout: the 55 real synset ids (then made-up
     ones), random 29-32 character object ids, class c drawn from shape family c. Deterministic for a given
     seed; the same seed with ood=True re-renders the same objects with out-of-distribution angles.
-    meshes=DIR: render the OBJ meshes of DIR instead (mesh_objects; classes and objects_per_class unused)."""
-    if objects_per_class < 2 and not meshes:
+    meshes=DIR: render instead the OBJ meshes DIR/<class>/<model>.obj or DIR/<class>/<model>/**/*.obj (the importer's
+    output; ShapeNetCore v2's <synset>/<model_id>/models/model_normalized.obj: a 3DIEBench re-render, ids kept)."""
+    if meshes:
+        models = sorted(glob.glob(os.path.join(meshes, "*", "*.obj")) + glob.glob(os.path.join(meshes, "*", "*", "")))
+        if not models:
+            raise DataError(f"{meshes}: no meshes (expected {meshes}/<class>/<model>.obj or <class>/<model>/*.obj)")
+        first_obj = lambda m: (sorted(glob.glob(os.path.join(m, "**", "*.obj"), recursive=True)) or [m])[0]
+        objects = [(*m.rstrip(os.sep).split(os.sep)[-2:], lambda p=first_obj(m): read_obj(p)) for m in models]
+        return write_3diebench(out, objects, views, size, seed, ood, device, progress)
+    if objects_per_class < 2:
         raise DataError("make-3diebench needs at least 2 objects per class (train and val)")
     rng = np.random.default_rng(seed)
     synsets = (REAL_SYNSETS + [f"{90000000 + c:08d}" for c in range(55, classes)])[:classes]
-    ids = iter(object_ids(rng, classes * objects_per_class) if not meshes else [])
-    objects = mesh_objects(meshes) if meshes else [
-        (synsets[c], next(ids), lambda c=c, o=o: object_mesh(c, np.random.default_rng([seed, c, o, 0])))
-        for c in range(classes) for o in range(objects_per_class)]
+    ids = iter(object_ids(rng, classes * objects_per_class))
+    objects = [(synsets[c], next(ids), lambda c=c, o=o: object_mesh(c, np.random.default_rng([seed, c, o, 0])))
+               for c in range(classes) for o in range(objects_per_class)]
     return write_3diebench(out, objects, views, size, seed, ood, device, progress)
-
-
-def mesh_objects(meshes):
-    """[(class folder, model name, mesh_fn)] of DIR/<class>/<model>.obj, or of one OBJ anywhere in DIR/<class>/<model>/
-    (import_sweethome3d's output; ShapeNetCore v2's <synset>/<model_id>/models/model_normalized.obj, ids kept)."""
-    found = [(c, name, os.path.join(meshes, c, name)) for c in sorted(os.listdir(meshes)) if os.path.isdir(
-        os.path.join(meshes, c)) for name in sorted(os.listdir(os.path.join(meshes, c)))] if os.path.isdir(meshes) else []
-    objects = [(c, os.path.splitext(name)[0], lambda p=(sorted(glob.glob(os.path.join(path, "**", "*.obj"), recursive=True))
-               or [path])[0]: read_obj(p)) for c, name, path in found if os.path.isdir(path) or name.lower().endswith(".obj")]
-    if not objects:
-        raise DataError(f"{meshes}: no meshes (expected {meshes}/<class>/<model>.obj or {meshes}/<class>/<model>/*.obj)")
-    return objects
 
 
 @contextlib.contextmanager
@@ -698,16 +680,16 @@ def staged(out):
 
 
 def write_3diebench(out, objects, views=50, size=64, seed=0, ood=False, device="cpu", progress=True):
-    """The writer behind every generator. objects: [(synset, obj_id, mesh_fn)], mesh_fn() -> render's (verts,
-    faces, look). Renders each object's views on all cores; a mesh that fails to load (DataError) is reported
-    and skipped. Label = position of the synset among those written (sie.md §1.2); puts ~20 % of each class's
-    objects in val, writes the lists (in shuffled order, like the real ones), labels and all_latents files."""
+    """The writer behind every generator. objects: [(synset, obj_id, mesh_fn)], mesh_fn() -> render's (verts, faces,
+    look). Renders each object's views on all cores; a mesh that fails to load (DataError) is reported and skipped.
+    Label = position of the synset among those written (sie.md §1.2); ~20 % of each class's objects go to val;
+    writes the lists (in shuffled order, like the real ones), labels and all_latents files."""
     if views < 2:
         raise DataError("make-3diebench needs at least 2 views per object (training pairs are distinct views)")
     latents = [sample_latents(np.random.default_rng([seed, i, 1 + ood]), views, ood) for i in range(len(objects))]
     start = time.time()
     with staged(out) as tmp:
-        def job(i):
+        def job(i):                                                                # -> None, or why it is skipped
             try:
                 verts, faces, look = objects[i][2]()
             except DataError as e:
@@ -715,12 +697,12 @@ def write_3diebench(out, objects, views=50, size=64, seed=0, ood=False, device="
             images = render(verts.to(device), faces.to(device), look, latents[i], size)
             write_object(os.path.join(tmp, objects[i][0], objects[i][1]), images, latents[i])
 
-        failed = parallel_map(job, range(len(objects)), "render", progress)
-        print("".join(f"skipped {e}\n" for e in failed if e), end="", file=sys.stderr)
-        synsets = sorted({o[0] for o, e in zip(objects, failed) if not e})
+        errors = parallel_map(job, range(len(objects)), "render", progress)
+        print(*(f"skipped {e}\n" for e in errors if e), sep="", end="", file=sys.stderr)
+        synsets = sorted({o[0] for o, e in zip(objects, errors) if not e})
         if not synsets:
-            raise DataError("no mesh could be read (see the skipped ones above)")
-        labels = np.array([-1 if e else synsets.index(o[0]) for o, e in zip(objects, failed)])
+            raise DataError(f"none of the {len(objects)} meshes could be read")
+        labels = np.array([-1 if e else synsets.index(o[0]) for o, e in zip(objects, errors)])
         in_val = np.zeros(len(objects), bool)
         for c in range(len(synsets)):
             members = np.flatnonzero(labels == c)
@@ -728,58 +710,50 @@ def write_3diebench(out, objects, views=50, size=64, seed=0, ood=False, device="
         for name, chosen in (("train", (labels >= 0) & ~in_val), ("val", in_val)):
             order = np.random.default_rng([seed, name == "val"]).permutation(np.flatnonzero(chosen))
             entries = [f"/{objects[i][0]}/{objects[i][1]}/" for i in order]
-            np.save(os.path.join(tmp, f"{name}_images.npy"), np.array(entries, dtype=f"<U{max([43, *map(len, entries)])}"))
+            np.save(os.path.join(tmp, f"{name}_images.npy"), np.array(entries, f"<U{max([43, *map(len, entries)])}"))
             np.save(os.path.join(tmp, f"{name}_labels.npy"), labels[order].astype(np.int64))
             np.save(os.path.join(tmp, f"all_latents_{name}.npy"), np.array([latents[i] for i in order]).reshape(-1, 7))
     n, seconds = (labels >= 0).sum() * views, time.time() - start
     if progress:
-        print(f"wrote {(labels >= 0).sum()} objects x {views} views = {n} images of {size}x{size} in {seconds:.1f} s: "
-              f"{n / seconds:.0f} images/s ({cpu_cores()} cores, {device}); {sum(map(bool, failed))} bad meshes skipped")
+        print(f"wrote {n // views} objects x {views} views = {n} images of {size}x{size} in {seconds:.1f} s: "
+              f"{n / seconds:.0f} images/s ({cpu_cores()} cores, {device}); {sum(map(bool, errors))} meshes skipped")
     return out
 
 
 # Issue 8's 11 classes: (class, pattern searched in the catalogue's "category/name", lower case); first match wins.
-SH3D_CLASSES = [
-    ("person", r"^characters/.*\b(male|female|boy|girl|mannequin)\b"), ("vehicle", r"^vehicles/"),
-    ("window", r"\bwindow\b(?! (blind|shutter))"), ("door", r"\bdoor\b(?! cabinet)"),
+SH3D_CLASSES = [("person", r"^characters/.*\b(male|female|boy|girl|mannequin)\b"), ("vehicle", r"^vehicles/"),
+    ("window", r"\bwindow\b(?! (blind|shutter))"), ("door", r"\bdoor\b(?! cabinet)"), ("sofa", r"\bsofa|couch"),
     ("cabinet", r"cabinet|cupboard|wardrobe|dresser|drawers|bookcase|shelves|\bchest\b(?! freezer)"),
-    ("sofa", r"\bsofa|couch"), ("bed", r"\bbed\b|\bcrib\b|futon"), ("chair", r"(?<!wheel)chair|\bstool\b|\bseat\b"),
-    ("table", r"(?<!pool )(?<!football )\btable\b(?! (fan|tennis))|\bdesk\b(?! lamp)"),
-    ("lamp", r"lamp|\blight\b|lantern|chandelier"), ("plant", r"plant|\btree|flower|cactus|bamboo|bonsai|ficus|palm|pine|"
-     r"orchid|tulip|lily|yucca|spathiphyllum|hedge|bush|acacia|maple|beech|cypress|poplar|blossom")]
+    ("bed", r"\bbed\b|\bcrib\b|futon"), ("chair", r"(?<!wheel)chair|\bstool\b|\bseat\b"),
+    ("lamp", r"lamp|\blight\b|lantern"), ("table", r"(?<!pool )(?<!football )\btable\b(?! fan| tennis)|\bdesk\b"),
+    ("plant", r"plant|\btree|flower|cactus|bamboo|bonsai|ficus|palm|pine|orchid|tulip|lily|yucca|spathiphyllum|hedge|"
+              r"bush|acacia|maple|beech|cypress|poplar|blossom")]
 
 
 def import_sweethome3d(unpacked, out):
     """Sort the models of the Sweet Home 3D furniture libraries under `unpacked` (*.sh3f zips, e.g. Debian's
     sweethome3d-furniture unpacked with dpkg -x) into out/<class>/<catalogue id>/ (OBJ, MTL, textures) by the name
-    and category each has in its library's catalogue (PluginFurnitureCatalog.properties); others are left out.
-    The catalogue's modelRotation (which stands a model upright) is applied to its vertices."""
-    libraries, counts = sorted(glob.glob(os.path.join(unpacked, "**", "*.sh3f"), recursive=True)), defaultdict(int)
-    if not libraries:
-        raise DataError(f"{unpacked}: no Sweet Home 3D library (*.sh3f); unpack the package there with dpkg -x")
+    and category each has in its library's catalogue (PluginFurnitureCatalog.properties); others are left out."""
+    counts = defaultdict(int)
     with staged(out) as tmp:
-        for library in libraries:
+        for library in sorted(glob.glob(os.path.join(unpacked, "**", "*.sh3f"), recursive=True)):
             with zipfile.ZipFile(library) as z:
                 catalogue = defaultdict(dict)
                 for key, i, value in re.findall(r"^(\w+)#(\d+)\s*[=:]\s*(.*?)\s*$", z.read(
                         "PluginFurnitureCatalog.properties").decode("latin-1"), re.M):
                     catalogue[i][key] = value
                 for e in catalogue.values():
-                    found = [c for c, pattern in SH3D_CLASSES if re.search(pattern, f"{e.get('category')}/{e.get('name')}".lower())]
-                    if not found or "model" not in e:
+                    name = f"{e.get('category')}/{e.get('name')}".lower()
+                    label = next((c for c, pattern in SH3D_CLASSES if re.search(pattern, name)), None)
+                    if label is None or "model" not in e:
                         continue
-                    model, dest = e["model"].strip("/"), os.path.join(tmp, found[0], re.sub(r"[^\w-]+", "-", e["id"]))
+                    model, dest = e["model"].strip("/"), os.path.join(tmp, label, re.sub(r"[^\w-]+", "-", e["id"]))
                     z.extractall(dest, [m for m in z.namelist() if m.startswith(os.path.dirname(model) + "/")])
-                    counts[found[0]] += 1
-                    if "modelRotation" in e:
-                        R, path = np.array(e["modelRotation"].split(), float).reshape(3, 3), os.path.join(dest, model)
-                        with open(path, encoding="latin-1") as f:
-                            text = re.sub(r"^v\s+(\S+)\s+(\S+)\s+(\S+)", lambda m: "v " + " ".join(
-                                f"{x:.7g}" for x in R @ np.array(m.groups(), float)), f.read(), flags=re.M)
-                        with open(path, "w", encoding="latin-1") as f:
-                            f.write(text)
-    print(f"{out}: {sum(counts.values())} models in {len(counts)} classes: "
-          + ", ".join(f"{c} {n}" for c, n in sorted(counts.items(), key=lambda cn: -cn[1])))
+                    counts[label] += 1
+        if not counts:
+            raise DataError(f"{unpacked}: no Sweet Home 3D library (*.sh3f) with such models (unpacked with dpkg -x?)")
+    print(f"{out}: {sum(counts.values())} models:", ", ".join(f"{c} {n}" for n, c in sorted(
+        ((n, c) for c, n in counts.items()), reverse=True)))
     return out
 
 
@@ -824,16 +798,11 @@ class ImageFolder(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, i):
-        path, label = self.samples[i]
-        image = load_image(path)
+        image, label = load_image(self.samples[i][0]), self.samples[i][1]
         return (self.transform(image) if self.transform else image), label
 
 
 image_folder = ImageFolder       # the name other scripts call: image_folder(root, split, transform=None)
-
-
-def ensure_imagefolder(root=DEFAULT_IMAGEFOLDER_ROOT):
-    return ensure(root, "ImageFolder")
 
 
 def backgrounds(gen, n, size):
@@ -893,9 +862,8 @@ def main(argv=None):
     g.add_argument("--seed", type=int, default=0, help="same seed -> identical files")
     g.add_argument("--ood", action="store_true", help="angles in [pi/2, pi] u [-pi, -pi/2] (3DIEBench-OOD)")
     g.add_argument("--device", default="cpu", help="torch device for the renderer (cpu, cuda)")
-    g.add_argument("--meshes", help="render the OBJ meshes DIR/<class>/<model>.obj (or .../<model>/*.obj: ShapeNetCore "
-                   "v2's <synset>/<id>/models/model_normalized.obj) instead; --classes/--objects-per-class unused")
-    i = sub.add_parser("import-sweethome3d", help="sort the models of an unpacked sweethome3d-furniture into class folders")
+    g.add_argument("--meshes", help="render DIR/<class>/<model>.obj or <class>/<model>/**/*.obj (ShapeNet v2) instead")
+    i = sub.add_parser("import-sweethome3d", help="sort an unpacked sweethome3d-furniture's models into class folders")
     i.add_argument("unpacked", help="folder where the package was unpacked (dpkg -x)")
     i.add_argument("mesh_dir", help="output: MESH_DIR/<class>/<model>/ (must not exist or be empty)")
     c = sub.add_parser("check", help="scan a data set (real or generated) and report every problem")
@@ -904,15 +872,13 @@ def main(argv=None):
     m = sub.add_parser("make-imagefolder", help="generate an ImageNet-layout look-alike (train/<wnid>/*.JPEG, val/...)")
     m.add_argument("out", help="output folder (must not exist or be empty)")
     m.add_argument("--classes", type=int, default=10, help="number of classes (shape families)")
-    m.add_argument("--train-per-class", type=int, default=100)
-    m.add_argument("--val-per-class", type=int, default=20)
-    m.add_argument("--size", type=int, default=64, help="image side in pixels")
-    m.add_argument("--seed", type=int, default=0)
+    for flag, default in (("--train-per-class", 100), ("--val-per-class", 20), ("--size", 64), ("--seed", 0)):
+        m.add_argument(flag, type=int, default=default)
     s = sub.add_parser("contact-sheet", help="PNG grid of a few objects x views")
     s.add_argument("root")
     s.add_argument("out_png")
-    s.add_argument("--objects", type=int, default=8)
-    s.add_argument("--views", type=int, default=8)
+    for flag in ("--objects", "--views"):
+        s.add_argument(flag, type=int, default=8)
     args = p.parse_args(argv)
     try:
         if args.command == "make-3diebench":
@@ -926,9 +892,7 @@ def main(argv=None):
         elif args.command == "check":
             problems = check(args.root, args.workers)
             for kind, msgs in problems.items():
-                print(f"{kind}: {len(msgs)} problem(s)", file=sys.stderr)
-                for m in msgs[:5]:
-                    print(f"  {m}", file=sys.stderr)
+                print(f"{kind}: {len(msgs)} problem(s)", *(f"  {m}" for m in msgs[:5]), sep="\n", file=sys.stderr)
             if problems:
                 sys.exit(1)
             print(f"{args.root}: OK")
