@@ -648,7 +648,8 @@ def make_3diebench(out, classes=55, objects_per_class=6, views=50, size=64, seed
         if not models:
             raise DataError(f"{meshes}: no meshes (expected {meshes}/<class>/<model>.obj or <class>/<model>/*.obj)")
         first_obj = lambda m: (sorted(glob.glob(os.path.join(m, "**", "*.obj"), recursive=True)) or [m])[0]
-        objects = [(*m.rstrip(os.sep).split(os.sep)[-2:], lambda p=first_obj(m): read_obj(p)) for m in models]
+        objects = [(*re.sub(r"\.obj$", "", m.rstrip(os.sep)).split(os.sep)[-2:], lambda p=first_obj(m): read_obj(p))
+                   for m in models]
         return write_3diebench(out, objects, views, size, seed, ood, device, progress)
     if objects_per_class < 2:
         raise DataError("make-3diebench needs at least 2 objects per class (train and val)")

@@ -1,9 +1,11 @@
 """data.py: rotations (sie.md §1.3 test vector), the real on-disk format (generated, hand-built and the
 official list files), every bad-input message, the checker, the generator and the renderer."""
+import math
 import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -383,3 +385,140 @@ def test_object_colour_does_not_depend_on_the_class():
     # whatever the class (class is told by shape only, issue 4)
     colours = [set(map(tuple, data.object_mesh(c, np.random.default_rng(7))[2].tolist())) for c in range(6)]
     assert len(set.union(*colours)) <= 2                     # one two-colour palette for every class
+
+
+# ---------------------------------------------------------------- real meshes: OBJ reader, importer (issue 8)
+TETRA = "v 0 0 0\nv 1 0 0\nv 0 1 0\nv 0 0 1\nf 1 3 2\nf 1 2 4\nf -4 -1 -2\nf 2 3 4\n"   # incl. relative indices
+QUAD = "v -1 -1 0\nv 1 -1 0\nv 1 1 0\nv -1 1 0\nvt 0 0\nvt 1 0\nvt 1 1\nvt 0 1\nvn 0 0 1\nf 1/1/1 2/2/1 3/3/1 4/4/1\n"
+
+
+def write_mesh(folder, name, obj, mtl=None, texture=None):
+    """folder/name.obj (+ name.mtl with one material, + a texture PNG) -> path of the OBJ."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if mtl:
+        (folder / f"{name}.mtl").write_text(f"newmtl paint\n{mtl}\n")
+        obj = f"mtllib {name}.mtl\nusemtl paint\n{obj}"
+    if texture is not None:
+        Image.fromarray(texture).save(folder / "tex.png")
+    (folder / f"{name}.obj").write_text(obj)
+    return folder / f"{name}.obj"
+
+
+def camera_pixels(points, size):
+    """(N, 3) world points -> (N, 2) [x, y] pixel coordinates in the 3DIEBench camera (as render places it)."""
+    c = [math.sin(data.CAM_POLAR) * math.cos(data.CAM_AZIM), math.sin(data.CAM_POLAR) * math.sin(data.CAM_AZIM),
+         math.cos(data.CAM_POLAR)]
+    cam = data.look_at(data.CAM_DIST * torch.tensor(c)[:, None, None], data.FOCAL)
+    return data.project(points.T[:, None].float(), cam, size, size)[:2, 0].T
+
+
+def hull_mask(verts, size):
+    """Silhouette predicted for a tetrahedron: pixel centres inside the projection of its 4 corners (the union of
+    the projected triangles of any 3 of them)."""
+    q = camera_pixels(verts, size)
+    yy, xx = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
+    mask = torch.zeros(size, size, dtype=torch.bool)
+    for tri in ([0, 1, 2], [0, 1, 3], [0, 2, 3], [1, 2, 3]):
+        a, b, c = q[tri]
+        side = [(p2[0] - p1[0]) * (yy - p1[1]) - (p2[1] - p1[1]) * (xx - p1[0]) for p1, p2 in ((a, b), (b, c), (c, a))]
+        mask |= torch.stack(side).ge(0).all(0) | torch.stack(side).le(0).all(0)
+    return mask
+
+
+def test_obj_tetrahedron_silhouette_colour_and_rotation(tmp_path):
+    path = write_mesh(tmp_path, "tetra", TETRA, mtl="Kd 1 0 0")
+    verts, faces, look = data.read_obj(str(path))
+    assert faces.tolist() == [[0, 2, 1], [0, 1, 3], [0, 3, 2], [1, 2, 3]] and look[2].shape == (2, 3, 1, 1)
+    # normalised like ShapeNet: bounding box centred, unit diagonal; OBJ y-up -> z-up: (x, y, z) -> (x, -z, y)
+    assert torch.allclose(verts.amax(0) + verts.amin(0), torch.zeros(3)) and abs((verts.amax(0) - verts.amin(0)).norm() - 1) < 1e-6
+    assert torch.allclose(verts[3] - verts[0], torch.tensor([0, -1, 0]) / 3 ** 0.5)
+    lat = np.zeros((4, 7))
+    lat[:, :3] = [[0, 0, 0], [0.9, -0.4, 0.2], [-1.2, 0.3, 1.4], [0.4, 1.5, -0.7]]
+    lat[:, 3:] = [0.3, 0.5, 2.0, 0.6]
+    out = data.render(verts, faces, look, lat, 96, alpha=True)
+    inside = out[:, 3] == 1
+    assert (out[:, 1:3].permute(1, 0, 2, 3)[:, inside] == 0).all() and (out[:, 0][inside] > 0.2).all()   # Kd red
+    masks = []
+    for row, image in zip(lat, out):
+        # the latent angles rotate the silhouette exactly as R(a) = Rz Ry Rx applied to the vertices predicts
+        R = data.euler_xyz_to_matrix(torch.tensor(row[:3], dtype=torch.float32))
+        predicted, seen = hull_mask(verts @ R.T, 96), image[3] > 0.5
+        assert (predicted & seen).sum() / (predicted | seen).sum() > 0.93
+        assert (hull_mask(verts @ R, 96) ^ seen).sum() > 40 or not row[:3].any()   # R^T (wrong way round) does not fit
+        masks.append(seen)
+    assert all((masks[0] ^ m).sum() > 100 for m in masks[1:])
+
+
+def test_obj_textured_quad_maps_uv_to_image(tmp_path):
+    # texture image: red | green (top half), blue | white (bottom half); v = 1 is the image's top row
+    texture = np.zeros((8, 8, 3), np.uint8)
+    texture[:4, :4], texture[:4, 4:], texture[4:, :4], texture[4:, 4:] = [255, 0, 0], [0, 255, 0], [0, 0, 255], 255
+    path = write_mesh(tmp_path / "sub", "quad", QUAD, mtl="Kd 0.2 0.2 0.2\nmap_Kd tex.png", texture=texture)
+    verts, faces, (uv, material, atlas) = data.read_obj(str(path))
+    assert len(faces) == 2 and atlas.shape == (2, 3, 128, 128) and material.tolist() == [1, 1]   # quad: 2 triangles
+    out = data.render(verts, faces, (uv, material, atlas), np.array([[0, 0, 0, 0.1, 0.3, 1.0, 0.5]]), 128)[0]
+    for (u, v), colour in {(0.25, 0.75): "r", (0.75, 0.75): "g", (0.25, 0.25): "b", (0.75, 0.25): "rgb"}.items():
+        point = torch.tensor([[2 * u - 1, 0, 2 * v - 1]]) / 8 ** 0.5      # OBJ (x, y, 0) -> (x, 0, y), unit diagonal
+        x, y = camera_pixels(point, 128)[0].long()
+        assert (out[:, y, x] > 0.1).tolist() == [c in colour for c in "rgb"], (colour, out[:, y, x])
+
+
+def make_library(root):
+    """A planted Sweet Home 3D library: catalogue entries with names and categories, one folder per model."""
+    entries = [("Armchair", "Living room"), ("Coffee table", "Living room"), ("Bedside table", "Bedroom"),
+               ("Table fan", "Miscellaneous"), ("Wheelchair", "Miscellaneous"), ("Sitting female", "Characters"),
+               ("Dog", "Characters"), ("Double-hung window", "Doors and windows"), ("Window blind", "Miscellaneous"),
+               ("Corner sofa", "Living room"), ("Desk lamp", "Lights"), ("Ficus", "Exterior"), ("Scooter", "Vehicles")]
+    catalogue = "id=Test#catalog\nname=Test catalog\n\n"
+    root.mkdir(parents=True)
+    with zipfile.ZipFile(root / "Test.sh3f", "w") as z:
+        for i, (name, category) in enumerate(entries, 1):
+            model = f"test/m{i}/m{i}.obj"
+            catalogue += f"id#{i}=Test#m {i}\nname#{i}={name}\ncategory#{i}={category}\nmodel#{i}=/{model}\n\n"
+            z.writestr(model, "mtllib m.mtl\nusemtl a\n" + TETRA)
+            z.writestr(f"test/m{i}/m.mtl", "newmtl a\nKd 0.1 0.5 0.9\n")
+        z.writestr("PluginFurnitureCatalog.properties", catalogue)
+    return entries
+
+
+def test_import_sweethome3d_sorts_a_planted_catalogue(tmp_path):
+    make_library(tmp_path / "pkg" / "usr" / "share")
+    meshes = tmp_path / "meshes"
+    data.import_sweethome3d(str(tmp_path / "pkg"), str(meshes))
+    found = {p.name: sorted(q.name for q in p.iterdir()) for p in meshes.iterdir()}
+    assert found == {"chair": ["Test-m-1"], "table": ["Test-m-2", "Test-m-3"], "person": ["Test-m-6"],
+                     "window": ["Test-m-8"], "sofa": ["Test-m-10"], "lamp": ["Test-m-11"], "plant": ["Test-m-12"],
+                     "vehicle": ["Test-m-13"]}
+    assert (meshes / "chair" / "Test-m-1" / "test" / "m1" / "m.mtl").is_file()
+    with pytest.raises(data.DataError, match="sh3f"):
+        data.import_sweethome3d(str(tmp_path / "meshes"), str(tmp_path / "other"))
+    assert not (tmp_path / "other").exists() and not (tmp_path / "other.partial").exists()
+
+
+def test_bad_meshes_are_skipped_and_counted(tmp_path, capsys):
+    good = [write_mesh(tmp_path / "m" / "02691156" / f"{k:032x}" / "models", "model_normalized", TETRA)
+            for k in range(3)]                                              # ShapeNetCore v2's layout
+    write_mesh(tmp_path / "m" / "mugs", "a_mug", TETRA, mtl="Kd 0 0.5 1")      # <class>/<model>.obj
+    write_mesh(tmp_path / "m" / "mugs", "b_mug", TETRA.replace("v 1 0 0", "v 2 0 0"))
+    bad = [write_mesh(tmp_path / "m" / "mugs", "garbage", "v 0 0 0\nf a b c\n"),
+           write_mesh(tmp_path / "m" / "mugs", "no_faces", "v 0 0 0\nv 1 1 1\n"),
+           write_mesh(tmp_path / "m" / "mugs", "nan", TETRA.replace("v 1 0 0", "v nan 0 0")),
+           write_mesh(tmp_path / "m" / "mugs", "no_texture", QUAD, mtl="map_Kd tex.png"),
+           write_mesh(tmp_path / "m" / "mugs", "out_of_range", TETRA + "f 1 2 9\n")]
+    out = tmp_path / "out"
+    data.main(["make-3diebench", str(out), "--meshes", str(tmp_path / "m"), "--views", "3", "--size", "16"])
+    printed = capsys.readouterr()
+    assert all(f"skipped {b}" in printed.err for b in bad) and "5 meshes skipped" in printed.out, printed
+    entries = sorted(np.concatenate([np.load(out / f"{s}_images.npy") for s in ("train", "val")]))
+    assert entries == [f"/02691156/{k:032x}/" for k in range(3)] + ["/mugs/a_mug/", "/mugs/b_mug/"]
+    assert len(good) == 3 and data.check(str(out), progress=False) == {}
+    assert sorted(np.load(out / "val_labels.npy").tolist()) == [0, 1]     # synsets in sorted order: one of each in val
+
+
+def test_interrupted_render_leaves_nothing(tmp_path, monkeypatch):
+    write_mesh(tmp_path / "m" / "a", "one", TETRA)
+    write_mesh(tmp_path / "m" / "a", "two", TETRA)
+    monkeypatch.setattr(data, "write_object", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        data.make_3diebench(str(tmp_path / "out"), views=2, size=16, meshes=str(tmp_path / "m"), progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["m"]
