@@ -39,39 +39,35 @@ PRESETS = {
     "toy": dict(epochs=30, batch_size=64, resolution=64, mlp="1024-1024-1024", num_workers=1),
     # The official README command (spec §2.6): 8 GPUs x 128, 2000 epochs = 82,000 steps.
     "paper": dict(epochs=2000, batch_size=1024, resolution=256, mlp="2048-2048-2048", equi=256,
-                  sim_coeff=10.0, equi_factor=0.45, std_coeff=10.0, cov_coeff=1.0, lr=1e-3, wd=1e-6,
-                  num_workers=8),
+                  sim_coeff=10.0, equi_factor=0.45, std_coeff=10.0, cov_coeff=1.0, lr=1e-3, wd=1e-6, num_workers=8),
 }
 NUM_CLASSES = 55        # 3DIEBench's synsets; generated sets use the first labels of the same range
 REPR_DIM = 512          # ResNet-18 representation
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="SIE on 3DIEBench (spec: shared/spec/sie.md).",
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", choices=PRESETS, default="toy",
-                   help="toy = CPU minutes on generated data; paper = the official recipe")
+    p.add_argument("--preset", choices=PRESETS, default="toy", help="toy: CPU minutes, generated data; paper: official")
+    # The preset is read first, so that its values become the defaults (in --help too).
+    first = p.parse_known_args([a for a in (sys.argv[1:] if argv is None else argv) if a not in ("-h", "--help")])
+    p.set_defaults(**PRESETS[first[0].preset])
     g = p.add_argument_group("data")
-    g.add_argument("--data-root", default=data.DEFAULT_ROOT,
-                   help="3DIEBench root, real or generated; the default location is generated on first use")
+    g.add_argument("--data-root", default=data.DEFAULT_ROOT, help="3DIEBench root; the default is generated if missing")
     g.add_argument("--resolution", type=int, help="image side in px (paper 256; 128 = low-compute regime)")
     g.add_argument("--num-workers", type=int, help="DataLoader worker processes per rank")
     g = p.add_argument_group("model (Sec. 3; spec §2.1-2.3)")
     g.add_argument("--mlp", help="projector widths before the split-ratio scaling (paper 2048-2048-2048)")
     g.add_argument("--equi", type=int, default=256, help="e = equivariant dims, the LAST e of 512 (paper 256)")
     g.add_argument("--equi-only", action="store_true", help="ablation: no split, all 512 dims equivariant")
-    g.add_argument("--predictor", choices=("hypernet", "mlp"), default="hypernet",
-                   help="hypernet: W(g) z (paper); mlp: MLP([g; z]), the predictor that can ignore g")
+    g.add_argument("--predictor", choices=("hypernet", "mlp"), default="hypernet", help="W(g) z (paper) or MLP([g; z])")
     g.add_argument("--hypernet", choices=("linear", "deep"), default="linear",
-                   help="g -> W(g): one bias-free Linear (paper) or Linear-ReLU-Linear-ReLU-Linear, width 4")
+                   help="g -> W(g): one bias-free Linear (paper) or 3 bias-free Linears of width 4 with ReLUs")
     g.add_argument("--pred-bias", action="store_true", help="also generate a bias b(g) (paper figure; off in code)")
-    g.add_argument("--mlp-pred-layers", type=int, default=1, help="depth of the --predictor mlp (official 1)")
-    g.add_argument("--rot-color", action="store_true",
-                   help="ablation: condition on 6-d g = [quaternion, d floor hue, d spot hue]")
+    g.add_argument("--rot-color", action="store_true", help="ablation: 6-d g = [quaternion, d floor hue, d spot hue]")
     g = p.add_argument_group("loss (Eq. SIE; spec §2.4)")
     g.add_argument("--sim-coeff", type=float, default=10.0, help="lambda_sim on the invariance MSE (paper 10)")
-    g.add_argument("--equi-factor", type=float, default=0.45,
-                   help="alpha: the equivariance MSE weighs sim_coeff*alpha (paper 0.45 -> 4.5)")
+    g.add_argument("--equi-factor", type=float, default=0.45, help="alpha: equi MSE weight = sim_coeff*alpha (4.5)")
     g.add_argument("--std-coeff", type=float, default=10.0, help="lambda_std on the variance terms (paper 10)")
     g.add_argument("--cov-coeff", type=float, default=1.0, help="lambda_cov on the covariance terms (paper 1)")
     g.add_argument("--no-pred-var", action="store_true", help="ablation: drop the variance term on W(g) z")
@@ -89,19 +85,14 @@ def parse_args(argv=None):
     g.add_argument("--log-every", type=int, default=20, help="steps between log lines (the only host syncs)")
     g.add_argument("--eval-protocols", default="all", help="eval.py protocols after training, comma-separated")
     g.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
-    preset = p.parse_known_args(argv)[0].preset
-    p.set_defaults(**PRESETS[preset])
     args = p.parse_args(argv)
-    if args.equi_only:
-        args.equi = REPR_DIM
-    if not 0 < args.equi <= REPR_DIM:
-        p.error(f"--equi must be in 1..{REPR_DIM} (got {args.equi})")
-    if args.equi == REPR_DIM and not args.equi_only:
-        p.error("--equi 512 leaves no invariant part: use --equi-only")
+    args.equi = REPR_DIM if args.equi_only else args.equi
+    if not 0 < args.equi < REPR_DIM and not args.equi_only:
+        p.error(f"--equi must be in 1..{REPR_DIM - 1}, got {args.equi} (--equi-only: no invariant part)")
     if args.batch_size < 2 or args.epochs < 1 or args.log_every < 1:
         p.error("--batch-size must be >= 2, --epochs and --log-every >= 1")
     if args.run_dir is None:
-        args.run_dir = os.path.join("runs", "-".join(["sie", preset] + ablation_tags(args)))
+        args.run_dir = os.path.join("runs", "-".join(["sie", args.preset] + ablation_tags(args)))
     return args
 
 
@@ -125,9 +116,7 @@ def setup_distributed():
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)     # before init, so NCCL binds this rank to its own GPU
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        dist.init_process_group("gloo")
+    dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     return rank, world, device
 
 
@@ -179,9 +168,8 @@ def make_loader(args, rank, world):
 
 def to_device(batch, device):
     """(x1, x2, g, label) from the loader -> device; images channels_last (faster ResNet convs)."""
-    x1, x2, g, labels = (t.to(device, non_blocking=True) for t in batch)
-    cl = torch.channels_last
-    return x1.contiguous(memory_format=cl), x2.contiguous(memory_format=cl), g, labels
+    cl, keep = torch.channels_last, torch.preserve_format
+    return [t.to(device, non_blocking=True, memory_format=cl if t.dim() == 4 else keep) for t in batch]
 
 
 # =============================== model pieces ===============================
@@ -222,8 +210,7 @@ class ResNet18(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        for m in self.modules():
-            if isinstance(m, BasicBlock):
+            elif isinstance(m, BasicBlock):
                 nn.init.zeros_(m.bn2.weight)                 # zero_init_residual: each block starts as identity
 
     def forward(self, x):
@@ -232,9 +219,20 @@ class ResNet18(nn.Module):
         return torch.flatten(F.adaptive_avg_pool2d(self.layers(x), 1), 1)
 
 
-def projector(d_in, widths):
-    """Linear-BN-ReLU for every layer but the last, which is a bias-free Linear (spec §2.2)."""
-    dims, layers = [d_in] + list(widths), []
+class Part(nn.Module):
+    """y[:, part]: each projector sees only its own part of the representation (Sec. 3.2)."""
+
+    def __init__(self, part):
+        super().__init__()
+        self.part = part
+
+    def forward(self, y):
+        return y[:, self.part]
+
+
+def projector(part, widths):
+    """The part's slice, Linear-BN-ReLU for every layer but the last, a bias-free Linear (spec §2.2)."""
+    dims, layers = [part.stop - part.start] + list(widths), [Part(part)]
     for a, b in zip(dims[:-2], dims[1:-1]):
         layers += [nn.Linear(a, b), nn.BatchNorm1d(b), nn.ReLU(inplace=True)]
     return nn.Sequential(*layers, nn.Linear(dims[-2], dims[-1], bias=False))
@@ -268,19 +266,15 @@ class HypernetPredictor(nn.Module):
         return out if self.hyper_bias is None else out + self.hyper_bias(c)
 
 
-class MLPPredictor(nn.Module):
-    """--predictor mlp (spec §3): p(z, g) = MLP([g; z]). g enters additively, so this predictor can
-    learn to ignore it and collapse to invariance: the paper's argument for the hypernetwork."""
+class MLPPredictor(nn.Linear):
+    """--predictor mlp (spec §3, the official default depth 1): p(z, g) = Linear([g; z]). g only shifts
+    the output, so this predictor can ignore it and collapse to invariance: the case for the hypernetwork."""
 
-    def __init__(self, d, g_dim=4, layers=1):
-        super().__init__()
-        mods = [nn.Linear(d + g_dim, d)]
-        for _ in range(layers - 1):
-            mods += [nn.ReLU(), nn.Linear(d, d)]
-        self.net = nn.Sequential(*mods)
+    def __init__(self, d, g_dim=4):
+        super().__init__(d + g_dim, d)
 
     def forward(self, z, g):
-        return self.net(torch.cat([g, z], dim=1))
+        return super().forward(torch.cat([g, z], dim=1))
 
 
 class OnlineEvaluator(nn.Module):
@@ -324,15 +318,15 @@ class SIE(nn.Module):
 
     def __init__(self, args):
         super().__init__()
-        e, self.n_inv = args.equi, REPR_DIM - args.equi
-        inv_w, equi_w = split_widths(args.mlp, self.n_inv), split_widths(args.mlp, e)
+        n_inv = REPR_DIM - args.equi                         # inv = first 512 - e dims, equi = last e
+        inv_w, equi_w = split_widths(args.mlp, n_inv), split_widths(args.mlp, args.equi)
         g_dim, d = (6 if args.rot_color else 4), equi_w[-1]
         self.backbone = ResNet18()
-        self.proj_inv = projector(self.n_inv, inv_w) if self.n_inv else None
-        self.proj_equi = projector(e, equi_w)
-        self.d_inv = inv_w[-1] if self.n_inv else 0          # invariant embedding width
+        self.proj_inv = projector(slice(0, n_inv), inv_w) if n_inv else None
+        self.proj_equi = projector(slice(n_inv, REPR_DIM), equi_w)
+        self.d_inv = inv_w[-1] if n_inv else 0               # invariant embedding width
         self.predictor = (HypernetPredictor(d, g_dim, args.hypernet == "deep", args.pred_bias)
-                          if args.predictor == "hypernet" else MLPPredictor(d, g_dim, args.mlp_pred_layers))
+                          if args.predictor == "hypernet" else MLPPredictor(d, g_dim))
         self.online = OnlineEvaluator(representation_parts(args))
         # --equi-only follows the official SIEOnlyEqui: the equivariance MSE weighs sim_coeff, no alpha.
         self.loss_kw = dict(batch_size=args.batch_size, sim_coeff=args.sim_coeff,
@@ -341,8 +335,7 @@ class SIE(nn.Module):
 
     def embed(self, y):
         """(B, 512) -> Z = [z_inv; z_equi] (B, D_inv + D_equi); the equivariant part is the last e dims."""
-        z_equi = self.proj_equi(y[:, self.n_inv:])
-        return z_equi if self.proj_inv is None else torch.cat([self.proj_inv(y[:, :self.n_inv]), z_equi], 1)
+        return self.proj_equi(y) if self.proj_inv is None else torch.cat([self.proj_inv(y), self.proj_equi(y)], 1)
 
     def forward(self, x1, x2, g, labels):
         y1, y2 = self.backbone(x1), self.backbone(x2)        # two calls: BN statistics per view, as official
@@ -353,27 +346,13 @@ class SIE(nn.Module):
         return terms["loss"] + online_loss, terms, sums
 
 
-def build_model(args):
-    """The whole training model from (saved) args, as eval.py rebuilds it."""
-    return SIE(args)
+build_model = SIE  # CONTRACT.md: the whole training model from (saved) args, as eval.py rebuilds it
 
 
 def probeable(model, args):
     """What eval.py needs: the backbone, the parts, the equivariant embedding and the predictor."""
-    embed = nn.Sequential(SliceDims(REPR_DIM - args.equi), model.proj_equi)
-    return eval.Probeable(backbone=model.backbone, parts=representation_parts(args), embed=embed,
-                                predict=model.predictor, g_dim=6 if args.rot_color else 4)
-
-
-class SliceDims(nn.Module):
-    """Keeps representation dims [start:], the equivariant part, for the MRR/PRE protocols."""
-
-    def __init__(self, start):
-        super().__init__()
-        self.start = start
-
-    def forward(self, y):
-        return y[:, self.start:]
+    return eval.Probeable(backbone=model.backbone, parts=representation_parts(args), embed=model.proj_equi,
+                          predict=model.predictor, g_dim=6 if args.rot_color else 4)
 
 
 # =================================== loss ===================================
@@ -483,7 +462,7 @@ def load_checkpoint(path, model, optimizer, scaler, args):
 
 # ================================ train loop ================================
 class NonFiniteLoss(RuntimeError):
-    pass
+    """The loss became inf/nan: training stops before the next checkpoint could store the damage."""
 
 
 def train_step(model, batch, optimizer, scaler, args):
@@ -522,11 +501,10 @@ def log_event(args, kind, **fields):
 
 
 def versions(device):
-    git = subprocess.run("git rev-parse --short HEAD && git status --porcelain -uno | head -1", shell=True,
-                         capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
-    sha, *dirty = git.stdout.split("\n", 1) if git.returncode == 0 else ("", "")
+    git = subprocess.run("git describe --always --dirty", shell=True, capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-            "cuda": torch.version.cuda, "git": sha + ("-dirty" if any(d.strip() for d in dirty) else ""),
+            "cuda": torch.version.cuda, "git": git,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()}
 
 
@@ -557,13 +535,6 @@ def setup_run(args, rank, world, device):
     return loader, root, model, optimizer, scaler, epoch, step
 
 
-def first_nonfinite_step(bad_step):
-    """The first step (1-based) whose loss was not finite on any rank, or -1."""
-    if dist.is_initialized():
-        dist.all_reduce(bad_step, op=dist.ReduceOp.MAX)
-    return int(bad_step.tolist())
-
-
 def train(args, rank, world, device):
     """Pretrains SIE; returns the unwrapped model, the data root and the final step."""
     loader, root, model, optimizer, scaler, epoch0, step = setup_run(args, rank, world, device)
@@ -586,7 +557,9 @@ def train(args, rank, world, device):
             bar.update()
             if step % args.log_every and i < len(loader) - 1:
                 continue
-            bad = first_nonfinite_step(bad_step)
+            if dist.is_initialized():
+                dist.all_reduce(bad_step, op=dist.ReduceOp.MAX)   # first non-finite step on any rank
+            bad = int(bad_step.tolist())
             means = {k: v / (n_win * world) for k, v in reduce_sums(window).items()}
             if bad >= 0:
                 log_event(args, "error", epoch=epoch, step=bad, terms=means)
@@ -629,12 +602,9 @@ def main(argv=None):
         if not args.no_eval:
             model.eval()
             run_evaluation(model, args, root, step, device)
-    except data.DataError as e:
+    except (data.DataError, NonFiniteLoss) as e:    # one message, no traceback: bad data 2, divergence 3
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except NonFiniteLoss as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(3)
+        sys.exit(2 if isinstance(e, data.DataError) else 3)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
