@@ -63,12 +63,18 @@ NUM_CLASSES = 55        # 3DIEBench's synsets; generated sets use the first labe
 REPR_DIM = 512          # ResNet-18 representation
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows every default and keeps the method list's layout."""
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="SIE's baselines on 3DIEBench (spec: shared/spec/sie.md §3).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--method", choices=METHODS, required=True, help="which baseline (see the module docstring)")
-    p.add_argument("--preset", choices=PRESETS, default="toy",
-                   help="toy = CPU minutes on generated data; paper = the official recipe")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n")[1],
+                                formatter_class=HelpFormatter)       # epilog: the methods and their papers
+    p.add_argument("--preset", choices=PRESETS, default="toy", help="toy: CPU minutes, generated data; paper: official")
+    # The preset is read first, so that its values become the defaults (in --help too).
+    first = p.parse_known_args([a for a in (sys.argv[1:] if argv is None else argv) if a not in ("-h", "--help")])
+    p.set_defaults(**PRESETS[first[0].preset])
+    p.add_argument("--method", choices=METHODS, required=True, help="which baseline (list below)")
     g = p.add_argument_group("data")
     g.add_argument("--data-root", default=data.DEFAULT_ROOT,
                    help="3DIEBench root, real or generated; the default location is generated on first use")
@@ -80,7 +86,6 @@ def parse_args(argv=None):
                    help="EquiMod / only-equi predictor: hypernet W(g) z (SIE code default) or MLP([g; z])")
     g.add_argument("--hypernet", choices=("linear", "deep"), default="linear",
                    help="g -> W(g): one bias-free Linear or Linear-ReLU-Linear-ReLU-Linear, width 4")
-    g.add_argument("--mlp-pred-layers", type=int, default=1, help="depth of the --predictor mlp (official 1)")
     g.add_argument("--rot-color", action="store_true",
                    help="condition on 6-d g = [quaternion, d floor hue, d spot hue] (AugSelf/EquiMod RotColor)")
     g = p.add_argument_group("loss (spec §3)")
@@ -109,8 +114,6 @@ def parse_args(argv=None):
     g.add_argument("--log-every", type=int, default=20, help="steps between log lines (the only host syncs)")
     g.add_argument("--eval-protocols", default="all", help="eval.py protocols after training, comma-separated")
     g.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
-    preset = p.parse_known_args(argv)[0].preset
-    p.set_defaults(**PRESETS[preset])
     args = p.parse_args(argv)
     if not all(w.isdigit() and int(w) > 0 for w in args.mlp.split("-")):
         p.error(f"--mlp must be widths joined by '-', e.g. 2048-2048-2048 (got {args.mlp!r})")
@@ -125,7 +128,7 @@ def parse_args(argv=None):
     if args.equi_factor is None:
         args.equi_factor = EQUI_FACTOR.get(args.method)
     if args.run_dir is None:
-        args.run_dir = os.path.join("runs", "-".join(["baselines", preset, args.method] + run_tags(args)))
+        args.run_dir = os.path.join("runs", "-".join(["baselines", args.preset, args.method] + run_tags(args)))
     return args
 
 
@@ -146,9 +149,7 @@ def setup_distributed():
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)     # before init, so NCCL binds this rank to its own GPU
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        dist.init_process_group("gloo")
+    dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     return rank, world, device
 
 
@@ -242,8 +243,7 @@ class ResNet18(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        for m in self.modules():
-            if isinstance(m, BasicBlock):
+            elif isinstance(m, BasicBlock):
                 nn.init.zeros_(m.bn2.weight)                 # zero_init_residual: each block starts as identity
 
     def forward(self, x):
@@ -282,19 +282,15 @@ class HypernetPredictor(nn.Module):
         return torch.einsum("bk,bko->bo", c, Az)
 
 
-class MLPPredictor(nn.Module):
-    """--predictor mlp (spec §3): p(z, g) = MLP([g; z]), g first. Closer to EquiMod's own predictor
-    (a Linear on [z; embedded transformation], peers.md §3.1) than the hypernetwork is."""
+class MLPPredictor(nn.Linear):
+    """--predictor mlp (spec §3, the official default depth 1): p(z, g) = Linear([g; z]). Closer to
+    EquiMod's own predictor (a Linear on [z; embedded transformation], peers.md §3.1) than W(g) z."""
 
-    def __init__(self, d, g_dim=4, layers=1):
-        super().__init__()
-        mods = [nn.Linear(d + g_dim, d)]
-        for _ in range(layers - 1):
-            mods += [nn.ReLU(), nn.Linear(d, d)]
-        self.net = nn.Sequential(*mods)
+    def __init__(self, d, g_dim=4):
+        super().__init__(d + g_dim, d)
 
     def forward(self, z, g):
-        return self.net(torch.cat([g, z], dim=1))
+        return super().forward(torch.cat([g, z], dim=1))
 
 
 def augself_head(repr_dim, g_dim):
@@ -355,7 +351,7 @@ class Baseline(nn.Module):
             self.proj_equi = projector(REPR_DIM, widths)
         if args.method in PREDICTS:
             self.predictor = (HypernetPredictor(d, g_dim, args.hypernet == "deep") if args.predictor == "hypernet"
-                              else MLPPredictor(d, g_dim, args.mlp_pred_layers))
+                              else MLPPredictor(d, g_dim))
         if args.method == "simclr-augself":
             self.augself = augself_head(REPR_DIM, g_dim)
         self.online = OnlineEvaluator(representation_parts(args))
