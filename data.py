@@ -437,7 +437,7 @@ def render(verts, faces, look, latents, size, ss=2, alpha=False):
     dev, B, H, nf = verts.device, len(latents), size * ss, len(faces)
     if B > 1 and B * H * H > 2 ** 20:                                              # bound memory: views in chunks
         return torch.cat([render(verts, faces, look, part, size, ss, alpha) for part in np.array_split(latents, 2)])
-    look = look if isinstance(look, tuple) else (look, torch.arange(nf), look[..., None, None])   # colours: 1x1 tiles
+    look = look if isinstance(look, tuple) else (look.new_zeros(nf, 3, 2), torch.arange(nf), look[..., None, None])
     uv, mat, atlas = (x.to(dev) for x in look)
     lat = torch.as_tensor(latents, dtype=torch.float32).to(dev)
     R = euler_xyz_to_matrix(lat[:, :3])                                            # (B, 3, 3)
@@ -452,16 +452,13 @@ def render(verts, faces, look, latents, size, ss=2, alpha=False):
     ids, _, bary = rasterize(corners(project(world, cam, H, H)), img, B, H, H)
     S = H // 2                                                                     # shadow map resolution
     shadow_depth = rasterize(corners(project(world, light_cam, S, S)), img, B, S, S)[1]
-    # One column per triangle and one per image's floor (z = -1): [unit normal (3), plane offset n.x (1)]; each
-    # pixel gathers the column of what it sees. Rotation invariant: made once on the mesh, then rotated.
-    v = verts[faces]                                                               # (F, 3 corners, 3)
+    # The plane of what each pixel sees: the floor (z = -1) or a face, whose unit normal and offset n.x are made
+    # once on the mesh (rotation invariant) and then rotated.
+    v, hit, seen = verts[faces], ids.flatten().clamp(min=0), (ids >= 0).view(1, B, -1)   # (F, 3 corners, 3), triangle
     n = F.normalize(torch.linalg.cross(v[:, 1] - v[:, 0], v[:, 2] - v[:, 0]), dim=1)   # (F, 3)
-    tri_cols = torch.cat([(R @ n.T).transpose(0, 1), (n * v[:, 0]).sum(1).expand(1, B, nf)]).flatten(1)
-    floor_cols = lat.new_tensor([0, 0, 1, FLOOR_Z])[:, None].expand(4, B)
-    hit = ids.flatten().clamp(min=0)                                               # (B*H*H,) triangle seen
-    seen = torch.where(ids >= 0, ids, B * nf + torch.arange(B, device=dev)[:, None, None]).flatten()
-    cols = torch.cat([tri_cols, floor_cols], 1).index_select(1, seen)
-    normal, offset = cols.view(4, B, H * H).split([3, 1])                          # (3 | 1, B, H*H)
+    normal = (R @ n.T).transpose(0, 1).flatten(1)[:, hit].view(3, B, -1)           # (3, B, H*H)
+    normal = torch.where(seen, normal, lat.new_tensor([0, 0, 1.0])[:, None, None])
+    offset = torch.where(seen, (n * v[:, 0]).sum(1)[hit % nf].view(1, B, -1), FLOOR_Z)
     # The camera ray through each pixel centre meets that plane at p.
     jj, ii = torch.meshgrid(torch.arange(H, device=dev) + 0.5, torch.arange(H, device=dev) + 0.5, indexing="xy")
     ndc = [(2 * jj / H - 1).flatten() / FOCAL, (1 - 2 * ii / H).flatten() / FOCAL, torch.ones(H * H, device=dev)]
@@ -469,14 +466,12 @@ def render(verts, faces, look, latents, size, ss=2, alpha=False):
     along = dot(ray, normal)
     p = cam[0] + (offset - dot(normal, cam[0])) / torch.where(along.abs() < 1e-6, 1e-6, along) * ray
     normal = torch.where(along > 0, -normal, normal)                              # two-sided faces: face the camera
-    # Albedo: the floor's HSV(floor_hue, 0.6, 0.6), else the seen face's material tile, at the pixel's texture
-    # coordinates (its barycentric weights on the corners' uv; nearest texel, repeated) when textured.
-    face, T = hit % nf, atlas.shape[-1]
-    texel = mat.index_select(0, face) * T * T
-    if T > 1:
-        st = (bary[:, :, None] * uv.index_select(0, face)).sum(1)                  # (B*H*H, 2)
-        texel += (((1 - st[:, 1]) % 1 * T).long().clamp(max=T - 1) * T + (st[:, 0] % 1 * T).long().clamp(max=T - 1))
-    albedo = torch.where(ids.view(1, B, -1) >= 0, atlas.transpose(0, 1).flatten(1)[:, texel].view(3, B, -1),
+    # Albedo: the floor's HSV(floor_hue, 0.6, 0.6), else the seen face's material tile at the pixel's texture
+    # coordinates st (barycentric weights on the corners' uv; nearest texel, repeated; colours are 1 x 1 tiles).
+    st, T = (bary[:, :, None] * uv[hit % nf]).sum(1), atlas.shape[-1]              # (B*H*H, 2)
+    col, row = (torch.stack([st[:, 0], 1 - st[:, 1]]) % 1 * T).long().clamp(max=T - 1)
+    texel = (mat[hit % nf] * T + row) * T + col
+    albedo = torch.where(seen, atlas.transpose(0, 1).flatten(1)[:, texel].view(3, B, -1),
                          hsv_to_rgb(lat[:, 3], 0.6, 0.6).T.to(dev)[..., None])
     # Spot light: cone with Blender's smoothstep edge, 1/d^2 falloff, colour HSV(spot_hue, 1, 0.8), and the
     # shadow test against the depth map seen from the light (bias: a few shadow-map pixels at that depth).
@@ -491,7 +486,7 @@ def render(verts, faces, look, latents, size, ss=2, alpha=False):
     spot_rgb = hsv_to_rgb(lat[:, 6], 1.0, 0.8).T[..., None].to(dev)              # (3, B, 1)
     light = AMBIENT + SUN * normal[2:].clamp(min=0) + SPOT * spot_rgb * spot_light
     out = (albedo * light).clamp(0, 1)
-    out = (torch.cat([out, (ids >= 0).float().view(1, B, -1)]) if alpha else out).view(-1, B, H, H).transpose(0, 1)
+    out = (torch.cat([out, seen.float()]) if alpha else out).view(-1, B, H, H).transpose(0, 1)
     return F.avg_pool2d(out, ss) if ss > 1 else out
 
 
