@@ -43,7 +43,7 @@ import eval  # noqa: A004 (the project's eval.py; the builtin eval() is never us
 # --preset fills these defaults; any flag given on the command line overrides them. Both presets
 # match sie.py's (same data, resolution, batch, epochs, total projector width), so numbers compare.
 PRESETS = {
-    "toy": dict(epochs=30, batch_size=64, resolution=64, mlp="1024-1024-1024", num_workers=1),
+    "toy": dict(epochs=80, batch_size=32, resolution=32, mlp="64-64-64", equi_emb=32, num_workers=1),
     # The official comparison (spec §2.6, §3): SIE's README command with the baseline's --experience.
     "paper": dict(epochs=2000, batch_size=1024, resolution=256, mlp="2048-2048-2048", sim_coeff=10.0,
                   std_coeff=10.0, cov_coeff=1.0, temperature=0.1, augself_weight=1.0, equi_emb=256,
@@ -107,6 +107,7 @@ def parse_args(argv=None):
     g.add_argument("--wd", type=float, default=1e-6, help="Adam weight decay on every parameter (paper 1e-6)")
     g.add_argument("--amp", choices=("bf16", "fp16", "none"), default="bf16",
                    help="autocast dtype on CUDA (ignored on CPU); fp16 adds a GradScaler; loss stats stay fp32")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model's forward (same maths; slow start)")
     g = p.add_argument_group("run")
     g.add_argument("--run-dir", help="default runs/baselines-<preset>-<method>[-...]; rerun the same command to resume")
     g.add_argument("--resume", help="checkpoint to resume from (default: <run-dir>/checkpoint.pt if present)")
@@ -320,7 +321,7 @@ class OnlineEvaluator(nn.Module):
         """Returns the summed CE + MSE losses and device-side sums for accuracy and pooled R²."""
         y1, y2, q = y1.detach().float(), y2.detach().float(), q.float()
         both = torch.cat([labels, labels])
-        loss, sums = 0.0, {"pairs": q.new_tensor(q.shape[0]), "q_sum": q.sum(), "q_sq": q.pow(2).sum()}
+        loss, sums = 0.0, {"pairs": q.new_full((), q.shape[0]), "q_sum": q.sum(), "q_sq": q.pow(2).sum()}
         for name, s in self.parts.items():
             logits = self.classify[name](torch.cat([y1[:, s], y2[:, s]]))
             pred = self.rotation[name](torch.cat([y1[:, s], y2[:, s]], dim=1))
@@ -514,7 +515,7 @@ def autocast(args, device):
 
 
 # ================================ checkpoint ================================
-RUN_LENGTH_FLAGS = {"epochs", "run_dir", "resume", "data_root", "num_workers", "log_every",
+RUN_LENGTH_FLAGS = {"epochs", "run_dir", "resume", "data_root", "num_workers", "log_every", "compile",
                     "eval_protocols", "no_eval"}   # may change between a run and its resumption
 
 
@@ -622,6 +623,8 @@ def setup_run(args, rank, world, device):
     model = build_model(args).to(device, memory_format=torch.channels_last)
     if device.type == "cuda" and world > 1:      # BN statistics over the global batch, as official
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if args.compile:                             # in place: state_dict keys stay free of "_orig_mod."
+        model.compile()
     optimizer = make_optimizer(model, args)
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and args.amp == "fp16")
     os.makedirs(args.run_dir, exist_ok=True)

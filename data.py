@@ -253,6 +253,10 @@ class Split3DIEBench(torch.utils.data.Dataset):
     def path(self, obj, name):
         return os.path.join(object_dir(self.root, self.entries[obj]), name)
 
+    def image(self, obj, view):
+        """One view as the transformed tensor (JpegPairs3DIEBench: uint8, or the raw JPEG bytes)."""
+        return self.transform(load_image(self.path(obj, f"image_{view}.jpg")))
+
 
 class Pairs3DIEBench(Split3DIEBench):
     """Training / rotation-probe item: one per OBJECT (an epoch = one pair per object), two DISTINCT random
@@ -272,7 +276,7 @@ class Pairs3DIEBench(Split3DIEBench):
 
     def __getitem__(self, i):
         v1, v2 = np.random.default_rng([self.seed, self.epoch, i]).choice(self.views, 2, replace=False)
-        x1, x2 = (self.transform(load_image(self.path(i, f"image_{v}.jpg"))) for v in (v1, v2))
+        x1, x2 = (self.image(i, v) for v in (v1, v2))
         l1, l2 = (load_latent(self.path(i, f"latent_{v}.npy")) for v in (v1, v2))
         # sie.md §6: the angles are cast to float32 before the rotation maths, as in training.
         g = relative_quaternion(*(lat[:3].astype(np.float32).astype(np.float64) for lat in (l1, l2)))
@@ -295,7 +299,61 @@ class Views3DIEBench(Split3DIEBench):
 
     def __getitem__(self, i):
         obj, view = i // len(self.view_ids), self.view_ids[i % len(self.view_ids)]
-        return self.transform(load_image(self.path(obj, f"image_{view}.jpg"))), int(self.labels[obj]), obj, view
+        return self.image(obj, view), int(self.labels[obj]), obj, view
+
+
+# ============================================================ fast paths: JPEG decoding off PIL (issue 9)
+class JpegPairs3DIEBench(Pairs3DIEBench):
+    """Pairs3DIEBench for a fast training loop; images come as uint8, to_float finishes them on the device.
+    decode="cpu": the workers decode with libjpeg-turbo into uint8 (3, H, W), stacked into one batch tensor.
+    decode="gpu": the workers only read; x1, x2 are the files' bytes as numpy uint8 arrays (arrays are pickled
+    through the worker queue, while a small tensor per image would hold a file descriptor each and exhaust
+    them), batched by collate_jpegs and decoded by decode_jpegs on the training device."""
+
+    def __init__(self, root, split="train", size=None, color=False, seed=0, decode="cpu"):
+        super().__init__(root, split, size, color, seed)
+        self.decode = decode
+
+    def image(self, obj, view):
+        from torchvision.io import ImageReadMode, decode_jpeg
+        path = self.path(obj, f"image_{view}.jpg")
+        try:
+            raw = np.fromfile(path, np.uint8)
+            if raw[:2].tobytes() != b"\xff\xd8" or b"\xff\xd9" not in raw[-16:].tobytes():   # start / end markers
+                raise DataError(f"{path}: not a JPEG, or truncated")
+            return raw if self.decode == "gpu" else decode_jpeg(torch.from_numpy(raw), mode=ImageReadMode.RGB)
+        except OSError:
+            raise DataError(f"{path}: missing image") from None
+        except RuntimeError as e:
+            raise DataError(f"{path}: corrupt JPEG ({e})") from None
+
+
+def collate_jpegs(items):
+    """decode="gpu" batches: [(bytes1, bytes2, g, label)] -> ([bytes1], [bytes2], g (B, k), labels (B,))."""
+    b1, b2, g, labels = zip(*items)
+    return list(b1), list(b2), torch.stack(g), torch.tensor(labels)
+
+
+def decode_jpegs(blobs, device):
+    """JPEG byte arrays -> uint8 (B, 3, H, W) on device: nvJPEG in one batched call on CUDA."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+    if torch.device(device).type == "cuda":   # torchvision's nvJPEG path can write into blocks that queued
+        torch.cuda.current_stream(device).synchronize()   # kernels still read (pytorch/vision#9606): drain first
+    try:
+        return torch.stack(decode_jpeg([torch.from_numpy(b) for b in blobs], mode=ImageReadMode.RGB, device=device))
+    except RuntimeError as e:
+        raise DataError(f"a JPEG of this batch does not decode ({e}); `python data.py check ROOT` names it") from None
+
+
+def to_float(x, size=None):
+    """uint8 (B, 3, H, W) -> float32 normalised with MEAN/STD, resized to size x size, where x lies: what
+    image_transform does. Same values at the native size; after a resize within ~1/255 (antialiased bilinear
+    on floats here, on uint8 in PIL)."""
+    x = x.float().div_(255)
+    if size and tuple(x.shape[-2:]) != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1).to(x.device, non_blocking=True) for v in (MEAN, STD))
+    return (x - mean) / std   # non_blocking: the two constants cost no host sync
 
 
 # ============================================================ checking a whole data set

@@ -109,6 +109,7 @@ def parse_args(argv=None):
     g.add_argument("--wd-end", type=float, help="weight decay at the end, cosine (dino 0.4, else = --wd)")
     g.add_argument("--clip-grad", type=float, help="per-parameter gradient-norm clip, 0 = off (dino/bt 0.3)")
     g.add_argument("--amp", choices=("bf16", "fp16", "none"), default="bf16", help="CUDA autocast; fp16 + GradScaler")
+    g.add_argument("--compile", action="store_true", help="torch.compile every ViT block (same maths; slow start)")
     g = p.add_argument_group("run")
     g.add_argument("--run-dir", help="default runs/ser-<preset>-<base>[-tags]; rerun the same command to resume")
     g.add_argument("--resume", help="checkpoint to resume from (default: <run-dir>/checkpoint.pt if present)")
@@ -222,7 +223,8 @@ def color_jitter(x, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1):
     theta = 2 * math.pi * hue * (2 * torch.rand(B, device=dev) - 1)
     c, s, one, zero = theta.cos(), theta.sin(), torch.ones_like(theta), torch.zeros_like(theta)
     rot = torch.stack([one, zero, zero, zero, c, -s, zero, s, c], 1).view(B, 3, 3)
-    mix = torch.linalg.inv(YIQ.to(dev)) @ rot @ YIQ.to(dev)  # (B, 3, 3): RGB -> YIQ, rotate (I, Q), -> RGB
+    # (B, 3, 3): RGB -> YIQ, rotate (I, Q), -> RGB. Inverse on the CPU, non_blocking copies: no host sync on CUDA.
+    mix = torch.linalg.inv(YIQ).to(dev, non_blocking=True) @ rot @ YIQ.to(dev, non_blocking=True)
     return torch.einsum("bij,bjhw->bihw", mix, x).clamp(0, 1)
 
 def gaussian_blur(x, sigma, k=9):
@@ -248,7 +250,8 @@ def photometric(x, blur_p, solarize_p):
 T1, T2 = (1.0, 0.0), (0.1, 0.2)                             # (blur p, solarise p) of t1 and of t2
 
 def normalize(x):
-    mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (data.IMAGENET_MEAN, data.IMAGENET_STD))
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1).to(x.device, non_blocking=True)   # non_blocking: no host sync
+                 for v in (data.IMAGENET_MEAN, data.IMAGENET_STD))
     return (x - mean) / std
 
 def b2_size(local_batch, args):
@@ -606,7 +609,7 @@ def schedule(step, args, steps_per_epoch):
             "momentum": cosine(step / total, args.momentum, 1.0), "teacher_temp": temp}
 
 # ================================ checkpoint ================================
-RUN_LENGTH_FLAGS = {"run_dir", "resume", "data_root", "num_workers", "log_every", "stop_after_epochs",
+RUN_LENGTH_FLAGS = {"run_dir", "resume", "data_root", "num_workers", "log_every", "stop_after_epochs", "compile",
                     "eval_protocols", "no_eval", "num_classes"}   # may change between a run and its resumption
 
 def epoch_seed(args, epoch, rank):
@@ -706,6 +709,9 @@ def setup_run(args, rank, world, device):
     model = build_model(args).to(device)
     if device.type == "cuda" and world > 1:                 # BN of the heads over the global batch
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if args.compile:                                        # per block: the b2 views change shape every step
+        for block in [*model.student.blocks, *(model.teacher.blocks if model.teacher is not None else [])]:
+            block.compile()
     optimizer = make_optimizer(model)
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and args.amp == "fp16")
     os.makedirs(args.run_dir, exist_ok=True)

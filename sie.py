@@ -35,8 +35,9 @@ import eval  # noqa: A004 (the project's eval.py; the builtin eval() is never us
 # ================================== config ==================================
 # --preset fills these defaults; any flag given on the command line overrides them.
 PRESETS = {
-    # A laptop CPU: data.py's generated set at its native 64 px, a few minutes with evaluation.
-    "toy": dict(epochs=30, batch_size=64, resolution=64, mlp="1024-1024-1024", num_workers=1),
+    # A laptop CPU: data.py's generated set at its native 32 px, ~4 minutes with evaluation. Projector widths
+    # keep the paper's embedding-width / batch ratio (2048 / 1024): 64 / 32 (README "Why the toy preset ...").
+    "toy": dict(epochs=80, batch_size=32, resolution=32, mlp="64-64-64", num_workers=1),
     # The official README command (spec §2.6): 8 GPUs x 128, 2000 epochs = 82,000 steps.
     "paper": dict(epochs=2000, batch_size=1024, resolution=256, mlp="2048-2048-2048", equi=256,
                   sim_coeff=10.0, equi_factor=0.45, std_coeff=10.0, cov_coeff=1.0, lr=1e-3, wd=1e-6, num_workers=8),
@@ -56,6 +57,9 @@ def parse_args(argv=None):
     g.add_argument("--data-root", default=data.DEFAULT_ROOT, help="3DIEBench root; the default is generated if missing")
     g.add_argument("--resolution", type=int, help="image side in px (paper 256; 128 = low-compute regime)")
     g.add_argument("--num-workers", type=int, help="DataLoader worker processes per rank")
+    g.add_argument("--decode", choices=("pil", "cpu", "gpu"), default="pil", help="pil: workers decode and normalise "
+                   "(readable); cpu: workers decode to uint8 (libjpeg-turbo), normalised on the device (fast); "
+                   "gpu: workers read bytes, decoded on the device (nvJPEG; on the CPU in a CPU-only run)")
     g = p.add_argument_group("model (Sec. 3; spec §2.1-2.3)")
     g.add_argument("--mlp", help="projector widths before the split-ratio scaling (paper 2048-2048-2048)")
     g.add_argument("--equi", type=int, default=256, help="e = equivariant dims, the LAST e of 512 (paper 256)")
@@ -78,6 +82,7 @@ def parse_args(argv=None):
     g.add_argument("--wd", type=float, default=1e-6, help="Adam weight decay on every parameter (paper 1e-6)")
     g.add_argument("--amp", choices=("bf16", "fp16", "none"), default="bf16",
                    help="autocast dtype on CUDA (ignored on CPU); fp16 adds a GradScaler; loss stats stay fp32")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model's forward (same maths; slow start)")
     g = p.add_argument_group("run")
     g.add_argument("--run-dir", help="default runs/sie-<preset>[-<ablation>]; rerun the same command to resume")
     g.add_argument("--resume", help="checkpoint to resume from (default: <run-dir>/checkpoint.pt if present)")
@@ -159,15 +164,22 @@ def make_loader(args, rank, world):
     """One item per training OBJECT: two distinct views, their relative rotation g, the label (spec §1.3)."""
     root = data.ensure_3diebench(args.data_root)
     pairs = data.Pairs3DIEBench(root, "train", size=args.resolution, color=args.rot_color, seed=args.seed)
+    if args.decode != "pil":                    # the fast paths (data.py): to_device finishes the images
+        pairs = data.JpegPairs3DIEBench(root, "train", args.resolution, args.rot_color, args.seed, args.decode)
     # Same sampler for 1..N processes: the global order depends only on (seed, epoch).
     sampler = DistributedSampler(pairs, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
     loader = DataLoader(pairs, batch_size=args.batch_size // world, sampler=sampler, drop_last=False,
-                        num_workers=args.num_workers, pin_memory=torch.cuda.is_available())
+                        num_workers=args.num_workers, pin_memory=torch.cuda.is_available(),
+                        collate_fn=data.collate_jpegs if args.decode == "gpu" else None)
     return loader, root
 
 
-def to_device(batch, device):
-    """(x1, x2, g, label) from the loader -> device; images channels_last (faster ResNet convs)."""
+def to_device(batch, device, size=None):
+    """(x1, x2, g, label) from the loader -> device; images channels_last (faster ResNet convs). --decode cpu|gpu
+    images arrive as uint8 (gpu: as JPEG bytes, decoded here): normalised and resized to size on the device."""
+    if isinstance(batch[0], list):
+        batch = [data.decode_jpegs(x, device) for x in batch[:2]] + list(batch[2:])
+    batch = [data.to_float(t.to(device, non_blocking=True), size) if t.dtype == torch.uint8 else t for t in batch]
     cl, keep = torch.channels_last, torch.preserve_format
     return [t.to(device, non_blocking=True, memory_format=cl if t.dim() == 4 else keep) for t in batch]
 
@@ -295,7 +307,7 @@ class OnlineEvaluator(nn.Module):
         """Returns the summed CE + MSE losses and device-side sums for accuracy and pooled R²."""
         y1, y2, q = y1.detach().float(), y2.detach().float(), q.float()
         both = torch.cat([labels, labels])
-        loss, sums = 0.0, {"pairs": q.new_tensor(q.shape[0]), "q_sum": q.sum(), "q_sq": q.pow(2).sum()}
+        loss, sums = 0.0, {"pairs": q.new_full((), q.shape[0]), "q_sum": q.sum(), "q_sq": q.pow(2).sum()}
         for name, s in self.parts.items():
             logits = self.classify[name](torch.cat([y1[:, s], y2[:, s]]))
             pred = self.rotation[name](torch.cat([y1[:, s], y2[:, s]], dim=1))
@@ -411,7 +423,7 @@ def autocast(args, device):
 
 
 # ================================ checkpoint ================================
-RUN_LENGTH_FLAGS = {"epochs", "run_dir", "resume", "data_root", "num_workers", "log_every",
+RUN_LENGTH_FLAGS = {"epochs", "run_dir", "resume", "data_root", "num_workers", "log_every", "compile", "decode",
                     "eval_protocols", "no_eval"}   # may change between a run and its resumption
 
 
@@ -519,6 +531,8 @@ def setup_run(args, rank, world, device):
     model = build_model(args).to(device, memory_format=torch.channels_last)
     if device.type == "cuda" and world > 1:      # BN statistics over the global batch, as official
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if args.compile:                             # in place: state_dict keys stay free of "_orig_mod."
+        model.compile()
     optimizer = make_optimizer(model, args)
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and args.amp == "fp16")
     os.makedirs(args.run_dir, exist_ok=True)
@@ -548,7 +562,7 @@ def train(args, rank, world, device):
         window, epoch_sums, n_win, pairs, t0 = {}, {}, 0, 0, time.perf_counter()
         bad_step = torch.full((), -1, device=device)
         for i, batch in enumerate(loader):
-            terms, sums = train_step(ddp, to_device(batch, device), optimizer, scaler, args)
+            terms, sums = train_step(ddp, to_device(batch, device, args.resolution), optimizer, scaler, args)
             # Device-side bookkeeping only: no .item() in the step, one sync per log line.
             bad_step = torch.where(torch.isfinite(terms["total"]) | (bad_step >= 0), bad_step, step + 1)
             window = {k: window.get(k, 0) + v for k, v in terms.items()}
