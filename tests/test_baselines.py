@@ -232,7 +232,7 @@ def test_paper_preset_is_the_official_comparison():
     assert B.parse_args(["--method", "equimod-vicreg", "--preset", "paper"]).equi_factor == 0.45
     assert B.parse_args(["--method", "equimod-vicreg", "--equi-factor", "2"]).equi_factor == 2.0
     toy = B.parse_args(["--method", "simclr"])
-    assert (toy.preset, toy.epochs, toy.run_dir) == ("toy", 30, os.path.join("runs", "baselines-toy-simclr"))
+    assert (toy.preset, toy.epochs, toy.run_dir) == ("toy", 80, os.path.join("runs", "baselines-toy-simclr"))
 
 
 @pytest.mark.parametrize("argv, flag", [([], "--method"), (["--method", "vicreg", "--rot-color"], "--rot-color"),
