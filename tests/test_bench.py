@@ -18,13 +18,14 @@ FIELDS = {"script", "mode", "device", "batch", "resolution", "amp", "compile", "
 
 def test_bench_prints_json_lines_and_table(tmp_path, toy_root, toy_imagefolder):
     cmd = (f"python {REPO / 'bench.py'} --scripts sie,baselines,ser --batch 4 --ser-batch 16 --resolution 32 "
-           f"--ser-resolution 32 --steps 1 --repeats 2 --warmup 1 --num-workers 0 --data-root {toy_root} "
-           f"--imagefolder-root {toy_imagefolder} --data-dir {tmp_path / 'gen'}")
+           f"--ser-resolution 32 --steps 1 --repeats 2 --warmup 1 --num-workers 0 --decode pil,gpu "
+           f"--data-root {toy_root} --imagefolder-root {toy_imagefolder} --data-dir {tmp_path / 'gen'}")
     out = run(cmd, cwd=tmp_path, timeout=120).stdout
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    modes = [(r["script"], r["mode"]) for r in rows]
-    assert modes == [(s, m) for s in ("sie", "baselines:vicreg") for m in ("ceiling", "step", "e2e")] + [
-        ("ser:moco", m) for m in ("ceiling", "vanilla", "step", "e2e")]
+    modes = [(r["script"], r["mode"], r.get("decode")) for r in rows]
+    assert modes == [("sie", "ceiling", None), ("sie", "step", None), ("sie", "e2e", "pil"), ("sie", "e2e", "gpu")] + [
+        ("baselines:vicreg", m, d) for m, d in (("ceiling", None), ("step", None), ("e2e", "pil"))] + [
+        ("ser:moco", m, d) for m, d in (("ceiling", None), ("vanilla", None), ("step", None), ("e2e", "pil"))]
     for r in rows:
         assert FIELDS <= set(r), FIELDS - set(r)
         assert r["device"] == "cpu" and r["ms_per_step"] > 0 and len(r["ms_blocks"]) == 2
