@@ -863,20 +863,22 @@ image_folder = ImageFolder       # the name other scripts call: image_folder(roo
 
 def backgrounds(gen, n, size):
     """(n, 3, size, size) textures with a canonical "up", like photographs: a sky-to-ground vertical
-    gradient, soft colour blotches and stripes of random frequency and direction."""
+    gradient, faint colour blotches and stripes of random frequency and direction (low contrast, so the object
+    carries the class: a CPU-minutes SSL run learns it)."""
     rand = lambda *shape: torch.rand(*shape, generator=gen)
     yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
     sky, ground = 0.6 + 0.4 * rand(n, 3, 1, 1), 0.5 * rand(n, 3, 1, 1)
     blotches = F.interpolate(rand(n, 3, 4, 4), size=(size, size), mode="bicubic", align_corners=False)
     angle, freq = math.pi * rand(n, 1, 1, 1), 3 + 12 * rand(n, 1, 1, 1)
     stripes = (torch.sin(2 * math.pi * freq * (xx * angle.cos() + yy * angle.sin())) > 0).float() * rand(n, 3, 1, 1)
-    return (0.55 * (sky * (1 - yy) + ground * yy) + 0.3 * blotches + 0.15 * stripes).clamp(0, 1)
+    return (0.55 * (sky * (1 - yy) + ground * yy) + 0.1 * blotches + 0.03 * stripes).clamp(0, 1)
 
 
 def make_imagefolder(out, classes=10, train_per_class=100, val_per_class=20, size=64, seed=0, progress=True):
     """ImageNet-layout look-alike: class c = shape family c, each image a new object of that family, upright
-    with a small pose jitter, at a random position and scale over a textured background, so that rotations
-    and flips change what an image shows (what SER's equivariance is about). Deterministic for a seed."""
+    with a small pose jitter, filling ~45-70 % of the frame at a random position (centre within the middle 30 %)
+    over a calm textured background, so that rotations and flips change what an image shows (what SER's
+    equivariance is about). Deterministic for a seed."""
     per_object = 4                                               # images per object instance
     jobs = [(split, c, k) for split, n in (("train", train_per_class), ("val", val_per_class))
             for c in range(classes) for k in range(0, n, per_object)]
@@ -886,13 +888,14 @@ def make_imagefolder(out, classes=10, train_per_class=100, val_per_class=20, siz
         gen = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
         n = min(per_object, (train_per_class if split == "train" else val_per_class) - k)
         lat = sample_latents(rng, n)
-        lat[:, :3] = rng.normal(0, [0.12, 0.12, 0.5], (n, 3))      # upright: small tilt, some turn about z
-        zoom = rng.uniform(1.0, 1.8)                                # object scale; the crop sets its position
-        big = render(*object_mesh(c, rng), lat, round(size * zoom), alpha=True)
-        x0, y0 = rng.integers(0, big.shape[-1] - size + 1, (2, n))
+        lat[:, :3] = rng.normal(0, [0.12, 0.12, 0.2], (n, 3))      # upright: small tilt, some turn about z
+        zoom = rng.uniform(1.5, 2.3)                      # object scale (~0.31 of the frame at zoom 1); the crop
+        big = render(*object_mesh(c, rng), lat, round(size * zoom), alpha=True)   # sets the position
+        m = big.shape[-1] / 2
+        x0, y0 = rng.integers(round(m - 0.65 * size), round(m - 0.35 * size) + 1, (2, n))
         crop = torch.stack([b[:, y:y + size, x:x + size] for b, x, y in zip(big, x0, y0)])
         rgb, a = crop[:, :3], crop[:, 3:]
-        image = a * rgb + (1 - a) * (0.5 * rgb + 0.5 * backgrounds(gen, n, size))   # keeps floor light and shadow
+        image = a * rgb + (1 - a) * (0.2 * rgb + 0.8 * backgrounds(gen, n, size))   # keeps floor light and shadow
         wnid = f"n{90000000 + c:08d}"
         os.makedirs(os.path.join(tmp, split, wnid), exist_ok=True)
         for j, im in enumerate((image * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()):
