@@ -13,6 +13,7 @@ import importlib
 import json
 import math
 import os
+import re
 import sys
 from argparse import Namespace
 from dataclasses import dataclass
@@ -623,21 +624,28 @@ def load_probeable(path, device):
 
 
 TABLE = ("top1/full", "top1/inv", "top1/equi", "rot_r2_pooled/full", "rot_r2_pooled/inv", "rot_r2_pooled/equi",
-         "color_r2_pooled/full", "mrr/embedding", "H@1/embedding", "H@5/embedding", "pre/embedding")
+         "color_r2_pooled/full", "mrr/embedding", "H@1/embedding", "H@5/embedding", "pre/embedding", "linear_top1/full",
+         "knn20_top1/full")   # then 'Δeq l' per block l: the equivariance score minus its no-ρ reference
 
 
 def print_runs_table(run_dirs):
-    """One markdown row per run directory, read from its eval.json (the table of all methods)."""
-    rows = []
+    """A markdown row per run dir (its eval.json), and 'mean ± std (n)' (sample std) per group of names that
+    differ only by a trailing -s<seed>."""
+    groups = {}
     for d in run_dirs:
         if not os.path.isfile(path := os.path.join(d, "eval.json")):
             fail(f"no eval.json in {d} (evaluate it first: python eval.py {d})")
-        with open(path) as f:
-            res = json.load(f)
-        cells = [f"{res['summary'][k]:.3f}" if k in res["summary"] else "" for k in TABLE]
-        rows.append(f"| {os.path.basename(os.path.normpath(d))} | {res['step']} | " + " | ".join(cells) + " |")
-    print(f"data: {res['data_root']} (val split)\n| run | step | " + " | ".join(TABLE) + " |")
-    print("|---" * (len(TABLE) + 2) + "|\n" + "\n".join(rows))
+        res, name = json.load(open(path)), os.path.basename(os.path.normpath(d))
+        eq = {f"Δeq {m['part'][5:]}": m["value"] - m["chance"] for m in res["metrics"] if m["name"] == "equivariance"}
+        groups.setdefault(re.sub(r"-s\d+$", "", name), []).append(
+            (name, res["step"], {**{k: v for k, v in res["summary"].items() if k in TABLE}, **eq}))
+    cols = sorted({c: 0 for g in groups.values() for *_, r in g for c in r}, key=lambda c: (*TABLE, c).index(c))
+    stat = lambda v: f"{v[0]:.3f}" if len(v) == 1 else f"{np.mean(v):.3f} ± {np.std(v, ddof=1):.3f}" if v else ""
+    line = lambda name, step, rs: f"| {name} | {step} | " + " | ".join(stat([r[c] for r in rs if c in r]) for c in cols)
+    print(f"data: {res['data_root']}\n| run | step | " + " | ".join(cols) + " |\n" + "|---" * (len(cols) + 2) + "|")
+    for key, g in groups.items():
+        print(*[line(n, s, [r]) for n, s, r in g], *[line(f"{key}[-s*] mean ± std ({len(g)})", "", [r for *_, r in g])]
+              * (len(g) > 1), sep=" |\n", end=" |\n")
 
 
 def parse_args(argv=None):
