@@ -1,7 +1,7 @@
 """3DIEBench data: the exact on-disk format, a look-alike generator in that format, and a checker;
 plus ImageNet's ImageFolder layout and its look-alike (for ser.py).
 
-    python data.py make-3diebench OUT [--classes 55 --objects-per-class 6 --views 50 --size 64 --seed 0 --ood]
+    python data.py make-3diebench OUT [--classes 55 --objects-per-class 6 --views 50 --size 64 --seed 0 --ood --zoom 1]
     python data.py check ROOT                     # every problem of a data set at once, non-zero exit
     python data.py contact-sheet ROOT OUT.png     # a grid of objects x views
     python data.py make-imagefolder OUT [--classes 10 --train-per-class 100 --val-per-class 20 --size 64]

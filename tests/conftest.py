@@ -73,7 +73,7 @@ def readme_commands(script):
             line = line.split(" #")[0].strip()
             if re.search(rf"(^|\s){re.escape(script)}(\s|$)", line):
                 cmds.append(line)
-    return cmds
+    return list(dict.fromkeys(cmds))                 # a command shown twice runs once
 
 
 @pytest.fixture(scope="session")
