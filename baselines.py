@@ -98,7 +98,7 @@ def parse_args(argv=None):
     g.add_argument("--equi-factor", type=float,
                    help="EquiMod alpha on the equivariant loss; default 1 (SimCLR version), 0.45 (VICReg "
                         "version). NOT the official argparse default 4.5")
-    g.add_argument("--equi-emb", type=int, default=256,
+    g.add_argument("--equi-emb", type=int,
                    help="vicreg-partinv: the last e EMBEDDING dims are left out of the invariance term (official 256)")
     g = p.add_argument_group("optimisation (spec §2.6)")
     g.add_argument("--epochs", type=int, help="one epoch = one view pair per training object")
