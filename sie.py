@@ -96,18 +96,13 @@ def parse_args(argv=None):
         p.error(f"--equi must be in 1..{REPR_DIM - 1}, got {args.equi} (--equi-only: no invariant part)")
     if args.batch_size < 2 or args.epochs < 1 or args.log_every < 1:
         p.error("--batch-size must be >= 2, --epochs and --log-every >= 1")
-    if args.run_dir is None:
-        args.run_dir = os.path.join("runs", "-".join(["sie", args.preset] + ablation_tags(args)))
+    if args.run_dir is None:                    # short names of the ablations in use: one run dir each
+        tags = [name for name, on in (("equionly", args.equi_only), ("nopredvar", args.no_pred_var),
+                                      ("rotcolor", args.rot_color), ("predbias", args.pred_bias)) if on]
+        tags += [f"e{args.equi}"] if args.equi not in (256, REPR_DIM) else []
+        tags += ["mlppred"] if args.predictor == "mlp" else ["deephyper"] if args.hypernet == "deep" else []
+        args.run_dir = os.path.join("runs", "-".join(["sie", args.preset] + tags))
     return args
-
-
-def ablation_tags(args):
-    """Short names of the ablation flags in use, so every README ablation gets its own run dir."""
-    tags = [name for name, on in (("equionly", args.equi_only), ("nopredvar", args.no_pred_var),
-                                  ("rotcolor", args.rot_color), ("predbias", args.pred_bias)) if on]
-    tags += [f"e{args.equi}"] if args.equi not in (256, REPR_DIM) else []
-    tags += ["mlppred"] if args.predictor == "mlp" else ["deephyper"] if args.hypernet == "deep" else []
-    return tags
 
 
 # =============================== distributed ================================
@@ -214,11 +209,8 @@ class ResNet18(nn.Module):
         self.stem_pad = nn.ZeroPad2d((2, 3, 2, 3))          # left 2, right 3, top 2, bottom 3
         self.conv1 = nn.Conv2d(3, 64, 7, 2, 0, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
-        stages, c_in = [], 64
-        for c, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
-            stages.append(nn.Sequential(BasicBlock(c_in, c, stride, True), BasicBlock(c, c, 1, False)))
-            c_in = c
-        self.layers = nn.Sequential(*stages)
+        self.layers = nn.Sequential(*(nn.Sequential(BasicBlock(c_in, c, stride, True), BasicBlock(c, c, 1, False))
+                                      for c_in, c, stride in ((64, 64, 1), (64, 128, 2), (128, 256, 2), (256, 512, 2))))
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -330,7 +322,7 @@ class SIE(nn.Module):
 
     def __init__(self, args):
         super().__init__()
-        n_inv = REPR_DIM - args.equi                         # inv = first 512 - e dims, equi = last e
+        n_inv = REPR_DIM - args.equi
         inv_w, equi_w = split_widths(args.mlp, n_inv), split_widths(args.mlp, args.equi)
         g_dim, d = (6 if args.rot_color else 4), equi_w[-1]
         self.backbone = ResNet18()
@@ -383,16 +375,13 @@ def covariance_loss(z, divisor):
 def sie_loss(z1, z2, pred, d_inv, batch_size=None, sim_coeff=10.0, equi_weight=4.5, std_coeff=10.0,
              cov_coeff=1.0, pred_var=True):
     """The SIE objective (Eq. 6 of the paper; spec §2.4 for the exact official form).
-
     z1, z2: (B, D) embeddings [z_inv; z_equi] of views x and x' (the first d_inv columns invariant);
     pred: (B, D - d_inv) = W(g) z1_equi. batch_size: the CLI GLOBAL batch; the covariance divides by
     batch_size - 1 even for a smaller last batch, as the official code does (None: the real count).
     Returns the unweighted terms and 'loss' = sim*inv + equi_weight*equi + std*(std + pred_std) + cov*cov,
     where std = V(Z)/2 + V(Z')/2 and pred_std = V(Z'_hat)/2 already carry their 1/2 factors.
-
     Local vs global under DDP: the two MSEs are per-rank means (DDP's gradient averaging makes them
-    global means); the variance and covariance terms see the gathered global batch on every rank.
-    """
+    global means); the variance and covariance terms see the gathered global batch on every rank."""
     z1, z2, pred = z1.float(), z2.float(), pred.float()      # statistics in fp32 under any autocast
     zero = z1.new_zeros(())
     terms = {"inv": F.mse_loss(z1[:, :d_inv], z2[:, :d_inv]) if d_inv else zero,   # invariance
@@ -416,32 +405,9 @@ def make_optimizer(model, args):
                             fused=next(model.parameters()).is_cuda)
 
 
-def autocast(args, device):
-    """bf16/fp16 autocast on CUDA only; CPU runs in fp32."""
-    dtype = torch.float16 if args.amp == "fp16" else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda" and args.amp != "none")
-
-
 # ================================ checkpoint ================================
 RUN_LENGTH_FLAGS = {"epochs", "run_dir", "resume", "data_root", "num_workers", "log_every", "compile", "decode",
                     "eval_protocols", "no_eval"}   # may change between a run and its resumption
-
-
-def rng_state():
-    """All RNG states as plain Python/tensor values, so the checkpoint loads with weights_only=True."""
-    np_state = np.random.get_state()
-    return {"python": random.getstate(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state):
-    random.setstate(state["python"])
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def atomic_save(obj, path):
@@ -451,9 +417,13 @@ def atomic_save(obj, path):
 
 
 def save_checkpoint(path, model, optimizer, scaler, epoch, step, args):
+    # All RNG states as plain Python/tensor values, so the checkpoint loads with weights_only=True.
+    np_state = np.random.get_state()
+    rng = {"python": random.getstate(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+           "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     atomic_save({"script": "sie", "args": vars(args), "model": model.state_dict(),
                  "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                 "epoch": epoch, "step": step, "rng": rng_state()}, path)
+                 "epoch": epoch, "step": step, "rng": rng}, path)
 
 
 def load_checkpoint(path, model, optimizer, scaler, args):
@@ -468,7 +438,13 @@ def load_checkpoint(path, model, optimizer, scaler, args):
     model.load_state_dict(ckpt["model"], strict=True)
     optimizer.load_state_dict(ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"])
+    rng = ckpt["rng"]
+    name, keys, *rest = rng["numpy"]
+    random.setstate(rng["python"])
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
     return ckpt["epoch"], ckpt["step"]
 
 
@@ -480,7 +456,8 @@ class NonFiniteLoss(RuntimeError):
 def train_step(model, batch, optimizer, scaler, args):
     """Forward, loss, backward and Adam step on a device batch; returns device tensors only."""
     x1, x2, g, labels = batch
-    with autocast(args, x1.device):
+    dtype, dev = torch.float16 if args.amp == "fp16" else torch.bfloat16, x1.device.type   # CPU runs in fp32
+    with torch.autocast(dev, dtype=dtype, enabled=dev == "cuda" and args.amp != "none"):
         loss, terms, sums = model(x1, x2, g, labels)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
@@ -496,14 +473,6 @@ def reduce_sums(sums):
     if dist.is_initialized():
         dist.all_reduce(vec)
     return dict(zip(keys, vec.tolist()))
-
-
-def online_metrics(s, parts):
-    """Monitor figures from epoch sums: top-1 per part and pooled R² (spec §4.2: one scalar mean)."""
-    n = 4 * s["pairs"]
-    sst = s["q_sq"] - s["q_sum"] ** 2 / n
-    out = {f"top1_{p}": s[f"{p}_correct"] / (2 * s["pairs"]) for p in parts}
-    return {**out, **{f"rot_r2_{p}": 1 - s[f"{p}_sse"] / sst for p in parts}}
 
 
 def log_event(args, kind, **fields):
@@ -584,7 +553,10 @@ def train(args, rank, world, device):
             bar.set_postfix(ep=epoch, lr=args.lr, pairs_s=f"{pairs_s:.0f}",
                             **{k: f"{means[k]:.3f}" for k in ("total", "inv", "equi", "std", "pred_std", "cov")})
             window, n_win, pairs, t0 = {}, 0, 0, time.perf_counter()
-        log_event(args, "online", epoch=epoch, step=step, **online_metrics(reduce_sums(epoch_sums), parts))
+        s = reduce_sums(epoch_sums)                 # monitor: top-1 per part, pooled R² (spec §4.2: one scalar mean)
+        n, sst = s["pairs"], s["q_sq"] - s["q_sum"] ** 2 / (4 * s["pairs"])
+        log_event(args, "online", epoch=epoch, step=step, **{f"top1_{p}": s[f"{p}_correct"] / (2 * n) for p in parts},
+                  **{f"rot_r2_{p}": 1 - s[f"{p}_sse"] / sst for p in parts})
         if is_main():
             save_checkpoint(ckpt, model, optimizer, scaler, epoch + 1, step, args)
         if dist.is_initialized():
