@@ -158,9 +158,9 @@ def gather(x):
 def make_loader(args, rank, world):
     """One item per training OBJECT: two distinct views, their relative rotation g, the label (spec §1.3)."""
     root = data.ensure_3diebench(args.data_root)
-    pairs = data.Pairs3DIEBench(root, "train", size=args.resolution, color=args.rot_color, seed=args.seed)
-    if args.decode != "pil":                    # the fast paths (data.py): to_device finishes the images
-        pairs = data.JpegPairs3DIEBench(root, "train", args.resolution, args.rot_color, args.seed, args.decode)
+    # --decode cpu|gpu: the fast paths (data.py), whose images to_device finishes on the device
+    pairs = (data.Pairs3DIEBench(root, "train", args.resolution, args.rot_color, args.seed) if args.decode == "pil"
+             else data.JpegPairs3DIEBench(root, "train", args.resolution, args.rot_color, args.seed, args.decode))
     # Same sampler for 1..N processes: the global order depends only on (seed, epoch).
     sampler = DistributedSampler(pairs, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
     loader = DataLoader(pairs, batch_size=args.batch_size // world, sampler=sampler, drop_last=False,
@@ -536,7 +536,7 @@ def train(args, rank, world, device):
             bad_step = torch.where(torch.isfinite(terms["total"]) | (bad_step >= 0), bad_step, step + 1)
             window = {k: window.get(k, 0) + v for k, v in terms.items()}
             epoch_sums = {k: epoch_sums.get(k, 0) + v for k, v in sums.items()}
-            step, n_win, pairs = step + 1, n_win + 1, pairs + batch[0].shape[0] * world
+            step, n_win, pairs = step + 1, n_win + 1, pairs + len(batch[-1]) * world
             bar.update()
             if step % args.log_every and i < len(loader) - 1:
                 continue

@@ -233,6 +233,17 @@ def _train_log(run_dir, kind="train"):
         return [e for e in map(json.loads, f) if e["kind"] == kind]
 
 
+@pytest.mark.parametrize("decode", ["cpu", "gpu"])
+def test_fast_decode_paths_train_like_pil(decode, toy_root, tmp_path):
+    """--decode cpu|gpu (uint8 / JPEG bytes through the loader, finished by to_device) trains the same steps
+    as the PIL path: same pixels at the native size, so the same losses."""
+    common = TINY + ["--data-root", toy_root, "--no-eval", "--epochs", "1"]
+    sie.main(common + ["--run-dir", str(tmp_path / "pil")])
+    sie.main(common + ["--decode", decode, "--run-dir", str(tmp_path / decode)])
+    for a, b in zip(_train_log(tmp_path / "pil"), _train_log(tmp_path / decode), strict=True):
+        assert a["step"] == b["step"] and a["total"] == pytest.approx(b["total"], rel=1e-4)
+
+
 def test_resume_is_exact(toy_root, tmp_path):
     common = TINY + ["--data-root", toy_root, "--no-eval"]
     sie.main(common + ["--epochs", "2", "--run-dir", str(tmp_path / "straight")])
