@@ -89,9 +89,7 @@ class Probeable:
 # ================================ distributed ================================
 def world():
     """(rank, world size) of the process group that torchrun / the calling script set up, else (0, 1)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
 
 
 # =================================== data ===================================
@@ -105,9 +103,8 @@ def extract(fn, dataset, batch_size, device, workers=0, desc="features", shard=T
     rank, W = world() if shard else (0, 1)
     mine = Subset(dataset, range(rank, len(dataset), W))
     loader = DataLoader(mine, batch_size, num_workers=workers, pin_memory=device.type == "cuda")
-    outs = [fn(batch[0].to(device, non_blocking=True)).float()
-            for batch in tqdm(loader, desc=desc, disable=world()[0] != 0, leave=False)]
-    local = torch.cat(outs)
+    local = torch.cat([fn(batch[0].to(device, non_blocking=True)).float()
+                       for batch in tqdm(loader, desc=desc, disable=world()[0] != 0, leave=False)])
     if W == 1:
         return local.cpu()
     padded = torch.cat([local, local.new_zeros(-(-len(dataset) // W) - len(local), *local.shape[1:])])
@@ -120,8 +117,7 @@ def extract(fn, dataset, batch_size, device, workers=0, desc="features", shard=T
 
 
 def backbone_fn(backbone, device, pre=None):
-    """images -> fp32 representation, after the optional input map `pre`; bf16 autocast and
-    channels_last on GPU (numerics only)."""
+    """images -> fp32 representation of pre(images); bf16 autocast + channels_last on GPU (numerics only)."""
     def fn(x):
         x = pre(x) if pre is not None else x
         if device.type == "cuda":
@@ -238,8 +234,7 @@ def target_ranks(pred, cands):
     """pred (N, V, d): the prediction for target view v of object n; cands (N, V, d): the object's views.
     -> (ranks (N, V), 1-based rank of view v among the V candidates by cosine; sims (N, V, V)).
     p is normalised without eps, the candidates with +1e-8 on the norm, as the official script."""
-    p = pred / pred.norm(dim=-1, keepdim=True)
-    c = cands / (cands.norm(dim=-1, keepdim=True) + 1e-8)
+    p, c = pred / pred.norm(dim=-1, keepdim=True), cands / (cands.norm(dim=-1, keepdim=True) + 1e-8)
     sims = torch.einsum("nqd,ncd->nqc", p, c)
     # ties count in the target's favour (measure zero with real features)
     return 1 + (sims > sims.diagonal(dim1=1, dim2=2).unsqueeze(-1)).sum(-1), sims
@@ -380,7 +375,6 @@ def evaluate_3diebench(probe, root, protos, cfg, device, out_dir):
         # per epoch, the images of exactly the probe's minibatches, so BN sees what the official probe sees
         pair_features = lambda order, vi, vj: [extract(backbone_fn(bb, device, pre), Subset(
             train_ds, order * Vtr + v), cfg["batch_size"], device, W, "epoch", shard=False) for v in (vi, vj)]
-
     def epoch_data(epoch):
         order, vi, vj = epoch_views(n_tr, n_cached, cfg["seed"], epoch)
         return pair_batch(heads, probe.parts, *pair_features(order, vi, vj),
@@ -415,7 +409,6 @@ def equivariance_fn(token_maps, pre, grid):
     """images -> (B, blocks, |G|, 2): per image, block and g, the mean over tokens of cos(ρ_g(f_l(x)), f_l(g·x)),
     and as a reference the same with ρ_g ignored (only resampled to the other grid for the rescale)."""
     cos = lambda a, b: F.cosine_similarity(a.float(), b.float(), dim=1).flatten(1).mean(1)
-
     def fn(x):
         maps, per_g = token_maps(pre(x)), []
         for _, act, rho in group_actions(grid):
@@ -476,7 +469,6 @@ def evaluate_imagefolder(probe, root, protos, cfg, device):
         parts = {f"linear/{p}": sl for p, sl in probe.parts.items()}   # "/": a part may be named like a method
         heads = seeded(lambda: nn.ModuleDict({k: nn.Linear(sl.stop - sl.start, C) for k, sl in parts.items()}),
                        cfg, device)
-
         def epoch_data(epoch):
             order = torch.from_numpy(np.random.default_rng([cfg["seed"], epoch]).permutation(len(ytr)))
             return {k: (ftr[order][:, sl], ytr[order]) for k, sl in parts.items()}
@@ -556,8 +548,7 @@ def evaluate(probe, data_root, protocols=("all",), out_dir=None, device=None, pr
     chance level and the checkpoint step], "summary": {"name/part": value}, "settings", "notes", ...}.
     opts override the preset (PRESETS' keys, plus size: image side, None = native; batch_size_extract).
     The data root's layout picks the protocols (PROTOCOLS). Under torchrun every rank must call it."""
-    cfg = resolve(preset, opts)
-    kind = dataset_kind(data_root)
+    cfg, kind = resolve(preset, opts), dataset_kind(data_root)
     protos = expand_protocols(protocols, kind)
     device = torch.device(device if device is not None else next(probe.backbone.parameters(), torch.empty(0)).device)
     modules = [m for m in (probe.backbone, probe.embed, probe.predict) if isinstance(m, nn.Module)]
@@ -605,8 +596,7 @@ def load_probeable(path, device):
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     except Exception as e:  # torch raises many types for truncated / foreign files
         fail(f"cannot read checkpoint {ckpt_path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-    missing = [k for k in ("script", "args", "model") if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
+    if missing := [k for k in ("script", "args", "model") if not isinstance(ckpt, dict) or k not in ckpt]:
         fail(f"{ckpt_path} is not a checkpoint written by sie.py / baselines.py / ser.py (missing {missing})")
     try:
         module = importlib.import_module(ckpt["script"])

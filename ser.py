@@ -134,8 +134,7 @@ def parse_args(argv=None):
 
 # =============================== distributed ================================
 def setup_distributed():
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them, one plain process and no process group.
-    NCCL on GPUs, gloo on CPU: the same code path either way."""
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK (NCCL on GPUs, gloo on CPU); without them, one plain process."""
     cuda = torch.cuda.is_available()
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if cuda else "cpu")
@@ -150,10 +149,6 @@ def setup_distributed():
 
 def get_rank():
     return dist.get_rank() if dist.is_initialized() else 0
-
-def print0(*msg):
-    if get_rank() == 0:
-        print(*msg, flush=True)
 
 class FullGather(torch.autograd.Function):
     """all_gather that keeps gradients: backward sums the incoming gradients over ranks and returns this rank's
@@ -277,15 +272,13 @@ def act_on_images(x, g, v, patch):
     (patch h_v, patch w_v) px so the token grid is h_v x w_v (§6.5), then rot90^{k_v}."""
     x = torch.where(g["d"][v].view(-1, 1, 1, 1), x.flip(-2, -1), x)
     x = torch.where(g["f"][v].view(-1, 1, 1, 1), x.flip(-1), x)
-    h, w = g["hw"][v]
-    x = F.interpolate(x, size=(patch * h, patch * w), mode="bicubic", align_corners=False)
+    x = F.interpolate(x, size=tuple(patch * s for s in g["hw"][v]), mode="bicubic", align_corners=False)
     return torch.rot90(x, g["k"][v], dims=(-2, -1))
 
 def make_views(x_a, x_b, args, step):
     """The step's views (§1.5, §7.1) -> ([v1, v2] or [v1, v2, u0, u1], g or None). b1 = the first B - e images:
     two independent crops through t1 / t2. b2 = the last e: the SAME crop x_a through t1 and t2, then g_0 / g_1."""
-    B = x_a.shape[0]
-    e = b2_size(B, args)
+    B, e = x_a.shape[0], b2_size(x_a.shape[0], args)
     views = [normalize(photometric(x_a[:B - e], *T1)), normalize(photometric(x_b[:B - e], *T2))]
     if e == 0:
         return views, None
@@ -496,13 +489,10 @@ class SER(nn.Module):
                 for pt, ps in zip(t.parameters(), s.parameters()):
                     pt.lerp_(ps, 1 - m)
 
-def build_model(args):
-    """The whole training model from (saved) args, as eval.py rebuilds it."""
+def build_model(args):                                      # the training model from (saved) args; eval.py too
     return SER(args)
 
-class LastBlocksCLS(nn.Module):
-    """images -> the concatenated final-norm [CLS] of the last 4 blocks (SER's probe feature, §3.1)."""
-
+class LastBlocksCLS(nn.Module):                             # images -> ViT.last_blocks_features, (B, 4 D)
     def __init__(self, vit):
         super().__init__()
         self.vit = vit
@@ -617,8 +607,7 @@ def epoch_seed(args, epoch, rank):
     re-seeded with this at each epoch start: a resumed run repeats the interrupted one exactly, ranks differ."""
     return (args.seed * 100_003 + epoch) * 1_009 + rank
 
-def atomic_save(obj, path):
-    """Write to a temp file, then rename: a crash mid-write never leaves a broken checkpoint."""
+def atomic_save(obj, path):                                 # temp file + rename: never a half-written checkpoint
     torch.save(obj, path + ".tmp")
     os.replace(path + ".tmp", path)
 
@@ -719,7 +708,8 @@ def setup_run(args, rank, world, device):
     resume = args.resume or (ckpt if os.path.exists(ckpt) else None)
     epoch, step = load_checkpoint(resume, model, optimizer, scaler, args) if resume else (0, 0)
     if resume:
-        print0(f"resumed from {resume}: {epoch} epochs done, step {step}")
+        if rank == 0:
+            print(f"resumed from {resume}: {epoch} epochs done, step {step}", flush=True)
         log_event(args, "resume", checkpoint=resume, epoch=epoch, step=step, world_size=world)
     else:
         log_event(args, "config", config=vars(args), argv=sys.argv, versions=versions(device), world_size=world)
@@ -789,12 +779,9 @@ def main(argv=None):
         model, root, step, done = train(args, rank, world, device)
         if done:
             run_evaluation(model, args, root, step, device)
-    except data.DataError as e:
+    except (data.DataError, NonFiniteLoss) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except NonFiniteLoss as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(3)
+        sys.exit(3 if isinstance(e, NonFiniteLoss) else 2)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
