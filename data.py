@@ -52,8 +52,7 @@ ID_LENGTHS, ID_LENGTH_P = (32, 31, 30, 29), (0.8824, 0.1082, 0.0088, 0.0006)
 
 
 class DataError(Exception):
-    """A problem with the data a user can act on: one message naming the file. Scripts catch it,
-    print str(e) to stderr and exit(2)."""
+    """A problem with the data a user can act on: one message naming the file; scripts print it, exit(2)."""
 
     def __str__(self):  # a DataLoader worker re-raises it wrapped in its traceback text: keep the message
         s = super().__str__()
@@ -65,8 +64,7 @@ def cpu_cores():
 
 
 def parallel_map(fn, jobs, desc, progress=True, workers=None):
-    """list(map(fn, jobs)) on one thread per core with single-threaded torch ops in each (torch, PIL and
-    file I/O release the GIL), with a progress bar."""
+    """list(map(fn, jobs)) on one thread per core, torch single-threaded in each (torch, PIL, I/O release the GIL)."""
     from tqdm import tqdm
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -90,8 +88,7 @@ def euler_xyz_to_matrix(angles):
 
 
 def matrix_to_quaternion(R):
-    """(..., 3, 3) -> (..., 4) scalar-last (x, y, z, w) as scipy's from_matrix: its largest component
-    comes out positive (no further canonicalisation)."""
+    """(..., 3, 3) -> (..., 4) scalar-last (x, y, z, w) as scipy's from_matrix: largest component positive."""
     xp, r = torch if torch.is_tensor(R) else np, lambda i, j: R[..., i, j]
     tr = r(0, 0) + r(1, 1) + r(2, 2)
     # One unnormalised candidate per largest component (x, y, z, w), chosen from the diagonal.
@@ -114,8 +111,7 @@ def quaternion_multiply(p, q):
 
 
 def euler_xyz_to_quaternion(angles):
-    """(..., 3) -> (..., 4) scalar-last q_z(a2) q_y(a1) q_x(a0), multiplied out, with the signs of scipy's
-    from_euler("xyz"), which composes the elementary quaternions (sin(a/2) axis, cos(a/2))."""
+    """(..., 3) -> (..., 4) scalar-last q_z(a2) q_y(a1) q_x(a0) multiplied out, signs as scipy's from_euler("xyz")."""
     xp = torch if torch.is_tensor(angles) else np
     (cx, cy, cz), (sx, sy, sz) = ([f(angles[..., k] / 2) for k in range(3)] for f in (xp.cos, xp.sin))
     return xp.stack([sx * cy * cz - cx * sy * sz, cx * sy * cz + sx * cy * sz,
@@ -134,9 +130,8 @@ def relative_quaternion(a1, a2):
 
 # ============================================================ reading the on-disk format (sie.md §1.1-1.2)
 def ensure(root=None, name="3DIEBench", generate=True):
-    """Return root if it exists. The default location of `name` ("3DIEBench" or "ImageFolder") is generated
-    on first use (one line says so); any other missing root is an error that names the folder and the
-    command generating a look-alike there. ensure_3diebench(root) and ensure_imagefolder(root) are its forms."""
+    """Return root if it exists. The default location of `name` ("3DIEBench" or "ImageFolder") is generated on
+    first use (one line says so); any other missing root is an error naming the command generating one there."""
     default, command, make, config = {
         "3DIEBench": (DEFAULT_ROOT, "make-3diebench", make_3diebench, TOY_3DIEBENCH),
         "ImageFolder": (DEFAULT_IMAGEFOLDER_ROOT, "make-imagefolder", make_imagefolder, TOY_IMAGEFOLDER)}[name]
@@ -165,14 +160,12 @@ def load_npy(path, what):
 
 
 def object_dir(root, entry):
-    """List entries are '/SYNSET/OBJ_ID/' with both slashes (sie.md §1.2)."""
-    return os.path.join(root, str(entry).strip("/"))
+    return os.path.join(root, str(entry).strip("/"))   # list entries are '/SYNSET/OBJ_ID/', both slashes (sie.md §1.2)
 
 
 def read_split(root, split, check_folders=True):
-    """-> (entries, labels) of '{split}_images.npy' (one entry per object; the order matters for all_latents,
-    sie.md §6) and '{split}_labels.npy' (int64 index of the synset in the sorted synset list), checked:
-    both readable, same length, and every listed folder exists."""
+    """-> (entries, labels) of '{split}_images.npy' (one per object; the order matters for all_latents, sie.md §6)
+    and '{split}_labels.npy' (int64 index in the sorted synsets), checked: readable, same length, folders exist."""
     list_file, label_file = (os.path.join(ensure_3diebench(root), f"{split}_{k}.npy") for k in ("images", "labels"))
     entries, labels = load_npy(list_file, f"{split} list file"), load_npy(label_file, f"{split} label file")
     if entries.ndim != 1 or entries.dtype.kind != "U":
@@ -231,25 +224,19 @@ def load_all_latents(root, split):
     return table.astype(np.float64)
 
 
-def image_transform(size=None):
-    """PIL -> float32 (3, S, S) normalised with MEAN/STD (sie.md §1.4); optional resize (e.g. the 128x128
-    low-compute regime)."""
-    import torchvision.transforms as T
-    return T.Compose(([T.Resize((size, size))] if size else []) + [T.ToTensor(), T.Normalize(MEAN, STD)])
-
-
 # ============================================================ datasets (sie.md §1.3-1.4)
 class Split3DIEBench(torch.utils.data.Dataset):
     """One split of a 3DIEBench root: list entries, labels, views per object, number of classes (1 + the
-    largest label of both splits: 55 for the real data), and the image transform."""
+    largest label of both splits: 55 for the real data), and the image transform (size: resize, e.g. to 128x128)."""
 
     def __init__(self, root, split, size):
+        import torchvision.transforms as T   # PIL -> float32 (3, S, S) normalised with MEAN/STD (sie.md §1.4)
         self.root = ensure_3diebench(root)
         self.entries, self.labels = read_split(root, split)
         self.views = count_views(root, self.entries)
         both = [np.load(p) for s in ("train", "val") if os.path.isfile(p := os.path.join(root, f"{s}_labels.npy"))]
         self.num_classes = 1 + int(max(lab.max(initial=0) for lab in both + [self.labels]))
-        self.transform = image_transform(size)
+        self.transform = T.Compose(([T.Resize((size, size))] if size else []) + [T.ToTensor(), T.Normalize(MEAN, STD)])
 
     def path(self, obj, name):
         return os.path.join(object_dir(self.root, self.entries[obj]), name)
@@ -306,10 +293,8 @@ class Views3DIEBench(Split3DIEBench):
 # ============================================================ fast paths: JPEG decoding off PIL (issue 9)
 class JpegPairs3DIEBench(Pairs3DIEBench):
     """Pairs3DIEBench for a fast training loop; images come as uint8, to_float finishes them on the device.
-    decode="cpu": the workers decode with libjpeg-turbo into uint8 (3, H, W), stacked into one batch tensor.
-    decode="gpu": the workers only read; x1, x2 are the files' bytes as numpy uint8 arrays (arrays are pickled
-    through the worker queue, while a small tensor per image would hold a file descriptor each and exhaust
-    them), batched by collate_jpegs and decoded by decode_jpegs on the training device."""
+    decode="cpu": workers decode with libjpeg-turbo into uint8 (3, H, W); decode="gpu": they only read, x1, x2 are
+    the bytes as numpy uint8 arrays (a tensor each would hold a file descriptor), for collate_jpegs and decode_jpegs."""
 
     def __init__(self, root, split="train", size=None, color=False, seed=0, decode="cpu"):
         super().__init__(root, split, size, color, seed)
@@ -347,9 +332,8 @@ def decode_jpegs(blobs, device):
 
 
 def to_float(x, size=None):
-    """uint8 (B, 3, H, W) -> float32 normalised with MEAN/STD, resized to size x size, where x lies: what
-    image_transform does. Same values at the native size; after a resize within ~1/255 (antialiased bilinear
-    on floats here, on uint8 in PIL)."""
+    """uint8 (B, 3, H, W) -> float32 as Split3DIEBench's transform, on x's device: the same values at the native
+    size; after a resize within ~1/255 (antialiased bilinear on floats here, on uint8 in PIL)."""
     x = x.float().div_(255)
     if size and tuple(x.shape[-2:]) != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
@@ -359,11 +343,9 @@ def to_float(x, size=None):
 
 # ============================================================ checking a whole data set
 def check(root, workers=None, progress=True):
-    """Scan every list, folder, image (decoded) and latent of a data set -> {kind: [messages]}, empty when
-    the set is fine: every problem at once, instead of dying hours into training."""
+    """Scan every list, folder, decoded image and latent -> {kind: [messages]}, empty if fine: all problems at once."""
     ensure(root, generate=False)
     problems = defaultdict(list)
-
     def scan_object(folder, n):  # -> (its (n, 7) latents or None, [(kind, message)])
         if not os.path.isdir(folder):
             return None, [("object folder", f"{folder}: listed object folder is missing")]
@@ -378,7 +360,6 @@ def check(root, workers=None, progress=True):
             except DataError as e:
                 found.append(("latent", str(e)))
         return (np.stack(lats) if len(lats) == n else None), found
-
     for split in ("train", "val"):
         try:
             entries, _ = read_split(root, split, check_folders=False)
@@ -405,9 +386,8 @@ def check(root, workers=None, progress=True):
 
 
 # ============================================================ renderer (the real scene, sie.md §1.1)
-# One small batched triangle rasteriser in torch (z-buffer, perspective camera), used twice per image: from
-# the camera, and from the spot light for its shadow. Flat Lambert shading, a white sun from above and the
-# coloured spot light; the floor plane. Mesh-generic (any triangles) and device-generic (cpu, cuda).
+# A small batched triangle rasteriser in torch (z-buffer, perspective camera), used from the camera and from the
+# spot light (its shadow). Flat Lambert shading: white sun from above, coloured spot light; a floor; any device.
 CAM_DIST, CAM_POLAR, CAM_AZIM = 2.5, math.pi / 4, math.pi / 2   # camera looking at the origin
 FOCAL = 50 / 18                      # Blender's default 50 mm lens on a 36 mm sensor (39.6 deg field of view)
 FLOOR_Z, SPOT_RADIUS = -1.0, 4.0
@@ -495,7 +475,7 @@ def render(verts, faces, look, latents, size, ss=2, alpha=False, zoom=1.0):
     rendered at ss x the size and box-filtered (antialiasing). zoom multiplies the lens's focal length."""
     dev, B, H, nf = verts.device, len(latents), size * ss, len(faces)
     if B > 1 and B * H * H > 2 ** 20:                                              # bound memory: views in chunks
-        return torch.cat([render(verts, faces, look, part, size, ss, alpha, zoom) for part in np.array_split(latents, 2)])
+        return torch.cat([render(verts, faces, look, lat, size, ss, alpha, zoom) for lat in np.array_split(latents, 2)])
     look = look if isinstance(look, tuple) else (look.new_zeros(nf, 3, 2), torch.arange(nf), look[..., None, None])
     uv, mat, atlas = (x.to(dev) for x in look)
     lat = torch.as_tensor(latents, dtype=torch.float32).to(dev)
@@ -511,8 +491,7 @@ def render(verts, faces, look, latents, size, ss=2, alpha=False, zoom=1.0):
     ids, _, bary = rasterize(corners(project(world, cam, H, H)), img, B, H, H)
     S = H // 2                                                                     # shadow map resolution
     shadow_depth = rasterize(corners(project(world, light_cam, S, S)), img, B, S, S)[1]
-    # The plane of what each pixel sees: the floor (z = -1) or a face, whose unit normal and offset n.x are made
-    # once on the mesh (rotation invariant) and then rotated.
+    # The plane each pixel sees: the floor (z = -1) or a face (unit normal and offset n.x made on the mesh, rotated).
     v, hit, seen = verts[faces], ids.flatten().clamp(min=0), (ids >= 0).view(1, B, -1)   # (F, 3 corners, 3), triangle
     n = F.normalize(torch.linalg.cross(v[:, 1] - v[:, 0], v[:, 2] - v[:, 0]), dim=1)   # (F, 3)
     normal = (R @ n.T).transpose(0, 1).flatten(1)[:, hit].view(3, B, -1)           # (3, B, H*H)
@@ -520,21 +499,18 @@ def render(verts, faces, look, latents, size, ss=2, alpha=False, zoom=1.0):
     offset = torch.where(seen, (n * v[:, 0]).sum(1)[hit % nf].view(1, B, -1), FLOOR_Z)
     # The camera ray through each pixel centre meets that plane at p.
     jj, ii = torch.meshgrid(torch.arange(H, device=dev) + 0.5, torch.arange(H, device=dev) + 0.5, indexing="xy")
-    f = FOCAL * zoom
-    ndc = [(2 * jj / H - 1).flatten() / f, (1 - 2 * ii / H).flatten() / f, torch.ones(H * H, device=dev)]
+    ndc = [(2 * jj / H - 1).flatten() / cam[2], (1 - 2 * ii / H).flatten() / cam[2], torch.ones(H * H, device=dev)]
     ray = F.normalize(sum(a * axis[:, 0] for a, axis in zip(ndc, cam[1])), dim=0)[:, None]   # (3, 1, H*H)
     along = dot(ray, normal)
     p = cam[0] + (offset - dot(normal, cam[0])) / torch.where(along.abs() < 1e-6, 1e-6, along) * ray
     normal = torch.where(along > 0, -normal, normal)                              # two-sided faces: face the camera
-    # Albedo: the floor's HSV(floor_hue, 0.6, 0.6), else the seen face's material tile at the pixel's texture
-    # coordinates st (barycentric weights on the corners' uv; nearest texel, repeated; colours are 1 x 1 tiles).
+    # Albedo: floor HSV(floor_hue, 0.6, 0.6), else the face's material tile at barycentric uv (nearest texel, tiled).
     st, T = (bary[:, :, None] * uv[hit % nf]).sum(1), atlas.shape[-1]              # (B*H*H, 2)
     col, row = (torch.stack([st[:, 0], 1 - st[:, 1]]) % 1 * T).long().clamp(max=T - 1)
     texel = (mat[hit % nf] * T + row) * T + col
     albedo = torch.where(seen, atlas.transpose(0, 1).flatten(1)[:, texel].view(3, B, -1),
                          hsv_to_rgb(lat[:, 3], 0.6, 0.6).T.to(dev)[..., None])
-    # Spot light: cone with Blender's smoothstep edge, 1/d^2 falloff, colour HSV(spot_hue, 1, 0.8), and the
-    # shadow test against the depth map seen from the light (bias: a few shadow-map pixels at that depth).
+    # Spot light: Blender's smoothstep cone edge, 1/d^2 falloff, HSV(spot_hue, 1, 0.8), shadow map (bias: a few pixels).
     to_light = spot - p
     dist = dot(to_light, to_light).sqrt()
     x = ((dot(to_light, spot) / (dist * SPOT_RADIUS) - math.cos(SPOT_HALF_ANGLE))
@@ -574,34 +550,29 @@ def unit_mesh(kind):
             "torus": lambda: lathe(torch.stack([0.7 + 0.3 * t.cos(), 0.3 * t.sin()], 1), 12, closed=True)}[kind]()
 
 
-KINDS = ("box", "cylinder", "cone", "sphere", "prism", "torus")
-
-
 def class_recipe(c):
     """Shape family of class c (independent of the seed, so every generated set shares its classes): a body
     and 2-4 parts attached at random points of its surface; list of (kind, scale (3,), euler (3,), position
     (3,), optional). Random attachment points make the families asymmetric, so a pose is recoverable."""
-    rng = np.random.default_rng([20230210, c])
-    parts = [(KINDS[rng.integers(len(KINDS))], rng.uniform(0.3, 0.6, 3), rng.uniform(-0.4, 0.4, 3), np.zeros(3), False)]
+    rng, kinds = np.random.default_rng([20230210, c]), ("box", "cylinder", "cone", "sphere", "prism", "torus")
+    parts = [(kinds[rng.integers(len(kinds))], rng.uniform(0.3, 0.6, 3), rng.uniform(-0.4, 0.4, 3), np.zeros(3), False)]
     for _ in range(rng.integers(2, 5)):
         u, scale = rng.normal(size=3), rng.uniform(0.1, 0.28, 3)
         scale[rng.integers(3)] *= rng.uniform(1, 2.2)               # often stick-like: legs, handles, wings
-        parts.append((KINDS[rng.integers(len(KINDS))], scale, rng.uniform(-math.pi, math.pi, 3),
+        parts.append((kinds[rng.integers(len(kinds))], scale, rng.uniform(-math.pi, math.pi, 3),
                       parts[0][1] * u / np.linalg.norm(u), rng.random() < 0.3))
     return parts
 
 
 def object_mesh(c, rng):
-    """One object of class c: its family's parts with per-object jitter of size, placement and pose, optional
-    parts dropped at random, two random colours (colour says nothing about the class). Re-centred on its
-    bounding box and scaled to a unit bounding-box diagonal (ShapeNet's normalisation, sie.md §1.1).
+    """One object of class c: its family's parts with per-object jitter of size, placement and pose, optional parts
+    dropped half the time, two random colours (colour says nothing about the class), normalise()d.
     -> verts (V, 3), faces (F, 3), colors (F, 3)."""
     palette = hsv_to_rgb(torch.tensor(rng.uniform(0, 1, 2)), torch.tensor(rng.uniform(0.1, 0.7, 2)),
                          torch.tensor(rng.uniform(0.5, 0.95, 2))).float()
     f32 = lambda a: torch.tensor(a, dtype=torch.float32)
     verts, faces, colors = [], [], []
     for kind, scale, euler, pos, optional in class_recipe(c):
-        # this object's jitter of the part's size, pose and placement; optional parts dropped half the time
         size, angles = f32(scale * rng.uniform(0.8, 1.25, 3)), f32(euler + rng.normal(0, 0.12, 3))
         shift = f32(pos + rng.normal(0, 0.04, 3))
         dropped, color = optional and rng.random() < 0.5, palette[rng.integers(2)]
@@ -615,8 +586,7 @@ def object_mesh(c, rng):
 
 
 def normalise(v):
-    """Bounding box centred on the origin with a unit diagonal: ShapeNet's normalisation; the real generator
-    re-centres on the bounding-box centre (sie.md §1.1)."""
+    """Centre the bounding box on the origin, scale it to a unit diagonal: ShapeNet's normalisation (sie.md §1.1)."""
     v = v - (v.amin(0) + v.amax(0)) / 2
     return v / (v.amax(0) - v.amin(0)).norm()
 
@@ -672,15 +642,6 @@ def sample_latents(rng, views, ood=False):
     return out
 
 
-def object_ids(rng, n):
-    """n distinct hex ids of 29-32 characters, lengths in the real data's proportions (sie.md §1.1)."""
-    ids = []
-    while len(ids) < n:
-        new = "".join(rng.choice(list("0123456789abcdef"), rng.choice(ID_LENGTHS, p=ID_LENGTH_P)))
-        ids += [new] if new not in ids else []
-    return ids
-
-
 def write_object(folder, images, latents):
     """JPEG quality 95 (OpenCV's default) + float64 latents. The real generator passed an RGB array to
     cv2.imwrite, which expects BGR, so the stored JPEGs have R and B swapped (sie.md §6): kept here."""
@@ -693,11 +654,9 @@ def write_object(folder, images, latents):
 
 def make_3diebench(out, classes=55, objects_per_class=6, views=50, size=64, seed=0, ood=False,
                    device="cpu", progress=True, meshes=None, zoom=1.0):
-    """Write a procedural look-alike in the exact 3DIEBench layout: the 55 real synset ids (then made-up
-    ones), random 29-32 character object ids, class c drawn from shape family c. Deterministic for a given
-    seed; the same seed with ood=True re-renders the same objects with out-of-distribution angles.
-    meshes=DIR: render instead the OBJ meshes DIR/<class>/<model>.obj or DIR/<class>/<model>/**/*.obj (the importer's
-    output; ShapeNetCore v2's <synset>/<model_id>/models/model_normalized.obj: a 3DIEBench re-render, ids kept)."""
+    """Write a procedural look-alike in the exact 3DIEBench layout, deterministic for a seed: the 55 real synset ids
+    (then made-up ones), random object ids, class c from shape family c; ood=True: the same objects at OOD angles.
+    meshes=DIR: render DIR/<class>/<model>[.obj] meshes instead (ShapeNetCore v2: a 3DIEBench re-render, ids kept)."""
     if meshes:
         models = sorted(glob.glob(os.path.join(meshes, "*", "*.obj")) + glob.glob(os.path.join(meshes, "*", "*", "")))
         if not models:
@@ -710,16 +669,18 @@ def make_3diebench(out, classes=55, objects_per_class=6, views=50, size=64, seed
         raise DataError("make-3diebench needs at least 2 objects per class (train and val)")
     rng = np.random.default_rng(seed)
     synsets = (REAL_SYNSETS + [f"{90000000 + c:08d}" for c in range(55, classes)])[:classes]
-    ids = iter(object_ids(rng, classes * objects_per_class))
-    objects = [(synsets[c], next(ids), lambda c=c, o=o: object_mesh(c, np.random.default_rng([seed, c, o, 0])))
+    ids = []                                 # distinct hex ids, lengths in the real data's proportions (sie.md §1.1)
+    while len(ids) < classes * objects_per_class:
+        new = "".join(rng.choice(list("0123456789abcdef"), rng.choice(ID_LENGTHS, p=ID_LENGTH_P)))
+        ids += [new] if new not in ids else []
+    objects = [(synsets[c], ids.pop(0), lambda c=c, o=o: object_mesh(c, np.random.default_rng([seed, c, o, 0])))
                for c in range(classes) for o in range(objects_per_class)]
     return write_3diebench(out, objects, views, size, seed, ood, device, progress, zoom)
 
 
 @contextlib.contextmanager
 def staged(out):
-    """Write into OUT.partial, renamed to OUT at the end: an interrupted run leaves no half-written OUT (an
-    exception or Ctrl-C removes OUT.partial too)."""
+    """Write into OUT.partial, renamed to OUT at the end; an exception or Ctrl-C removes it: no half-written OUT."""
     if os.path.exists(out) and os.listdir(out):
         raise DataError(f"{out}: already exists and is not empty; choose another output folder")
     tmp = out.rstrip("/") + ".partial"
@@ -737,9 +698,8 @@ def staged(out):
 
 def write_3diebench(out, objects, views=50, size=64, seed=0, ood=False, device="cpu", progress=True, zoom=1.0):
     """The writer behind every generator. objects: [(synset, obj_id, mesh_fn)], mesh_fn() -> render's (verts, faces,
-    look). Renders each object's views on all cores; a mesh that fails to load (DataError) is reported and skipped.
-    Label = position of the synset among those written (sie.md §1.2); ~20 % of each class's objects go to val;
-    writes the lists (in shuffled order, like the real ones), labels and all_latents files."""
+    look), rendered on all cores; one failing to load (DataError) is skipped. Label = position of the synset among
+    those written (sie.md §1.2); ~20 % of each class's objects go to val; lists shuffled, like the real ones."""
     if views < 2:
         raise DataError("make-3diebench needs at least 2 views per object (training pairs are distinct views)")
     latents = [sample_latents(np.random.default_rng([seed, i, 1 + ood]), views, ood) for i in range(len(objects))]
@@ -752,7 +712,6 @@ def write_3diebench(out, objects, views=50, size=64, seed=0, ood=False, device="
                 return str(e)
             images = render(verts.to(device), faces.to(device), look, latents[i], size, zoom=zoom)
             write_object(os.path.join(tmp, objects[i][0], objects[i][1]), images, latents[i])
-
         errors = parallel_map(job, range(len(objects)), "render", progress)
         print(*(f"skipped {e}\n" for e in errors if e), sep="", end="", file=sys.stderr)
         synsets = sorted({o[0] for o, e in zip(objects, errors) if not e})
@@ -787,9 +746,8 @@ SH3D_CLASSES = [("person", r"^characters/.*\b(male|female|boy|girl|mannequin)\b"
 
 
 def import_sweethome3d(unpacked, out):
-    """Sort the models of the Sweet Home 3D furniture libraries under `unpacked` (*.sh3f zips, e.g. Debian's
-    sweethome3d-furniture unpacked with dpkg -x) into out/<class>/<catalogue id>/ (OBJ, MTL, textures) by the name
-    and category each has in its library's catalogue (PluginFurnitureCatalog.properties); others are left out."""
+    """Sort the models of the Sweet Home 3D libraries under `unpacked` (*.sh3f zips, e.g. Debian's package after
+    dpkg -x) into out/<class>/<catalogue id>/ (OBJ, MTL, textures) by catalogue category/name; others are left out."""
     counts = defaultdict(int)
     with staged(out) as tmp:
         for library in sorted(glob.glob(os.path.join(unpacked, "**", "*.sh3f"), recursive=True)):
@@ -827,9 +785,8 @@ def contact_sheet(root, out_png, objects=8, views=8):
 
 # ============================================================ ImageFolder (ser.py's ImageNet stand-in, issue 7)
 class ImageFolder(torch.utils.data.Dataset):
-    """'<root>/<split>/<wnid>/*.JPEG' (ImageNet's layout): items (transform(PIL RGB image), label), labels in
-    sorted-wnid order, attributes classes, samples, targets. Unlike torchvision's ImageFolder, every problem
-    is a DataError naming the folder or file."""
+    """'<root>/<split>/<wnid>/*.JPEG' (ImageNet's layout) -> (transform(PIL RGB image), label), labels in sorted-wnid
+    order; .classes, .samples, .targets. Unlike torchvision's, every problem is a DataError naming the file."""
 
     def __init__(self, root, split, transform=None):
         folder, self.transform = os.path.join(ensure_imagefolder(root), split), transform
@@ -862,9 +819,8 @@ image_folder = ImageFolder       # the name other scripts call: image_folder(roo
 
 
 def backgrounds(gen, n, size):
-    """(n, 3, size, size) textures with a canonical "up", like photographs: a sky-to-ground vertical
-    gradient, faint colour blotches and stripes of random frequency and direction (low contrast, so the object
-    carries the class: a CPU-minutes SSL run learns it)."""
+    """(n, 3, size, size) textures with a canonical "up", like photographs: a sky-to-ground gradient, faint colour
+    blotches, stripes of random frequency and direction; low contrast, so that the object carries the class."""
     rand = lambda *shape: torch.rand(*shape, generator=gen)
     yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
     sky, ground = 0.6 + 0.4 * rand(n, 3, 1, 1), 0.5 * rand(n, 3, 1, 1)
@@ -875,14 +831,12 @@ def backgrounds(gen, n, size):
 
 
 def make_imagefolder(out, classes=10, train_per_class=100, val_per_class=20, size=64, seed=0, progress=True):
-    """ImageNet-layout look-alike: class c = shape family c, each image a new object of that family, upright
-    with a small pose jitter, filling ~45-70 % of the frame at a random position (centre within the middle 30 %)
-    over a calm textured background, so that rotations and flips change what an image shows (what SER's
-    equivariance is about). Deterministic for a seed."""
+    """ImageNet-layout look-alike, deterministic for a seed: class c = shape family c, a new object per 4 images,
+    upright with a small pose jitter, ~45-70 % of the frame, centre within the middle 30 %, over a calm background:
+    rotations and flips change what an image shows (what SER's equivariance is about)."""
     per_object = 4                                               # images per object instance
     jobs = [(split, c, k) for split, n in (("train", train_per_class), ("val", val_per_class))
             for c in range(classes) for k in range(0, n, per_object)]
-
     def job(tmp, split, c, k):
         rng = np.random.default_rng([seed, split == "val", c, k])
         gen = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
@@ -902,7 +856,6 @@ def make_imagefolder(out, classes=10, train_per_class=100, val_per_class=20, siz
             number = k + j if split == "train" else c * val_per_class + k + j + 1
             name = f"{wnid}_{number}.JPEG" if split == "train" else f"ILSVRC2012_val_{number:08d}.JPEG"
             Image.fromarray(im).save(os.path.join(tmp, split, wnid, name), quality=90)
-
     with staged(out) as tmp:
         parallel_map(lambda j: job(tmp, *j), jobs, "make-imagefolder", progress)
     return out
