@@ -35,8 +35,8 @@ MEAN = (0.5016, 0.5037, 0.5060)      # sie.md §1.4: the data set's own statisti
 STD = (0.1030, 0.0999, 0.0969)
 N_VIEWS = 50                          # renderings per object (sie.md §1.1)
 DEFAULT_ROOT = "data/3diebench-toy"   # relative to cwd; generated on first use
-# The toy set every script's default runs on (10,000 images). Deviation (toy only): zoom=2 doubles the lens's focal
-# length, so objects fill ~2x more of the frame and a CPU-minutes run at 32 px can learn (64 px for the real scene).
+# The toy set every script's default runs on (10,000 images).
+# Deviation: toy only, zoom=2 doubles the lens's focal length: objects fill ~2x more of the 32 px frame.
 TOY_3DIEBENCH = dict(classes=10, objects_per_class=20, views=50, size=32, zoom=2.0, seed=0)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)   # for ImageFolder data
 DEFAULT_IMAGEFOLDER_ROOT = "data/imagefolder-toy"
