@@ -1,7 +1,8 @@
 """3DIEBench data: the exact on-disk format, a look-alike generator in that format, and a checker;
 plus ImageNet's ImageFolder layout and its look-alike (for ser.py).
 
-    python data.py make-3diebench OUT [--classes 55 --objects-per-class 6 --views 50 --size 64 --seed 0 --ood --zoom 1]
+    python data.py make-3diebench OUT [--classes 55 --objects-per-class 6 --views 50 --size 64 --seed 0 --ood --zoom 1
+                                  --paint palette|axes]
     python data.py check ROOT                     # every problem of a data set at once, non-zero exit
     python data.py contact-sheet ROOT OUT.png     # a grid of objects x views
     python data.py make-imagefolder OUT [--classes 10 --train-per-class 100 --val-per-class 20 --size 64]
@@ -36,8 +37,10 @@ STD = (0.1030, 0.0999, 0.0969)
 N_VIEWS = 50                          # renderings per object (sie.md §1.1)
 DEFAULT_ROOT = "data/3diebench-toy"   # relative to cwd; generated on first use
 # The toy set every script's default runs on (10,000 images).
-# Deviation: toy only, zoom=2 doubles the lens's focal length: objects fill ~2x more of the 32 px frame.
-TOY_3DIEBENCH = dict(classes=10, objects_per_class=20, views=50, size=32, zoom=2.0, seed=0)
+# Deviation: toy only, zoom=2 doubles the lens's focal length: objects fill ~2x more of the 32 px frame, and
+# paint="axes" colours each face by its object-frame normal, so the pose is visible at 32 px (README "Why the toy
+# set paints ..."): on the plain look-alike no method learns rotation in a CPU-minutes run.
+TOY_3DIEBENCH = dict(classes=10, objects_per_class=20, views=50, size=32, zoom=2.0, paint="axes", seed=0)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)   # for ImageFolder data
 DEFAULT_IMAGEFOLDER_ROOT = "data/imagefolder-toy"
 TOY_IMAGEFOLDER = dict(classes=10, train_per_class=100, val_per_class=20, size=64, seed=0)
@@ -564,10 +567,15 @@ def class_recipe(c):
     return parts
 
 
-def object_mesh(c, rng):
+# paint="axes": the colour of a face whose object-frame normal points most along +x, -x, +y, -y, +z, -z.
+AXIS_COLOURS = torch.tensor([[.9, .2, .2], [.2, .8, .8], [.2, .8, .2], [.8, .2, .8], [.2, .3, .9], [.9, .8, .2]])
+
+
+def object_mesh(c, rng, paint="palette"):
     """One object of class c: its family's parts with per-object jitter of size, placement and pose, optional parts
     dropped half the time, two random colours (colour says nothing about the class), normalise()d.
-    -> verts (V, 3), faces (F, 3), colors (F, 3)."""
+    paint="axes" instead colours every face by its normal in the object's frame (AXIS_COLOURS): the colours
+    seen then tell the pose, as a texture would. -> verts (V, 3), faces (F, 3), colors (F, 3)."""
     palette = hsv_to_rgb(torch.tensor(rng.uniform(0, 1, 2)), torch.tensor(rng.uniform(0.1, 0.7, 2)),
                          torch.tensor(rng.uniform(0.5, 0.95, 2))).float()
     f32 = lambda a: torch.tensor(a, dtype=torch.float32)
@@ -582,7 +590,13 @@ def object_mesh(c, rng):
         faces.append(f + sum(map(len, verts)))
         verts.append((v * size) @ euler_xyz_to_matrix(angles).T + shift)
         colors.append(color.expand(len(f), 3))
-    return normalise(torch.cat(verts)), torch.cat(faces), torch.cat(colors)
+    verts, faces, colors = normalise(torch.cat(verts)), torch.cat(faces), torch.cat(colors)
+    if paint == "axes":
+        t = verts[faces]                                                  # (F, 3 corners, 3)
+        n = torch.linalg.cross(t[:, 1] - t[:, 0], t[:, 2] - t[:, 0])
+        axis = n.abs().argmax(1)
+        colors = AXIS_COLOURS[2 * axis + (n.gather(1, axis[:, None])[:, 0] < 0).long()]
+    return verts, faces, colors
 
 
 def normalise(v):
@@ -653,7 +667,7 @@ def write_object(folder, images, latents):
 
 
 def make_3diebench(out, classes=55, objects_per_class=6, views=50, size=64, seed=0, ood=False,
-                   device="cpu", progress=True, meshes=None, zoom=1.0):
+                   device="cpu", progress=True, meshes=None, zoom=1.0, paint="palette"):
     """Write a procedural look-alike in the exact 3DIEBench layout, deterministic for a seed: the 55 real synset ids
     (then made-up ones), random object ids, class c from shape family c; ood=True: the same objects at OOD angles.
     meshes=DIR: render DIR/<class>/<model>[.obj] meshes instead (ShapeNetCore v2: a 3DIEBench re-render, ids kept)."""
@@ -673,8 +687,8 @@ def make_3diebench(out, classes=55, objects_per_class=6, views=50, size=64, seed
     while len(ids) < classes * objects_per_class:
         new = "".join(rng.choice(list("0123456789abcdef"), rng.choice(ID_LENGTHS, p=ID_LENGTH_P)))
         ids += [new] if new not in ids else []
-    objects = [(synsets[c], ids.pop(0), lambda c=c, o=o: object_mesh(c, np.random.default_rng([seed, c, o, 0])))
-               for c in range(classes) for o in range(objects_per_class)]
+    mesh = lambda c, o: object_mesh(c, np.random.default_rng([seed, c, o, 0]), paint)
+    objects = [(synsets[c], ids.pop(0), lambda c=c, o=o: mesh(c, o)) for c in range(classes) for o in range(objects_per_class)]
     return write_3diebench(out, objects, views, size, seed, ood, device, progress, zoom)
 
 
@@ -874,6 +888,8 @@ def main(argv=None):
     g.add_argument("--seed", type=int, default=0, help="same seed -> identical files")
     g.add_argument("--ood", action="store_true", help="angles in [pi/2, pi] u [-pi, -pi/2] (3DIEBench-OOD)")
     g.add_argument("--zoom", type=float, default=1.0, help="focal length x zoom: objects larger in frame (real: 1)")
+    g.add_argument("--paint", choices=("palette", "axes"), default="palette", help="face colours: two random "
+                   "ones per object, or by object-frame normal, one colour per +-axis (the toy set: pose visible)")
     g.add_argument("--device", default="cpu", help="torch device for the renderer (cpu, cuda)")
     g.add_argument("--meshes", help="render DIR/<class>/<model>.obj or <class>/<model>/**/*.obj (ShapeNet v2) instead")
     i = sub.add_parser("import-sweethome3d", help="sort an unpacked sweethome3d-furniture's models into class folders")
@@ -896,7 +912,7 @@ def main(argv=None):
     try:
         if args.command == "make-3diebench":
             make_3diebench(args.out, args.classes, args.objects_per_class, args.views, args.size, args.seed,
-                           args.ood, args.device, meshes=args.meshes, zoom=args.zoom)
+                           args.ood, args.device, meshes=args.meshes, zoom=args.zoom, paint=args.paint)
         elif args.command == "import-sweethome3d":
             import_sweethome3d(args.unpacked, args.mesh_dir)
         elif args.command == "make-imagefolder":

@@ -308,6 +308,22 @@ def test_render_rotation_convention():
     assert (a - data.render(verts, faces, colors, zero, 32)).abs().mean() > 0.01
 
 
+
+def test_paint_axes_colours_faces_by_their_object_frame_normal(tmp_path):
+    # same object (same random stream, same geometry), painted: each face gets the colour of the axis its
+    # normal points along most; the toy set is painted, the generator's default is the two-colour palette
+    rng = lambda: np.random.default_rng([0, 3, 1, 0])
+    (v, f, plain), (v2, f2, painted) = data.object_mesh(3, rng()), data.object_mesh(3, rng(), paint="axes")
+    assert torch.equal(v, v2) and torch.equal(f, f2) and len(set(map(tuple, plain.tolist()))) <= 2
+    n = torch.linalg.cross(v[f][:, 1] - v[f][:, 0], v[f][:, 2] - v[f][:, 0])
+    axis = n.abs().argmax(1)
+    expected = data.AXIS_COLOURS[2 * axis + (n[torch.arange(len(n)), axis] < 0).long()]
+    assert torch.equal(painted, expected) and len(set(map(tuple, painted.tolist()))) == 6
+    assert data.TOY_3DIEBENCH["paint"] == "axes"
+    data.main(["make-3diebench", str(tmp_path / "p"), "--classes", "1", "--objects-per-class", "2", "--views", "2",
+               "--size", "16", "--paint", "axes"])
+    assert len(data.Pairs3DIEBench(str(tmp_path / "p"))) == 1
+
 def test_default_root_is_generated_on_first_use(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(data, "TOY_3DIEBENCH", dict(classes=2, objects_per_class=2, views=2, size=16, seed=0))
