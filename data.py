@@ -38,8 +38,8 @@ N_VIEWS = 50                          # renderings per object (sie.md §1.1)
 DEFAULT_ROOT = "data/3diebench-toy"   # relative to cwd; generated on first use
 # The toy set every script's default runs on (10,000 images).
 # Deviation: toy only, zoom=2 doubles the lens's focal length: objects fill ~2x more of the 32 px frame, and
-# paint="axes" colours each face by its object-frame normal, so the pose is visible at 32 px (README "Why the toy
-# set paints ..."): on the plain look-alike no method learns rotation in a CPU-minutes run.
+# paint="axes" colours each face by its object-frame normal, so the pose is visible at 32 px (README "Data"):
+# on the plain look-alike no method learns rotation in a CPU-minutes run, not even a supervised regressor.
 TOY_3DIEBENCH = dict(classes=10, objects_per_class=20, views=50, size=32, zoom=2.0, paint="axes", seed=0)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)   # for ImageFolder data
 DEFAULT_IMAGEFOLDER_ROOT = "data/imagefolder-toy"
