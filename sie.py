@@ -37,9 +37,9 @@ import eval  # noqa: A004 (the project's eval.py; the builtin eval() is never us
 PRESETS = {
     # A laptop CPU: data.py's generated set at its native 32 px, ~4 minutes with evaluation. Projector widths
     # keep the paper's embedding-width / batch ratio (2048 / 1024): 64 / 32 (README "Why the toy preset ...").
-    # 600 steps: equivariance appears after ~500 on the toy set (README "What the toy run shows"); no loader
+    # 700 steps: equivariance appears after ~500-700 on the toy set (README "What the toy run shows"); no loader
     # worker process: on 2 cores it only competes with the step (2.7 vs 2.1 steps/s, measured).
-    "toy": dict(epochs=120, batch_size=32, resolution=32, mlp="64-64-64", num_workers=0),
+    "toy": dict(epochs=140, batch_size=32, resolution=32, mlp="64-64-64", num_workers=0),
     # The official README command (spec §2.6): 8 GPUs x 128, 2000 epochs = 82,000 steps.
     "paper": dict(epochs=2000, batch_size=1024, resolution=256, mlp="2048-2048-2048", equi=256,
                   sim_coeff=10.0, equi_factor=0.45, std_coeff=10.0, cov_coeff=1.0, lr=1e-3, wd=1e-6, num_workers=8),

@@ -232,7 +232,7 @@ def test_paper_preset_is_the_official_comparison():
     assert B.parse_args(["--method", "equimod-vicreg", "--preset", "paper"]).equi_factor == 0.45
     assert B.parse_args(["--method", "equimod-vicreg", "--equi-factor", "2"]).equi_factor == 2.0
     toy = B.parse_args(["--method", "simclr"])
-    assert (toy.preset, toy.epochs, toy.run_dir) == ("toy", 120, os.path.join("runs", "baselines-toy-simclr"))
+    assert (toy.preset, toy.epochs, toy.run_dir) == ("toy", 140, os.path.join("runs", "baselines-toy-simclr"))
     # every method parses with its toy preset alone (vicreg-partinv's e must fit the toy's 64-d embedding)
     assert B.parse_args(["--method", "vicreg-partinv"]).equi_emb == 32
 
