@@ -1,13 +1,7 @@
 """3DIEBench data: the exact on-disk format, a look-alike generator in that format, and a checker;
 plus ImageNet's ImageFolder layout and its look-alike (for ser.py).
 
-    python data.py make-3diebench OUT [--classes 55 --objects-per-class 6 --views 50 --size 64 --seed 0 --ood --zoom 1
-                                  --paint palette|axes]
-    python data.py check ROOT                     # every problem of a data set at once, non-zero exit
-    python data.py contact-sheet ROOT OUT.png     # a grid of objects x views
-    python data.py make-imagefolder OUT [--classes 10 --train-per-class 100 --val-per-class 20 --size 64]
-    python data.py import-sweethome3d UNPACKED_DIR MESH_DIR   # real models (Debian's sweethome3d-furniture) by class
-    python data.py make-3diebench OUT --meshes MESH_DIR [...]  # render OBJ meshes (or ShapeNetCore v2) instead
+    python data.py {make-3diebench,check,contact-sheet,make-imagefolder,import-sweethome3d} -h   # the commands
 
 3DIEBench layout (sie.md §1.1-1.2): <root>/<synset>/<obj_id>/image_k.jpg + latent_k.npy (7 float64),
 <root>/{train,val}_images.npy ('/SYNSET/OBJ_ID/' entries), {train,val}_labels.npy (int64), optional
@@ -464,6 +458,11 @@ def rasterize(tri, img, n_images, H, W):
     return ids, torch.where(empty, torch.inf, (zbuf // 2 ** 32) * (16 / 2 ** 30)).view(n_images, H, W), weights
 
 
+def face_normals(verts, faces):
+    t = verts[faces]                                                               # (F, 3 corners, 3) -> unit (F, 3)
+    return F.normalize(torch.linalg.cross(t[:, 1] - t[:, 0], t[:, 2] - t[:, 0]), dim=1)
+
+
 def hsv_to_rgb(h, s, v):
     """Tensors (broadcastable) -> (..., 3) RGB in [0, 1]."""
     h, s, v = torch.broadcast_tensors(*(torch.as_tensor(a, dtype=torch.float32) for a in (h, s, v)))
@@ -496,7 +495,7 @@ def render(verts, faces, look, latents, size, ss=2, alpha=False, zoom=1.0):
     shadow_depth = rasterize(corners(project(world, light_cam, S, S)), img, B, S, S)[1]
     # The plane each pixel sees: the floor (z = -1) or a face (unit normal and offset n.x made on the mesh, rotated).
     v, hit, seen = verts[faces], ids.flatten().clamp(min=0), (ids >= 0).view(1, B, -1)   # (F, 3 corners, 3), triangle
-    n = F.normalize(torch.linalg.cross(v[:, 1] - v[:, 0], v[:, 2] - v[:, 0]), dim=1)   # (F, 3)
+    n = face_normals(verts, faces)                                                 # (F, 3)
     normal = (R @ n.T).transpose(0, 1).flatten(1)[:, hit].view(3, B, -1)           # (3, B, H*H)
     normal = torch.where(seen, normal, lat.new_tensor([0, 0, 1.0])[:, None, None])
     offset = torch.where(seen, (n * v[:, 0]).sum(1)[hit % nf].view(1, B, -1), FLOOR_Z)
@@ -567,7 +566,6 @@ def class_recipe(c):
     return parts
 
 
-# paint="axes": the colour of a face whose object-frame normal points most along +x, -x, +y, -y, +z, -z.
 AXIS_COLOURS = torch.tensor([[.9, .2, .2], [.2, .8, .8], [.2, .8, .2], [.8, .2, .8], [.2, .3, .9], [.9, .8, .2]])
 
 
@@ -591,9 +589,8 @@ def object_mesh(c, rng, paint="palette"):
         verts.append((v * size) @ euler_xyz_to_matrix(angles).T + shift)
         colors.append(color.expand(len(f), 3))
     verts, faces, colors = normalise(torch.cat(verts)), torch.cat(faces), torch.cat(colors)
-    if paint == "axes":
-        t = verts[faces]                                                  # (F, 3 corners, 3)
-        n = torch.linalg.cross(t[:, 1] - t[:, 0], t[:, 2] - t[:, 0])
+    if paint == "axes":                                                   # +x -x +y -y +z -z: colours 0..5
+        n = face_normals(verts, faces)
         axis = n.abs().argmax(1)
         colors = AXIS_COLOURS[2 * axis + (n.gather(1, axis[:, None])[:, 0] < 0).long()]
     return verts, faces, colors
@@ -687,8 +684,8 @@ def make_3diebench(out, classes=55, objects_per_class=6, views=50, size=64, seed
     while len(ids) < classes * objects_per_class:
         new = "".join(rng.choice(list("0123456789abcdef"), rng.choice(ID_LENGTHS, p=ID_LENGTH_P)))
         ids += [new] if new not in ids else []
-    mesh = lambda c, o: object_mesh(c, np.random.default_rng([seed, c, o, 0]), paint)
-    objects = [(synsets[c], ids.pop(0), lambda c=c, o=o: mesh(c, o)) for c in range(classes) for o in range(objects_per_class)]
+    objects = [(synsets[c], ids.pop(0), lambda c=c, o=o: object_mesh(c, np.random.default_rng([seed, c, o, 0]), paint))
+               for c in range(classes) for o in range(objects_per_class)]
     return write_3diebench(out, objects, views, size, seed, ood, device, progress, zoom)
 
 
@@ -828,8 +825,6 @@ class ImageFolder(torch.utils.data.Dataset):
         image, label = load_image(self.samples[i][0]), self.samples[i][1]
         return (self.transform(image) if self.transform else image), label
 
-
-image_folder = ImageFolder       # the name other scripts call: image_folder(root, split, transform=None)
 
 
 def backgrounds(gen, n, size):

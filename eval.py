@@ -456,7 +456,7 @@ def evaluate_imagefolder(probe, root, protos, cfg, device):
     # Deviation: features of the test transform (resize 256/224 + centre crop) for train and val, cached;
     # SER's probe trains on random-resized crops + flips with SGD and a cosine schedule (ser.md §3.1).
     tf = T.Compose(([T.Resize(round(size * 256 / 224)), T.CenterCrop(size)] if size else []) + [T.ToTensor()])
-    train_ds, val_ds = data.image_folder(root, "train", tf), data.image_folder(root, "val", tf)
+    train_ds, val_ds = data.ImageFolder(root, "train", tf), data.ImageFolder(root, "val", tf)
     pre = normalizer(probe.input_stats or (data.IMAGENET_MEAN, data.IMAGENET_STD))
     ytr, yva, C = torch.tensor(train_ds.targets), torch.tensor(val_ds.targets), len(train_ds.classes)
     feats = lambda ds, t=None, desc="val features": extract(backbone_fn(

@@ -189,7 +189,7 @@ class TwoCrops:
 def make_loader(args, rank, world):
     """ImageFolder train split, two crops per image; the global order depends only on (seed, epoch)."""
     root = data.ensure_imagefolder(args.data_root)
-    dataset = data.image_folder(root, "train", transform=TwoCrops(args))
+    dataset = data.ImageFolder(root, "train", transform=TwoCrops(args))
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
     loader = DataLoader(dataset, batch_size=args.batch_size // world, sampler=sampler, drop_last=True,
                         num_workers=args.num_workers, pin_memory=torch.cuda.is_available())

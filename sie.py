@@ -35,10 +35,9 @@ import eval  # noqa: A004 (the project's eval.py; the builtin eval() is never us
 # ================================== config ==================================
 # --preset fills these defaults; any flag given on the command line overrides them.
 PRESETS = {
-    # A laptop CPU: data.py's generated set at its native 32 px, ~4 minutes with evaluation. Projector widths
-    # keep the paper's embedding-width / batch ratio (2048 / 1024): 64 / 32 (README "Why the toy preset ...").
-    # 700 steps: equivariance appears after ~500-700 on the toy set (README "What the toy run shows"); no loader
-    # worker process: on 2 cores it only competes with the step (2.7 vs 2.1 steps/s, measured).
+    # A laptop CPU, ~4 min with evaluation: data.py's generated set at 32 px; 700 steps, as equivariance appears
+    # after ~500-700 (README "What the toy run shows"); widths keep the paper's embedding / batch ratio 2048 / 1024
+    # (README "Why the toy preset ..."); no loader worker: on 2 cores it only slows the step (2.1 vs 2.7 steps/s).
     "toy": dict(epochs=140, batch_size=32, resolution=32, mlp="64-64-64", num_workers=0),
     # The official README command (spec §2.6): 8 GPUs x 128, 2000 epochs = 82,000 steps.
     "paper": dict(epochs=2000, batch_size=1024, resolution=256, mlp="2048-2048-2048", equi=256,
@@ -109,8 +108,7 @@ def parse_args(argv=None):
 
 # =============================== distributed ================================
 def setup_distributed():
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK (and the rendezvous); without them, one plain
-    process and no process group. NCCL on GPUs, gloo on CPU: the same code path either way."""
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK (NCCL on GPUs, gloo on CPU); without them, one plain process."""
     cuda = torch.cuda.is_available()
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if cuda else "cpu")

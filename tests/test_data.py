@@ -345,17 +345,17 @@ def test_imagefolder_layout_and_dataset(toy_imagefolder):
     assert len(wnids) == 4 and all(w.startswith("n") and len(w) == 9 for w in wnids)
     assert sorted(p.name for p in (root / "val").iterdir()) == wnids
     assert all(len(list((root / "train" / w).glob("*.JPEG"))) == 16 for w in wnids)
-    ds = data.image_folder(toy_imagefolder, "train")
+    ds = data.ImageFolder(toy_imagefolder, "train")
     assert ds.classes == wnids and len(ds) == 64 and ds.targets == sorted(ds.targets)
     image, label = ds[20]
     assert image.mode == "RGB" and image.size == (32, 32) and label == 1
-    val = data.image_folder(toy_imagefolder, "val", transform=lambda im: torch.tensor(np.asarray(im)))
+    val = data.ImageFolder(toy_imagefolder, "val", transform=lambda im: torch.tensor(np.asarray(im)))
     assert len(val) == 32 and val[0][0].shape == (32, 32, 3)
 
 
 def test_imagefolder_images_have_an_up(toy_imagefolder):
     # sky-to-ground backgrounds and upright objects: a 180-degree rotation changes the image statistics
-    ds = data.image_folder(toy_imagefolder, "train", transform=lambda im: torch.tensor(np.asarray(im), dtype=torch.float32))
+    ds = data.ImageFolder(toy_imagefolder, "train", transform=lambda im: torch.tensor(np.asarray(im), dtype=torch.float32))
     mean = torch.stack([ds[i][0] for i in range(len(ds))]).mean((0, 3))      # (rows, cols)
     assert mean[:8].mean() > mean[-8:].mean() + 10
 
@@ -363,29 +363,29 @@ def test_imagefolder_images_have_an_up(toy_imagefolder):
 def test_imagefolder_errors_and_determinism(tmp_path, toy_imagefolder):
     missing = tmp_path / "none"
     with pytest.raises(data.DataError, match=f"python data.py make-imagefolder {missing}"):
-        data.image_folder(str(missing), "train")
+        data.ImageFolder(str(missing), "train")
     cfg = dict(classes=2, train_per_class=4, val_per_class=4, size=16, progress=False)
     a, b = data.make_imagefolder(str(tmp_path / "a"), **cfg), data.make_imagefolder(str(tmp_path / "b"), **cfg)
     files = sorted(p.relative_to(a) for p in Path(a).rglob("*.JPEG"))
     assert len(files) == 16 and all((Path(a) / f).read_bytes() == (Path(b) / f).read_bytes() for f in files)
     with pytest.raises(data.DataError, match="test"):
-        data.image_folder(a, "test")                                 # no such split folder
+        data.ImageFolder(a, "test")                                 # no such split folder
     bad = Path(a) / "train" / files[0].parent.name / files[0].name
     bad.write_bytes(b"broken")
     with pytest.raises(data.DataError, match=str(bad)):
-        data.image_folder(a, "train")[0]
+        data.ImageFolder(a, "train")[0]
     (Path(a) / "val" / "n99999999").mkdir()
     with pytest.raises(data.DataError, match="differ"):
-        data.image_folder(a, "val")
+        data.ImageFolder(a, "val")
     (Path(a) / "train" / "n99999999").mkdir()
     with pytest.raises(data.DataError, match="empty class folder"):
-        data.image_folder(a, "train")
+        data.ImageFolder(a, "train")
 
 
 def test_default_imagefolder_is_generated_on_first_use(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(data, "TOY_IMAGEFOLDER", dict(classes=2, train_per_class=2, val_per_class=1, size=16, seed=0))
-    assert len(data.image_folder(data.DEFAULT_IMAGEFOLDER_ROOT, "val")) == 2
+    assert len(data.ImageFolder(data.DEFAULT_IMAGEFOLDER_ROOT, "val")) == 2
 
 
 def test_render_alpha_is_the_object_coverage():

@@ -305,7 +305,7 @@ def test_imagefolder_protocols(toy_imagefolder, toy_root):
     net = PooledTokens()
     probe = ev.Probeable(net, {"full": slice(0, 48), "half": slice(0, 24)}, token_maps=net.maps, step=5)
     res = ev.evaluate(probe, toy_imagefolder, linear_epochs=5)
-    n_val = len(data.image_folder(toy_imagefolder, "val"))
+    n_val = len(data.ImageFolder(toy_imagefolder, "val"))
     s = res["summary"]
     for part in ("full", "half"):
         assert {f"linear_top1/{part}", f"knn10_top1/{part}", f"knn20_top1/{part}"} <= set(s)
