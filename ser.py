@@ -60,6 +60,51 @@ TOY_METHOD = {"moco": dict(blr=3e-3, head_hidden=512, head_dim=128),   # narrowe
 def preset_defaults(preset, base):
     return {**BASE_COMMON, **METHOD[base], **(PAPER if preset == "paper" else {**TOY, **TOY_METHOD[base]})}
 
+# argparse types: a bad value is one "argument --flag: ..." line and exit code 2, never a traceback later.
+def _number(text, kind):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+def _checked(text, kind, ok, rule):
+    value = _number(text, kind)
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"{text} is not {rule}")
+    return value
+
+MAX_FLOAT = 1e6     # above any sensible lr, weight, temperature or decay; 1e39 would be inf in fp32
+
+def positive_int(text):
+    return _checked(text, int, lambda v: v >= 1, "an integer >= 1")
+
+def nonneg_int(text):
+    return _checked(text, int, lambda v: v >= 0, "an integer >= 0")
+
+def seed_int(text):                 # epoch_seed() and sample_group() scale it up: keep it inside 64 bits
+    return _checked(text, int, lambda v: 0 <= v < 2 ** 31, "an integer in [0, 2^31)")
+
+def positive_float(text):
+    return _checked(text, float, lambda v: 0 < v <= MAX_FLOAT, f"a number in (0, {MAX_FLOAT:g}]")
+
+def nonneg_float(text):
+    return _checked(text, float, lambda v: 0 <= v <= MAX_FLOAT, f"a number in [0, {MAX_FLOAT:g}]")
+
+def unit_float(text):               # momenta, end fractions
+    return _checked(text, float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+
+def crop_scale(text):               # RandomResizedCrop's minimum area fraction
+    return _checked(text, float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+
+def proper_fraction(text):          # b2's share: b1 and b2 both non-empty
+    return _checked(text, float, lambda v: 0 < v < 1, "a number in (0, 1)")
+
+def drop_rate(text):                # 1 would divide by 1 - p = 0
+    return _checked(text, float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="SER (spec: shared/spec/ser.md).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -67,70 +112,92 @@ def parse_args(argv=None):
     p.add_argument("--base", choices=("moco", "dino", "bt"), default="moco", help="the invariant SSL method")
     g = p.add_argument_group("data")
     g.add_argument("--data-root", help="ImageFolder root (train/<wnid>/*.JPEG); the toy location is generated")
-    g.add_argument("--resolution", type=int, help="crop side in px (paper 224)")
-    g.add_argument("--crop-min", type=float, help="RandomResizedCrop min scale (moco/bt 0.08, dino 0.25)")
+    g.add_argument("--resolution", type=positive_int, help="crop side in px (paper 224)")
+    g.add_argument("--crop-min", type=crop_scale, help="RandomResizedCrop min scale (moco/bt 0.08, dino 0.25)")
     g.add_argument("--interp", choices=("bilinear", "bicubic"), help="crop interpolation (moco bilinear)")
-    g.add_argument("--num-workers", type=int, help="DataLoader worker processes per rank")
+    g.add_argument("--num-workers", type=nonneg_int, help="DataLoader worker processes per rank")
     g = p.add_argument_group("ViT (§1.1-1.2)")
-    g.add_argument("--patch", type=int, help="patch side in px (paper 16)")
-    g.add_argument("--dim", type=int, help="token width (ViT-S 384)")
-    g.add_argument("--depth", type=int, help="blocks (ViT-S 12)")
-    g.add_argument("--heads", type=int, help="attention heads (ViT-S 6)")
-    g.add_argument("--drop-path", type=float, help="student stochastic depth (dino 0.1, else 0)")
+    g.add_argument("--patch", type=positive_int, help="patch side in px (paper 16)")
+    g.add_argument("--dim", type=positive_int, help="token width (ViT-S 384)")
+    g.add_argument("--depth", type=positive_int, help="blocks (ViT-S 12)")
+    g.add_argument("--heads", type=positive_int, help="attention heads (ViT-S 6)")
+    g.add_argument("--drop-path", type=drop_rate, help="student stochastic depth of the LAST block, linear from 0 "
+                   "at the first (dino 0.1, else 0)")
     g = p.add_argument_group("base method (§2)")
-    g.add_argument("--head-hidden", type=int, help="projector/predictor hidden width (moco 4096, dino 2048, bt 8192)")
-    g.add_argument("--head-dim", type=int, help="head output (moco 256, dino 65536 prototypes, bt 8192)")
-    g.add_argument("--head-bottleneck", type=int, help="DINO head bottleneck (256)")
-    g.add_argument("--moco-tau", type=float, default=0.2, help="MoCo-v3 InfoNCE temperature (0.2)")
-    g.add_argument("--momentum", type=float, help="teacher EMA momentum at step 0, cosine to 1 (moco 0.99, dino 0.982)")
-    g.add_argument("--student-temp", type=float, default=0.1, help="DINO student temperature (0.1)")
-    g.add_argument("--teacher-temp0", type=float, default=0.04, help="DINO teacher temperature at step 0 (0.04)")
-    g.add_argument("--teacher-temp", type=float, default=0.07, help="DINO teacher temperature after warm-up (0.07)")
-    g.add_argument("--teacher-temp-epochs", type=int, help="DINO teacher-temperature warm-up, epochs (10)")
-    g.add_argument("--center-momentum", type=float, default=0.9, help="DINO centre momentum (0.9)")
-    g.add_argument("--freeze-last-epochs", type=int, help="DINO: epochs with the head's last layer frozen (1)")
-    g.add_argument("--bt-lambda", type=float, default=0.0051, help="Barlow Twins off-diagonal weight (0.0051)")
+    g.add_argument("--head-hidden", type=positive_int, help="projector/predictor hidden width (moco 4096, dino 2048, "
+                   "bt 8192)")
+    g.add_argument("--head-dim", type=positive_int, help="head output (moco 256, dino 65536 prototypes, bt 8192)")
+    g.add_argument("--head-bottleneck", type=positive_int, help="DINO head bottleneck (256)")
+    g.add_argument("--moco-tau", type=positive_float, default=0.2, help="MoCo-v3 InfoNCE temperature (0.2)")
+    g.add_argument("--momentum", type=unit_float, help="teacher EMA momentum at step 0, cosine to 1 (moco 0.99, "
+                   "dino 0.982)")
+    g.add_argument("--student-temp", type=positive_float, default=0.1, help="DINO student temperature (0.1)")
+    g.add_argument("--teacher-temp0", type=positive_float, default=0.04, help="DINO teacher temperature at step 0")
+    g.add_argument("--teacher-temp", type=positive_float, default=0.07, help="DINO teacher temperature after warm-up")
+    g.add_argument("--teacher-temp-epochs", type=nonneg_int, help="DINO teacher-temperature warm-up, epochs (10)")
+    g.add_argument("--center-momentum", type=unit_float, default=0.9, help="DINO centre momentum (0.9)")
+    g.add_argument("--freeze-last-epochs", type=nonneg_int, help="DINO: epochs with the head's last layer frozen (1)")
+    g.add_argument("--bt-lambda", type=nonneg_float, default=0.0051, help="Barlow Twins off-diagonal weight")
     g = p.add_argument_group("SER (§1.3-1.8)")
     g.add_argument("--ser", choices=("on", "off"), default="on", help="off = vanilla base: [CLS] at the input, no b2")
-    g.add_argument("--ser-layer", type=int, help="block L whose tokens get L_equiv; [CLS] joins after it (paper 3)")
-    g.add_argument("--ser-lambda", type=float, help="weight of L_equiv (moco/bt 1, dino 0.3); 0 = the paper's control")
-    g.add_argument("--ser-tau", type=float, help="token NT-Xent temperature (moco 0.5, dino/bt 0.4)")
+    g.add_argument("--ser-layer", type=positive_int, help="block L whose tokens get L_equiv; [CLS] joins after it "
+                   "(paper 3)")
+    g.add_argument("--ser-lambda", type=nonneg_float, help="weight of L_equiv (moco/bt 1, dino 0.3); 0 = the "
+                   "paper's control")
+    g.add_argument("--ser-tau", type=positive_float, help="token NT-Xent temperature (moco 0.5, dino/bt 0.4)")
     g.add_argument("--ser-negatives", choices=("target", "both"), default="target", help="target: other images' "
                    "tokens of the target branch (released 2-view code); both: of both branches (paper's equation)")
-    g.add_argument("--b2-ratio", type=float, help="share of each per-rank batch in b2 (paper 0.01: 3 of 256)")
-    g.add_argument("--token-dim", type=int, help="width of the 1x1 token projector (paper 512)")
+    g.add_argument("--b2-ratio", type=proper_fraction, help="share of each per-rank batch in b2 (paper 0.01: 3 of "
+                   "256)")
+    g.add_argument("--token-dim", type=positive_int, help="width of the 1x1 token projector (paper 512)")
     g = p.add_argument_group("optimisation (§2)")
-    g.add_argument("--epochs", type=int, help="pretraining epochs (paper 100)")
-    g.add_argument("--warmup-epochs", type=int, help="linear lr warm-up (paper 10)")
-    g.add_argument("--batch-size", type=int, help="GLOBAL batch; per-rank batch = global / world size (paper 2048)")
-    g.add_argument("--blr", type=float, help="base lr: lr = blr x batch / 256 (moco 3e-4, dino/bt 1e-4)")
-    g.add_argument("--min-lr-frac", type=float, help="final lr / peak lr (moco 0, dino 1/80, bt 1e-3)")
-    g.add_argument("--wd", type=float, help="AdamW weight decay at step 0 (moco/bt 0.1, dino 0.04)")
-    g.add_argument("--wd-end", type=float, help="weight decay at the end, cosine (dino 0.4, else = --wd)")
-    g.add_argument("--clip-grad", type=float, help="per-parameter gradient-norm clip, 0 = off (dino/bt 0.3)")
+    g.add_argument("--epochs", type=positive_int, help="pretraining epochs (paper 100)")
+    g.add_argument("--warmup-epochs", type=nonneg_int, help="linear lr warm-up, <= --epochs (paper 10)")
+    g.add_argument("--batch-size", type=positive_int, help="GLOBAL batch; per-rank batch = global / world size "
+                   "(paper 2048)")
+    g.add_argument("--blr", type=positive_float, help="base lr: lr = blr x batch / 256 (moco 3e-4, dino/bt 1e-4)")
+    g.add_argument("--min-lr-frac", type=unit_float, help="final lr / peak lr (moco 0, dino 1/80, bt 1e-3)")
+    g.add_argument("--wd", type=nonneg_float, help="AdamW weight decay at step 0 (moco/bt 0.1, dino 0.04)")
+    g.add_argument("--wd-end", type=nonneg_float, help="weight decay at the end, cosine (dino 0.4, else = --wd)")
+    g.add_argument("--clip-grad", type=nonneg_float, help="per-parameter gradient-norm clip, 0 = off (dino/bt 0.3; "
+                   "bt under DDP: see barlow_twins_loss)")
     g.add_argument("--amp", choices=("bf16", "fp16", "none"), default="bf16", help="CUDA autocast; fp16 + GradScaler")
     g.add_argument("--compile", action="store_true", help="torch.compile every ViT block (same maths; slow start)")
     g = p.add_argument_group("run")
     g.add_argument("--run-dir", help="default runs/ser-<preset>-<base>[-tags]; rerun the same command to resume")
     g.add_argument("--resume", help="checkpoint to resume from (default: <run-dir>/checkpoint.pt if present)")
-    g.add_argument("--seed", type=int, default=0, help="model init, augmentation and data order")
-    g.add_argument("--log-every", type=int, default=10, help="steps between log lines (the only host syncs)")
-    g.add_argument("--stop-after-epochs", type=int, default=0, help="stop after N epochs; rerun resumes")
+    g.add_argument("--seed", type=seed_int, default=0, help="model init, augmentation and data order")
+    g.add_argument("--log-every", type=positive_int, default=10, help="steps between log lines (the only host "
+                   "syncs)")
+    g.add_argument("--stop-after-epochs", type=nonneg_int, default=0, help="stop after N epochs (0 = never); rerun "
+                   "resumes")
     g.add_argument("--eval-protocols", default="all", help="eval.py protocols after training, comma-separated")
     g.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
     known = p.parse_known_args(argv)[0]
     p.set_defaults(**preset_defaults(known.preset, known.base))
     args = p.parse_args(argv)
-    if args.resolution % args.patch or args.dim % args.heads:
-        p.error("--resolution must be a multiple of --patch and --dim a multiple of --heads")
+    if args.resolution % args.patch or args.resolution < 2 * args.patch:
+        p.error(f"--resolution {args.resolution} must be a multiple of --patch {args.patch} and at least twice it "
+                "(a token grid of at least 2 x 2 for rho_g to act on)")
+    if args.dim % args.heads:
+        p.error(f"--dim {args.dim} must be a multiple of --heads {args.heads}")
     if not 1 <= args.ser_layer <= args.depth:
         p.error(f"--ser-layer must be in 1..{args.depth} (the ViT's blocks)")
+    if args.warmup_epochs > args.epochs:
+        p.error(f"--warmup-epochs {args.warmup_epochs} exceeds --epochs {args.epochs}: the lr would never reach "
+                "its peak")
     if args.run_dir is None:                                # one run dir per README row: vanilla, lambda, L, seed
         tags = ["vanilla"] if args.ser == "off" else [f"{n}{getattr(args, k):g}" for n, k in (("L", "ser_layer"), (
             "lam", "ser_lambda")) if getattr(args, k) != preset_defaults(args.preset, args.base)[k]]
         tags += [f"s{args.seed}"] if args.seed else []
         args.run_dir = os.path.join("runs", "-".join(["ser", args.preset, args.base, *tags]))
     return args
+
+def usage_error(message):
+    """A flag found bad after parsing (it needs the data or the world size): argparse's format, exit code 2."""
+    if get_rank() == 0:
+        print(f"ser.py: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 # =============================== distributed ================================
 def setup_distributed():
@@ -232,15 +299,22 @@ def gaussian_blur(x, sigma, k=9):
     y = F.conv2d(F.conv2d(y, ker[:, None, None, :], groups=B * C), ker[:, None, :, None], groups=B * C)
     return y.reshape(B, C, H, W)
 
+def solarize(x):
+    """Per-image solarisation with a threshold drawn from U(0, 1), as the released pipeline's kornia
+    RandomSolarize(thresholds=0.5, additions=0) does (thresholds=0.5 means 0.5 +- 0.5, not a fixed 0.5;
+    builder/utils.py :: Aug_equi); BYOL's PIL solarise fixes it at 128/255 instead."""
+    threshold = torch.rand(x.shape[0], 1, 1, 1, device=x.device)
+    return torch.where(x < threshold, x, 1 - x)
+
 def photometric(x, blur_p, solarize_p):
     """BYOL's asymmetric pipelines (Grill et al. 2020, Tab. 6; §2): jitter p 0.8, grayscale p 0.2, Gaussian blur
-    (k 9, sigma ~ U(0.1, 2)) p blur_p, solarise (threshold 0.5) p solarize_p; every coin per image."""
+    (k 9, sigma ~ U(0.1, 2)) p blur_p, solarise (random threshold) p solarize_p; every coin per image."""
     B, dev = x.shape[0], x.device
     coin = lambda p: torch.rand(B, 1, 1, 1, device=dev) < p
     x = torch.where(coin(0.8), color_jitter(x), x)
     x = torch.where(coin(0.2), grayscale(x).expand_as(x), x)
     x = torch.where(coin(blur_p), gaussian_blur(x, 0.1 + 1.9 * torch.rand(B, device=dev)), x)
-    return torch.where(coin(solarize_p), torch.where(x < 0.5, x, 1 - x), x) if solarize_p else x
+    return torch.where(coin(solarize_p), solarize(x), x) if solarize_p else x
 
 T1, T2 = (1.0, 0.0), (0.1, 0.2)                             # (blur p, solarise p) of t1 and of t2
 
@@ -324,13 +398,18 @@ class ViT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid ** 2, dim))      # patch tokens only
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.cls_pos = nn.Parameter(torch.zeros(1, 1, dim)) if cls_at == 0 else None
-        self.blocks = nn.ModuleList(Block(dim, heads, drop_path) for _ in range(depth))
+        # Stochastic depth rises linearly over depth, 0 at block 1 to drop_path at the last (DINO's / the
+        # released vision_transformer.py's decay rule, Huang et al. 2016).
+        rates = torch.linspace(0, drop_path, depth).tolist()
+        self.blocks = nn.ModuleList(Block(dim, heads, rate) for rate in rates)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.norm_equiv = nn.LayerNorm(dim, eps=1e-6) if loss_layer else None
 
     def init_weights(self, moco_v3):
         """timm/DINO init (trunc-normal 0.02), or MoCo-v3's (Chen et al. 2021, Sec. 5 / §6.13): xavier-uniform
-        linears with qkv treated as three matrices, uniform patch embedding, [CLS] ~ N(0, 1e-6)."""
+        linears with qkv treated as three matrices, [CLS] ~ N(0, 1e-6). The patch embedding keeps PyTorch's
+        default Conv2d init for every base, as in the released vision_transformer.py (VisionTransformer.__init__
+        has MoCo-v3's xavier patch init commented out; for MoCo it only freezes the layer)."""
         for name, m in self.named_modules():
             if isinstance(m, nn.Linear):
                 bound = math.sqrt(6.0 / (m.weight.shape[0] // (3 if name.endswith("qkv") else 1) + m.weight.shape[1]))
@@ -340,20 +419,20 @@ class ViT(nn.Module):
             if p is not None:
                 nn.init.trunc_normal_(p, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6 if moco_v3 else 0.02)
-        if moco_v3:
-            bound = math.sqrt(6.0 / (3 * self.patch ** 2 + self.patch_embed.out_channels))
-            nn.init.uniform_(self.patch_embed.weight, -bound, bound)
-            nn.init.zeros_(self.patch_embed.bias)
 
     def patch_tokens(self, x):
         """(B, 3, P h, P w) -> (B, h w, D) row-major, plus the position table bicubically resized to h x w
-        (any grid, square or not: §6.5)."""
+        (any grid, square or not: §6.5). As in the released interpolate_pos_encoding (DINO's): the resize is
+        given as scale_factor (h + 0.1) / grid, which sets both the output size (floor: exactly h) and the
+        sampling positions (slightly different from a resize to size=(h, w))."""
         t = self.patch_embed(x)                             # (B, D, h, w)
         h, w = t.shape[-2:]
         pos = self.pos_embed
         if (h, w) != (self.grid, self.grid):
             pos = pos.reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)
-            pos = F.interpolate(pos, size=(h, w), mode="bicubic", align_corners=False).flatten(2).transpose(1, 2)
+            scale = ((h + 0.1) / self.grid, (w + 0.1) / self.grid)
+            pos = F.interpolate(pos, scale_factor=scale, mode="bicubic", align_corners=False)
+            pos = pos.flatten(2).transpose(1, 2)
         return t.flatten(2).transpose(1, 2) + pos, (h, w)
 
     def forward(self, x, every_block=False):
@@ -387,7 +466,8 @@ class ViT(nn.Module):
 
 def mlp(dims, last_bn=False):
     """MoCo-v3 / Barlow Twins MLP: (Linear without bias, BN, ReLU) between layers, a bias-free last Linear,
-    and for MoCo-v3's projector a final BN without affine parameters."""
+    and for MoCo-v3's ViT projector AND predictor a final BN without affine parameters (MoCo-v3's
+    MoCo_ViT._build_mlp with last_bn=True for both; only its ResNet predictor drops it)."""
     layers = []
     for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
         hidden = [nn.BatchNorm1d(b), nn.ReLU(inplace=True)] if i < len(dims) - 2 else []
@@ -396,12 +476,18 @@ def mlp(dims, last_bn=False):
 
 class DINOHead(nn.Module):
     """DINO's head (Caron et al. 2021, Sec. 3.1): 3-layer MLP with GELU and no BN -> bottleneck -> L2 norm ->
-    weight-normalised linear layer to K prototypes (norm_last_layer False: the norm g is trained too)."""
+    weight-normalised linear layer to K prototypes (norm_last_layer False: the norm g is trained too). Init as
+    DINOHead: the MLP's weights trunc-normal(0.02) and biases 0; the last layer keeps PyTorch's default (DINO
+    applies its init before creating it), its norm g = 1."""
 
     def __init__(self, dim, hidden, bottleneck, out):
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
                                  nn.Linear(hidden, bottleneck))
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
         self.last = nn.utils.parametrizations.weight_norm(nn.Linear(bottleneck, out, bias=False))
         self.last.parametrizations.weight.original0.data.fill_(1.0)
 
@@ -423,7 +509,7 @@ class SER(nn.Module):
         self.student.init_weights(moco_v3=args.base == "moco")
         if args.base == "moco":
             self.student.patch_embed.requires_grad_(False)  # MoCo-v3's frozen random patch projection (§6.13)
-            self.head, self.predictor = mlp([D, H, H, d], last_bn=True), mlp([d, H, d])
+            self.head, self.predictor = mlp([D, H, H, d], last_bn=True), mlp([d, H, d], last_bn=True)
         elif args.base == "dino":
             self.head = DINOHead(D, H, args.head_bottleneck, d)
             self.register_buffer("center", torch.zeros(1, d))
@@ -513,6 +599,11 @@ def probeable(model, args):
 # gradients wherever they carry any); DINO's cross-entropy, L_equiv's anchors and the probe are per-rank means
 # (DDP's averaging makes them global). Statistics and log-sum-exps run in fp32 under any autocast (§6.16).
 
+def autocast_off(x):
+    """The losses' statistics in fp32: `.float()` alone does not do it, since under autocast a matmul of two
+    fp32 tensors still runs in bf16 / fp16 (similarities, logits, the cross-correlation). Inputs are cast inside."""
+    return torch.autocast(x.device.type, enabled=False)
+
 def rho(z, k_from, hw_to, k_to):
     """Feature action rho_g (§1.4, §6.3): move a (n, C, h, w) token map from one b2 view's frame into the other's,
     in the released aug_equiv_feat's order: undo the source's rot90^k; vertical flip (their complementary flip and
@@ -529,14 +620,15 @@ def token_nce(anchor, target, tau, negatives="target"):
     tokens of image i are left out (paper L300, §6.8). Similarity = cosine / tau; mean over the anchor tokens."""
     n, C, h, w = anchor.shape
     flat = lambda m: F.normalize(m.float().flatten(2).transpose(1, 2).reshape(n * h * w, C), dim=1)
-    a, t = flat(anchor), flat(target)                       # (n h w, C), sample-major then row-major (§6.7)
-    pos = (a * t).sum(1) / tau
-    img = torch.arange(n, device=a.device).repeat_interleave(h * w) + get_rank() * n    # global image ids
-    logits = [pos[:, None]]
-    for cand in [gather(t)] + ([gather(a)] if negatives == "both" else []):
-        cand_img = torch.arange(cand.shape[0] // (h * w), device=a.device).repeat_interleave(h * w)
-        logits.append((a @ cand.T / tau).masked_fill(img[:, None] == cand_img[None, :], float("-inf")))
-    return (torch.logsumexp(torch.cat(logits, dim=1), dim=1) - pos).mean()
+    with autocast_off(anchor):
+        a, t = flat(anchor), flat(target)                   # (n h w, C), sample-major then row-major (§6.7)
+        pos = (a * t).sum(1) / tau
+        img = torch.arange(n, device=a.device).repeat_interleave(h * w) + get_rank() * n    # global image ids
+        logits = [pos[:, None]]
+        for cand in [gather(t)] + ([gather(a)] if negatives == "both" else []):
+            cand_img = torch.arange(cand.shape[0] // (h * w), device=a.device).repeat_interleave(h * w)
+            logits.append((a @ cand.T / tau).masked_fill(img[:, None] == cand_img[None, :], float("-inf")))
+        return (torch.logsumexp(torch.cat(logits, dim=1), dim=1) - pos).mean()
 
 def equivariance_loss(proj, maps, targets, g, tau, negatives="target"):
     """L_equiv (§1.6, §7.1). Anchors: the student's projected layer-L maps of the two b2 views. Targets: the other
@@ -552,26 +644,33 @@ def equivariance_loss(proj, maps, targets, g, tau, negatives="target"):
 def moco_infonce(q, k, tau):
     """MoCo-v3 (Chen et al. 2021, Alg. 1): cross-entropy of q.k / tau over the keys of the whole global batch,
     label = own key, times 2 tau. The keys come from the teacher: no gradient to carry."""
-    q, k = F.normalize(q.float(), dim=1), F.normalize(gather(k.float()), dim=1)
-    labels = torch.arange(q.shape[0], device=q.device) + get_rank() * q.shape[0]
-    return F.cross_entropy(q @ k.T / tau, labels) * 2 * tau
+    with autocast_off(q):
+        q, k = F.normalize(q.float(), dim=1), F.normalize(gather(k.float()), dim=1)
+        labels = torch.arange(q.shape[0], device=q.device) + get_rank() * q.shape[0]
+        return F.cross_entropy(q @ k.T / tau, labels) * 2 * tau
 
 def dino_loss(s_a, s_b, t_a, t_b, center, tau_s, tau_t):
     """DINO (Caron et al. 2021, Eq. 1-4) with two global views and no multi-crop (§2): cross-entropy between the
     centred, sharpened teacher softmax of one view and the student of the other, averaged over both pairs."""
     loss = 0.0
-    for s, t in ((s_b, t_a), (s_a, t_b)):
-        p_t = F.softmax((t.float() - center) / tau_t, dim=1)
-        loss = loss + torch.sum(-p_t * F.log_softmax(s.float() / tau_s, dim=1), dim=1).mean()
+    with autocast_off(s_a):
+        for s, t in ((s_b, t_a), (s_a, t_b)):
+            p_t = F.softmax((t.float() - center.float()) / tau_t, dim=1)
+            loss = loss + torch.sum(-p_t * F.log_softmax(s.float() / tau_s, dim=1), dim=1).mean()
     return loss / 2
 
 def barlow_twins_loss(z1, z2, lam):
     """Barlow Twins (Zbontar et al. 2021, Eq. 1): sum_i (1 - C_ii)^2 + lam sum_{i != j} C_ij^2, with C the cross-
-    correlation of the batch-standardised embeddings (BN without affine, eps 1e-5) over the GLOBAL batch."""
-    z1, z2 = gather(z1.float()), gather(z2.float())
-    std = lambda z: (z - z.mean(0)) / torch.sqrt(z.var(0, unbiased=False) + 1e-5)
-    c = std(z1).T @ std(z2) / z1.shape[0]
-    return (torch.diagonal(c) - 1).pow(2).sum() + lam * (c.pow(2).sum() - torch.diagonal(c).pow(2).sum())
+    correlation of the batch-standardised embeddings (BN without affine, eps 1e-5) over the GLOBAL batch.
+    Deviation under DDP: the released code sums C over GPUs with an in-place all_reduce, which autograd does not
+    see, so each rank back-propagates only its own share and DDP's averaging leaves 1/W of the true gradient
+    (W = world size). Here the gather carries gradients: the true gradient. AdamW does not care about the scale,
+    but the per-parameter clip does: to match the released recipe on W GPUs pass --clip-grad 0.3 x W (2.4 at 8)."""
+    with autocast_off(z1):
+        z1, z2 = gather(z1.float()), gather(z2.float())
+        std = lambda z: (z - z.mean(0)) / torch.sqrt(z.var(0, unbiased=False) + 1e-5)
+        c = std(z1).T @ std(z2) / z1.shape[0]
+        return (torch.diagonal(c) - 1).pow(2).sum() + lam * (c.pow(2).sum() - torch.diagonal(c).pow(2).sum())
 
 # ================================ optimiser =================================
 def make_optimizer(model):
@@ -684,15 +783,20 @@ def versions(device):
 def setup_run(args, rank, world, device):
     """Data, model, optimiser, scaler; resumes from the run dir's checkpoint when there is one."""
     if args.batch_size % world:
-        raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by {world} processes")
-    if args.ser == "on" and b2_size(args.batch_size // world, args) < 2:
-        raise SystemExit(f"error: --b2-ratio {args.b2_ratio} gives < 2 b2 images per rank; L_equiv needs other "
-                         "images as negatives (raise --b2-ratio or the per-rank batch)")
+        usage_error(f"--batch-size {args.batch_size} is not divisible by {world} processes")
+    local = args.batch_size // world
+    if args.ser == "on" and not 2 <= b2_size(local, args) < local:
+        usage_error(f"--b2-ratio {args.b2_ratio} gives {b2_size(local, args)} of {local} images per rank to b2; "
+                    "L_equiv needs >= 2 (other images are its negatives) and b1 >= 1 (change --b2-ratio or "
+                    "--batch-size)")
     if rank == 0:
         data.ensure_imagefolder(args.data_root)             # generate the toy set once, before the others read it
     if dist.is_initialized():
         dist.barrier()
     loader, root = make_loader(args, rank, world)
+    if len(loader) == 0:                                    # drop_last: else 0 steps and an untrained "result"
+        usage_error(f"--batch-size {args.batch_size} exceeds the {len(loader.dataset)} training images of {root} "
+                    "(no full batch to train on; lower --batch-size)")
     args.num_classes = len(loader.dataset.classes)
     torch.manual_seed(args.seed)                            # the same initial weights on every rank
     model = build_model(args).to(device)

@@ -1,7 +1,9 @@
 """ser.py: rho_g against an exactly equivariant stand-in encoder, the token loss against an explicit
-log-softmax, where L_equiv's gradient goes, delayed-[CLS] order, exact token grids, the paper preset,
-1 vs 2 gloo processes, exact resume, the README commands."""
+log-softmax, where L_equiv's gradient goes, delayed-[CLS] order, exact token grids, the released recipe's
+heads, inits, drop-path rule, position-table resize and solarisation, fp32 losses under autocast, the paper
+preset, every preset key and bad flag, 1 vs 2 gloo processes, exact resume, the README commands."""
 import json
+import math
 import os
 import shlex
 import shutil
@@ -189,6 +191,116 @@ def test_token_grids_are_exact_patch_multiples(grid, lo, hi):
                 assert vit(u)[1].shape[-2:] == (expect[0] // P, expect[1] // P)
 
 
+# ---------------------------------------------------------------- the released recipe's pieces (§2)
+def _tiny_model(*flags):
+    args = ser.parse_args(TINY + list(flags))
+    args.num_classes = 4
+    return ser.build_model(args)
+
+
+def _layout(seq):
+    """An nn.Sequential as [(type name, in, out, affine or bias)] for a structural comparison."""
+    out = []
+    for m in seq:
+        if isinstance(m, torch.nn.Linear):
+            out.append(("Linear", m.in_features, m.out_features, m.bias is not None))
+        elif isinstance(m, torch.nn.BatchNorm1d):
+            out.append(("BN", m.num_features, m.num_features, m.affine))
+        else:
+            out.append((type(m).__name__,))
+    return out
+
+
+def test_moco_v3_heads_end_in_an_affine_free_batchnorm():
+    """MoCo-v3's ViT builder: projector Linear-BN-ReLU-Linear-BN-ReLU-Linear-BN(affine=False), predictor
+    Linear-BN-ReLU-Linear-BN(affine=False), all linears bias-free; Barlow Twins' projector ends in a plain
+    Linear (its affine-free BN is the loss's standardisation)."""
+    moco = _tiny_model("--base", "moco")                            # dim 32, hidden 64, head dim 32
+    assert _layout(moco.head) == [("Linear", 32, 64, False), ("BN", 64, 64, True), ("ReLU",),
+                                  ("Linear", 64, 64, False), ("BN", 64, 64, True), ("ReLU",),
+                                  ("Linear", 64, 32, False), ("BN", 32, 32, False)]
+    assert _layout(moco.predictor) == [("Linear", 32, 64, False), ("BN", 64, 64, True), ("ReLU",),
+                                       ("Linear", 64, 32, False), ("BN", 32, 32, False)]
+    assert _layout(moco.teacher_head) == _layout(moco.head)
+    bt = _tiny_model("--base", "bt")
+    assert _layout(bt.head) == _layout(moco.head)[:-1]
+
+
+def test_drop_path_rises_linearly_over_depth():
+    model = _tiny_model("--base", "dino", "--depth", "4", "--drop-path", "0.1")
+    rates = [b.drop_path for b in model.student.blocks]
+    assert rates == pytest.approx([0.0, 0.1 / 3, 0.2 / 3, 0.1])
+    assert [b.drop_path for b in model.teacher.blocks] == [0.0] * 4
+
+
+@pytest.mark.parametrize("base", ["moco", "dino", "bt"])
+def test_patch_embedding_keeps_pytorch_default_init(base):
+    """The released ViT leaves the patch Conv2d at PyTorch's default init for every base (MoCo: frozen too):
+    weight and bias ~ U(+-1/sqrt(fan_in)), bias non-zero (MoCo-v3's own xavier init has a wider bound and
+    a zero bias)."""
+    pe = _tiny_model("--base", base).student.patch_embed
+    bound = 1 / math.sqrt(3 * 4 * 4)
+    assert pe.weight.abs().max() <= bound and pe.weight.abs().max() > 0.9 * bound
+    assert pe.bias.abs().min() > 0 and pe.bias.abs().max() <= bound
+    assert pe.weight.requires_grad == (base != "moco")
+
+
+def test_position_table_resize_is_dinos_scale_factor():
+    """A non-native grid reads the table through F.interpolate(scale_factor=(h + 0.1) / grid), as the
+    released interpolate_pos_encoding; the native grid reads it as is."""
+    vit = ser.ViT(16, 4, 8, 1, 2, cls_at=1, loss_layer=1)
+    with torch.no_grad():
+        vit.pos_embed.normal_()
+        vit.patch_embed.weight.zero_(), vit.patch_embed.bias.zero_()     # tokens = position rows only
+    table = vit.pos_embed.reshape(1, 4, 4, 8).permute(0, 3, 1, 2)
+    for h, w in ((6, 5), (3, 4), (2, 7)):
+        got = vit.patch_tokens(torch.rand(1, 3, 4 * h, 4 * w))[0]
+        want = F.interpolate(table, scale_factor=((h + 0.1) / 4, (w + 0.1) / 4), mode="bicubic",
+                             align_corners=False).flatten(2).transpose(1, 2)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(vit.patch_tokens(torch.rand(1, 3, 16, 16))[0], vit.pos_embed)
+
+
+def test_dino_head_init_is_trunc_normal():
+    head = _tiny_model("--base", "dino", "--head-hidden", "256").head
+    for m in head.mlp:
+        if isinstance(m, torch.nn.Linear):
+            assert m.weight.std().item() == pytest.approx(0.02, rel=0.15) and not m.bias.any()
+    assert torch.equal(head.last.parametrizations.weight.original0, torch.ones_like(
+        head.last.parametrizations.weight.original0))                  # weight-norm g = 1
+
+
+def test_solarize_threshold_is_uniform(monkeypatch):
+    """kornia's RandomSolarize(thresholds=0.5) draws the threshold from U(0, 1): a grey level 0.7 is inverted
+    in ~70 % of the images, not always (a fixed 0.5 would)."""
+    monkeypatch.setattr(ser, "color_jitter", lambda x: x)          # keep the grey level; grayscale is then a no-op
+    torch.manual_seed(0)
+    out = ser.photometric(torch.full((4000, 3, 10, 10), 0.7), blur_p=0.0, solarize_p=1.0)
+    inverted = (out[:, 0, 0, 0] - 0.3).abs() < 1e-6
+    assert torch.all(inverted | ((out[:, 0, 0, 0] - 0.7).abs() < 1e-6))
+    assert 0.65 < inverted.float().mean().item() < 0.75
+
+
+def _loss_inputs():
+    g = torch.Generator().manual_seed(0)
+    r = lambda *shape: torch.randn(*shape, generator=g)
+    return {"token_nce": lambda: ser.token_nce(r(4, 64, 3, 3), r(4, 64, 3, 3), 0.1, "both"),
+            "moco": lambda: ser.moco_infonce(r(16, 32), r(16, 32), 0.2),
+            "dino": lambda: ser.dino_loss(r(16, 64), r(16, 64), r(16, 64), r(16, 64), 0.1 * r(1, 64), 0.1, 0.04),
+            "bt": lambda: ser.barlow_twins_loss(r(16, 32), r(16, 32), 0.0051)}
+
+
+@pytest.mark.parametrize("name", ["token_nce", "moco", "dino", "bt"])
+def test_loss_statistics_are_fp32_under_autocast(name):
+    """.float() does not stop autocast (a matmul of fp32 tensors still runs in bf16); each loss switches it off."""
+    torch.manual_seed(0)
+    want = _loss_inputs()[name]()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = _loss_inputs()[name]()
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+
+
 # ---------------------------------------------------------------- paper preset (§2)
 def test_paper_preset_is_the_released_recipe():
     expect = {"moco": dict(lr=2.4e-3, wd=0.1, wd_end=0.1, clip_grad=0.0, crop_min=0.08, interp="bilinear",
@@ -318,9 +430,61 @@ def test_missing_data_root_is_one_message(tmp_path):
     assert proc.returncode == 2 and "nowhere" in proc.stderr and "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("argv", [["--base", "simclr"], ["--resolution", "30", "--patch", "4"],
-                                  ["--ser-layer", "9", "--depth", "6"], ["--no-such-flag"]])
-def test_bad_flags_fail_with_argparse_error(argv, capsys):
+BAD_FLAGS = [["--base", "simclr"], ["--no-such-flag"], ["--resolution", "30", "--patch", "4"],
+             ["--resolution", "0"], ["--resolution", "4", "--patch", "4"], ["--patch", "0"], ["--patch", "-4"],
+             ["--dim", "0"], ["--heads", "0"], ["--heads", "3"], ["--depth", "0"], ["--ser-layer", "0"],
+             ["--ser-layer", "9", "--depth", "6"], ["--epochs", "0"], ["--epochs", "2.5"], ["--warmup-epochs", "-1"],
+             ["--warmup-epochs", "11"], ["--batch-size", "0"], ["--blr", "-1"], ["--blr", "0"], ["--blr", "nan"],
+             ["--blr", "1e39"], ["--blr", "inf"], ["--wd", "-0.1"], ["--wd-end", "nan"], ["--min-lr-frac", "1.5"],
+             ["--clip-grad", "-1"], ["--seed", "-1"], ["--seed", "1e3"], ["--num-workers", "-1"],
+             ["--log-every", "0"], ["--stop-after-epochs", "-1"], ["--ser-lambda", "-1"], ["--ser-lambda", "nan"],
+             ["--ser-tau", "0"], ["--moco-tau", "-0.2"], ["--student-temp", "0"], ["--teacher-temp0", "nan"],
+             ["--teacher-temp", "1e39"], ["--teacher-temp-epochs", "-1"], ["--freeze-last-epochs", "-1"],
+             ["--momentum", "1.5"], ["--center-momentum", "-0.1"], ["--bt-lambda", "-1"], ["--b2-ratio", "0"],
+             ["--b2-ratio", "1"], ["--drop-path", "1"], ["--drop-path", "-0.1"], ["--crop-min", "0"],
+             ["--crop-min", "1.5"], ["--head-hidden", "0"], ["--head-dim", "0"], ["--head-bottleneck", "0"],
+             ["--token-dim", "0"]]
+
+
+@pytest.mark.parametrize("argv", BAD_FLAGS, ids=" ".join)
+def test_bad_flags_fail_with_one_argparse_error_naming_the_flag(argv, capsys):
     with pytest.raises(SystemExit) as e:
         ser.parse_args(argv)
-    assert e.value.code == 2 and "error" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert e.value.code == 2 and len(errors) == 1 and argv[0] in errors[0], err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("preset", ["toy", "paper"])
+@pytest.mark.parametrize("base", ["moco", "dino", "bt"])
+def test_every_preset_key_takes_effect(preset, base, monkeypatch):
+    """Each value preset_defaults returns reaches the parsed args (no flag's own default hides it), and each
+    key is a real flag that overrides it."""
+    def changed(v):                     # a different value that still passes parse_args' cross-checks
+        if isinstance(v, str):
+            return {"bilinear": "bicubic", "bicubic": "bilinear"}.get(v, v + "-elsewhere")
+        return (2 * v if v else 1) if isinstance(v, int) else (v / 2 if v else 0.05)
+
+    sources = [ser.BASE_COMMON, ser.METHOD[base]] + ([ser.PAPER] if preset == "paper" else
+                                                     [ser.TOY, ser.TOY_METHOD[base]])
+    defaults = ser.preset_defaults(preset, base)
+    assert set(defaults) == {k for d in sources for k in d}
+    for key, value in defaults.items():
+        with monkeypatch.context() as m:
+            m.setitem(next(d for d in reversed(sources) if key in d), key, changed(value))   # the winning dict
+            got = getattr(ser.parse_args(["--preset", preset, "--base", base]), key)
+        assert got == changed(value) and type(got) is type(value), key
+        flag = ["--" + key.replace("_", "-"), str(changed(value))]
+        assert getattr(ser.parse_args(["--preset", preset, "--base", base] + flag), key) == changed(value), key
+
+
+def test_silent_no_ops_are_refused(toy_imagefolder, tmp_path, capsys):
+    """A batch larger than the training set would train 0 steps and evaluate random weights: one message
+    naming --batch-size, exit 2, before anything is written. (--epochs 0, --resolution 0: BAD_FLAGS.)"""
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        ser.main(TINY + ["--data-root", toy_imagefolder, "--batch-size", "128", "--run-dir", str(run_dir)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--batch-size 128" in err and "64 training images" in err, err
+    assert not run_dir.exists()
