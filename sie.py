@@ -11,6 +11,7 @@ collapse. "spec §x" = shared/spec/sie.md. Nothing runs at import (`from sie imp
     torchrun --standalone --nproc_per_node=8 sie.py --preset paper --data-root /data/3DIEBench
 """
 import argparse
+import fcntl
 import json
 import os
 import platform
@@ -45,65 +46,178 @@ PRESETS = {
 }
 NUM_CLASSES = 55        # 3DIEBench's synsets; generated sets use the first labels of the same range
 REPR_DIM = 512          # ResNet-18 representation
+SCRIPT = "sie"          # the checkpoint's "script" field; eval.py accepts only the project's scripts
+MIN_RESOLUTION = 24     # the smallest image side the ResNet-18's stride-2 stages accept
+
+
+# argparse types: a bad value is one "argument --flag: ..." line and exit 2, never a traceback.
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def nonnegative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def nonnegative_float(text):
+    """A finite float >= 0 that fp32 can hold (1e39 would become inf in the model)."""
+    value = float(text)
+    if not 0 <= value <= 1e30:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def learning_rate(text):
+    value = float(text)
+    if not 0 < value <= 10:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 10], got {text}")
+    return value
+
+
+def resolution(text):
+    value = int(text)
+    if value < MIN_RESOLUTION:
+        raise argparse.ArgumentTypeError(f"must be >= {MIN_RESOLUTION} px (ResNet-18), got {text}")
+    return value
+
+
+def widths(text):
+    """'2048-2048-2048' -> the same string, checked: positive integer widths joined by '-'."""
+    parts = text.split("-")
+    if not all(w.isdigit() and int(w) > 0 for w in parts):
+        raise argparse.ArgumentTypeError(f"must be positive widths joined by '-', e.g. "
+                                         f"2048-2048-2048, got {text!r}")
+    return text
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are printed once under torchrun (by rank 0); every rank exits 2."""
+
+    def error(self, message):
+        if os.environ.get("RANK", "0") == "0":
+            self.print_usage(sys.stderr)
+            print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", choices=PRESETS, default="toy", help="toy: CPU minutes, generated data; paper: official")
-    # The preset is read first, so that its values become the defaults (in --help too).
-    first = p.parse_known_args([a for a in (sys.argv[1:] if argv is None else argv) if a not in ("-h", "--help")])
-    p.set_defaults(**PRESETS[first[0].preset])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", choices=PRESETS, default="toy",
+                   help="toy: CPU minutes, generated data; paper: the official command")
     g = p.add_argument_group("data")
-    g.add_argument("--data-root", default=data.DEFAULT_ROOT, help="3DIEBench root; the default is generated if missing")
-    g.add_argument("--resolution", type=int, help="image side in px (paper 256; 128 = low-compute regime)")
-    g.add_argument("--num-workers", type=int, help="DataLoader worker processes per rank")
-    g.add_argument("--decode", choices=("pil", "cpu", "gpu"), default="pil", help="pil: workers decode and normalise "
-                   "(readable); cpu: workers decode to uint8 (libjpeg-turbo), normalised on the device (fast); "
-                   "gpu: workers read bytes, decoded on the device (nvJPEG; on the CPU in a CPU-only run)")
+    g.add_argument("--data-root", default=data.DEFAULT_ROOT,
+                   help="3DIEBench root; the default is generated if missing")
+    g.add_argument("--resolution", type=resolution,
+                   help="image side in px (paper 256; 128 = low-compute regime)")
+    g.add_argument("--num-workers", type=nonnegative_int, help="DataLoader worker processes per rank")
+    g.add_argument("--decode", choices=("pil", "cpu", "gpu"), default="pil",
+                   help="pil: workers decode and normalise (readable); cpu: workers decode to uint8 "
+                        "(libjpeg-turbo), normalised on the device (fast); gpu: workers read bytes, "
+                        "decoded on the device (nvJPEG; on the CPU in a CPU-only run)")
     g = p.add_argument_group("model (Sec. 3; spec §2.1-2.3)")
-    g.add_argument("--mlp", help="projector widths before the split-ratio scaling (paper 2048-2048-2048)")
-    g.add_argument("--equi", type=int, default=256, help="e = equivariant dims, the LAST e of 512 (paper 256)")
-    g.add_argument("--equi-only", action="store_true", help="ablation: no split, all 512 dims equivariant")
-    g.add_argument("--predictor", choices=("hypernet", "mlp"), default="hypernet", help="W(g) z (paper) or MLP([g; z])")
+    g.add_argument("--mlp", type=widths,
+                   help="projector widths before the split-ratio scaling (paper 2048-2048-2048)")
+    g.add_argument("--equi", type=int, default=256,
+                   help="e = equivariant dims, the LAST e of 512 (paper 256)")
+    g.add_argument("--equi-only", action="store_true",
+                   help="ablation: no split, all 512 dims equivariant")
+    g.add_argument("--predictor", choices=("hypernet", "mlp"), default="hypernet",
+                   help="W(g) z (paper) or MLP([g; z])")
     g.add_argument("--hypernet", choices=("linear", "deep"), default="linear",
-                   help="g -> W(g): one bias-free Linear (paper) or 3 bias-free Linears of width 4 with ReLUs")
-    g.add_argument("--pred-bias", action="store_true", help="also generate a bias b(g) (paper figure; off in code)")
-    g.add_argument("--rot-color", action="store_true", help="ablation: 6-d g = [quaternion, d floor hue, d spot hue]")
+                   help="g -> W(g): one bias-free Linear (paper) or 3 bias-free Linears of width 4 "
+                        "with ReLUs")
+    g.add_argument("--pred-bias", action="store_true",
+                   help="also generate a bias b(g) (paper figure; off in code)")
+    g.add_argument("--rot-color", action="store_true",
+                   help="ablation: 6-d g = [quaternion, d floor hue, d spot hue]")
     g = p.add_argument_group("loss (Eq. SIE; spec §2.4)")
-    g.add_argument("--sim-coeff", type=float, default=10.0, help="lambda_sim on the invariance MSE (paper 10)")
-    g.add_argument("--equi-factor", type=float, default=0.45, help="alpha: equi MSE weight = sim_coeff*alpha (4.5)")
-    g.add_argument("--std-coeff", type=float, default=10.0, help="lambda_std on the variance terms (paper 10)")
-    g.add_argument("--cov-coeff", type=float, default=1.0, help="lambda_cov on the covariance terms (paper 1)")
-    g.add_argument("--no-pred-var", action="store_true", help="ablation: drop the variance term on W(g) z")
+    g.add_argument("--sim-coeff", type=nonnegative_float, default=10.0,
+                   help="lambda_sim on the invariance MSE (paper 10)")
+    g.add_argument("--equi-factor", type=nonnegative_float, default=0.45,
+                   help="alpha: equi MSE weight = sim_coeff*alpha (4.5)")
+    g.add_argument("--std-coeff", type=nonnegative_float, default=10.0,
+                   help="lambda_std on the variance terms (paper 10)")
+    g.add_argument("--cov-coeff", type=nonnegative_float, default=1.0,
+                   help="lambda_cov on the covariance terms (paper 1)")
+    g.add_argument("--no-pred-var", action="store_true",
+                   help="ablation: drop the variance term on W(g) z")
     g = p.add_argument_group("optimisation (spec §2.6)")
-    g.add_argument("--epochs", type=int, help="one epoch = one view pair per training object")
-    g.add_argument("--batch-size", type=int, help="GLOBAL batch in pairs; per-rank batch = global / world size")
-    g.add_argument("--lr", type=float, default=1e-3, help="Adam lr, constant: no warmup, no schedule (paper 1e-3)")
-    g.add_argument("--wd", type=float, default=1e-6, help="Adam weight decay on every parameter (paper 1e-6)")
+    g.add_argument("--epochs", type=positive_int,
+                   help="one epoch = one view pair per training object")
+    g.add_argument("--batch-size", type=positive_int,
+                   help="GLOBAL batch in pairs; per-rank batch = global / world size")
+    g.add_argument("--lr", type=learning_rate, default=1e-3,
+                   help="Adam lr, constant: no warmup, no schedule (paper 1e-3)")
+    g.add_argument("--wd", type=nonnegative_float, default=1e-6,
+                   help="Adam weight decay on every parameter (paper 1e-6)")
     g.add_argument("--amp", choices=("bf16", "fp16", "none"), default="bf16",
-                   help="autocast dtype on CUDA (ignored on CPU); fp16 adds a GradScaler; loss stats stay fp32")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model's forward (same maths; slow start)")
+                   help="autocast dtype on CUDA (ignored on CPU); fp16 adds a GradScaler; "
+                        "loss statistics are computed in fp32 with autocast off")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the model's forward (same maths; slow start)")
     g = p.add_argument_group("run")
-    g.add_argument("--run-dir", help="default runs/sie-<preset>[-<ablation>]; rerun the same command to resume")
-    g.add_argument("--resume", help="checkpoint to resume from (default: <run-dir>/checkpoint.pt if present)")
-    g.add_argument("--seed", type=int, default=0, help="model init, view sampling and data order")
-    g.add_argument("--log-every", type=int, default=20, help="steps between log lines (the only host syncs)")
-    g.add_argument("--eval-protocols", default="all", help="eval.py protocols after training, comma-separated")
+    g.add_argument("--run-dir",
+                   help="default runs/sie-<preset>[-<ablation>]; rerun the same command to resume")
+    g.add_argument("--resume",
+                   help="checkpoint to resume from (default: <run-dir>/checkpoint.pt if present)")
+    g.add_argument("--seed", type=nonnegative_int, default=0,
+                   help="model init, view sampling and data order")
+    g.add_argument("--log-every", type=positive_int, default=20,
+                   help="steps between log lines (the only host syncs)")
+    g.add_argument("--eval-protocols", default="all",
+                   help="eval.py protocols after training, comma-separated")
     g.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
+    # The preset's values become the defaults (in --help too). This comes after every
+    # add_argument, whose own default= would otherwise win over the preset.
+    preset = p.parse_known_args(without_help(argv))[0].preset
+    p.set_defaults(**PRESETS[preset])
     args = p.parse_args(argv)
-    args.equi = REPR_DIM if args.equi_only else args.equi
-    if not 0 < args.equi < REPR_DIM and not args.equi_only:
-        p.error(f"--equi must be in 1..{REPR_DIM - 1}, got {args.equi} (--equi-only: no invariant part)")
-    if args.batch_size < 2 or args.epochs < 1 or args.log_every < 1:
-        p.error("--batch-size must be >= 2, --epochs and --log-every >= 1")
-    if args.run_dir is None:                    # short names of the ablations in use: one run dir each
-        tags = [name for name, on in (("equionly", args.equi_only), ("nopredvar", args.no_pred_var),
-                                      ("rotcolor", args.rot_color), ("predbias", args.pred_bias)) if on]
-        tags += [f"e{args.equi}"] if args.equi not in (256, REPR_DIM) else []
-        tags += ["mlppred"] if args.predictor == "mlp" else ["deephyper"] if args.hypernet == "deep" else []
-        args.run_dir = os.path.join("runs", "-".join(["sie", args.preset] + tags))
+    if args.equi_only:
+        args.equi = REPR_DIM
+    elif not 0 < args.equi < REPR_DIM:
+        p.error(f"argument --equi: must be in 1..{REPR_DIM - 1}, got {args.equi} "
+                f"(--equi-only: no invariant part)")
+    for part, dims in (("invariant", REPR_DIM - args.equi), ("equivariant", args.equi)):
+        if dims and min(split_widths(args.mlp, dims)) < 1:
+            p.error(f"argument --mlp/--equi: the {part} projector of {args.mlp} scaled by "
+                    f"{dims}/{REPR_DIM} has a layer of width 0; use wider --mlp or another --equi")
+    if args.batch_size < 2:
+        p.error("argument --batch-size: must be >= 2 (the variance needs two samples)")
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if args.batch_size % world:
+        p.error(f"argument --batch-size: {args.batch_size} is not divisible by the {world} "
+                f"processes (--batch-size is the global batch)")
+    if args.resume and not os.path.isfile(args.resume):
+        p.error(f"argument --resume: no checkpoint file {args.resume}")
+    if args.run_dir is None:
+        args.run_dir = os.path.join("runs", "-".join(["sie", args.preset] + run_tags(args)))
     return args
+
+
+def without_help(argv):
+    """The command line without -h/--help, to read --preset before the full parse."""
+    return [a for a in (sys.argv[1:] if argv is None else argv) if a not in ("-h", "--help")]
+
+
+def run_tags(args):
+    """Short names of the ablations in use: each ablation gets its own run dir."""
+    flags = (("equionly", args.equi_only), ("nopredvar", args.no_pred_var),
+             ("rotcolor", args.rot_color), ("predbias", args.pred_bias))
+    tags = [name for name, on in flags if on]
+    if args.equi not in (256, REPR_DIM):
+        tags.append(f"e{args.equi}")
+    if args.predictor == "mlp":
+        tags.append("mlppred")
+    elif args.hypernet == "deep":
+        tags.append("deephyper")
+    return tags
 
 
 # =============================== distributed ================================
@@ -155,6 +269,18 @@ def gather(x):
 
 
 # ================================== data ====================================
+def check_inputs(args):
+    """What training and the evaluation at its end will read, checked cheaply before the first
+    step (start_up calls this on rank 0): the data set, the batch against it, the protocols."""
+    root = data.ensure(args.data_root)          # generates the default toy set on first use
+    entries, _ = data.read_split(root, "train")
+    if args.batch_size > len(entries):
+        raise RunError(f"--batch-size {args.batch_size} is larger than the {len(entries)} "
+                       f"training objects of {root} (one pair per object per step)")
+    if not args.no_eval:
+        eval.expand_protocols(args.eval_protocols.split(","), eval.dataset_kind(root))
+
+
 def make_loader(args, rank, world):
     """One item per training OBJECT: two distinct views, their relative rotation g, the label (spec §1.3)."""
     root = data.ensure_3diebench(args.data_root)
@@ -382,19 +508,23 @@ def sie_loss(z1, z2, pred, d_inv, batch_size=None, sim_coeff=10.0, equi_weight=4
     where std = V(Z)/2 + V(Z')/2 and pred_std = V(Z'_hat)/2 already carry their 1/2 factors.
     Local vs global under DDP: the two MSEs are per-rank means (DDP's gradient averaging makes them
     global means); the variance and covariance terms see the gathered global batch on every rank."""
-    z1, z2, pred = z1.float(), z2.float(), pred.float()      # statistics in fp32 under any autocast
-    zero = z1.new_zeros(())
-    terms = {"inv": F.mse_loss(z1[:, :d_inv], z2[:, :d_inv]) if d_inv else zero,   # invariance
-             "equi": F.mse_loss(pred, z2[:, d_inv:])}                              # equivariance, x -> x'
-    Z1, Z2 = gather(z1), gather(z2)
-    divisor = (batch_size or Z1.shape[0]) - 1
-    # Variance and covariance act on the full concatenation [z_inv; z_equi], D = both widths together,
-    # so the invariant and equivariant embeddings are also decorrelated from each other.
-    terms["std"] = variance_loss(Z1) / 2 + variance_loss(Z2) / 2
-    terms["pred_std"] = variance_loss(gather(pred)) / 2 if pred_var else zero
-    terms["cov"] = covariance_loss(Z1, divisor) + covariance_loss(Z2, divisor)
-    terms["loss"] = (sim_coeff * terms["inv"] + equi_weight * terms["equi"]
-                     + std_coeff * (terms["std"] + terms["pred_std"]) + cov_coeff * terms["cov"])
+    # Statistics in fp32 under any autocast: .float() alone is not enough, autocast would run the
+    # covariance matmul in bf16 again (~1 % error in that term), so autocast is switched off here.
+    with torch.autocast(z1.device.type, enabled=False):
+        z1, z2, pred = z1.float(), z2.float(), pred.float()
+        zero = z1.new_zeros(())
+        inv = F.mse_loss(z1[:, :d_inv], z2[:, :d_inv]) if d_inv else zero     # invariance
+        terms = {"inv": inv, "equi": F.mse_loss(pred, z2[:, d_inv:])}          # equivariance, x -> x'
+        Z1, Z2 = gather(z1), gather(z2)
+        divisor = (batch_size or Z1.shape[0]) - 1
+        # Variance and covariance act on the full concatenation [z_inv; z_equi], D = both widths
+        # together, so the invariant and equivariant embeddings are also decorrelated.
+        terms["std"] = variance_loss(Z1) / 2 + variance_loss(Z2) / 2
+        terms["pred_std"] = variance_loss(gather(pred)) / 2 if pred_var else zero
+        terms["cov"] = covariance_loss(Z1, divisor) + covariance_loss(Z2, divisor)
+        terms["loss"] = (sim_coeff * terms["inv"] + equi_weight * terms["equi"]
+                         + std_coeff * (terms["std"] + terms["pred_std"])
+                         + cov_coeff * terms["cov"])
     return terms
 
 
@@ -406,46 +536,166 @@ def make_optimizer(model, args):
 
 
 # ================================ checkpoint ================================
-RUN_LENGTH_FLAGS = {"epochs", "run_dir", "resume", "data_root", "num_workers", "log_every", "compile", "decode",
-                    "eval_protocols", "no_eval"}   # may change between a run and its resumption
+RUN_LENGTH_FLAGS = {"epochs", "run_dir", "resume", "data_root", "num_workers", "log_every", "compile",
+                    "decode", "eval_protocols", "no_eval"}   # may change between a run and its resumption
+
+
+class RunError(Exception):
+    """Bad input or a broken environment (flag, data, run dir, checkpoint, disk): the message is
+    printed alone, without a traceback, and the run exits with code 2."""
+
+
+def rng_state():
+    """All RNG states as plain Python/tensor values, so the checkpoint loads with weights_only=True."""
+    np_state = np.random.get_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return {"python": random.getstate(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            "torch": torch.get_rng_state(), "cuda": cuda}
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def atomic_save(obj, path):
-    """Write to a temp file, then rename: a crash mid-write never leaves a broken checkpoint."""
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    """Write path.tmp, then rename it over path: a kill mid-write leaves the old file intact. A
+    failed write (a full disk) removes its .tmp and says which file could not be written."""
+    tmp = path + ".tmp"
+    try:
+        torch.save(obj, tmp)
+    except (OSError, RuntimeError) as e:      # torch's zip writer reports ENOSPC as RuntimeError
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise RunError(f"cannot write {path}: {str(e).splitlines()[0]}; the previous "
+                       f"{os.path.basename(path)} is intact (free some space and rerun the same "
+                       f"command to resume from it)") from None
+    os.replace(tmp, path)
+
+
+def keep_previous(path):
+    """path -> path's .prev.pt twin, atomically, while path itself stays in place: a hard link
+    (a copy where links are not supported) renamed over the old .prev.pt."""
+    prev = previous_checkpoint(path)
+    try:
+        os.link(path, prev + ".tmp")
+    except OSError:
+        shutil.copyfile(path, prev + ".tmp")
+    os.replace(prev + ".tmp", prev)
+
+
+def previous_checkpoint(path):
+    return path[:-len(".pt")] + ".prev.pt" if path.endswith(".pt") else path + ".prev"
 
 
 def save_checkpoint(path, model, optimizer, scaler, epoch, step, args):
-    # All RNG states as plain Python/tensor values, so the checkpoint loads with weights_only=True.
-    np_state = np.random.get_state()
-    rng = {"python": random.getstate(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-           "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    atomic_save({"script": "sie", "args": vars(args), "model": model.state_dict(),
+    if os.path.exists(path):                 # the last good checkpoint survives a damaged new one
+        keep_previous(path)
+    atomic_save({"script": SCRIPT, "args": vars(args), "model": model.state_dict(),
                  "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                 "epoch": epoch, "step": step, "rng": rng}, path)
+                 "epoch": epoch, "step": step, "rng": rng_state()}, path)
 
 
-def load_checkpoint(path, model, optimizer, scaler, args):
-    """Restores everything save_checkpoint wrote; returns (epochs done, step). Refuses a checkpoint
-    written with different training flags, naming the first one that differs."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+def read_checkpoint(path, args):
+    """torch.load with weights_only=True, and the checks that make resuming safe: the file is
+    whole, written by this script, with the same training flags. Any fault is one RunError."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:                   # truncated zip, foreign pickle, not a file: many types
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        prev = previous_checkpoint(path)
+        fallback = (f"; the previous checkpoint {prev} is kept: resume from it with --resume {prev}"
+                    if os.path.isfile(prev) else "")
+        raise RunError(f"{path} is damaged or not a checkpoint ({reason}){fallback}; or move it "
+                       f"away to start afresh") from None
+    keys = ("script", "args", "model", "optimizer", "scaler", "epoch", "step", "rng")
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in keys) or ckpt["script"] != SCRIPT:
+        raise RunError(f"{path} is not a {SCRIPT}.py checkpoint; pass another --run-dir")
     for key, old in ckpt["args"].items():
         new = getattr(args, key, None)
         if key not in RUN_LENGTH_FLAGS and old != new:
-            raise SystemExit(f"error: {path} was trained with --{key.replace('_', '-')} {old}, this command "
-                             f"has {new}; pass the same flags to resume, or another --run-dir to start afresh")
+            raise RunError(f"{path} was trained with --{key.replace('_', '-')} {old}, this command "
+                           f"has {new}; pass the same flags to resume, or another --run-dir to "
+                           f"start afresh")
+    return ckpt
+
+
+def load_checkpoint(path, model, optimizer, scaler, args):
+    """Restores everything save_checkpoint wrote; returns (epochs done, step)."""
+    ckpt = read_checkpoint(path, args)
     model.load_state_dict(ckpt["model"], strict=True)
     optimizer.load_state_dict(ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])
-    rng = ckpt["rng"]
-    name, keys, *rest = rng["numpy"]
-    random.setstate(rng["python"])
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    set_rng_state(ckpt["rng"])
     return ckpt["epoch"], ckpt["step"]
+
+
+def resume_path(args):
+    """--resume, else the run dir's checkpoint.pt when there is one, else None (a fresh run)."""
+    ckpt = os.path.join(args.run_dir, "checkpoint.pt")
+    return args.resume or (ckpt if os.path.exists(ckpt) else None)
+
+
+# ================================= start-up =================================
+RUN_DIR_LOCK = []          # rank 0 keeps its locked file here for the whole run
+
+
+def lock_run_dir(run_dir):
+    """Create the run dir, check it is writable and lock it: a second run on the same dir is
+    refused, naming the process that holds it (the kernel drops the lock when that one dies,
+    kill -9 included). Left-over .tmp files of a run killed while saving are removed."""
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        lock = open(os.path.join(run_dir, "lock"), "a+")
+    except OSError as e:
+        raise RunError(f"cannot write the run dir {run_dir} ({e.strerror}); "
+                       f"pass a writable --run-dir") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        raise RunError(f"{run_dir} is in use by {holder}; wait for it to end, or pass "
+                       f"another --run-dir") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"process {os.getpid()} on {platform.node()}\n")
+    lock.flush()
+    RUN_DIR_LOCK.append(lock)
+    for name in os.listdir(run_dir):
+        if name.endswith(".tmp"):
+            os.remove(os.path.join(run_dir, name))
+
+
+def unlock_run_dir():
+    while RUN_DIR_LOCK:
+        RUN_DIR_LOCK.pop().close()          # closing the file releases its flock
+
+
+def start_up(args):
+    """Rank 0 does the one-time work and every cheap check before anybody trains: it generates
+    the default data, validates the data and the eval protocols, locks the run dir and reads the
+    checkpoint to resume. The others wait, then all stop together on a problem (exit 2), which
+    rank 0 alone prints."""
+    problem = None
+    if is_main():
+        try:
+            check_inputs(args)
+            lock_run_dir(args.run_dir)
+            if resume_path(args):
+                read_checkpoint(resume_path(args), args)
+        except (RunError, data.DataError, ValueError) as e:
+            problem = str(e)
+    if dist.is_initialized():
+        message = [problem]
+        dist.broadcast_object_list(message, src=0)
+        problem = message[0]
+    if problem:
+        raise RunError(problem)
 
 
 # ================================ train loop ================================
@@ -491,8 +741,6 @@ def versions(device):
 
 def setup_run(args, rank, world, device):
     """Data, model, optimiser, scaler; resumes from the run dir's checkpoint when there is one."""
-    if args.batch_size % world:
-        raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by {world} processes")
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -504,17 +752,16 @@ def setup_run(args, rank, world, device):
         model.compile()
     optimizer = make_optimizer(model, args)
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and args.amp == "fp16")
-    os.makedirs(args.run_dir, exist_ok=True)
-    ckpt = os.path.join(args.run_dir, "checkpoint.pt")
-    resume = args.resume or (ckpt if os.path.exists(ckpt) else None)
+    resume = resume_path(args)
     epoch, step = load_checkpoint(resume, model, optimizer, scaler, args) if resume else (0, 0)
     if resume:
         print0(f"resumed from {resume}: {epoch} epochs done, step {step}")
         log_event(args, "resume", checkpoint=resume, epoch=epoch, step=step, world_size=world)
     else:
-        log_event(args, "config", config=vars(args), argv=sys.argv, versions=versions(device), world_size=world)
+        log_event(args, "config", config=vars(args), argv=sys.argv, versions=versions(device),
+                  world_size=world)
         if is_main():                               # the run dir carries the code that produced it
-            shutil.copyfile(os.path.abspath(__file__), os.path.join(args.run_dir, "sie.py.txt"))
+            shutil.copyfile(os.path.abspath(__file__), os.path.join(args.run_dir, f"{SCRIPT}.py.txt"))
     return loader, root, model, optimizer, scaler, epoch, step
 
 
@@ -578,22 +825,47 @@ def run_evaluation(model, args, root, step, device):
 
 
 # =================================== main ===================================
+def finish_distributed(clean):
+    """Leave the process group. After a clean run every rank first meets the others at a barrier,
+    so nobody closes its gloo sockets while a peer still reads from them (that race killed a
+    peer with SIGABRT); after a failure there is no barrier, which could wait forever."""
+    if not dist.is_initialized():
+        return
+    if clean:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = setup_distributed()
     if world == 1 and torch.cuda.device_count() > 1:
-        print0(f"one process; for all GPUs: torchrun --standalone --nproc_per_node={torch.cuda.device_count()} sie.py")
+        print0(f"one process; for all GPUs: torchrun --standalone "
+               f"--nproc_per_node={torch.cuda.device_count()} {SCRIPT}.py")
+    clean = False
     try:
+        start_up(args)
         model, root, step = train(args, rank, world, device)
         if not args.no_eval:
             model.eval()
             run_evaluation(model, args, root, step, device)
-    except (data.DataError, NonFiniteLoss) as e:    # one message, no traceback: bad data 2, divergence 3
+        clean = True
+    except RunError as e:                    # one message from rank 0, no traceback
+        if is_main():
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except data.DataError as e:              # found by whichever rank read the bad file
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2 if isinstance(e, data.DataError) else 3)
+        sys.exit(2)
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
+    except KeyboardInterrupt:
+        print0(f"\ninterrupted; rerun the same command to resume from {args.run_dir}/checkpoint.pt")
+        sys.exit(130)
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        finish_distributed(clean)
+        unlock_run_dir()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,275 @@
+"""The training harness that sie.py and baselines.py share (the same text in each): presets that
+take effect, flags refused in one line, the run dir lock, damaged and unwritable checkpoints, the
+start-up checks that run before the first step, Ctrl-C, and torchrun launches (a fresh clone with
+no data, two agents as two nodes)."""
+import fcntl
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import baselines
+import sie
+from conftest import REPO, run
+
+TINY = ["--resolution", "32", "--batch-size", "8", "--mlp", "64-64-64", "--num-workers", "0",
+        "--log-every", "1", "--no-eval", "--epochs", "1"]
+METHOD_FLAGS = {"sie": [], "baselines": ["--method", "vicreg"]}
+MODULES = {"sie": sie, "baselines": baselines}
+
+
+@pytest.fixture(params=["sie", "baselines"])
+def script(request):
+    return request.param
+
+
+def tiny(script, toy_root, run_dir, *extra):
+    return METHOD_FLAGS[script] + TINY + ["--data-root", toy_root, "--run-dir", str(run_dir), *extra]
+
+
+def main_exit(script, argv, capsys):
+    """Run script.main(argv) in-process; returns (exit code, what it printed on stderr)."""
+    capsys.readouterr()                                          # forget earlier output
+    with pytest.raises(SystemExit) as e:
+        MODULES[script].main(argv)
+    return e.value.code, capsys.readouterr().err
+
+
+def read_log(run_dir, kind="train"):
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        return [e for e in map(json.loads, f) if e["kind"] == kind]
+
+
+# ---------------------------------------------------------------- presets and flags
+def test_every_preset_value_takes_effect(script, monkeypatch):
+    """Each preset key, changed to another valid value, is what parse_args returns (a flag's own
+    default= must not win over the preset)."""
+    module = MODULES[script]
+    changed = {"epochs": 7, "batch_size": 6, "resolution": 40, "mlp": "24-24-24", "equi": 200,
+               "equi_emb": 12, "num_workers": 3, "sim_coeff": 3.5, "equi_factor": 0.7,
+               "std_coeff": 2.5, "cov_coeff": 0.3, "temperature": 0.3, "augself_weight": 0.4,
+               "lr": 3e-4, "wd": 2e-5}
+    for preset in module.PRESETS:
+        for key in module.PRESETS[preset]:
+            assert key in changed, f"{script} preset key {key}: add a changed value to this test"
+            monkeypatch.setitem(module.PRESETS[preset], key, changed[key])
+            args = module.parse_args(METHOD_FLAGS[script] + ["--preset", preset])
+            assert getattr(args, key) == changed[key], f"{script} --preset {preset}: {key}"
+            monkeypatch.undo()
+
+
+BAD_FLAGS = [
+    (["--resolution", "7"], "--resolution"), (["--resolution", "0"], "--resolution"),
+    (["--mlp", "0-0-0"], "--mlp"), (["--mlp", "abc"], "--mlp"), (["--seed", "-1"], "--seed"),
+    (["--num-workers", "-1"], "--num-workers"), (["--lr", "-1"], "--lr"), (["--lr", "nan"], "--lr"),
+    (["--lr", "1e39"], "--lr"), (["--epochs", "0"], "--epochs"), (["--batch-size", "1"], "--batch-size"),
+    (["--log-every", "0"], "--log-every"), (["--wd", "-1"], "--wd"), (["--resume", "missing.pt"], "--resume"),
+]
+
+
+@pytest.mark.parametrize("argv, flag", BAD_FLAGS + [(["--equi", "1"], "--equi")],
+                         ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_bad_flags_are_one_argparse_line(script, argv, flag, capsys):
+    if flag == "--equi" and script == "baselines":
+        argv, flag = ["--method", "vicreg-partinv", "--equi-emb", "0"], "--equi-emb"
+    with pytest.raises(SystemExit) as e:
+        MODULES[script].parse_args(METHOD_FLAGS[script] + argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and flag in err and "Traceback" not in err
+
+
+def test_batch_not_divisible_by_world_is_refused_once(script, monkeypatch, capsys):
+    """Under torchrun every rank parses the flags: rank 0 prints one line, all exit 2."""
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    for rank, prints in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as e:
+            MODULES[script].parse_args(METHOD_FLAGS[script] + ["--batch-size", "32"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and ("--batch-size" in err) == prints and (err != "") == prints
+
+
+# ---------------------------------------------------------------- start-up checks, before step 1
+def test_batch_larger_than_the_training_set_is_refused(script, toy_root, tmp_path, capsys):
+    code, err = main_exit(script, tiny(script, toy_root, tmp_path / "r", "--batch-size", "64"), capsys)
+    assert code == 2 and "--batch-size 64" in err
+    assert not os.path.exists(tmp_path / "r" / "checkpoint.pt")
+
+
+def test_eval_protocol_typo_is_refused_before_training(script, toy_root, tmp_path, capsys):
+    argv = [a for a in tiny(script, toy_root, tmp_path / "r") if a != "--no-eval"]
+    code, err = main_exit(script, argv + ["--eval-protocols", "classify,retreival"], capsys)
+    assert code == 2 and "retreival" in err and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "r" / "log.jsonl")          # no step was taken
+
+
+def test_a_second_run_on_a_locked_run_dir_is_refused(script, toy_root, tmp_path, capsys):
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    with open(run_dir / "lock", "a+") as held:                   # another run holds the dir
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("process 4242 on somehost\n")
+        held.flush()
+        code, err = main_exit(script, tiny(script, toy_root, run_dir), capsys)
+    assert code == 2 and "in use by process 4242" in err
+    assert not os.path.exists(run_dir / "log.jsonl")
+    MODULES[script].main(tiny(script, toy_root, run_dir))        # released: the run goes ahead
+    assert len(read_log(run_dir)) == 2
+
+
+def test_unwritable_run_dir_is_one_message(script, toy_root, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    code, err = main_exit(script, tiny(script, toy_root, tmp_path / "a_file" / "run"), capsys)
+    assert code == 2 and "a_file" in err and "--run-dir" in err
+
+
+# ---------------------------------------------------------------- checkpoint faults
+def test_truncated_checkpoint_names_the_file_and_offers_the_previous_one(script, toy_root,
+                                                                         tmp_path, capsys):
+    run_dir = tmp_path / "r"
+    MODULES[script].main(tiny(script, toy_root, run_dir, "--epochs", "2"))
+    ckpt, prev = run_dir / "checkpoint.pt", run_dir / "checkpoint.prev.pt"
+    assert torch.load(prev, weights_only=True)["epoch"] == 1     # the one before the last
+    ckpt.write_bytes(ckpt.read_bytes()[:5000])                   # a damaged file
+    code, err = main_exit(script, tiny(script, toy_root, run_dir, "--epochs", "3"), capsys)
+    assert code == 2 and str(ckpt) in err and f"--resume {prev}" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    MODULES[script].main(tiny(script, toy_root, run_dir, "--epochs", "3", "--resume", str(prev)))
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 3
+
+
+def test_full_disk_leaves_no_tmp_and_keeps_the_last_checkpoint(script, toy_root, tmp_path,
+                                                                monkeypatch, capsys):
+    run_dir = tmp_path / "r"
+    module = MODULES[script]
+    module.main(tiny(script, toy_root, run_dir, "--epochs", "1"))
+    real_save = torch.save
+
+    def save_then_disk_full(obj, path):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", save_then_disk_full)
+    code, err = main_exit(script, tiny(script, toy_root, run_dir, "--epochs", "2"), capsys)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert code == 2 and "No space left on device" in err and "checkpoint.pt" in err
+    assert not [f for f in os.listdir(run_dir) if f.endswith(".tmp")]
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["epoch"] == 1
+
+
+def test_stale_tmp_from_a_kill_while_saving_is_removed(script, toy_root, tmp_path):
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / "checkpoint.pt.tmp").write_bytes(b"half a checkpoint")
+    MODULES[script].main(tiny(script, toy_root, run_dir))
+    assert not (run_dir / "checkpoint.pt.tmp").exists()
+
+
+def test_a_checkpoint_of_another_script_is_refused(script, toy_root, tmp_path, capsys):
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    torch.save({"script": "other", "args": {}, "model": {}}, run_dir / "checkpoint.pt")
+    code, err = main_exit(script, tiny(script, toy_root, run_dir), capsys)
+    assert code == 2 and "checkpoint.pt" in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------- the loss statistics are fp32
+def test_loss_statistics_are_fp32_under_bf16_autocast():
+    """.float() alone does not leave autocast: each loss, computed inside a bf16 autocast
+    region, equals its fp32 value (fails if a matmul of the statistics runs in bf16)."""
+    gen = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(64, 96, generator=gen), torch.randn(64, 96, generator=gen)
+    pred = torch.randn(64, 48, generator=gen)
+    cases = {
+        "sie": lambda: sie.sie_loss(z1, z2, pred, 48)["loss"],
+        "vicreg": lambda: baselines.vicreg_loss(z1, z2)["loss"],
+        "nt_xent": lambda: baselines.nt_xent(z1, z2, 0.1),
+        "equimod_simclr": lambda: baselines.equimod_simclr_loss(z1, z2, pred, z2[:, :48])["loss"],
+        "equimod_vicreg": lambda: baselines.equimod_vicreg_loss(
+            z1, z2, z1[:, :48], z2[:, :48], pred)["loss"],
+        "vicreg_partinv": lambda: baselines.vicreg_partinv_loss(z1, z2, 48)["loss"],
+        "simclr_onlyequi": lambda: baselines.simclr_onlyequi_loss(pred, z2[:, :48])["loss"],
+    }
+    for name, loss in cases.items():
+        exact = loss()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            under_autocast = loss()
+        assert under_autocast.dtype == torch.float32, name
+        torch.testing.assert_close(under_autocast, exact, rtol=1e-5, atol=1e-6, msg=name)
+
+
+# ---------------------------------------------------------------- Ctrl-C, torchrun launches
+def links_to_scripts(folder):
+    folder.mkdir(exist_ok=True)
+    for f in REPO.glob("*.py"):
+        (folder / f.name).symlink_to(f)
+    return folder
+
+
+def test_ctrl_c_is_one_line_and_the_same_command_resumes(toy_root, tmp_path):
+    cmd = [sys.executable, "sie.py", *tiny("sie", toy_root, tmp_path / "r", "--epochs", "50")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "r" / "checkpoint.pt").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err and "interrupted" in err + out
+    epoch = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)["epoch"]
+    sie.main(tiny("sie", toy_root, tmp_path / "r", "--epochs", str(epoch + 1)))
+    assert read_log(tmp_path / "r", "resume")[0]["epoch"] == epoch
+
+
+@pytest.mark.parametrize("script_name", ["sie", "baselines"])
+def test_readme_torchrun_command_on_a_clone_without_data(script_name, tmp_path):
+    """Two ranks start at once on a checkout with no data/: rank 0 generates the default toy set
+    behind a barrier, the other waits (it used to race it and crash on the .partial folder)."""
+    clone = links_to_scripts(tmp_path / "clone")
+    flags = " ".join(METHOD_FLAGS[script_name])
+    proc = run(f"torchrun --standalone --nproc_per_node=2 {script_name}.py {flags} --epochs 1 "
+               f"--no-eval --run-dir runs/ddp", cwd=clone, timeout=600)
+    assert "Traceback" not in proc.stderr
+    assert os.path.isfile(clone / "data" / "3diebench-toy" / "train_images.npy")
+    assert len(read_log(clone / "runs" / "ddp")) >= 1
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_torchrun_agents_as_two_nodes_train_like_one_agent(toy_root, tmp_path):
+    """--nnodes 2 --nproc_per_node 1 with a c10d rendezvous on 127.0.0.1 (the multi-node line of
+    the README, both 'nodes' on this machine) gives the same losses as one agent with 2 processes."""
+    flags = " ".join(tiny("sie", toy_root, "RUN", "--epochs", "1"))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    single = run(f"torchrun --standalone --nproc_per_node=2 sie.py "
+                 f"{flags.replace('RUN', str(tmp_path / 'one'))}", cwd=REPO)
+    assert single.returncode == 0
+    port = free_port()
+    agents = []
+    for node in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+               "--node_rank", str(node), "--rdzv_backend", "c10d", "--rdzv_id", "test",
+               "--rdzv_endpoint", f"127.0.0.1:{port}", "sie.py",
+               *flags.replace("RUN", str(tmp_path / "two")).split()]
+        agents.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, text=True))
+    for agent in agents:
+        out, err = agent.communicate(timeout=300)
+        assert agent.returncode == 0, err[-3000:]
+    one, two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
+    assert len(one) == len(two) >= 1
+    for a, b in zip(one, two):
+        assert (a["step"], a["total"], a["cov"]) == (b["step"], b["total"], b["cov"])
+    assert read_log(tmp_path / "two", "config")[0]["world_size"] == 2
