@@ -15,6 +15,7 @@ import math
 import os
 import re
 import sys
+import warnings
 from argparse import Namespace
 from dataclasses import dataclass
 from typing import Callable
@@ -66,10 +67,14 @@ DEFS = {
               "representation; for SER the concatenated [CLS] of the last 4 blocks (ser.md §3.1)",
     "knn": "top-1 of DINO's weighted k-NN: the k={k} nearest train features by cosine vote with exp(cos / 0.07)",
     "robust": "top-1 of the clean-trained linear probe on shifted val images (ImageNet-C/P-like proxy)",
-    "equivariance": "OUR PROXY (the paper's definition is not published, ser.md §3.4): mean over held-out "
-                    "images, tokens and g ∈ {rot90, rot180, rot270, flip, rescale 1.25x} of "
-                    "cos(ρ_g(f_l(x)), f_l(g·x)) for the block-l patch-token map; per_g holds each g's mean; "
-                    "'chance' = the same with ρ_g left out (a map that ignores g scores this)",
+    "equivariance": "OUR PROXY (the paper's definition is not published, ser.md §3.4): mean over "
+                    "held-out images, tokens and g ∈ {rot90, rot180, rot270, flip} of "
+                    "cos(ρ_g(f_l(x)), f_l(g·x)) for the block-l patch-token map; per_g holds each "
+                    "g's mean; 'chance' = the same with ρ_g left out (a map that ignores g scores "
+                    "this), per g in per_g_chance. per_g also holds rescale 1.25x (ρ = bicubic "
+                    "resample to f(g·x)'s grid), left out of the mean and of 'chance': a map that "
+                    "ignores the rescale is compared through the same resample, so it has no no-ρ "
+                    "reference (its Δ would be 0)",
 }
 
 
@@ -101,10 +106,15 @@ def extract(fn, dataset, batch_size, device, workers=0, desc="features", shard=T
     all_gather and interleaved back, so every item is counted exactly once whatever W is.
     shard=False: every rank runs all items itself, in batches of dataset order (BN in train mode)."""
     rank, W = world() if shard else (0, 1)
+    if len(dataset) == 0:
+        raise ValueError(f"{desc}: the data set is empty, nothing to extract")
     mine = Subset(dataset, range(rank, len(dataset), W))
     loader = DataLoader(mine, batch_size, num_workers=workers, pin_memory=device.type == "cuda")
-    local = torch.cat([fn(batch[0].to(device, non_blocking=True)).float()
-                       for batch in tqdm(loader, desc=desc, disable=world()[0] != 0, leave=False)])
+    outs = [fn(batch[0].to(device, non_blocking=True)).float()
+            for batch in tqdm(loader, desc=desc, disable=world()[0] != 0, leave=False)]
+    if not outs:   # more ranks than items, this shard is empty: item 0 gives the output's shape
+        outs = [fn(dataset[0][0][None].to(device)).float()[:0]]
+    local = torch.cat(outs)
     if W == 1:
         return local.cpu()
     padded = torch.cat([local, local.new_zeros(-(-len(dataset) // W) - len(local), *local.shape[1:])])
@@ -198,8 +208,22 @@ def seeded(make_heads, cfg, device):
 
 
 @torch.no_grad()
+def batched(fn, n, chunk):
+    """fn(rows) for rows = slice(s, s + chunk) over range(n), as one fp32 CPU tensor filled in
+    place: no list of chunks next to their concatenation (2 x 2.2 GB for the embeddings at
+    3DIEBench's val size)."""
+    out = None
+    for s in range(0, n, chunk):
+        y = fn(slice(s, min(s + chunk, n))).float().cpu()
+        out = y.new_empty(n, *y.shape[1:]) if out is None else out
+        out[s:s + len(y)] = y
+    return out
+
+
 def apply(head, x, device, chunk=4096):
-    return torch.cat([head(x[s:s + chunk].to(device)).float().cpu() for s in range(0, len(x), chunk)])
+    def rows_of(rows):
+        return head(x[rows].to(device))
+    return batched(rows_of, len(x), chunk)
 
 
 def pair_batch(keys, parts, f_i, f_j, targets):
@@ -230,14 +254,34 @@ def constant_r2(target):
     return r2_pooled(target.mean(0, keepdim=True).expand_as(target), target), 0.0
 
 
-def target_ranks(pred, cands):
+def similarity_block(p, c):
+    """Dot products of unit rows: (Q, d) x (M, d) -> (Q, M), or per object (n, Q, d) x (n, M, d)
+    -> (n, Q, M). Every similarity matrix of the retrieval metrics is one such block (the tests
+    bound their size)."""
+    return p @ c.T if p.dim() == 2 else torch.einsum("nqd,ncd->nqc", p, c)
+
+
+def unit_rows(c):
+    """The candidates' normalisation of the official script: +1e-8 on the norm."""
+    return c / (c.norm(dim=-1, keepdim=True) + 1e-8)
+
+
+def target_ranks(pred, cands, chunk=1024):
     """pred (N, V, d): the prediction for target view v of object n; cands (N, V, d): the object's views.
     -> (ranks (N, V), 1-based rank of view v among the V candidates by cosine; sims (N, V, V)).
-    p is normalised without eps, the candidates with +1e-8 on the norm, as the official script."""
-    p, c = pred / pred.norm(dim=-1, keepdim=True), cands / (cands.norm(dim=-1, keepdim=True) + 1e-8)
-    sims = torch.einsum("nqd,ncd->nqc", p, c)
-    # ties count in the target's favour (measure zero with real features)
-    return 1 + (sims > sims.diagonal(dim1=1, dim2=2).unsqueeze(-1)).sum(-1), sims
+    p is normalised without eps, the candidates with +1e-8 on the norm, as the official script.
+    `chunk` objects at a time: the normalised copies are (chunk, V, d), not (N, V, d) (row-wise,
+    so the numbers do not depend on it)."""
+    ranks, sims = [], []
+    with torch.autocast(pred.device.type, enabled=False):   # fp32 even under a caller's autocast
+        for s in range(0, len(pred), chunk):
+            p, c = pred[s:s + chunk], cands[s:s + chunk]
+            p, c = p / p.norm(dim=-1, keepdim=True), unit_rows(c)
+            sim = similarity_block(p, c)
+            # ties count in the target's favour (measure zero with real features)
+            ranks.append(1 + (sim > sim.diagonal(dim1=1, dim2=2).unsqueeze(-1)).sum(-1))
+            sims.append(sim)
+    return torch.cat(ranks), torch.cat(sims)
 
 
 def mrr_hits(ranks, ks=(1, 2, 5, 10)):
@@ -246,14 +290,37 @@ def mrr_hits(ranks, ks=(1, 2, 5, 10)):
 
 
 @torch.no_grad()
-def pose_retrieval_error(pred, cands, q_true, q_cands, device, chunk=4096):
+def nearest_neighbours(pred, cands, device, chunk=4096, cand_chunk=32768):
+    """Index of the nearest candidate (M, d) by cosine of each prediction (Q, d): the argmax over
+    every candidate, streamed over blocks of at most chunk x cand_chunk similarities (512 MiB in
+    fp32 by default, whatever Q and M are: 527,600 x 527,600 at 3DIEBench's val size), plus the
+    M x d normalised candidates on `device`. The running maximum keeps the first index of the
+    largest value (NaN counting as the largest, as torch.argmax does): the result of one argmax
+    over the full matrix."""
+    with torch.autocast(device.type, enabled=False):         # fp32 even under a caller's autocast
+        c = torch.empty(cands.shape, dtype=cands.dtype, device=device)   # filled chunk by chunk
+        for m in range(0, len(c), cand_chunk):
+            c[m:m + cand_chunk] = unit_rows(cands[m:m + cand_chunk].to(device))
+        out = []
+        for s in range(0, len(pred), chunk):
+            p = F.normalize(pred[s:s + chunk].to(device), dim=-1, eps=0)
+            best = torch.full((len(p),), -math.inf, device=device)
+            best_idx = torch.zeros(len(p), dtype=torch.long, device=device)
+            for m in range(0, len(c), cand_chunk):
+                value, idx = similarity_block(p, c[m:m + cand_chunk]).max(1)
+                better = (value > best) | (value.isnan() & ~best.isnan())
+                best = torch.where(better, value, best)
+                best_idx = torch.where(better, idx + m, best_idx)
+            out.append(best_idx.cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def pose_retrieval_error(pred, cands, q_true, q_cands, device, chunk=4096, cand_chunk=32768):
     """PRE (sie.md §4.4): for each prediction (Q, d) the nearest candidate (M, d) by cosine over the WHOLE
-    split; mean of 1 - <q, q̂>² between the absolute quaternions (Q, 4) and (M, 4): sign-invariant, and
-    retrieving another object in the same pose counts as perfect."""
-    c = cands.to(device)
-    c = c / (c.norm(dim=-1, keepdim=True) + 1e-8)
-    nn_idx = torch.cat([(F.normalize(pred[s:s + chunk].to(device), dim=-1, eps=0) @ c.T).argmax(1).cpu()
-                        for s in range(0, len(pred), chunk)])
+    split; mean of 1 - <q, q̂>² between the absolute quaternions (Q, 4) and (M, 4): sign-invariant,
+    and retrieving another object in the same pose counts as perfect. Memory: nearest_neighbours."""
+    nn_idx = nearest_neighbours(pred, cands, device, chunk, cand_chunk)
     return float((1 - (q_true * q_cands[nn_idx]).sum(-1) ** 2).mean())
 
 
@@ -310,9 +377,12 @@ def retrieval_metrics(probe, val_reps, latents, device, batch_size):
     if probe.g_dim == 6:  # rotation + colour conditioning (sie.md §1.3): the same hue differences
         g = np.concatenate([g, lat[:, :, [3, 6]] - lat[:, :1, [3, 6]]], -1)
     g = torch.from_numpy(g).float().reshape(N * V, -1)
-    src = emb.reshape(N, V, -1)[:, :1].expand(N, V, emb.shape[1]).reshape(N * V, -1)
-    pred = torch.cat([probe.predict(src[s:s + batch_size].to(device), g[s:s + batch_size].to(device)).float().cpu()
-                      for s in range(0, N * V, batch_size)])
+    src = emb[::V]                       # e(o, 0) of every object, for the queries o * V + v
+
+    def predictions(rows):
+        objects = torch.arange(rows.start, rows.stop) // V
+        return probe.predict(src[objects].to(device), g[rows].to(device))
+    pred = batched(predictions, N * V, batch_size)
     ranks, sims = target_ranks(pred.reshape(N, V, -1), emb.reshape(N, V, -1))
     q = absolute_quaternion(latents)
     chance = chance_levels(V, q)
@@ -389,6 +459,13 @@ def evaluate_3diebench(probe, root, protos, cfg, device, out_dir):
 
 
 # ============================ ImageFolder protocols ============================
+# The g whose no-ρ reference is ρ itself: f(g·x) lives on another token grid, so any comparison
+# resamples f(x) to it, and a map that ignores the rescale (f(g·x) = resample(f(x))) scores 1 like
+# an equivariant one. Its Δ would be 0 by construction: it stays out of the score's mean and
+# reference.
+NO_REFERENCE = ("rescale",)
+
+
 def group_actions(grid):
     """The equivariance score's g (ser.md §3.4 proxy): (name, act on images, ρ_g on token maps). rot90^k and
     the flip permute tokens; the rescale resizes the image to a 1.25x token grid (exact patch multiples) and
@@ -407,7 +484,8 @@ def resample(x, size, mode="bicubic"):
 
 def equivariance_fn(token_maps, pre, grid):
     """images -> (B, blocks, |G|, 2): per image, block and g, the mean over tokens of cos(ρ_g(f_l(x)), f_l(g·x)),
-    and as a reference the same with ρ_g ignored (only resampled to the other grid for the rescale)."""
+    and as a reference the same with ρ_g ignored (for the rescale only resampled to the other grid,
+    which is ρ itself: see NO_REFERENCE)."""
     cos = lambda a, b: F.cosine_similarity(a.float(), b.float(), dim=1).flatten(1).mean(1)
     def fn(x):
         maps, per_g = token_maps(pre(x)), []
@@ -438,13 +516,16 @@ def corruptions(size, seed):
 def knn_top1(train, train_labels, val, val_labels, ks, T, n_classes, device, chunk=1024):
     """DINO's weighted k-NN (Caron et al. 2021): cosine similarity to every training feature, the k
     nearest vote with weight exp(sim / T). -> {k: top-1}."""
-    tr, correct = F.normalize(train.to(device), dim=1), dict.fromkeys(ks, 0)
-    for s in range(0, len(val), chunk):
-        sims, idx = (F.normalize(val[s:s + chunk].to(device), dim=1) @ tr.T).topk(min(max(ks), len(tr)), dim=1)
-        for k in ks:
-            votes = torch.zeros(len(idx), n_classes, device=device).scatter_add_(
-                1, train_labels.to(device)[idx[:, :k]], (sims[:, :k] / T).exp())
-            correct[k] += int((votes.argmax(1).cpu() == val_labels[s:s + chunk]).sum())
+    correct = dict.fromkeys(ks, 0)
+    with torch.autocast(device.type, enabled=False):          # fp32 even under a caller's autocast
+        tr = F.normalize(train.to(device), dim=1)
+        for s in range(0, len(val), chunk):
+            sims = F.normalize(val[s:s + chunk].to(device), dim=1) @ tr.T
+            sims, idx = sims.topk(min(max(ks), len(tr)), 1)
+            for k in ks:
+                votes = torch.zeros(len(idx), n_classes, device=device).scatter_add_(
+                    1, train_labels.to(device)[idx[:, :k]], (sims[:, :k] / T).exp())
+                correct[k] += int((votes.argmax(1).cpu() == val_labels[s:s + chunk]).sum())
     return {k: correct[k] / len(val) for k in ks}
 
 
@@ -494,10 +575,16 @@ def evaluate_imagefolder(probe, root, protos, cfg, device):
         grid = probe.token_maps(pre(held_out[0][0][None].to(device)))[0].shape[-1]
         cos = extract(equivariance_fn(probe.token_maps, pre, grid), held_out, B, device, W, "equivariance")
         names = [n for n, _, _ in group_actions(grid)]
+        scored = [i for i, n in enumerate(names) if n not in NO_REFERENCE]
         for block, c in enumerate(cos.mean(0), 1):     # (|G|, 2) per block
-            r = record("equivariance", f"block{block}", float(c[:, 0].mean()), DEFS["equivariance"], len(held_out),
-                       f"patch-token map after block {block}", float(c[:, 1].mean()), "equivariance")
-            recs.append(dict(r, per_g=dict(zip(names, c[:, 0].tolist()))))
+            r = record("equivariance", f"block{block}", float(c[scored, 0].mean()),
+                       DEFS["equivariance"], len(held_out), f"patch-token map after block {block}",
+                       float(c[scored, 1].mean()), "equivariance")
+            recs.append(dict(r, per_g=dict(zip(names, c[:, 0].tolist())),
+                             per_g_chance={names[i]: float(c[i, 1]) for i in scored}))
+        notes.append(f"equivariance: value and chance over {[names[i] for i in scored]}; "
+                     f"{list(NO_REFERENCE)} only in per_g (its no-ρ reference is ρ itself: "
+                     "Δ = 0 for any map)")
     return recs, notes
 
 
@@ -528,9 +615,23 @@ def expand_protocols(protocols, kind):
     for p in names:
         if p != "all" and p not in known:
             other = [k for k, v in PROTOCOLS.items() if p in v]
-            raise ValueError(f"protocol {p!r} needs a {other[0]} data root, this one is {kind}" if other else
-                             f"unknown protocol {p!r}; choose from {['all', *known]}")
+            what = (f"protocol {p!r} needs a {other[0]} data root, this one is {kind}" if other
+                    else f"unknown protocol {p!r}")
+            raise ValueError(f"{what}; choose from {['all', *known]}")
     return tuple(known) if "all" in names or not names else tuple(dict.fromkeys(names))
+
+
+def check_protocols(protocols, data_root, flag="--eval-protocols"):
+    """The protocols that evaluate(probe, data_root, protocols) will run, checked now: for the
+    training scripts to call at start-up, so a typo is an error before training, not after it.
+    protocols: a comma-separated string (the scripts' flag) or a sequence of names. The data root
+    need not exist yet (the default data sets are generated on first use; see dataset_kind).
+    -> tuple of names; ValueError with a one-line message naming `flag` and the valid choices."""
+    names = protocols.split(",") if isinstance(protocols, str) else list(protocols)
+    try:
+        return expand_protocols(names, dataset_kind(data_root))
+    except ValueError as e:
+        raise ValueError(f"{flag}: {e} (comma-separated)") from None
 
 
 def print_table(result):
@@ -557,9 +658,15 @@ def evaluate(probe, data_root, protocols=("all",), out_dir=None, device=None, pr
         m.to(device).eval()
     if out_dir and world()[0] == 0:
         os.makedirs(out_dir, exist_ok=True)
+    # Probe losses, R², similarities and k-NN votes in fp32 even when the caller runs under
+    # autocast (.float() on an input does not stop autocast from casting the next matmul);
+    # backbone_fn turns bf16 back on for the backbone's forward alone.
     try:
-        recs, notes = (evaluate_3diebench(probe, data_root, protos, cfg, device, out_dir) if kind == "3diebench"
-                       else evaluate_imagefolder(probe, data_root, protos, cfg, device))
+        with torch.autocast(device.type, enabled=False):
+            if kind == "3diebench":
+                recs, notes = evaluate_3diebench(probe, data_root, protos, cfg, device, out_dir)
+            else:
+                recs, notes = evaluate_imagefolder(probe, data_root, protos, cfg, device)
     finally:
         for m, mode in zip(modules, modes):
             m.train(mode)
@@ -586,30 +693,69 @@ def fail(msg):
     sys.exit(2)
 
 
+# The only modules a checkpoint's "script" field may name: eval.py imports it to rebuild the
+# model, so any other name (a checkpoint from elsewhere, "os", ...) is refused before importing.
+SCRIPTS = ("sie", "baselines", "ser")
+
+
+def load_error(e):
+    """One line out of torch.load's exception: the weights-only unpickler's reason, else line 1."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if lines and lines[0].startswith("Weights only load failed"):
+        boilerplate = ("Please file an issue", "Check the documentation")
+        reasons = [line for line in lines[1:] if not line.startswith(boilerplate)]
+        reason = reasons[0] if reasons else "unsupported content"
+        return f"a weights-only load refused it, nothing in it was run: {reason[:200]}"
+    return f"{type(e).__name__}: {lines[0][:200] if lines else 'empty or cut short'}"
+
+
+def read_checkpoint(ckpt_path):
+    """The checkpoint dict, loaded tensors-only (torch.load(weights_only=True): a pickle that would
+    build arbitrary objects or call functions is refused, not run); damaged or foreign -> fail()."""
+    try:
+        with warnings.catch_warnings():     # torch warns about pickle protocols: one message only
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for truncated / foreign files
+        fail(f"cannot read checkpoint {ckpt_path} (damaged, or not a checkpoint of sie.py / "
+             f"baselines.py / ser.py): {load_error(e)}")
+    if missing := [k for k in ("script", "args", "model") if not isinstance(ckpt, dict) or k not in ckpt]:
+        fail(f"{ckpt_path} is not a checkpoint written by sie.py / baselines.py / ser.py (missing {missing})")
+    if not isinstance(ckpt["script"], str) or ckpt["script"] not in SCRIPTS:
+        fail(f"{ckpt_path} names script {ckpt['script']!r}; eval.py only rebuilds models of "
+             f"{list(SCRIPTS)}")
+    if not (isinstance(ckpt["args"], dict) and all(isinstance(k, str) for k in ckpt["args"])
+            and isinstance(ckpt["model"], dict)):
+        fail(f"{ckpt_path} is damaged: its 'args' must be a dict of names, 'model' a state dict")
+    if not isinstance(ckpt.get("step", 0), int):
+        fail(f"{ckpt_path} is damaged: its 'step' is {ckpt['step']!r}, not an int")
+    return ckpt
+
+
 def load_probeable(path, device):
-    """checkpoint.pt (CONTRACT.md) -> (Probeable, saved args): import the script that wrote it, rebuild
-    its model from the saved args, load the weights strictly, ask the script for its probeable."""
+    """checkpoint.pt (CONTRACT.md) -> (Probeable, saved args): import the script that wrote it (one
+    of SCRIPTS), rebuild its model from the saved args, load the weights strictly, ask for its
+    probeable."""
     ckpt_path = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
     if not os.path.isfile(ckpt_path):
         fail(f"no checkpoint at {ckpt_path} (give a run directory holding checkpoint.pt, or the file)")
-    try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    except Exception as e:  # torch raises many types for truncated / foreign files
-        fail(f"cannot read checkpoint {ckpt_path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-    if missing := [k for k in ("script", "args", "model") if not isinstance(ckpt, dict) or k not in ckpt]:
-        fail(f"{ckpt_path} is not a checkpoint written by sie.py / baselines.py / ser.py (missing {missing})")
+    ckpt = read_checkpoint(ckpt_path)
     try:
         module = importlib.import_module(ckpt["script"])
     except ImportError as e:
         fail(f"{ckpt_path} was written by {ckpt['script']}.py, which cannot be imported here ({e})")
     args = Namespace(**ckpt["args"])
-    model = module.build_model(args)
+    try:
+        model = module.build_model(args)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        fail(f"{ckpt_path}: {ckpt['script']}.build_model cannot rebuild the model from the saved "
+             f"args ({type(e).__name__}: {str(e)[:200]})")
     try:
         model.load_state_dict(ckpt["model"], strict=True)
-    except RuntimeError as e:
+    except (RuntimeError, AttributeError, TypeError, ValueError) as e:
         fail(f"{ckpt_path} does not match {ckpt['script']}.build_model: {' '.join(str(e).split())[:400]}")
     probe = module.probeable(model.to(device).eval(), args)
-    probe.step = int(ckpt.get("step", 0))
+    probe.step = ckpt.get("step", 0)
     return probe, args
 
 
@@ -618,14 +764,26 @@ TABLE = ("top1/full", "top1/inv", "top1/equi", "rot_r2_pooled/full", "rot_r2_poo
          "knn20_top1/full")   # then 'Δeq l' per block l: the equivariance score minus its no-ρ reference
 
 
+def read_eval_json(run_dir):
+    """run_dir/eval.json as evaluate wrote it; a missing or damaged one -> fail() naming it."""
+    if not os.path.isfile(path := os.path.join(run_dir, "eval.json")):
+        fail(f"no eval.json in {run_dir} (evaluate it first: python eval.py {run_dir})")
+    try:
+        with open(path) as f:
+            res = json.load(f)
+    except (OSError, ValueError) as e:
+        fail(f"cannot read {path}: {type(e).__name__}: {e}")
+    if not isinstance(res, dict) or not {"step", "data_root", "summary", "metrics"} <= set(res):
+        fail(f"{path} is not an eval.json written by eval.py (re-run: python eval.py {run_dir})")
+    return res
+
+
 def print_runs_table(run_dirs):
     """A markdown row per run dir (its eval.json), and 'mean ± std (n)' (sample std) per group of names that
     differ only by a trailing -s<seed>."""
     groups = {}
     for d in run_dirs:
-        if not os.path.isfile(path := os.path.join(d, "eval.json")):
-            fail(f"no eval.json in {d} (evaluate it first: python eval.py {d})")
-        res, name = json.load(open(path)), os.path.basename(os.path.normpath(d))
+        res, name = read_eval_json(d), os.path.basename(os.path.normpath(d))
         eq = {f"Δeq {m['part'][5:]}": m["value"] - m["chance"] for m in res["metrics"] if m["name"] == "equivariance"}
         groups.setdefault(re.sub(r"-s\d+$", "", name), []).append(
             (name, res["step"], {**{k: v for k, v in res["summary"].items() if k in TABLE}, **eq}))
@@ -638,8 +796,38 @@ def print_runs_table(run_dirs):
               * (len(g) > 1), sep=" |\n", end=" |\n")
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """One line, exit 2 (argparse's default adds the usage block)."""
+        fail(f"{message} (python eval.py --help)")
+
+
+def count(minimum):
+    """argparse type: an int >= minimum, the flag named in argparse's message otherwise."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is not >= {minimum}")
+        return value
+    return parse
+
+
+def device_name(text):
+    """argparse type: a torch device string that this machine has."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda:1, ...)") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: no such CUDA device here")
+    return text
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate a checkpoint (sie.md §4, ser.md §3).")
+    p = Parser(description="Evaluate a checkpoint (sie.md §4, ser.md §3).")
     p.add_argument("path", nargs="+", help="run directory holding checkpoint.pt, or a checkpoint file "
                    "(several run directories with --table)")
     p.add_argument("--table", action="store_true", help="print one markdown row per run from its eval.json")
@@ -649,16 +837,19 @@ def parse_args(argv=None):
                         "knn, equivariance (per block), robustness")
     p.add_argument("--preset", choices=PRESETS, help="probe settings (default: the checkpoint's preset)")
     p.add_argument("--data-root", help="data set (default: the checkpoint's --data-root)")
-    p.add_argument("--size", type=int, help="image side in px (default: the checkpoint's --resolution)")
+    p.add_argument("--size", type=count(1),
+                   help="image side in px (default: the checkpoint's --resolution)")
     p.add_argument("--bn", choices=BN_MODES, help="BN while fitting probes: eval (toy default, cached "
                    "features) or train (paper default, the official probes' net.train())")
-    p.add_argument("--epochs", type=int, help="probe epochs (paper 300)")
-    p.add_argument("--batch-size", type=int, help="probe batch (paper 256)")
-    p.add_argument("--train-views", type=int, help="views per training object cached for --bn eval")
-    p.add_argument("--workers", type=int, help="DataLoader workers")
-    p.add_argument("--seed", type=int, help="view sampling and head init")
+    p.add_argument("--epochs", type=count(1), help="probe epochs (paper 300)")
+    p.add_argument("--batch-size", type=count(1), help="probe batch (paper 256)")
+    p.add_argument("--train-views", type=count(1),
+                   help="views per training object cached for --bn eval")
+    p.add_argument("--workers", type=count(0), help="DataLoader workers")
+    p.add_argument("--seed", type=count(0), help="view sampling and head init")
     p.add_argument("--out", help="where eval.json / retrieval.png go (default: the run directory)")
-    p.add_argument("--device", help="default: cuda:LOCAL_RANK if available, else cpu")
+    p.add_argument("--device", type=device_name,
+                   help="default: cuda:LOCAL_RANK if available, else cpu")
     return p.parse_args(argv)
 
 
@@ -686,6 +877,8 @@ def main(argv=None):
         evaluate(probe, root, args.protocol, out_dir=out, device=device, preset=preset, **opts)
     except (data.DataError, ValueError) as e:
         fail(str(e))
+    except OSError as e:   # e.g. --out not writable; the message names the path
+        fail(f"{type(e).__name__}: {e}")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

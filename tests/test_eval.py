@@ -93,6 +93,96 @@ def test_pre_random_retrieval_and_chance():
     assert ev.pose_retrieval_error(emb, emb, q[:100], -q[:100], torch.device("cpu")) == pytest.approx(0, abs=1e-6)
 
 
+def record_blocks(monkeypatch):
+    """Shapes of every similarity block the retrieval metrics compute."""
+    shapes, block = [], ev.similarity_block
+
+    def recording(p, c):
+        out = block(p, c)
+        shapes.append(tuple(out.shape))
+        return out
+    monkeypatch.setattr(ev, "similarity_block", recording)
+    return shapes
+
+
+def test_pre_streams_bounded_blocks_with_the_full_argmax_result(monkeypatch):
+    """PRE's nearest neighbour over the whole split, in blocks of at most chunk x cand_chunk
+    similarities (not Q x M: 527,600² floats at 3DIEBench's val size), gives the one full argmax's
+    indices: first index on ties, NaN rows as torch.argmax does."""
+    g, cpu = torch.Generator().manual_seed(4), torch.device("cpu")
+    pred, cands = torch.randn(50, 6, generator=g), torch.randn(37, 6, generator=g)
+    cands[30] = cands[2]                                     # an exact tie: the first index wins
+    pred[7] = cands[2] * 3
+    pred[9] = 0                                              # normalised without eps: a NaN row
+    unit_cands = cands / (cands.norm(dim=-1, keepdim=True) + 1e-8)
+    full = (F.normalize(pred, dim=-1, eps=0) @ unit_cands.T).argmax(1)
+    shapes = record_blocks(monkeypatch)
+    for chunk, cand_chunk in ((4, 5), (1, 1), (50, 37), (4096, 32768)):
+        shapes.clear()
+        assert torch.equal(ev.nearest_neighbours(pred, cands, cpu, chunk, cand_chunk), full)
+        assert max(a * b for a, b in shapes) <= chunk * cand_chunk
+    assert full[7] == 2 and full[9] == 0
+    q = F.normalize(torch.randn(37, 4, generator=g), dim=-1)        # q[:13]: the queries' poses
+    want = float((1 - (q[:13] * q[full[:13]]).sum(-1) ** 2).mean())
+    assert ev.pose_retrieval_error(pred[:13], cands, q[:13], q, cpu, 4, 5) == want
+    # the defaults bound the candidate dimension whatever the split's size
+    shapes.clear()
+    big_split = torch.randn(100_000, 2, generator=g)
+    ev.nearest_neighbours(torch.randn(10, 2, generator=g), big_split, cpu)
+    assert max(b for _, b in shapes) == 32768 and len(shapes) == 4
+
+
+def test_target_ranks_chunked_over_objects(monkeypatch):
+    g = torch.Generator().manual_seed(5)
+    pred, cands = torch.randn(7, 5, 3, generator=g), torch.randn(7, 5, 3, generator=g)
+    ranks, sims = ev.target_ranks(pred, cands)
+    shapes = record_blocks(monkeypatch)
+    r2, s2 = ev.target_ranks(pred, cands, chunk=2)
+    assert torch.equal(ranks, r2) and torch.equal(sims, s2)
+    assert shapes == [(2, 5, 5)] * 3 + [(1, 5, 5)]
+
+
+def test_statistics_stay_fp32_under_a_callers_autocast(tiny_ckpt, toy_root, toy_imagefolder):
+    """.float() does not stop autocast: the similarities, k-NN votes, probe losses and R² must be
+    the fp32 ones even when evaluate() or a metric is called under torch.autocast (bf16 on CPU)."""
+    g, cpu = torch.Generator().manual_seed(6), torch.device("cpu")
+    pred, cands = torch.randn(40, 16, generator=g), torch.randn(300, 16, generator=g)
+    ytr, yva = torch.randint(0, 3, (300,), generator=g), torch.randint(0, 3, (40,), generator=g)
+    per_object = pred.view(4, 10, 16), cands[:40].view(4, 10, 16)
+    plain = (ev.nearest_neighbours(pred, cands, cpu), ev.target_ranks(*per_object),
+             ev.knn_top1(cands, ytr, pred, yva, (10, 20), 0.07, 3, cpu))
+    probe, _ = ev.load_probeable(str(tiny_ckpt), cpu)
+    opts = dict(protocols=("classify", "rotation", "retrieval"), epochs=2, hidden=16)
+    want = ev.evaluate(probe, toy_root, **opts)["summary"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(ev.nearest_neighbours(pred, cands, cpu), plain[0])
+        ranks, sims = ev.target_ranks(*per_object)
+        assert sims.dtype == torch.float32
+        assert torch.equal(ranks, plain[1][0]) and torch.equal(sims, plain[1][1])
+        assert ev.knn_top1(cands, ytr, pred, yva, (10, 20), 0.07, 3, cpu) == plain[2]
+        assert ev.evaluate(probe, toy_root, **opts)["summary"] == want
+
+
+def test_extract_with_an_empty_shard(monkeypatch):
+    """More ranks than items: rank 1 of 2 holds nothing but still joins the all_gather with the
+    right shape (2 gloo processes do the same in test_one_vs_two_gloo_processes_identical)."""
+    from torch.utils.data import TensorDataset
+    image = torch.arange(6.0).view(1, 6, 1, 1).expand(1, 6, 2, 2).clone()
+    ds = TensorDataset(image, torch.zeros(1))
+    gathered = []
+
+    def all_gather(shards, padded):      # rank 0 sends its one item, rank 1 (this one) its padding
+        gathered.append(padded.clone())
+        shards[0].copy_(torch.arange(6.0).view(1, 6) * 2)
+        shards[1].copy_(padded)
+    monkeypatch.setattr(ev, "world", lambda: (1, 2))
+    monkeypatch.setattr(ev.dist, "all_gather", all_gather)
+    out = ev.extract(lambda x: 2 * x.mean((2, 3)), ds, 4, torch.device("cpu"))
+    assert gathered[0].shape == (1, 6) and torch.equal(out, torch.arange(6.0).view(1, 6) * 2)
+    with pytest.raises(ValueError, match="empty"):
+        ev.extract(lambda x: x, TensorDataset(torch.zeros(0, 3, 2, 2)), 4, torch.device("cpu"))
+
+
 def quat_to_matrix(q):
     x, y, z, w = q.unbind(-1)
     return torch.stack([1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w),
@@ -182,6 +272,7 @@ def probeable(model, args):
 def tiny_ckpt(tmp_path, toy_root, monkeypatch):
     (tmp_path / "tinymethod.py").write_text(TINY_METHOD)
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(ev, "SCRIPTS", (*ev.SCRIPTS, "tinymethod"))   # eval.py imports only these
     import importlib
     tiny = importlib.import_module("tinymethod")
     args = dict(width=8, seed=0, data_root=toy_root, resolution=None, preset="toy")
@@ -235,10 +326,13 @@ def ddp_check(ckpt, root, out):
         dist.init_process_group("gloo")
     rank, world = ev.world()
     cpu = torch.device("cpu")
+    ev.SCRIPTS = (*ev.SCRIPTS, "tinymethod")
     probe, _ = ev.load_probeable(ckpt, cpu)
     val = data.Views3DIEBench(root, "val")
     odd = Subset(val, range(len(val) - 1))                    # not a multiple of the world size
     pix = ev.extract(lambda x: x.mean((2, 3)), odd, 16, cpu)
+    one = ev.extract(lambda x: x.mean((2, 3)), Subset(val, [3]), 16, cpu)   # rank 1's is empty
+    assert torch.equal(one, pix[3:4])
     feats = ev.extract(ev.backbone_fn(probe.backbone.eval(), cpu), odd, 16, cpu)
     res = ev.evaluate(probe, root, out_dir=os.path.join(out, f"w{world}"), epochs=2, hidden=32, bn="eval")
     if rank == 0:
@@ -325,6 +419,26 @@ def test_imagefolder_protocols(toy_imagefolder, toy_root):
     assert "equivariance skipped" in ev.evaluate(probe, toy_imagefolder, protocols=("equivariance",))["notes"][0]
 
 
+def test_equivariance_score_leaves_out_rescale(toy_imagefolder):
+    """The rescale's no-ρ reference is ρ itself (both resample f(x) to f(g·x)'s grid), so its Δ is
+    0 for any map: it is reported in per_g but kept out of the score's mean and of its reference."""
+    net = PooledTokens()
+    maps = net.maps(torch.rand(2, 3, 32, 32))
+    cos = ev.equivariance_fn(net.maps, lambda x: x, maps[0].shape[-1])(torch.rand(2, 3, 32, 32))
+    names = [n for n, _, _ in ev.group_actions(maps[0].shape[-1])]
+    assert torch.equal(cos[:, :, names.index("rescale"), 0], cos[:, :, names.index("rescale"), 1])
+    probe = ev.Probeable(net, {"full": slice(0, 48)}, token_maps=net.maps)
+    res = ev.evaluate(probe, toy_imagefolder, protocols=("equivariance",))
+    for r in (r for r in res["metrics"] if r["name"] == "equivariance"):
+        others = [g for g in r["per_g"] if g != "rescale"]
+        assert others == ["rot90", "rot180", "rot270", "flip"] and "rescale" in r["per_g"]
+        assert set(r["per_g_chance"]) == set(others)
+        assert r["value"] == pytest.approx(np.mean([r["per_g"][g] for g in others]), abs=1e-6)
+        assert r["chance"] == pytest.approx(np.mean(list(r["per_g_chance"].values())), abs=1e-6)
+        assert "rescale" in r["definition"] and "left out of the mean" in r["definition"]
+    assert any("rescale" in n and "per_g" in n for n in res["notes"])
+
+
 # ------------------------------------------------------------------ CLI
 def test_cli_runs_a_checkpoint_and_reports_clear_errors(tiny_ckpt, tmp_path, capsys):
     ev.main([str(tiny_ckpt), "--protocol", "classify", "retrieval", "--epochs", "1"])
@@ -340,8 +454,8 @@ def test_cli_runs_a_checkpoint_and_reports_clear_errors(tiny_ckpt, tmp_path, cap
             ev.main(argv)
         assert e.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert "Traceback" not in "\n".join(err)
-        return err[-1]
+        assert len(err) == 1, err                        # one message, no usage block or traceback
+        return err[0]
     assert "no checkpoint at" in error_of([str(tmp_path / "nowhere")])
     assert "no eval.json in" in error_of(["--table", str(tmp_path)])
     bad = tmp_path / "corrupt.pt"
@@ -349,8 +463,79 @@ def test_cli_runs_a_checkpoint_and_reports_clear_errors(tiny_ckpt, tmp_path, cap
     assert "cannot read checkpoint" in error_of([str(bad)]) and str(bad) in error_of([str(bad)])
     torch.save({"model": {}}, tmp_path / "foreign.pt")
     assert "missing ['script', 'args']" in error_of([str(tmp_path / "foreign.pt")])
-    ck = torch.load(tiny_ckpt / "checkpoint.pt", weights_only=False)
+    ck = torch.load(tiny_ckpt / "checkpoint.pt", weights_only=True)
     ck["args"]["width"] = 4
     torch.save(ck, tmp_path / "mismatch.pt")
     assert "does not match tinymethod.build_model" in error_of([str(tmp_path / "mismatch.pt")])
     assert "invalid choice: 'rotaton'" in error_of([str(tiny_ckpt), "--protocol", "rotaton"])
+    for flag, value, says in (("--size", "0", "0 is not >= 1"), ("--epochs", "-3", "not >= 1"),
+                              ("--batch-size", "x", "'x' is not an integer"),
+                              ("--workers", "-1", "not >= 0"), ("--train-views", "0", "not >= 1"),
+                              ("--seed", "-1", "not >= 0"), ("--device", "gpu0", "not a device")):
+        err = error_of([str(tiny_ckpt), flag, value])
+        assert f"argument {flag}: " in err and says in err
+
+
+class RunsCode:
+    """Unpickling this calls os.system: what torch.load(weights_only=False) of such a file does."""
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_cli_refuses_hostile_damaged_and_foreign_checkpoints(tiny_ckpt, tmp_path, capsys):
+    """A checkpoint is loaded tensors-only and may name only the project's scripts: a pickle that
+    would run code is refused without running it, and so is a zip that is not a checkpoint, a
+    truncated file and a checkpoint naming another module. Each: exit 2, one line naming it."""
+    import pickle
+    import zipfile
+    marker = tmp_path / "was_run"
+    hostile = {"script": "sie", "args": {}, "model": {}, "x": RunsCode(marker)}
+    torch.save(hostile, tmp_path / "hostile.pt")                       # torch's zip format
+    with open(tmp_path / "hostile.pkl", "wb") as f:                # a raw (legacy-format) pickle
+        pickle.dump(hostile, f, protocol=4)
+    with zipfile.ZipFile(tmp_path / "other.zip", "w") as z:
+        z.writestr("notes/readme.txt", "not a checkpoint")
+    whole = (tiny_ckpt / "checkpoint.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(whole[:len(whole) // 2])
+    ck = torch.load(tiny_ckpt / "checkpoint.pt", weights_only=True)
+    torch.save(dict(ck, script="os"), tmp_path / "os.pt")
+    torch.save(dict(ck, script="data"), tmp_path / "data.pt")      # importable, not a method script
+    cases = {"hostile.pt": "nothing in it was run", "hostile.pkl": "nothing in it was run",
+             "other.zip": "cannot read checkpoint", "cut.pt": "cannot read checkpoint",
+             "os.pt": "names script 'os'", "data.pt": "names script 'data'"}
+    for name, says in cases.items():
+        with pytest.raises(SystemExit) as e:
+            ev.main([str(tmp_path / name)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1, err
+        assert says in err[0] and str(tmp_path / name) in err[0], err
+    assert not marker.exists()
+    # the same from a shell, where any warning torch prints would be a second line
+    proc = run(f"python {REPO / 'eval.py'} {tmp_path / 'hostile.pkl'}", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not marker.exists()
+
+
+def test_check_protocols_for_the_scripts_start_up(toy_root, toy_imagefolder, tmp_path, monkeypatch):
+    """What sie.py / baselines.py / ser.py call before training: the flag's comma-separated value
+    -> the protocols evaluate() will run, or a one-line ValueError naming the flag and choices."""
+    assert ev.check_protocols("all", toy_root) == ev.PROTOCOLS["3diebench"]
+    assert ev.check_protocols("rotation,classify", toy_root) == ("rotation", "classify")
+    assert ev.check_protocols(["knn"], toy_imagefolder) == ("knn",)
+    monkeypatch.chdir(tmp_path)                   # the default data sets are generated on first use
+    default = data.DEFAULT_IMAGEFOLDER_ROOT
+    assert not os.path.exists(default)
+    assert ev.check_protocols("linear,equivariance", default) == ("linear", "equivariance")
+    assert ev.check_protocols("retrieval", str(tmp_path / "not-yet")) == ("retrieval",)
+    for value, root, says in (("rotaton", toy_root, "unknown protocol 'rotaton'"),
+                              ("classify,knn", toy_root, "needs a imagefolder data root"),
+                              ("color", default, "needs a 3diebench data root")):
+        with pytest.raises(ValueError) as e:
+            ev.check_protocols(value, root)
+        msg = str(e.value)
+        assert msg.startswith("--eval-protocols: ") and says in msg
+        assert "choose from ['all', " in msg
+        assert "\n" not in msg
