@@ -160,7 +160,7 @@ def parse_args(argv=None):
     g.add_argument("--wd", type=nonneg_float, help="AdamW weight decay at step 0 (moco/bt 0.1, dino 0.04)")
     g.add_argument("--wd-end", type=nonneg_float, help="weight decay at the end, cosine (dino 0.4, else = --wd)")
     g.add_argument("--clip-grad", type=nonneg_float, help="per-parameter gradient-norm clip, 0 = off (dino/bt 0.3; "
-                   "bt under DDP: see barlow_twins_loss)")
+                   "bt on W GPUs: 0.3 x W matches the released code, see barlow_twins_loss)")
     g.add_argument("--amp", choices=("bf16", "fp16", "none"), default="bf16", help="CUDA autocast; fp16 + GradScaler")
     g.add_argument("--compile", action="store_true", help="torch.compile every ViT block (same maths; slow start)")
     g = p.add_argument_group("run")
@@ -600,8 +600,9 @@ def probeable(model, args):
 # (DDP's averaging makes them global). Statistics and log-sum-exps run in fp32 under any autocast (§6.16).
 
 def autocast_off(x):
-    """The losses' statistics in fp32: `.float()` alone does not do it, since under autocast a matmul of two
-    fp32 tensors still runs in bf16 / fp16 (similarities, logits, the cross-correlation). Inputs are cast inside."""
+    """Context for the losses' statistics in fp32: `.float()` alone does not do it, since under autocast a matmul
+    of two fp32 tensors still runs in bf16 / fp16 (similarities, logits, the cross-correlation). Each loss casts
+    its inputs with .float() inside the context."""
     return torch.autocast(x.device.type, enabled=False)
 
 def rho(z, k_from, hw_to, k_to):
@@ -661,11 +662,12 @@ def dino_loss(s_a, s_b, t_a, t_b, center, tau_s, tau_t):
 
 def barlow_twins_loss(z1, z2, lam):
     """Barlow Twins (Zbontar et al. 2021, Eq. 1): sum_i (1 - C_ii)^2 + lam sum_{i != j} C_ij^2, with C the cross-
-    correlation of the batch-standardised embeddings (BN without affine, eps 1e-5) over the GLOBAL batch.
-    Deviation under DDP: the released code sums C over GPUs with an in-place all_reduce, which autograd does not
-    see, so each rank back-propagates only its own share and DDP's averaging leaves 1/W of the true gradient
-    (W = world size). Here the gather carries gradients: the true gradient. AdamW does not care about the scale,
-    but the per-parameter clip does: to match the released recipe on W GPUs pass --clip-grad 0.3 x W (2.4 at 8)."""
+    correlation of the batch-standardised embeddings (BN without affine, eps 1e-5) over the GLOBAL batch."""
+    # Deviation (DDP gradient scale): the released BarlowTwins.forward_equiv sums C over GPUs with an in-place
+    # all_reduce that autograd does not see; each rank back-propagates only its own share of C and DDP's
+    # averaging leaves 1/W of the true gradient (W = world size). Here the gather carries gradients, so the
+    # gradient is the true one. AdamW ignores the overall scale, the per-parameter clip does not: the released
+    # clip 0.3 on W GPUs equals --clip-grad 0.3 x W here (2.4 at 8 GPUs); the same in one process (W = 1).
     with autocast_off(z1):
         z1, z2 = gather(z1.float()), gather(z2.float())
         std = lambda z: (z - z.mean(0)) / torch.sqrt(z.var(0, unbiased=False) + 1e-5)
