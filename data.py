@@ -6,14 +6,17 @@ plus ImageNet's ImageFolder layout and its look-alike (for ser.py).
 3DIEBench layout (sie.md §1.1-1.2): <root>/<synset>/<obj_id>/image_k.jpg + latent_k.npy (7 float64),
 <root>/{train,val}_images.npy ('/SYNSET/OBJ_ID/' entries), {train,val}_labels.npy (int64), optional
 all_latents_{split}.npy (row = obj_idx * 50 + view). Scripts import the loaders; nothing runs at import.
+Before their first step they call preflight(root, kind): seconds, where `python data.py check ROOT` decodes all.
 """
 import argparse
 import contextlib
 import glob
+import io
 import math
 import os
 import re
 import shutil
+import socket
 import sys
 import time
 import zipfile
@@ -29,6 +32,7 @@ from PIL import Image
 MEAN = (0.5016, 0.5037, 0.5060)      # sie.md §1.4: the data set's own statistics, not ImageNet's
 STD = (0.1030, 0.0999, 0.0969)
 N_VIEWS = 50                          # renderings per object (sie.md §1.1)
+NUM_CLASSES = 55                      # the 55 ShapeNetCore synsets: labels 0..54, the classifier heads' width
 DEFAULT_ROOT = "data/3diebench-toy"   # relative to cwd; generated on first use
 # The toy set every script's default runs on (10,000 images).
 # Deviation: toy only, zoom=2 doubles the lens's focal length: objects fill ~2x more of the 32 px frame, and
@@ -36,6 +40,7 @@ DEFAULT_ROOT = "data/3diebench-toy"   # relative to cwd; generated on first use
 # on the plain look-alike no method learns rotation in a CPU-minutes run, not even a supervised regressor.
 TOY_3DIEBENCH = dict(classes=10, objects_per_class=20, views=50, size=32, zoom=2.0, paint="axes", seed=0)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)   # for ImageFolder data
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")   # what an ImageFolder class holds; other files are ignored
 DEFAULT_IMAGEFOLDER_ROOT = "data/imagefolder-toy"
 TOY_IMAGEFOLDER = dict(classes=10, train_per_class=100, val_per_class=20, size=64, seed=0)
 # The 55 real ShapeNetCore synset ids (sorted: label = position, sie.md §1.2), borrowed by the generator.
@@ -136,15 +141,22 @@ def ensure(root=None, name="3DIEBench", generate=True):
     if os.path.isdir(root):
         return root
     if not generate or os.path.abspath(root) != os.path.abspath(default):
-        raise DataError(f"{name} root not found: {root}\n"
-                        f"  generate a look-alike there with: python data.py {command} {root}")
+        raise DataError(f"{root}: {name} root not found (generate a look-alike there with: "
+                        f"python data.py {command} {root})")
     print(f"data: {root} not found, generating the toy {name} look-alike there: "
           + ", ".join(f"{k}={v}" for k, v in config.items()), file=sys.stderr)
-    return make(root, **config, progress=False)
+    try:
+        return make(root, **config, progress=False)
+    except DataError as e:             # e.g. a read-only working directory: the set can live anywhere
+        raise DataError(f"{e}; run from a writable folder, or generate the set elsewhere with "
+                        f"`python data.py {command} DIR` and pass --data-root DIR") from None
 
 
 ensure_3diebench = ensure                                    # (root=DEFAULT_ROOT)
-ensure_imagefolder = lambda root=DEFAULT_IMAGEFOLDER_ROOT: ensure(root, "ImageFolder")
+
+
+def ensure_imagefolder(root=DEFAULT_IMAGEFOLDER_ROOT):
+    return ensure(root, "ImageFolder")
 
 
 def load_npy(path, what):
@@ -160,17 +172,22 @@ def object_dir(root, entry):
     return os.path.join(root, str(entry).strip("/"))   # list entries are '/SYNSET/OBJ_ID/', both slashes (sie.md §1.2)
 
 
-def read_split(root, split, check_folders=True):
+def read_split(root, split, check_folders=True, check_labels=True):
     """-> (entries, labels) of '{split}_images.npy' (one per object; the order matters for all_latents, sie.md §6)
-    and '{split}_labels.npy' (int64 index in the sorted synsets), checked: readable, same length, folders exist."""
+    and '{split}_labels.npy' (int64 index in the sorted synsets), checked: readable, same length, not empty,
+    labels < NUM_CLASSES (check_labels), folders exist (check_folders)."""
     list_file, label_file = (os.path.join(ensure_3diebench(root), f"{split}_{k}.npy") for k in ("images", "labels"))
     entries, labels = load_npy(list_file, f"{split} list file"), load_npy(label_file, f"{split} label file")
     if entries.ndim != 1 or entries.dtype.kind != "U":
         raise DataError(f"{list_file}: expected '/SYNSET/OBJ_ID/' strings, got {entries.dtype} {entries.shape}")
+    if not len(entries):
+        raise DataError(f"{list_file}: lists no objects")
     if labels.ndim != 1 or labels.dtype.kind not in "iu" or (len(labels) and labels.min() < 0):
         raise DataError(f"{label_file}: expected non-negative integer labels, got {labels.dtype} {labels.shape}")
     if len(entries) != len(labels):
         raise DataError(f"{label_file}: {len(labels)} labels but {list_file} lists {len(entries)} objects")
+    if check_labels and (problem := label_problem(label_file, entries, labels)):
+        raise DataError(problem)
     missing = [e for e in entries if not os.path.isdir(object_dir(root, e))] if check_folders else []
     if missing:
         raise DataError(f"{list_file}: {len(missing)} of {len(entries)} listed object folders are missing, "
@@ -178,12 +195,31 @@ def read_split(root, split, check_folders=True):
     return entries, labels.astype(np.int64)
 
 
+def label_problem(label_file, entries, labels):
+    """None, or why labels >= NUM_CLASSES would crash training (the classifier heads have NUM_CLASSES outputs)."""
+    bad = labels >= NUM_CLASSES
+    if bad.any():
+        first = int(np.argmax(bad))
+        return (f"{label_file}: {int(bad.sum())} label(s) >= {NUM_CLASSES} (3DIEBench has {NUM_CLASSES} classes), "
+                f"first: {labels[first]} for {entries[first]}")
+    return None
+
+
+def views_in(folder):
+    """Number of latent_k.npy files in an object folder (one per view)."""
+    return sum(f.startswith("latent_") and f.endswith(".npy") for f in os.listdir(folder))
+
+
 def count_views(root, entries):
-    """Views per object, from the first object's folder (50 in the real data)."""
+    """Views per object, from the first object's folder (50 in the real data); at least 2: training pairs are
+    two distinct views (sie.md §1.3)."""
     folder = object_dir(root, entries[0])
-    n = sum(f.startswith("latent_") and f.endswith(".npy") for f in os.listdir(folder))
-    if n == 0:
-        raise DataError(f"{folder}: no latent_k.npy files")
+    try:
+        n = views_in(folder)
+    except OSError as e:
+        raise DataError(f"{folder}: unreadable object folder ({e.strerror})") from None
+    if n < 2:
+        raise DataError(f"{folder}: {n} view(s) (latent_k.npy files); training pairs need 2 distinct views")
     return n
 
 
@@ -195,10 +231,11 @@ def load_latent(path):
     return lat.astype(np.float64)
 
 
-def load_image(path):
-    """PIL RGB image, decoded now, so that a corrupt or truncated file fails here, with its path."""
+def load_image(path, raw=None):
+    """PIL RGB image, decoded now, so that a corrupt or truncated file fails here, with its path (raw: the file's
+    bytes when already read)."""
     try:
-        with Image.open(path) as im:
+        with Image.open(path if raw is None else io.BytesIO(raw)) as im:
             return im.convert("RGB")
     except FileNotFoundError:
         raise DataError(f"{path}: missing image") from None
@@ -214,10 +251,19 @@ def load_all_latents(root, split):
     if not os.path.exists(path):
         return np.stack([load_latent(os.path.join(object_dir(root, e), f"latent_{k}.npy"))
                          for e in entries for k in range(n)])
-    table = load_npy(path, "latent table")
-    if table.shape != (len(entries) * n, 7) or table.dtype.kind != "f":
-        raise DataError(f"{path}: expected shape ({len(entries) * n}, 7) float ({len(entries)} objects x {n} "
-                        f"views), got {table.dtype} {table.shape}")
+    return check_latent_table(path, load_npy(path, "latent table"), entries, n)
+
+
+def check_latent_table(path, table, entries, views):
+    """The all_latents table as load_all_latents returns it, or a DataError: shape, dtype, finite values."""
+    if table.shape != (len(entries) * views, 7) or table.dtype.kind != "f":
+        raise DataError(f"{path}: expected shape ({len(entries) * views}, 7) float ({len(entries)} objects x "
+                        f"{views} views), got {table.dtype} {table.shape}")
+    finite = np.isfinite(table).all(1)
+    if not finite.all():
+        row = int(np.argmin(finite))
+        raise DataError(f"{path}: {int((~finite).sum())} row(s) not finite, first: row {row} "
+                        f"({entries[row // views]} view {row % views})")
     return table.astype(np.float64)
 
 
@@ -231,7 +277,8 @@ class Split3DIEBench(torch.utils.data.Dataset):
         self.root = ensure_3diebench(root)
         self.entries, self.labels = read_split(root, split)
         self.views = count_views(root, self.entries)
-        both = [np.load(p) for s in ("train", "val") if os.path.isfile(p := os.path.join(root, f"{s}_labels.npy"))]
+        both = [load_npy(p, "label file") for s in ("train", "val")
+                if os.path.isfile(p := os.path.join(root, f"{s}_labels.npy"))]
         self.num_classes = 1 + int(max(lab.max(initial=0) for lab in both + [self.labels]))
         self.transform = T.Compose(([T.Resize((size, size))] if size else []) + [T.ToTensor(), T.Normalize(MEAN, STD)])
 
@@ -302,13 +349,19 @@ class JpegPairs3DIEBench(Pairs3DIEBench):
         path = self.path(obj, f"image_{view}.jpg")
         try:
             raw = np.fromfile(path, np.uint8)
-            if raw[:2].tobytes() != b"\xff\xd8" or b"\xff\xd9" not in raw[-16:].tobytes():   # start / end markers
+            if not jpeg_markers_ok(raw[:2].tobytes(), raw[-16:].tobytes()):
                 raise DataError(f"{path}: not a JPEG, or truncated")
             return raw if self.decode == "gpu" else decode_jpeg(torch.from_numpy(raw), mode=ImageReadMode.RGB)
         except OSError:
             raise DataError(f"{path}: missing image") from None
         except RuntimeError as e:
             raise DataError(f"{path}: corrupt JPEG ({e})") from None
+
+
+def jpeg_markers_ok(head, tail):
+    """True if a file's first bytes hold JPEG's start-of-image marker and its last 16 its end-of-image marker:
+    what the fast paths demand of a file (libjpeg-turbo and nvJPEG read JPEG only, a truncated one badly)."""
+    return head[:2] == b"\xff\xd8" and b"\xff\xd9" in tail[-16:]
 
 
 def collate_jpegs(items):
@@ -340,46 +393,202 @@ def to_float(x, size=None):
 
 # ============================================================ checking a whole data set
 def check(root, workers=None, progress=True):
-    """Scan every list, folder, decoded image and latent -> {kind: [messages]}, empty if fine: all problems at once."""
+    """Scan every list, folder, decoded image and latent -> {kind: [messages]}, empty if fine: all problems at once.
+    root: a 3DIEBench root (list files) or an ImageFolder root (train/<wnid>/, val/<wnid>/), told by layout()."""
     ensure(root, generate=False)
-    problems = defaultdict(list)
+    scan = check_imagefolder if layout(root) == "ImageFolder" else check_3diebench
+    return scan(root, workers, progress)
+
+
+def layout(root):
+    """'ImageFolder' if root has a train/ or val/ folder and no 3DIEBench list file, else '3DIEBench'."""
+    lists = glob.glob(os.path.join(glob.escape(root), "*_images.npy")) + glob.glob(
+        os.path.join(glob.escape(root), "*_labels.npy"))
+    folders = any(os.path.isdir(os.path.join(root, split)) for split in ("train", "val"))
+    return "ImageFolder" if folders and not lists else "3DIEBench"
+
+
+def check_image(path, size=None):
+    """None, or why `path` would fail a 3DIEBench run: the PIL loader cannot decode it, the JPEG markers the
+    --decode cpu/gpu paths demand are missing (a PNG renamed .jpg, say), or its size is not the set's (W, H)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        return f"{path}: missing image"
+    except OSError as e:
+        return f"{path}: unreadable image ({e.strerror})"
+    try:
+        image = load_image(path, raw)
+    except DataError as e:
+        return str(e)
+    if not jpeg_markers_ok(raw[:2], raw[-16:]):
+        with Image.open(io.BytesIO(raw)) as im:
+            what = f"{im.format} data under a .jpg name" if im.format != "JPEG" else "JPEG without its end marker"
+        return f"{path}: {what}; sie.py --decode cpu/gpu read JPEG files only"
+    if size and image.size != size:
+        return f"{path}: {image.size[0]}x{image.size[1]} pixels, the set's images are {size[0]}x{size[1]}"
+    return None
+
+
+def check_3diebench(root, workers=None, progress=True):
+    """check() of a 3DIEBench root."""
+    problems, size = defaultdict(list), None          # size: the first listed image's, which every image must have
+
     def scan_object(folder, n):  # -> (its (n, 7) latents or None, [(kind, message)])
         if not os.path.isdir(folder):
             return None, [("object folder", f"{folder}: listed object folder is missing")]
         found, lats = [], []
+        if (k := views_in(folder)) < 2:
+            found.append(("object folder", f"{folder}: {k} view(s) (latent_k.npy files); training pairs need "
+                                           "2 distinct views"))
         for k in range(n):
-            try:
-                load_image(os.path.join(folder, f"image_{k}.jpg"))
-            except DataError as e:
-                found.append(("image", str(e)))
+            if problem := check_image(os.path.join(folder, f"image_{k}.jpg"), size):
+                found.append(("image", problem))
             try:
                 lats.append(load_latent(os.path.join(folder, f"latent_{k}.npy")))
             except DataError as e:
                 found.append(("latent", str(e)))
         return (np.stack(lats) if len(lats) == n else None), found
+
     for split in ("train", "val"):
         try:
-            entries, _ = read_split(root, split, check_folders=False)
+            entries, labels = read_split(root, split, check_folders=False, check_labels=False)
         except DataError as e:
             problems["list file"].append(str(e))
             continue
-        try:
-            n = count_views(root, entries)
-        except (DataError, OSError):
-            n = N_VIEWS
+        if problem := label_problem(os.path.join(root, f"{split}_labels.npy"), entries, labels):
+            problems["label"].append(problem)
+        first = object_dir(root, entries[0])                 # the dataset's views and size come from it
+        n = (views_in(first) if os.path.isdir(first) else 0) or N_VIEWS
+        with contextlib.suppress(OSError), Image.open(os.path.join(first, "image_0.jpg")) as im:
+            size = size or im.size                                   # unreadable: reported by the scan
         results = parallel_map(lambda e: scan_object(object_dir(root, e), n), entries, f"check {split}",
                                progress, workers)
         for kind, msg in (p for _, found in results for p in found):
             problems[kind].append(msg)
         path = os.path.join(root, f"all_latents_{split}.npy")
-        if os.path.exists(path) and all(lat is not None for lat, _ in results):
+        if os.path.exists(path):
             try:
-                if not np.array_equal(load_npy(path, "latent table"), np.concatenate([lat for lat, _ in results])):
+                table = check_latent_table(path, load_npy(path, "latent table"), entries, n)
+                per_view = [lat for lat, _ in results]
+                if all(lat is not None for lat in per_view) and not np.array_equal(table, np.concatenate(per_view)):
                     raise DataError(f"{path}: differs from the per-view latent_k.npy files (expected shape "
                                     f"({len(entries) * n}, 7), rows in list order)")
             except DataError as e:
                 problems["all_latents"].append(str(e))
     return dict(problems)
+
+
+def check_imagefolder(root, workers=None, progress=True):
+    """check() of an ImageFolder root: both splits, their class folders (the same in val as in train, none
+    empty) and every image decoded. Files that are not images (.DS_Store, README.txt) are ignored, as the
+    ImageFolder dataset ignores them."""
+    problems, classes = defaultdict(list), {}
+
+    def decode(path):
+        try:
+            load_image(path)
+        except DataError as e:
+            return str(e)
+        return None
+
+    for split in ("train", "val"):
+        folder = os.path.join(root, split)
+        if not os.path.isdir(folder):
+            problems["split"].append(f"{folder}: missing split folder (expected {folder}/<wnid>/*.JPEG)")
+            continue
+        classes[split], files = class_folders(folder), []
+        if not classes[split]:
+            problems["split"].append(f"{folder}: no class folders (expected {folder}/<wnid>/*.JPEG)")
+        for wnid in classes[split]:
+            images = image_files(os.path.join(folder, wnid))
+            if not images:
+                problems["class folder"].append(f"{os.path.join(folder, wnid)}: empty class folder "
+                                                "(no .JPEG/.jpg/.png images)")
+            files += images
+        problems["image"] += [m for m in parallel_map(decode, files, f"check {split}", progress, workers) if m]
+    if len(classes) == 2 and classes["train"] != classes["val"]:
+        problems["classes"].append(class_mismatch(os.path.join(root, "train"), os.path.join(root, "val"),
+                                                  classes["train"], classes["val"]))
+    return {kind: msgs for kind, msgs in problems.items() if msgs}
+
+
+# ============================================================ start-up validation (cheap; before the first step)
+def preflight(root, kind="3DIEBench", workers=None):
+    """Validate in seconds, before training starts, what a run reads only later (its evaluation) -> root, or a
+    DataError naming the file. `python data.py check ROOT` is the full scan (every image decoded).
+    kind="3DIEBench": both splits' list and label files, every listed folder, >= 2 views; every val folder holds
+    each view's image and latent file; the all_latents tables (shape, finite); train and val images of one size.
+    kind="ImageFolder": train/ and val/ with the same class folders, none empty in val; every val image passes
+    a header/trailer screen (screen_image: its first and last bytes, not a decode)."""
+    if kind == "ImageFolder":
+        return preflight_imagefolder(root, workers)
+    if kind != "3DIEBench":
+        raise ValueError(f"preflight: kind must be '3DIEBench' or 'ImageFolder', not {kind!r}")
+    ensure(root, generate=False)
+    entries, views, sizes = {}, {}, {}
+    for split in ("train", "val"):
+        entries[split], _ = read_split(root, split)     # list, labels (< NUM_CLASSES), every listed folder exists
+        views[split] = count_views(root, entries[split])
+        first = os.path.join(object_dir(root, entries[split][0]), "image_0.jpg")
+        sizes[split] = (first, load_image(first).size)
+    (train_image, train_size), (val_image, val_size) = sizes["train"], sizes["val"]
+    if train_size != val_size:
+        raise DataError(f"{val_image}: {val_size[0]}x{val_size[1]} pixels, but {train_image} is "
+                        f"{train_size[0]}x{train_size[1]}: train and val images must have one size")
+    n = views["val"]
+
+    def missing_files(entry):                 # -> a message or None
+        folder = object_dir(root, entry)
+        present = set(os.listdir(folder))
+        missing = [f for k in range(n) for f in (f"image_{k}.jpg", f"latent_{k}.npy") if f not in present]
+        return f"{folder}: missing {missing[0]} ({len(missing)} of its {2 * n} view files)" if missing else None
+
+    problem = next((m for m in parallel_map(missing_files, entries["val"], "preflight", False, workers) if m), None)
+    if problem:
+        raise DataError(problem)
+    for split in ("train", "val"):
+        path = os.path.join(root, f"all_latents_{split}.npy")
+        if os.path.exists(path):                            # absent: evaluation rebuilds it from latent_k.npy
+            check_latent_table(path, load_npy(path, "latent table"), entries[split], views[split])
+    return root
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def screen_image(path):
+    """None, or why the image loader would fail on `path`: a cheap screen first (its first 8 and last 16 bytes:
+    JPEG's start and end markers, or PNG's signature and closing IEND chunk; a truncated file has lost its end),
+    and only a file failing it is decoded in full, so that a file PIL reads anyway (other trailer) is not an
+    error. A screen, not a proof: a file damaged in the middle passes it (`data.py check` decodes everything)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 16))
+            tail = f.read()
+    except OSError as e:
+        return f"{path}: unreadable image ({e.strerror})"
+    if jpeg_markers_ok(head, tail) or (head == PNG_SIGNATURE and b"IEND" in tail):
+        return None
+    try:
+        load_image(path)
+    except DataError as e:
+        return str(e)
+    return None
+
+
+def preflight_imagefolder(root, workers=None):
+    """preflight() of an ImageFolder root."""
+    train = os.path.join(ensure(root, "ImageFolder", generate=False), "train")
+    if not os.path.isdir(train):
+        raise DataError(f"{train}: missing split folder (expected {train}/<wnid>/*.JPEG)")
+    val = ImageFolder(root, "val")             # val/ exists, its class folders are train's, none is empty
+    bad = [m for m in parallel_map(screen_image, [p for p, _ in val.samples], "preflight", False, workers) if m]
+    if bad:
+        raise DataError(bad[0] + (f" (and {len(bad) - 1} more val images)" if len(bad) > 1 else ""))
+    return root
 
 
 # ============================================================ renderer (the real scene, sie.md §1.1)
@@ -464,8 +673,10 @@ def face_normals(verts, faces):
 
 
 def hsv_to_rgb(h, s, v):
-    """Tensors (broadcastable) -> (..., 3) RGB in [0, 1]."""
-    h, s, v = torch.broadcast_tensors(*(torch.as_tensor(a, dtype=torch.float32) for a in (h, s, v)))
+    """Tensors or numbers (broadcastable) -> (..., 3) RGB in [0, 1], on the device of the tensor arguments (a number
+    made a CPU tensor would not broadcast against a CUDA one)."""
+    dev = next((a.device for a in (h, s, v) if torch.is_tensor(a)), None)
+    h, s, v = torch.broadcast_tensors(*(torch.as_tensor(a, dtype=torch.float32, device=dev) for a in (h, s, v)))
     k = (h.new_tensor([5.0, 3.0, 1.0]) + h[..., None] * 6) % 6
     return v[..., None] - (v * s)[..., None] * torch.minimum(k, 4 - k).clamp(0, 1)
 
@@ -476,6 +687,7 @@ def render(verts, faces, look, latents, size, ss=2, alpha=False, zoom=1.0):
     -> (B, 3, size, size) RGB in [0, 1] (+ the object's coverage as a 4th channel with alpha=True),
     rendered at ss x the size and box-filtered (antialiasing). zoom multiplies the lens's focal length."""
     dev, B, H, nf = verts.device, len(latents), size * ss, len(faces)
+    faces = faces.to(dev)                                  # everything on verts' device (look and latents: below)
     if B > 1 and B * H * H > 2 ** 20:                                              # bound memory: views in chunks
         return torch.cat([render(verts, faces, look, lat, size, ss, alpha, zoom) for lat in np.array_split(latents, 2)])
     look = look if isinstance(look, tuple) else (look.new_zeros(nf, 3, 2), torch.arange(nf), look[..., None, None])
@@ -511,7 +723,7 @@ def render(verts, faces, look, latents, size, ss=2, alpha=False, zoom=1.0):
     col, row = (torch.stack([st[:, 0], 1 - st[:, 1]]) % 1 * T).long().clamp(max=T - 1)
     texel = (mat[hit % nf] * T + row) * T + col
     albedo = torch.where(seen, atlas.transpose(0, 1).flatten(1)[:, texel].view(3, B, -1),
-                         hsv_to_rgb(lat[:, 3], 0.6, 0.6).T.to(dev)[..., None])
+                         hsv_to_rgb(lat[:, 3], 0.6, 0.6).T[..., None])
     # Spot light: Blender's smoothstep cone edge, 1/d^2 falloff, HSV(spot_hue, 1, 0.8), shadow map (bias: a few pixels).
     to_light = spot - p
     dist = dot(to_light, to_light).sqrt()
@@ -521,7 +733,7 @@ def render(verts, faces, look, latents, size, ss=2, alpha=False, zoom=1.0):
     depth = shadow_depth.flatten(1).gather(1, w.long().clamp(0, S - 1) * S + u.long().clamp(0, S - 1))
     lit = z <= depth + 4 * z / (light_cam[2] * S) + 1e-3
     spot_light = x * x * (3 - 2 * x) * lit * dot(normal, to_light).clamp(min=0) * 16 / dist ** 3
-    spot_rgb = hsv_to_rgb(lat[:, 6], 1.0, 0.8).T[..., None].to(dev)              # (3, B, 1)
+    spot_rgb = hsv_to_rgb(lat[:, 6], 1.0, 0.8).T[..., None]                      # (3, B, 1)
     light = AMBIENT + SUN * normal[2:].clamp(min=0) + SPOT * spot_rgb * spot_light
     out = (albedo * light).clamp(0, 1)
     out = (torch.cat([out, seen.float()]) if alpha else out).view(-1, B, H, H).transpose(0, 1)
@@ -603,11 +815,13 @@ def normalise(v):
 
 
 # ============================================================ real meshes: OBJ + MTL (issue 8)
-def read_obj(path, tile=128):
+def read_obj(path, tile=128, fallbacks=None):
     """Minimal OBJ reader: v, vt, f (polygons fan-triangulated; v, v/vt, v//vn, v/vt/vn; negative = relative),
     usemtl, mtllib (Kd, map_Kd; a texture replaces Kd, as in Blender's importer); y-up -> z-up: (x, -z, y), Blender's
     import axes. -> (verts (V, 3) normalised, faces (F, 3), (uv (F, 3, 2), material (F,), atlas (M, 3, T, T)): one
-    tile per material: its texture resized, or its colour). Unreadable, missing MTL or texture, no faces: DataError."""
+    tile per material: its texture resized, or its colour). Unreadable, missing MTL, no faces: DataError. A texture
+    file missing or unreadable (Sweet Home 3D models name some, e.g. f:/images/..., that the package does not
+    ship) leaves its material's colour Kd, and (path, texture file) is appended to the list `fallbacks`."""
     def lines(file):                                                               # (keyword, arguments)
         with open(file, encoding="latin-1") as f:
             yield from ((w[0], w[1:]) for w in map(str.split, f) if w)
@@ -632,10 +846,18 @@ def read_obj(path, tile=128):
         if not len(t) or not torch.isfinite(verts).all() or t[:, 0:6:2].min() < 0 or t[:, 0:6:2].max() >= len(v):
             raise ValueError("no faces, a non-finite vertex or a face index out of range")
         uv = torch.tensor(vt + [[0.0, 0.0]])[t[:, 1:6:2]]                         # absent (-1): (0, 0)
-        rgb = lambda a: Image.open(os.path.join(folder, " ".join(a).replace("\\", "/"))).convert("RGB")
-        atlas = torch.stack([torch.tensor(np.array(rgb(tex[n]).resize((T, T)))).permute(2, 0, 1) / 255 if n in tex else
-                             torch.tensor([float(x) for x in kd.get(n, [0.8] * 3)[:3]]).view(3, 1, 1).expand(3, T, T)
-                             for n in mats])                                       # one tile per material
+
+        def albedo(n):                                                             # material n's (3, T, T) tile
+            if n in tex:
+                file = os.path.join(folder, " ".join(tex[n]).replace("\\", "/"))
+                try:
+                    with Image.open(file) as im:
+                        return torch.tensor(np.array(im.convert("RGB").resize((T, T)))).permute(2, 0, 1) / 255
+                except (OSError, Image.DecompressionBombError):
+                    if fallbacks is not None:
+                        fallbacks.append((path, file))
+            return torch.tensor([float(x) for x in kd.get(n, [0.8] * 3)[:3]]).view(3, 1, 1).expand(3, T, T)
+        atlas = torch.stack([albedo(n) for n in mats])                             # one tile per material
     except (OSError, ValueError, IndexError, RuntimeError) as e:
         raise DataError(f"{path}: unreadable mesh ({e})") from None
     return verts, t[:, 0:6:2], (uv, t[:, 6], atlas)
@@ -665,21 +887,32 @@ def write_object(folder, images, latents):
 
 def make_3diebench(out, classes=55, objects_per_class=6, views=50, size=64, seed=0, ood=False,
                    device="cpu", progress=True, meshes=None, zoom=1.0, paint="palette"):
-    """Write a procedural look-alike in the exact 3DIEBench layout, deterministic for a seed: the 55 real synset ids
-    (then made-up ones), random object ids, class c from shape family c; ood=True: the same objects at OOD angles.
+    """Write a procedural look-alike in the exact 3DIEBench layout, deterministic for a seed: the first `classes` of
+    the 55 real synset ids, random object ids, class c from shape family c; ood=True: the same objects at OOD angles.
     meshes=DIR: render DIR/<class>/<model>[.obj] meshes instead (ShapeNetCore v2: a 3DIEBench re-render, ids kept)."""
     if meshes:
         models = sorted(glob.glob(os.path.join(meshes, "*", "*.obj")) + glob.glob(os.path.join(meshes, "*", "*", "")))
         if not models:
             raise DataError(f"{meshes}: no meshes (expected {meshes}/<class>/<model>.obj or <class>/<model>/*.obj)")
+        if len(found := {os.path.dirname(m.rstrip(os.sep)) for m in models}) > NUM_CLASSES:
+            raise DataError(f"{meshes}: {len(found)} class folders; 3DIEBench has {NUM_CLASSES} classes at most")
         first_obj = lambda m: (sorted(glob.glob(os.path.join(m, "**", "*.obj"), recursive=True)) or [m])[0]
-        objects = [(*re.sub(r"\.obj$", "", m.rstrip(os.sep)).split(os.sep)[-2:], lambda p=first_obj(m): read_obj(p))
-                   for m in models]
-        return write_3diebench(out, objects, views, size, seed, ood, device, progress, zoom)
+        fallbacks = []                                                 # (OBJ, texture) rendered with Kd instead
+        objects = [(*re.sub(r"\.obj$", "", m.rstrip(os.sep)).split(os.sep)[-2:],
+                    lambda p=first_obj(m): read_obj(p, fallbacks=fallbacks)) for m in models]
+        write_3diebench(out, objects, views, size, seed, ood, device, progress, zoom, source=meshes)
+        if fallbacks:                                        # one line for the whole import; paths in check's style
+            first = sorted(fallbacks)[0]
+            print(f"{len({obj for obj, _ in fallbacks})} of {len(models)} meshes: texture file missing or unreadable, "
+                  f"rendered with their material's diffuse colour (Kd) instead; first: {first[0]} ({first[1]})",
+                  file=sys.stderr)
+        return out
     if objects_per_class < 2:
-        raise DataError("make-3diebench needs at least 2 objects per class (train and val)")
+        raise DataError(f"--objects-per-class {objects_per_class}: make-3diebench needs at least 2 (train and val)")
+    if not 1 <= classes <= NUM_CLASSES:
+        raise DataError(f"--classes {classes}: 3DIEBench has {NUM_CLASSES} classes (1 to {NUM_CLASSES})")
     rng = np.random.default_rng(seed)
-    synsets = (REAL_SYNSETS + [f"{90000000 + c:08d}" for c in range(55, classes)])[:classes]
+    synsets = REAL_SYNSETS[:classes]
     ids = []                                 # distinct hex ids, lengths in the real data's proportions (sie.md §1.1)
     while len(ids) < classes * objects_per_class:
         new = "".join(rng.choice(list("0123456789abcdef"), rng.choice(ID_LENGTHS, p=ID_LENGTH_P)))
@@ -691,28 +924,61 @@ def make_3diebench(out, classes=55, objects_per_class=6, views=50, size=64, seed
 
 @contextlib.contextmanager
 def staged(out):
-    """Write into OUT.partial, renamed to OUT at the end; an exception or Ctrl-C removes it: no half-written OUT."""
-    if os.path.exists(out) and os.listdir(out):
-        raise DataError(f"{out}: already exists and is not empty; choose another output folder")
-    tmp = out.rstrip("/") + ".partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    """Write into a private OUT.partial-HOST-PID folder, renamed to OUT at the end; an exception or Ctrl-C removes
+    it: never a half-written OUT. Private, so that processes writing the same OUT at once (every rank of a torchrun
+    generating the default set) leave each other's files alone: the first to finish wins, the others discard theirs
+    (the generators write the same files for the same arguments). Folders left by killed processes of this host
+    are removed. An OSError (read-only folder, full disk) becomes a DataError naming OUT."""
+    out = out.rstrip(os.sep) or out
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        what = "is not empty" if os.path.isdir(out) else "is not a folder"
+        raise DataError(f"{out}: already exists and {what}; choose another output folder")
+    prefix = f"{out}.partial-{socket.gethostname()}-"
+    for stale in glob.glob(glob.escape(prefix) + "*"):
+        if not process_alive(stale[len(prefix):]):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = prefix + str(os.getpid())
+    try:
+        os.makedirs(tmp)
+    except OSError as e:
+        raise DataError(f"{out}: cannot create the output folder ({e.strerror}: {e.filename})") from None
     try:
         yield tmp
-    except BaseException:
+        with contextlib.suppress(OSError):
+            os.rmdir(out)                                            # an empty OUT: os.replace needs it gone
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            if not (os.path.isdir(out) and os.listdir(out)):
+                raise
+            # another process finished the same OUT first: keep its files, discard ours (finally)
+    except OSError as e:
+        raise DataError(f"{out}: writing failed ({e}); nothing was left behind") from None
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if os.path.isdir(out):
-        os.rmdir(out)
-    os.replace(tmp, out)
 
 
-def write_3diebench(out, objects, views=50, size=64, seed=0, ood=False, device="cpu", progress=True, zoom=1.0):
+def process_alive(pid):
+    """Whether `pid` (a string, from a staged folder's name) is a running process of this host; unsure: True."""
+    if os.name != "posix" or not pid.isdigit():     # (os.kill(pid, 0) would end the process on Windows)
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):                 # e.g. another user's process
+        return True
+    return True
+
+
+def write_3diebench(out, objects, views=50, size=64, seed=0, ood=False, device="cpu", progress=True, zoom=1.0,
+                    source="make-3diebench"):
     """The writer behind every generator. objects: [(synset, obj_id, mesh_fn)], mesh_fn() -> render's (verts, faces,
     look), rendered on all cores; one failing to load (DataError) is skipped. Label = position of the synset among
-    those written (sie.md §1.2); ~20 % of each class's objects go to val; lists shuffled, like the real ones."""
+    those written (sie.md §1.2); ~20 % of each class's objects go to val; lists shuffled, like the real ones.
+    source: what the objects come from, for the messages (the mesh folder)."""
     if views < 2:
-        raise DataError("make-3diebench needs at least 2 views per object (training pairs are distinct views)")
+        raise DataError(f"--views {views}: make-3diebench needs at least 2 (training pairs are distinct views)")
     latents = [sample_latents(np.random.default_rng([seed, i, 1 + ood]), views, ood) for i in range(len(objects))]
     start = time.time()
     with staged(out) as tmp:
@@ -727,12 +993,14 @@ def write_3diebench(out, objects, views=50, size=64, seed=0, ood=False, device="
         print(*(f"skipped {e}\n" for e in errors if e), sep="", end="", file=sys.stderr)
         synsets = sorted({o[0] for o, e in zip(objects, errors) if not e})
         if not synsets:
-            raise DataError(f"none of the {len(objects)} meshes could be read")
+            raise DataError(f"{source}: none of the {len(objects)} meshes could be read")
         labels = np.array([-1 if e else synsets.index(o[0]) for o, e in zip(objects, errors)])
         in_val = np.zeros(len(objects), bool)
         for c in range(len(synsets)):
             members = np.flatnonzero(labels == c)
             in_val[members[:round(0.2 * len(members)) or (len(members) > 1)]] = True
+        if not in_val.any():
+            raise DataError(f"{source}: no class has 2 usable objects, so the val split would be empty")
         for name, chosen in (("train", (labels >= 0) & ~in_val), ("val", in_val)):
             order = np.random.default_rng([seed, name == "val"]).permutation(np.flatnonzero(chosen))
             entries = [f"/{objects[i][0]}/{objects[i][1]}/" for i in order]
@@ -795,27 +1063,50 @@ def contact_sheet(root, out_png, objects=8, views=8):
 
 
 # ============================================================ ImageFolder (ser.py's ImageNet stand-in, issue 7)
+def class_folders(folder):
+    """Sorted class folders of an ImageFolder split (hidden ones, e.g. .ipynb_checkpoints, left out)."""
+    return sorted(d for d in os.listdir(folder) if not d.startswith(".") and os.path.isdir(os.path.join(folder, d)))
+
+
+def image_files(folder):
+    """Sorted paths of a class folder's images: IMAGE_EXTENSIONS, not hidden (macOS's ._x.JPEG are not images);
+    anything else there (.DS_Store, README.txt) is ignored."""
+    with os.scandir(folder) as entries:       # scandir: the file type without one stat per file (1.28 M in train)
+        return sorted(e.path for e in entries
+                      if e.name.lower().endswith(IMAGE_EXTENSIONS) and not e.name.startswith(".") and e.is_file())
+
+
+def class_mismatch(train_dir, folder, train, classes):
+    """The message for a split whose class folders are not train's (labels are positions in the sorted list)."""
+    def listed(names):
+        return ", ".join(names[:3]) + (f" ... ({len(names)} in all)" if len(names) > 3 else "")
+    missing, extra = sorted(set(train) - set(classes)), sorted(set(classes) - set(train))
+    return (f"{folder}: class folders differ from {train_dir}'s, so labels would not match ("
+            + "; ".join(f"{what}: {listed(names)}" for what, names in (("missing", missing), ("extra", extra)) if names)
+            + ")")
+
+
 class ImageFolder(torch.utils.data.Dataset):
     """'<root>/<split>/<wnid>/*.JPEG' (ImageNet's layout) -> (transform(PIL RGB image), label), labels in sorted-wnid
-    order; .classes, .samples, .targets. Unlike torchvision's, every problem is a DataError naming the file."""
+    order; .classes, .samples, .targets. Unlike torchvision's, every problem is a DataError naming the file; files
+    that are not images (IMAGE_EXTENSIONS) are ignored, as are hidden files and folders."""
 
     def __init__(self, root, split, transform=None):
         folder, self.transform = os.path.join(ensure_imagefolder(root), split), transform
         if not os.path.isdir(folder):
             raise DataError(f"{folder}: missing split folder (expected {folder}/<wnid>/*.JPEG)")
-        self.classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+        self.classes = class_folders(folder)
         if not self.classes:
             raise DataError(f"{folder}: no class folders (expected {folder}/<wnid>/*.JPEG)")
         train = os.path.join(root, "train")
-        if split != "train" and os.path.isdir(train) and sorted(os.listdir(train)) != self.classes:
-            raise DataError(f"{folder}: class folders differ from {train}'s, so labels would not match")
+        if split != "train" and os.path.isdir(train) and class_folders(train) != self.classes:
+            raise DataError(class_mismatch(train, folder, class_folders(train), self.classes))
         self.samples = []
         for label, wnid in enumerate(self.classes):
-            files = sorted(f for f in os.listdir(os.path.join(folder, wnid))
-                           if f.lower().endswith((".jpeg", ".jpg", ".png")))
+            files = image_files(os.path.join(folder, wnid))
             if not files:
                 raise DataError(f"{os.path.join(folder, wnid)}: empty class folder (no .JPEG/.jpg/.png images)")
-            self.samples += [(os.path.join(folder, wnid, f), label) for f in files]
+            self.samples += [(f, label) for f in files]
         self.targets = [label for _, label in self.samples]
 
     def __len__(self):
@@ -890,8 +1181,11 @@ def main(argv=None):
     i = sub.add_parser("import-sweethome3d", help="sort an unpacked sweethome3d-furniture's models into class folders")
     i.add_argument("unpacked", help="folder where the package was unpacked (dpkg -x)")
     i.add_argument("mesh_dir", help="output: MESH_DIR/<class>/<model>/ (must not exist or be empty)")
-    c = sub.add_parser("check", help="scan a data set (real or generated) and report every problem")
-    c.add_argument("root")
+    c = sub.add_parser("check", help="scan a data set (3DIEBench or ImageFolder, real or generated) and report "
+                       "every problem")
+    c.add_argument("root", help="a 3DIEBench root (list files) or an ImageFolder root (train/<wnid>/, val/<wnid>/)")
+    c.add_argument("--quick", action="store_true", help="only the seconds-long start-up checks the training "
+                   "scripts run (data.preflight); stops at the first problem")
     c.add_argument("--workers", type=int, default=None, help="decoding threads (default: all cores)")
     m = sub.add_parser("make-imagefolder", help="generate an ImageNet-layout look-alike (train/<wnid>/*.JPEG, val/...)")
     m.add_argument("out", help="output folder (must not exist or be empty)")
@@ -914,15 +1208,20 @@ def main(argv=None):
             print(make_imagefolder(args.out, args.classes, args.train_per_class, args.val_per_class, args.size,
                                    args.seed))
         elif args.command == "check":
-            problems = check(args.root, args.workers)
-            for kind, msgs in problems.items():
-                print(f"{kind}: {len(msgs)} problem(s)", *(f"  {m}" for m in msgs[:5]), sep="\n", file=sys.stderr)
+            kind = layout(ensure(args.root, generate=False))
+            if args.quick:
+                preflight(args.root, kind, args.workers)                  # a DataError at the first problem
+                problems = {}
+            else:
+                problems = check(args.root, args.workers)
+            for what, msgs in problems.items():
+                print(f"{what}: {len(msgs)} problem(s)", *(f"  {m}" for m in msgs[:5]), sep="\n", file=sys.stderr)
             if problems:
                 sys.exit(1)
-            print(f"{args.root}: OK")
+            print(f"{args.root}: OK ({kind}{', quick checks' if args.quick else ''})")
         elif args.command == "contact-sheet":
             print(contact_sheet(args.root, args.out_png, args.objects, args.views))
-    except DataError as e:
+    except (DataError, OSError) as e:           # OSError: e.g. contact-sheet's output folder does not exist
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -1,8 +1,13 @@
 """data.py: rotations (sie.md §1.3 test vector), the real on-disk format (generated, hand-built and the
-official list files), every bad-input message, the checker, the generator and the renderer."""
+official list files), every bad-input message, the checker and the start-up checks (preflight), the
+generator (atomic output) and the renderer (on another device too)."""
+import contextlib
+import glob
+import io
 import math
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import zipfile
@@ -12,6 +17,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map
 
 import data
 
@@ -195,6 +203,7 @@ def test_missing_root_names_folder_and_command(tmp_path):
         assert str(missing) in str(e.value) and f"python data.py make-3diebench {missing}" in str(e.value)
     p = cli("check", missing)
     assert p.returncode == 2 and "make-3diebench" in p.stderr and str(missing) in p.stderr and "Traceback" not in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr                  # one line
 
 
 def plant(root, folders, fault):
@@ -236,7 +245,8 @@ def test_check_cli_reports_every_fault_at_once(broken):
     (folders[5] / "image_9.jpg").unlink()
     np.save(root / "all_latents_train.npy", np.zeros((3, 7)))
     problems = data.check(str(root), progress=False)
-    assert {k: len(v) for k, v in problems.items()} == {"list file": 1, "object folder": 1, "latent": 2, "image": 3}
+    assert {k: len(v) for k, v in problems.items()} == {"list file": 1, "object folder": 1, "latent": 2, "image": 3,
+                                                        "all_latents": 1}   # the table's shape, even with bad files
     p = cli("check", root)
     assert p.returncode == 1 and "Traceback" not in p.stderr
     assert all(n in p.stderr for n in needles), p.stderr
@@ -508,7 +518,7 @@ def test_import_sweethome3d_sorts_a_planted_catalogue(tmp_path):
     assert (meshes / "chair" / "Test-m-1" / "test" / "m1" / "m.mtl").is_file()
     with pytest.raises(data.DataError, match="sh3f"):
         data.import_sweethome3d(str(tmp_path / "meshes"), str(tmp_path / "other"))
-    assert not (tmp_path / "other").exists() and not (tmp_path / "other.partial").exists()
+    assert sorted(os.listdir(tmp_path)) == ["meshes", "pkg"]                   # no other.partial-* left
 
 
 def test_bad_meshes_are_skipped_and_counted(tmp_path, capsys):
@@ -519,14 +529,15 @@ def test_bad_meshes_are_skipped_and_counted(tmp_path, capsys):
     bad = [write_mesh(tmp_path / "m" / "mugs", "garbage", "v 0 0 0\nf a b c\n"),
            write_mesh(tmp_path / "m" / "mugs", "no_faces", "v 0 0 0\nv 1 1 1\n"),
            write_mesh(tmp_path / "m" / "mugs", "nan", TETRA.replace("v 1 0 0", "v nan 0 0")),
-           write_mesh(tmp_path / "m" / "mugs", "no_texture", QUAD, mtl="map_Kd tex.png"),
            write_mesh(tmp_path / "m" / "mugs", "out_of_range", TETRA + "f 1 2 9\n")]
+    write_mesh(tmp_path / "m" / "mugs", "no_texture", QUAD, mtl="map_Kd tex.png")      # kept: rendered with Kd
     out = tmp_path / "out"
     data.main(["make-3diebench", str(out), "--meshes", str(tmp_path / "m"), "--views", "3", "--size", "16"])
     printed = capsys.readouterr()
-    assert all(f"skipped {b}" in printed.err for b in bad) and "5 meshes skipped" in printed.out, printed
+    assert all(f"skipped {b}" in printed.err for b in bad) and "4 meshes skipped" in printed.out, printed
     entries = sorted(np.concatenate([np.load(out / f"{s}_images.npy") for s in ("train", "val")]))
-    assert entries == [f"/02691156/{k:032x}/" for k in range(3)] + ["/mugs/a_mug/", "/mugs/b_mug/"]
+    assert entries == [f"/02691156/{k:032x}/" for k in range(3)] + ["/mugs/a_mug/", "/mugs/b_mug/",
+                                                                    "/mugs/no_texture/"]
     assert len(good) == 3 and data.check(str(out), progress=False) == {}
     assert sorted(np.load(out / "val_labels.npy").tolist()) == [0, 1]     # synsets in sorted order: one of each in val
 
@@ -538,3 +549,337 @@ def test_interrupted_render_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         data.make_3diebench(str(tmp_path / "out"), views=2, size=16, meshes=str(tmp_path / "m"), progress=False)
     assert sorted(os.listdir(tmp_path)) == ["m"]
+    monkeypatch.setattr(data, "write_object", lambda *a: (_ for _ in ()).throw(OSError(28, "No space left")))
+    with pytest.raises(data.DataError, match=f"{tmp_path / 'out'}: writing failed .*No space left"):
+        data.make_3diebench(str(tmp_path / "out"), views=2, size=16, meshes=str(tmp_path / "m"), progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["m"]
+
+
+# ---------------------------------------------------------------- the checker: what crashed training (issue 13)
+def test_check_reports_what_crashes_training(broken):
+    root, folders = broken
+    labels = np.load(root / "val_labels.npy")
+    labels[1] = 60                                                      # >= the 55 classes of 3DIEBench
+    np.save(root / "val_labels.npy", labels)
+    for k in range(1, 50):                                              # an object with one view
+        (folders[6] / f"image_{k}.jpg").unlink()
+        (folders[6] / f"latent_{k}.npy").unlink()
+    Image.new("RGB", (24, 24), "red").save(folders[7] / "image_3.jpg", quality=95)   # another size
+    Image.new("RGB", (32, 32), "red").save(folders[8] / "image_5.jpg", format="PNG")  # a PNG named .jpg
+    problems = data.check(str(root), progress=False)
+    assert problems["label"] == [f"{root / 'val_labels.npy'}: 1 label(s) >= 55 (3DIEBench has 55 classes), "
+                                 f"first: 60 for {np.load(root / 'val_images.npy')[1]}"]
+    assert problems["object folder"] == [f"{folders[6]}: 1 view(s) (latent_k.npy files); training pairs need 2 "
+                                         "distinct views"]
+    images = "\n".join(problems["image"])
+    assert f"{folders[7] / 'image_3.jpg'}: 24x24 pixels, the set's images are 32x32" in images
+    assert f"{folders[8] / 'image_5.jpg'}: PNG data under a .jpg name" in images
+    p = cli("check", root)
+    assert p.returncode == 1 and "Traceback" not in p.stderr and "label: 1 problem(s)" in p.stderr
+    with pytest.raises(data.DataError, match="val_labels.npy: 1 label"):
+        data.Pairs3DIEBench(str(root), "val")                           # the loaders refuse them too
+
+
+def test_dataset_refuses_an_object_with_one_view(broken):
+    root, folders = broken
+    for k in range(1, 50):
+        (folders[0] / f"latent_{k}.npy").unlink()
+    with pytest.raises(data.DataError, match=f"^{folders[0]}: 1 view"):
+        data.Pairs3DIEBench(str(root))             # not `Cannot take a larger sample than population` mid-epoch
+
+
+def test_empty_lists_are_one_clear_message(broken):
+    root, _ = broken
+    np.save(root / "val_images.npy", np.array([], "<U43"))
+    np.save(root / "val_labels.npy", np.array([], np.int64))
+    assert data.check(str(root), progress=False) == {"list file": [f"{root / 'val_images.npy'}: lists no objects"]}
+    p = cli("check", root)
+    assert p.returncode == 1 and "lists no objects" in p.stderr and "Traceback" not in p.stderr
+    with pytest.raises(data.DataError, match="val_images.npy: lists no objects"):
+        data.Views3DIEBench(str(root), "val")
+
+
+def test_nan_in_latent_table_is_refused(broken):
+    root, _ = broken
+    table = np.load(root / "all_latents_val.npy")
+    table[57, 2] = np.nan                                              # object 1, view 7
+    np.save(root / "all_latents_val.npy", table)
+    entry = np.load(root / "val_images.npy")[1]
+    message = f"{root / 'all_latents_val.npy'}: 1 row(s) not finite, first: row 57 ({entry} view 7)"
+    with pytest.raises(data.DataError) as e:
+        data.load_all_latents(str(root), "val")
+    assert str(e.value) == message
+    with pytest.raises(data.DataError, match="not finite"):
+        data.Views3DIEBench(str(root), "val")                          # what eval.py reads
+    assert data.check(str(root), progress=False) == {"all_latents": [message]}
+
+
+def imagefolder_copy(toy_imagefolder, tmp_path):
+    """A copy of the toy ImageFolder with stray files everywhere, which the loader and the checks ignore."""
+    root = tmp_path / "imf"
+    shutil.copytree(toy_imagefolder, root)
+    for folder in [root / "train", root / "val", *(root / "train").iterdir(), *(root / "val").iterdir()]:
+        (folder / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+        (folder / "README.txt").write_text("notes\n")
+    (next((root / "val").iterdir()) / "._x.JPEG").write_bytes(b"\0\5\26\7")   # macOS AppleDouble, hidden
+    return root
+
+
+def test_imagefolder_ignores_stray_files(toy_imagefolder, tmp_path):
+    root = imagefolder_copy(toy_imagefolder, tmp_path)
+    assert [len(data.ImageFolder(str(root), split)) for split in ("train", "val")] == [64, 32]
+    assert data.check(str(root), progress=False) == {}
+    assert data.preflight(str(root), "ImageFolder") == str(root)
+    p = cli("check", root)
+    assert p.returncode == 0 and "OK (ImageFolder" in p.stdout, p.stderr
+
+
+def test_check_imagefolder_reports_every_problem(toy_imagefolder, tmp_path):
+    root = imagefolder_copy(toy_imagefolder, tmp_path)
+    val_image = sorted((root / "val").rglob("*.JPEG"))[3]
+    val_image.write_bytes(val_image.read_bytes()[:300])                 # truncated
+    (root / "train" / "n99999999").mkdir()                              # empty, and not in val
+    problems = data.check(str(root), progress=False)
+    assert problems == {
+        "class folder": [f"{root / 'train' / 'n99999999'}: empty class folder (no .JPEG/.jpg/.png images)"],
+        "image": problems["image"],
+        "classes": [f"{root / 'val'}: class folders differ from {root / 'train'}'s, so labels would not match "
+                    "(missing: n99999999)"]}
+    assert len(problems["image"]) == 1 and problems["image"][0].startswith(f"{val_image}: corrupt or truncated")
+    shutil.rmtree(root / "val")
+    assert data.check(str(root), progress=False)["split"] == [f"{root / 'val'}: missing split folder (expected "
+                                                              f"{root / 'val'}/<wnid>/*.JPEG)"]
+
+
+# ---------------------------------------------------------------- start-up checks (data.preflight, issue 15)
+def test_preflight_passes_on_good_sets(toy_root, toy_imagefolder):
+    assert data.preflight(toy_root) == toy_root and data.preflight(toy_imagefolder, "ImageFolder") == toy_imagefolder
+    p = cli("check", toy_root, "--quick")
+    assert p.returncode == 0 and "OK (3DIEBench, quick checks)" in p.stdout
+
+
+def damage_val(root, fault):
+    """One fault in what evaluation reads; -> the text the DataError must start with."""
+    entries = np.load(root / "val_images.npy")
+    folder = root / entries[2].strip("/")
+    if fault == "val folder":
+        shutil.rmtree(folder)
+        return f"{root / 'val_images.npy'}: 1 of 4 listed object folders are missing"
+    if fault == "val view file":
+        (folder / "latent_31.npy").unlink()
+        return f"{folder}: missing latent_31.npy"
+    if fault == "nan table":
+        table = np.load(root / "all_latents_val.npy")
+        table[120, 0] = np.inf
+        np.save(root / "all_latents_val.npy", table)
+        return f"{root / 'all_latents_val.npy'}: 1 row(s) not finite, first: row 120 ({entries[2]} view 20)"
+    if fault == "short table":
+        np.save(root / "all_latents_val.npy", np.load(root / "all_latents_val.npy")[:-50])
+        return f"{root / 'all_latents_val.npy'}: expected shape (200, 7)"
+    if fault == "label":
+        np.save(root / "val_labels.npy", np.array([0, 1, 55, 3]))
+        return f"{root / 'val_labels.npy'}: 1 label(s) >= 55"
+    (root / "val_labels.npy").unlink()
+    return f"{root / 'val_labels.npy'}: missing val label file"
+
+
+@pytest.mark.parametrize("fault", ["val folder", "val view file", "nan table", "short table", "label", "no labels"])
+def test_preflight_3diebench_names_the_file(broken, fault, capsys):
+    root, _ = broken
+    needle = damage_val(root, fault)
+    with pytest.raises(data.DataError) as e:
+        data.preflight(str(root))
+    assert str(e.value).startswith(needle), str(e.value)
+    with pytest.raises(SystemExit) as end:
+        data.main(["check", str(root), "--quick"])                          # what `python data.py` runs
+    assert end.value.code == 2 and capsys.readouterr().err == f"error: {e.value}\n"     # one line
+
+
+def test_preflight_imagefolder_names_the_file(toy_imagefolder, tmp_path):
+    root = imagefolder_copy(toy_imagefolder, tmp_path)
+    val = sorted(p for p in (root / "val").iterdir() if p.is_dir())
+    image = sorted(val[1].glob("*.JPEG"))[2]
+    raw = image.read_bytes()
+    image.write_bytes(raw + bytes(100))                      # bytes after the end marker: PIL reads it, so fine
+    Image.open(io.BytesIO(raw)).save(sorted(val[1].glob("*.JPEG"))[3].with_suffix(".png"))   # a PNG: fine too
+    assert data.preflight(str(root), "ImageFolder") == str(root)
+    image.write_bytes(raw[: len(raw) * 2 // 3])             # truncated
+    with pytest.raises(data.DataError, match=f"^{image}: corrupt or truncated image"):
+        data.preflight(str(root), "ImageFolder")
+    image.write_bytes(raw)
+    for stray in val[0].glob("*.JPEG"):
+        stray.unlink()                                       # an empty val class (README.txt, .DS_Store remain)
+    with pytest.raises(data.DataError, match=f"^{val[0]}: empty class folder"):
+        data.preflight(str(root), "ImageFolder")
+    shutil.rmtree(val[0])                                    # a missing val class
+    with pytest.raises(data.DataError, match=f"^{root / 'val'}: class folders differ .*missing: {val[0].name}"):
+        data.preflight(str(root), "ImageFolder")
+    shutil.rmtree(root / "val")
+    with pytest.raises(data.DataError, match=f"^{root / 'val'}: missing split folder"):
+        data.preflight(str(root), "ImageFolder")
+
+
+# ---------------------------------------------------------------- generator limits, atomic output (issue 18)
+def test_generator_flags_are_checked_in_one_line(tmp_path, capsys):
+    for flags, needle in ((["--classes", "56"], "--classes 56: 3DIEBench has 55 classes"),
+                          (["--views", "1"], "--views 1: make-3diebench needs at least 2"),
+                          (["--objects-per-class", "1"], "--objects-per-class 1: make-3diebench needs at least 2")):
+        with pytest.raises(SystemExit) as end:
+            data.main(["make-3diebench", str(tmp_path / "out"), *flags, "--size", "16"])
+        err = capsys.readouterr().err
+        assert end.value.code == 2 and err.startswith(f"error: {needle}") and err.count("\n") == 1, err
+        assert os.listdir(tmp_path) == []
+
+
+def test_read_only_working_dir_is_one_message(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(data, "TOY_3DIEBENCH", dict(classes=2, objects_per_class=2, views=2, size=16, seed=0))
+    real_makedirs = os.makedirs
+
+    def read_only(path, *args, **kwargs):                   # as in a read-only folder (tests may run as root)
+        if str(path).startswith("data"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_makedirs(path, *args, **kwargs)
+
+    monkeypatch.setattr(data.os, "makedirs", read_only)
+    with pytest.raises(data.DataError) as e:
+        data.ensure_3diebench()
+    assert str(e.value).startswith("data/3diebench-toy: cannot create the output folder (Permission denied")
+    assert "--data-root DIR" in str(e.value) and "\n" not in str(e.value)
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").write_text("a file where the folder would go")    # a real failure: not a directory
+    with pytest.raises(data.DataError, match="^data/3diebench-toy: cannot create the output folder .*--data-root"):
+        data.ensure_3diebench()
+    assert os.listdir(tmp_path) == ["data"]
+
+
+def test_staged_writers_of_one_output_do_not_collide(tmp_path, monkeypatch):
+    # torchrun: every rank generates the default set at once. Each writes its own partial folder; the first to
+    # finish wins, the others discard theirs. Played here in one process, the second "rank" inside the first.
+    out = str(tmp_path / "set")
+    with data.staged(out) as first:
+        (Path(first) / "x").write_text("first")
+        monkeypatch.setattr(data.os, "getpid", os.getppid)             # another live process id
+        with data.staged(out) as second:
+            assert second != first
+            (Path(second) / "x").write_text("second")
+        monkeypatch.undo()
+        (Path(first) / "y").write_text("first")                        # the first rank still writes its copy
+    assert os.listdir(tmp_path) == ["set"] and os.listdir(out) == ["x"] and (Path(out) / "x").read_text() == "second"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f"again.partial-{socket.gethostname()}-{dead.pid}"       # left by a killed process
+    stale.mkdir()
+    with data.staged(str(tmp_path / "again")) as tmp:
+        (Path(tmp) / "z").write_text("z")
+    assert sorted(os.listdir(tmp_path)) == ["again", "set"]
+
+
+# ---------------------------------------------------------------- the renderer on another device (issue 5)
+class MetaComputes(TorchDispatchMode):
+    """Tensors on the `meta` device (present on every machine) that compute: each has a CPU twin holding its
+    values, so code runs on "meta" end to end as on an accelerator, and an op mixing a meta tensor with a CPU
+    tensor of >= 1 dimension fails as on CUDA (a 0-dim CPU tensor is allowed, as there)."""
+
+    def __init__(self):
+        super().__init__()
+        self.values = {}                                  # id(meta tensor) -> (meta tensor, its CPU values)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        cpu = [tuple(t.shape) for t in tensors if not t.is_meta and t.dim() > 0]
+        if cpu and any(t.is_meta for t in tensors) and func not in (torch.ops.aten._to_copy.default,
+                                                                     torch.ops.aten.copy_.default):
+            raise RuntimeError(f"{func}: a CPU tensor of shape {cpu[0]} meets tensors on the device")
+        device, back = kwargs.get("device"), {}
+        on_meta = torch.device(device).type == "meta" if device is not None else any(t.is_meta for t in tensors)
+
+        def values(x):
+            if isinstance(x, torch.Tensor) and x.is_meta:
+                back[id(self.values[id(x)][1])] = x
+                return self.values[id(x)][1]
+            return torch.device("cpu") if isinstance(x, torch.device) and x.type == "meta" else x
+
+        def to_meta(out):
+            if not isinstance(out, torch.Tensor) or not on_meta:
+                return out
+            if id(out) in back:                           # an in-place op returns its input
+                return back[id(out)]
+            twin = torch.empty_strided(out.shape, out.stride(), dtype=out.dtype, device="meta")
+            self.values[id(twin)] = (twin, out)
+            return twin
+        return tree_map(to_meta, func(*tree_map(values, args), **tree_map(values, kwargs)))
+
+
+class MetaFromData(TorchFunctionMode):
+    """torch.tensor, torch.as_tensor and Tensor.new_tensor make a device tensor from data without a dispatched
+    op: made on the CPU and copied over, they get their values under MetaComputes."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.new_tensor and args[0].is_meta and kwargs.get("device") is None:
+            return torch.tensor(args[1], dtype=kwargs.get("dtype") or args[0].dtype).to("meta")
+        device = kwargs.get("device")
+        if func in (torch.tensor, torch.as_tensor) and device is not None and torch.device(device).type == "meta" \
+                and not torch.is_tensor(args[0]):
+            return func(*args, **dict(kwargs, device="cpu")).to("meta")
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def meta_device():
+    with MetaComputes(), MetaFromData():
+        yield
+
+
+def test_render_runs_on_another_device(tmp_path):
+    # The meta device stands in for CUDA: a tensor made on the CPU (a constant without device=) that meets the
+    # device tensors fails here as it does on a GPU (`make-3diebench --device cuda` crashed so in hsv_to_rgb).
+    assert data.hsv_to_rgb(torch.rand(5, device="meta"), 0.6, 0.6).device.type == "meta"   # real meta tensors
+    verts, faces, colors = data.object_mesh(1, np.random.default_rng(0), paint="axes")
+    lat = data.sample_latents(np.random.default_rng(0), 2)
+    path = write_mesh(tmp_path, "quad", QUAD, mtl="map_Kd tex.png", texture=np.full((4, 4, 3), 200, np.uint8))
+    quad = data.read_obj(str(path))
+    expected = [data.render(verts, faces, colors, lat, 16, alpha=True), data.render(*quad, lat, 16)]
+    with meta_device():
+        on_meta = [data.render(verts.to("meta"), faces.to("meta"), colors.to("meta"), lat, 16, alpha=True),
+                   data.render(quad[0].to("meta"), *quad[1:], lat, 16)]          # faces, texture: still on the CPU
+        assert all(x.is_meta for x in on_meta)
+        got = [x.cpu() for x in on_meta]
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))                 # the very same pixels
+
+
+# ---------------------------------------------------------------- missing textures: the material colour (issue 20)
+def test_missing_texture_renders_with_the_material_colour(tmp_path, capsys):
+    lost = write_mesh(tmp_path / "m" / "lamp" / "lost", "lamp", QUAD, mtl="Kd 0.1 0.5 0.9\nmap_Kd f:/images/wood.jpg")
+    fallbacks = []
+    verts, faces, (uv, material, atlas) = data.read_obj(str(lost), fallbacks=fallbacks)
+    assert fallbacks == [(str(lost), str(lost.parent / "f:/images/wood.jpg"))]
+    assert torch.allclose(atlas[1], torch.tensor([0.1, 0.5, 0.9]).view(3, 1, 1).expand(3, 128, 128))
+    write_mesh(tmp_path / "m" / "lamp" / "kept", "lamp", TETRA, mtl="Kd 1 1 0")
+    write_mesh(tmp_path / "m" / "bed" / "a", "bed", TETRA, mtl="Kd 0 1 0")
+    write_mesh(tmp_path / "m" / "bed" / "b", "bed", QUAD, mtl="Kd 0 1 0\nmap_Kd C:\\Documents and Settings\\x.jpg")
+    out = tmp_path / "out"
+    data.main(["make-3diebench", str(out), "--meshes", str(tmp_path / "m"), "--views", "2", "--size", "16"])
+    err = capsys.readouterr().err.splitlines()
+    notes = [line for line in err if "texture" in line]
+    assert len(notes) == 1 and notes[0].startswith("2 of 4 meshes: texture file missing or unreadable, rendered "
+                                                   "with their material's diffuse colour (Kd) instead"), err
+    assert not [line for line in err if "skipped" in line]
+    entries = sorted(np.concatenate([np.load(out / f"{s}_images.npy") for s in ("train", "val")]))
+    assert entries == ["/bed/a/", "/bed/b/", "/lamp/kept/", "/lamp/lost/"]
+    assert data.check(str(out), progress=False) == {}
+
+
+def test_mesh_sets_that_training_cannot_use_are_refused(tmp_path):
+    for c in ("bed", "lamp"):
+        write_mesh(tmp_path / "one" / c, "only", TETRA)                 # one model per class: no val object
+    with pytest.raises(data.DataError, match=f"^{tmp_path / 'one'}: no class has 2 usable objects"):
+        data.make_3diebench(str(tmp_path / "out"), views=2, size=16, meshes=str(tmp_path / "one"), progress=False)
+    for c in range(56):
+        write_mesh(tmp_path / "many" / f"class{c}", "m", TETRA)
+    with pytest.raises(data.DataError, match=f"^{tmp_path / 'many'}: 56 class folders; 3DIEBench has 55"):
+        data.make_3diebench(str(tmp_path / "out"), views=2, size=16, meshes=str(tmp_path / "many"), progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["many", "one"]
