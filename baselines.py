@@ -19,6 +19,7 @@ eval, main(). Nothing runs at import: `from baselines import nt_xent, vicreg_los
 """
 import argparse
 import fcntl
+import gc
 import json
 import os
 import platform
@@ -301,7 +302,7 @@ def check_inputs(args):
         raise RunError(f"--batch-size {args.batch_size} is larger than the {len(entries)} "
                        f"training objects of {root} (one pair per object per step)")
     if not args.no_eval:
-        eval.expand_protocols(args.eval_protocols.split(","), eval.dataset_kind(root))
+        eval.check_protocols(args.eval_protocols, root)
 
 
 def make_loader(args, rank, world):
@@ -927,11 +928,15 @@ def run_evaluation(model, args, root, step, device):
 
 # =================================== main ===================================
 def finish_distributed(clean):
-    """Leave the process group. After a clean run every rank first meets the others at a barrier,
-    so nobody closes its gloo sockets while a peer still reads from them (that race killed a
-    peer with SIGABRT); after a failure there is no barrier, which could wait forever."""
+    """Leave the process group for good. The DDP wrapper's reducer keeps the group alive past
+    destroy_process_group, so it is collected first; otherwise the gloo context lives on until
+    the interpreter exits, and a peer that exits earlier closes its sockets under it: SIGABRT,
+    'terminate called without an active exception'. After a clean run the ranks then meet at a
+    barrier, so none leaves while another is still talking; after a failure there is no barrier,
+    which could wait forever for a rank that is gone."""
     if not dist.is_initialized():
         return
+    gc.collect()
     if clean:
         dist.barrier()
     dist.destroy_process_group()

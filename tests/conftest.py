@@ -1,6 +1,7 @@
 """Shared test fixtures: one tiny generated 3DIEBench look-alike per test session, a scratch
 working directory in which the README's commands run exactly as a user types them, and a
 helper that runs such a command with this interpreter."""
+import gc
 import os
 import re
 import shlex
@@ -83,3 +84,16 @@ def toy_imagefolder(tmp_path_factory):
     out = tmp_path_factory.mktemp("toyimf") / "imagefolder"
     data.make_imagefolder(str(out), classes=4, train_per_class=16, val_per_class=8, size=32, seed=0)
     return str(out)
+
+
+def leave_process_group():
+    """The end of a spawned multi-process test worker. A DDP wrapper's reducer keeps the process
+    group alive past destroy_process_group, so its gloo context would live on until the interpreter
+    exits; a peer that exits first then closes its sockets under that live context, and the worker
+    dies with SIGABRT ('terminate called without an active exception'). So: drop the wrappers
+    (the caller deletes its references; gc breaks their cycles), meet the peers at a barrier, and
+    only then destroy the group, on every rank."""
+    import torch.distributed as dist
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()

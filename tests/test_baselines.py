@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 import baselines as B
+from conftest import leave_process_group
 
 torch.manual_seed(0)
 
@@ -201,7 +202,8 @@ def _worker(rank, world, init, out):
         result[name] = (mean_loss / world, model.weight.grad.clone(), model.bias.grad.clone())
     if rank == 0:
         torch.save(result, out)
-    dist.destroy_process_group()
+    del ddp
+    leave_process_group()
 
 
 def test_gathered_losses_equal_one_process_on_the_global_batch(tmp_path):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import data
 import eval as ev
-from conftest import REPO, run
+from conftest import REPO, leave_process_group, run
 
 
 @pytest.fixture(autouse=True)
@@ -337,6 +337,8 @@ def ddp_check(ckpt, root, out):
     res = ev.evaluate(probe, root, out_dir=os.path.join(out, f"w{world}"), epochs=2, hidden=32, bn="eval")
     if rank == 0:
         torch.save({"pix": pix, "feats": feats, "metrics": res["metrics"]}, os.path.join(out, f"w{world}.pt"))
+    if dist.is_initialized():
+        leave_process_group()
 
 
 def test_one_vs_two_gloo_processes_identical(tiny_ckpt, toy_root, tmp_path):

@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import ser
-from conftest import readme_commands, run
+from conftest import leave_process_group, readme_commands, run
 
 # A ViT small enough for a CPU test: 16-px crops, patch 4 (4 x 4 tokens), 2 blocks.
 TINY = ["--resolution", "16", "--patch", "4", "--dim", "32", "--depth", "3", "--heads", "2", "--ser-layer", "1",
@@ -358,7 +358,7 @@ def _gloo_worker(rank, world, store, out):
         res[name] = both / world
     if rank == 0:
         torch.save(res, out)
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 def test_one_vs_two_gloo_processes(tmp_path):

@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 import sie
-from conftest import readme_commands, run
+from conftest import leave_process_group, readme_commands, run
 
 TINY = ["--resolution", "32", "--batch-size", "8", "--mlp", "64-64-64", "--num-workers", "0", "--log-every", "1"]
 
@@ -207,13 +207,15 @@ def _ddp_worker(rank, world, store, out):
     x1, x2, g, y = _make_batch()
     per = x1.shape[0] // world
     local = tuple(t[rank * per:(rank + 1) * per] for t in (x1, x2, g, y))
-    terms, grads = _loss_and_grads(DistributedDataParallel(_tiny_model()), local)
+    model = DistributedDataParallel(_tiny_model())
+    terms, grads = _loss_and_grads(model, local)
     for v in terms.values():                              # local MSEs differ per rank: average them
         dist.all_reduce(v)
         v /= world
     if rank == 0:
         torch.save({"terms": terms, "grads": grads}, out)
-    dist.destroy_process_group()
+    del model
+    leave_process_group()
 
 
 def test_one_vs_two_gloo_processes(tmp_path):
