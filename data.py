@@ -819,9 +819,10 @@ def read_obj(path, tile=128, fallbacks=None):
     """Minimal OBJ reader: v, vt, f (polygons fan-triangulated; v, v/vt, v//vn, v/vt/vn; negative = relative),
     usemtl, mtllib (Kd, map_Kd; a texture replaces Kd, as in Blender's importer); y-up -> z-up: (x, -z, y), Blender's
     import axes. -> (verts (V, 3) normalised, faces (F, 3), (uv (F, 3, 2), material (F,), atlas (M, 3, T, T)): one
-    tile per material: its texture resized, or its colour). Unreadable, missing MTL, no faces: DataError. A texture
-    file missing or unreadable (Sweet Home 3D models name some, e.g. f:/images/..., that the package does not
-    ship) leaves its material's colour Kd, and (path, texture file) is appended to the list `fallbacks`."""
+    tile per material: its texture resized, or its colour). Unreadable OBJ, no faces: DataError. A texture file
+    missing or unreadable (Sweet Home 3D models name some, e.g. f:/images/..., that the package does not ship)
+    leaves its material's colour Kd; a missing MTL file, grey (0.8) for every material; (path, the missing file)
+    is then appended to the list `fallbacks`."""
     def lines(file):                                                               # (keyword, arguments)
         with open(file, encoding="latin-1") as f:
             yield from ((w[0], w[1:]) for w in map(str.split, f) if w)
@@ -838,7 +839,14 @@ def read_obj(path, tile=128, fallbacks=None):
             elif key == "usemtl":
                 m = mats.setdefault(" ".join(w), len(mats))
             elif key == "mtllib":                                              # texture paths: from the OBJ's folder
-                for k, a in lines(os.path.join(folder, " ".join(w))):
+                library = os.path.join(folder, " ".join(w))
+                try:
+                    materials = list(lines(library))
+                except OSError:                                 # missing: every material grey, as without a Kd
+                    materials = []
+                    if fallbacks is not None:
+                        fallbacks.append((path, library))
+                for k, a in materials:
                     name = " ".join(a) if k == "newmtl" else name
                     {"Kd": kd, "map_Kd": tex}.get(k, {})[name] = a
         t, T = torch.tensor(tris, dtype=torch.long).view(-1, 7), tile if tex else 1
@@ -903,9 +911,9 @@ def make_3diebench(out, classes=55, objects_per_class=6, views=50, size=64, seed
         write_3diebench(out, objects, views, size, seed, ood, device, progress, zoom, source=meshes)
         if fallbacks:                                        # one line for the whole import; paths in check's style
             first = sorted(fallbacks)[0]
-            print(f"{len({obj for obj, _ in fallbacks})} of {len(models)} meshes: texture file missing or unreadable, "
-                  f"rendered with their material's diffuse colour (Kd) instead; first: {first[0]} ({first[1]})",
-                  file=sys.stderr)
+            print(f"{len({obj for obj, _ in fallbacks})} of {len(models)} meshes: a texture or MTL file missing or "
+                  f"unreadable, rendered with their material's diffuse colour (Kd; grey without the MTL) instead; "
+                  f"first: {first[0]} ({first[1]})", file=sys.stderr)
         return out
     if objects_per_class < 2:
         raise DataError(f"--objects-per-class {objects_per_class}: make-3diebench needs at least 2 (train and val)")

@@ -861,15 +861,18 @@ def test_missing_texture_renders_with_the_material_colour(tmp_path, capsys):
     write_mesh(tmp_path / "m" / "lamp" / "kept", "lamp", TETRA, mtl="Kd 1 1 0")
     write_mesh(tmp_path / "m" / "bed" / "a", "bed", TETRA, mtl="Kd 0 1 0")
     write_mesh(tmp_path / "m" / "bed" / "b", "bed", QUAD, mtl="Kd 0 1 0\nmap_Kd C:\\Documents and Settings\\x.jpg")
+    no_mtl = write_mesh(tmp_path / "m" / "bed" / "c", "bed", "mtllib gone.mtl\nusemtl wood\n" + TETRA)
+    assert torch.equal(data.read_obj(str(no_mtl))[2][2], torch.full((2, 3, 1, 1), 0.8))   # grey, as without Kd
     out = tmp_path / "out"
     data.main(["make-3diebench", str(out), "--meshes", str(tmp_path / "m"), "--views", "2", "--size", "16"])
     err = capsys.readouterr().err.splitlines()
-    notes = [line for line in err if "texture" in line]
-    assert len(notes) == 1 and notes[0].startswith("2 of 4 meshes: texture file missing or unreadable, rendered "
-                                                   "with their material's diffuse colour (Kd) instead"), err
+    notes = [line for line in err if "MTL" in line]
+    assert len(notes) == 1 and notes[0].startswith("3 of 5 meshes: a texture or MTL file missing or unreadable, "
+                                                   "rendered with their material's diffuse colour (Kd; grey without "
+                                                   f"the MTL) instead; first: {tmp_path / 'm' / 'bed' / 'b'}"), err
     assert not [line for line in err if "skipped" in line]
     entries = sorted(np.concatenate([np.load(out / f"{s}_images.npy") for s in ("train", "val")]))
-    assert entries == ["/bed/a/", "/bed/b/", "/lamp/kept/", "/lamp/lost/"]
+    assert entries == ["/bed/a/", "/bed/b/", "/bed/c/", "/lamp/kept/", "/lamp/lost/"]
     assert data.check(str(out), progress=False) == {}
 
 
