@@ -12,6 +12,8 @@ sub-batch b2 carries the group-transformed views. "§x" = shared/spec/ser.md. No
 """
 import argparse
 import copy
+import fcntl
+import gc
 import json
 import math
 import os
@@ -31,6 +33,9 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 import data
+import eval  # noqa: A004 (the project's eval.py; the builtin eval() is never used here)
+
+SCRIPT = "ser"          # the checkpoint's "script" field; eval.py accepts only the project's scripts
 
 # ================================== config ==================================
 # --preset and --base fill these defaults; any flag given on the command line overrides them.
@@ -105,9 +110,19 @@ def proper_fraction(text):          # b2's share: b1 and b2 both non-empty
 def drop_rate(text):                # 1 would divide by 1 - p = 0
     return _checked(text, float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are printed once under torchrun (by rank 0); every rank exits 2."""
+
+    def error(self, message):
+        if os.environ.get("RANK", "0") == "0":
+            self.print_usage(sys.stderr)
+            print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="SER (spec: shared/spec/ser.md).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description="SER: soft equivariance regularization on a ViT (Lee et al., ICLR 2026).",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", choices=("toy", "paper"), default="toy", help="toy = CPU minutes; paper = §2")
     p.add_argument("--base", choices=("moco", "dino", "bt"), default="moco", help="the invariant SSL method")
     g = p.add_argument_group("data")
@@ -186,6 +201,12 @@ def parse_args(argv=None):
     if args.warmup_epochs > args.epochs:
         p.error(f"--warmup-epochs {args.warmup_epochs} exceeds --epochs {args.epochs}: the lr would never reach "
                 "its peak")
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if args.batch_size % world:
+        p.error(f"argument --batch-size: {args.batch_size} is not divisible by the {world} "
+                f"processes (--batch-size is the global batch)")
+    if args.resume and not os.path.isfile(args.resume):
+        p.error(f"argument --resume: no checkpoint file {args.resume}")
     if args.run_dir is None:                                # one run dir per README row: vanilla, lambda, L, seed
         tags = ["vanilla"] if args.ser == "off" else [f"{n}{getattr(args, k):g}" for n, k in (("L", "ser_layer"), (
             "lam", "ser_lambda")) if getattr(args, k) != preset_defaults(args.preset, args.base)[k]]
@@ -216,6 +237,15 @@ def setup_distributed():
 
 def get_rank():
     return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_main():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def print0(*msg):
+    if is_main():
+        print(*msg, flush=True)
 
 class FullGather(torch.autograd.Function):
     """all_gather that keeps gradients: backward sums the incoming gradients over ranks and returns this rank's
@@ -252,6 +282,19 @@ class TwoCrops:
 
     def __call__(self, img):
         return self.t(img), self.t(img)
+
+def check_inputs(args):
+    """What training and the evaluation at its end will read, checked cheaply before the first
+    step (start_up calls this on rank 0): the data set, the batch against it, the protocols."""
+    root = data.ensure_imagefolder(args.data_root)     # generates the toy set on first use
+    data.preflight(root, "ImageFolder")
+    n_train = len(data.ImageFolder(root, "train").samples)
+    if args.batch_size > n_train:                     # drop_last: 0 steps and an untrained "result"
+        raise RunError(f"--batch-size {args.batch_size} exceeds the {n_train} training images of "
+                       f"{root} (no full batch to train on; lower --batch-size)")
+    if not args.no_eval:
+        eval.check_protocols(args.eval_protocols, root)
+
 
 def make_loader(args, rank, world):
     """ImageFolder train split, two crops per image; the global order depends only on (seed, epoch)."""
@@ -708,27 +751,147 @@ def epoch_seed(args, epoch, rank):
     re-seeded with this at each epoch start: a resumed run repeats the interrupted one exactly, ranks differ."""
     return (args.seed * 100_003 + epoch) * 1_009 + rank
 
-def atomic_save(obj, path):                                 # temp file + rename: never a half-written checkpoint
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
+class RunError(Exception):
+    """Bad input or a broken environment (flag, data, run dir, checkpoint, disk): the message is
+    printed alone, without a traceback, and the run exits with code 2."""
+
+
+def atomic_save(obj, path):
+    """Write path.tmp, then rename it over path: a kill mid-write leaves the old file intact. A
+    failed write (a full disk) removes its .tmp and says which file could not be written."""
+    tmp = path + ".tmp"
+    try:
+        torch.save(obj, tmp)
+    except (OSError, RuntimeError) as e:      # torch's zip writer reports ENOSPC as RuntimeError
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise RunError(f"cannot write {path}: {str(e).splitlines()[0]}; the previous "
+                       f"{os.path.basename(path)} is intact (free some space and rerun the same "
+                       f"command to resume from it)") from None
+    os.replace(tmp, path)
+
+
+def keep_previous(path):
+    """path -> path's .prev.pt twin, atomically, while path itself stays in place: a hard link
+    (a copy where links are not supported) renamed over the old .prev.pt."""
+    prev = previous_checkpoint(path)
+    try:
+        os.link(path, prev + ".tmp")
+    except OSError:
+        shutil.copyfile(path, prev + ".tmp")
+    os.replace(prev + ".tmp", prev)
+
+
+def previous_checkpoint(path):
+    return path[:-len(".pt")] + ".prev.pt" if path.endswith(".pt") else path + ".prev"
+
 
 def save_checkpoint(path, model, optimizer, scaler, epoch, step, args):
-    atomic_save({"script": "ser", "args": vars(args), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
+    # per-method: no RNG state to store, every epoch re-seeds torch's RNG from epoch_seed
+    if os.path.exists(path):                 # the last good checkpoint survives a damaged new one
+        keep_previous(path)
+    atomic_save({"script": SCRIPT, "args": vars(args), "model": model.state_dict(),
+                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                 "epoch": epoch, "step": step,
                  "rng": {"next_epoch_seed_rank0": epoch_seed(args, epoch, 0)}}, path)
 
-def load_checkpoint(path, model, optimizer, scaler, args):
-    """Restores everything save_checkpoint wrote; returns (epochs done, step). Refuses a checkpoint written
-    with different training flags, naming the first one that differs."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+
+def read_checkpoint(path, args):
+    """torch.load with weights_only=True, and the checks that make resuming safe: the file is
+    whole, written by this script, with the same training flags. Any fault is one RunError."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:                   # truncated zip, foreign pickle, not a file: many types
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        prev = previous_checkpoint(path)
+        fallback = (f"; the previous checkpoint {prev} is kept: resume from it with --resume {prev}"
+                    if os.path.isfile(prev) else "")
+        raise RunError(f"{path} is damaged or not a checkpoint ({reason}){fallback}; or move it "
+                       f"away to start afresh") from None
+    keys = ("script", "args", "model", "optimizer", "scaler", "epoch", "step", "rng")
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in keys) or ckpt["script"] != SCRIPT:
+        raise RunError(f"{path} is not a {SCRIPT}.py checkpoint; pass another --run-dir")
     for key, old in ckpt["args"].items():
-        if key not in RUN_LENGTH_FLAGS and old != getattr(args, key, None):
-            raise SystemExit(f"error: {path} was trained with --{key.replace('_', '-')} {old}, this command has "
-                             f"{getattr(args, key, None)}; pass the same flags, or another --run-dir to start afresh")
+        new = getattr(args, key, None)
+        if key not in RUN_LENGTH_FLAGS and old != new:
+            raise RunError(f"{path} was trained with --{key.replace('_', '-')} {old}, this command "
+                           f"has {new}; pass the same flags to resume, or another --run-dir to "
+                           f"start afresh")
+    return ckpt
+
+
+def load_checkpoint(path, model, optimizer, scaler, args):
+    """Restores everything save_checkpoint wrote; returns (epochs done, step)."""
+    ckpt = read_checkpoint(path, args)
     model.load_state_dict(ckpt["model"], strict=True)
     optimizer.load_state_dict(ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])
     return ckpt["epoch"], ckpt["step"]
+
+
+def resume_path(args):
+    """--resume, else the run dir's checkpoint.pt when there is one, else None (a fresh run)."""
+    ckpt = os.path.join(args.run_dir, "checkpoint.pt")
+    return args.resume or (ckpt if os.path.exists(ckpt) else None)
+
+
+# ================================= start-up =================================
+RUN_DIR_LOCK = []          # rank 0 keeps its locked file here for the whole run
+
+
+def lock_run_dir(run_dir):
+    """Create the run dir, check it is writable and lock it: a second run on the same dir is
+    refused, naming the process that holds it (the kernel drops the lock when that one dies,
+    kill -9 included). Left-over .tmp files of a run killed while saving are removed."""
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        lock = open(os.path.join(run_dir, "lock"), "a+")
+    except OSError as e:
+        raise RunError(f"cannot write the run dir {run_dir} ({e.strerror}); "
+                       f"pass a writable --run-dir") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        raise RunError(f"{run_dir} is in use by {holder}; wait for it to end, or pass "
+                       f"another --run-dir") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"process {os.getpid()} on {platform.node()}\n")
+    lock.flush()
+    RUN_DIR_LOCK.append(lock)
+    for name in os.listdir(run_dir):
+        if name.endswith(".tmp"):
+            os.remove(os.path.join(run_dir, name))
+
+
+def unlock_run_dir():
+    while RUN_DIR_LOCK:
+        RUN_DIR_LOCK.pop().close()          # closing the file releases its flock
+
+
+def start_up(args):
+    """Rank 0 does the one-time work and every cheap check before anybody trains: it generates
+    the default data, validates the data and the eval protocols, locks the run dir and reads the
+    checkpoint to resume. The others wait, then all stop together on a problem (exit 2), which
+    rank 0 alone prints."""
+    problem = None
+    if is_main():
+        try:
+            check_inputs(args)
+            lock_run_dir(args.run_dir)
+            if resume_path(args):
+                read_checkpoint(resume_path(args), args)
+        except (RunError, data.DataError, ValueError) as e:
+            problem = str(e)
+    if dist.is_initialized():
+        message = [problem]
+        dist.broadcast_object_list(message, src=0)
+        problem = message[0]
+    if problem:
+        raise RunError(problem)
+
 
 # ================================ train loop ================================
 class NonFiniteLoss(RuntimeError):
@@ -784,17 +947,11 @@ def versions(device):
 
 def setup_run(args, rank, world, device):
     """Data, model, optimiser, scaler; resumes from the run dir's checkpoint when there is one."""
-    if args.batch_size % world:
-        usage_error(f"--batch-size {args.batch_size} is not divisible by {world} processes")
     local = args.batch_size // world
     if args.ser == "on" and not 2 <= b2_size(local, args) < local:
         usage_error(f"--b2-ratio {args.b2_ratio} gives {b2_size(local, args)} of {local} images per rank to b2; "
                     "L_equiv needs >= 2 (other images are its negatives) and b1 >= 1 (change --b2-ratio or "
                     "--batch-size)")
-    if rank == 0:
-        data.ensure_imagefolder(args.data_root)             # generate the toy set once, before the others read it
-    if dist.is_initialized():
-        dist.barrier()
     loader, root = make_loader(args, rank, world)
     if len(loader) == 0:                                    # drop_last: else 0 steps and an untrained "result"
         usage_error(f"--batch-size {args.batch_size} exceeds the {len(loader.dataset)} training images of {root} "
@@ -809,9 +966,7 @@ def setup_run(args, rank, world, device):
             block.compile()
     optimizer = make_optimizer(model)
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and args.amp == "fp16")
-    os.makedirs(args.run_dir, exist_ok=True)
-    ckpt = os.path.join(args.run_dir, "checkpoint.pt")
-    resume = args.resume or (ckpt if os.path.exists(ckpt) else None)
+    resume = resume_path(args)
     epoch, step = load_checkpoint(resume, model, optimizer, scaler, args) if resume else (0, 0)
     if resume:
         if rank == 0:
@@ -820,7 +975,7 @@ def setup_run(args, rank, world, device):
     else:
         log_event(args, "config", config=vars(args), argv=sys.argv, versions=versions(device), world_size=world)
         if rank == 0:                                       # the run dir carries the code that produced it
-            shutil.copyfile(os.path.abspath(__file__), os.path.join(args.run_dir, "ser.py.txt"))
+            shutil.copyfile(os.path.abspath(__file__), os.path.join(args.run_dir, f"{SCRIPT}.py.txt"))
     return loader, root, model, optimizer, scaler, epoch, step
 
 def train(args, rank, world, device):
@@ -878,19 +1033,48 @@ def run_evaluation(model, args, root, step, device):
     return result
 
 # =================================== main ===================================
+def finish_distributed(clean):
+    """Leave the process group for good. The DDP wrapper's reducer keeps the group alive past
+    destroy_process_group, so it is collected first; otherwise the gloo context lives on until
+    the interpreter exits, and a peer that exits earlier closes its sockets under it: SIGABRT,
+    'terminate called without an active exception'. After a clean run the ranks then meet at a
+    barrier, so none leaves while another is still talking; after a failure there is no barrier,
+    which could wait forever for a rank that is gone."""
+    if not dist.is_initialized():
+        return
+    gc.collect()
+    if clean:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = setup_distributed()
+    clean = False
     try:
+        start_up(args)
         model, root, step, done = train(args, rank, world, device)
-        if done:
+        if done:                                 # per-method: --stop-after-epochs ends a sitting early
             run_evaluation(model, args, root, step, device)
-    except (data.DataError, NonFiniteLoss) as e:
+        clean = True
+    except RunError as e:                    # one message from rank 0, no traceback
+        if is_main():
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except data.DataError as e:              # found by whichever rank read the bad file
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(3 if isinstance(e, NonFiniteLoss) else 2)
+        sys.exit(2)
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
+    except KeyboardInterrupt:
+        print0(f"\ninterrupted; rerun the same command to resume from {args.run_dir}/checkpoint.pt")
+        sys.exit(130)
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        finish_distributed(clean)
+        unlock_run_dir()
+
 
 if __name__ == "__main__":
     main()

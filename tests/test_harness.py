@@ -15,22 +15,43 @@ import pytest
 import torch
 
 import baselines
+import ser
 import sie
 from conftest import REPO, run
 
 TINY = ["--resolution", "32", "--batch-size", "8", "--mlp", "64-64-64", "--num-workers", "0",
         "--log-every", "1", "--no-eval", "--epochs", "1"]
-METHOD_FLAGS = {"sie": [], "baselines": ["--method", "vicreg"]}
-MODULES = {"sie": sie, "baselines": baselines}
+SER_TINY = ["--resolution", "16", "--patch", "4", "--dim", "32", "--depth", "3", "--heads", "2",
+            "--ser-layer", "1", "--batch-size", "16", "--b2-ratio", "0.25", "--head-hidden", "64",
+            "--head-dim", "32", "--token-dim", "32", "--num-workers", "0", "--log-every", "1",
+            "--no-eval", "--epochs", "1"]
+FLAGS = {"sie": TINY, "baselines": ["--method", "vicreg"] + TINY, "ser": SER_TINY}
+METHOD_FLAGS = {"sie": [], "baselines": ["--method", "vicreg"], "ser": []}
+MODULES = {"sie": sie, "baselines": baselines, "ser": ser}
+DATA = {"sie": "toy_root", "baselines": "toy_root", "ser": "toy_imagefolder"}
 
 
-@pytest.fixture(params=["sie", "baselines"])
+@pytest.fixture(params=["sie", "baselines", "ser"])
 def script(request):
     return request.param
 
 
-def tiny(script, toy_root, run_dir, *extra):
-    return METHOD_FLAGS[script] + TINY + ["--data-root", toy_root, "--run-dir", str(run_dir), *extra]
+@pytest.fixture()
+def root(script, request):
+    """The script's generated test data set (3DIEBench look-alike or ImageFolder)."""
+    return request.getfixturevalue(DATA[script])
+
+
+def tiny(script, data_root, run_dir, *extra):
+    return FLAGS[script] + ["--data-root", data_root, "--run-dir", str(run_dir), *extra]
+
+
+def epochs(script, done, total):
+    """Flags that train `done` of `total` epochs: ser's lr schedule depends on --epochs, so it
+    stops early with --stop-after-epochs; the others' constant lr allows a longer --epochs."""
+    if script == "ser":
+        return ["--epochs", str(total), "--stop-after-epochs", str(done)]
+    return ["--epochs", str(done)]
 
 
 def main_exit(script, argv, capsys):
@@ -47,20 +68,21 @@ def read_log(run_dir, kind="train"):
 
 
 # ---------------------------------------------------------------- presets and flags
-def test_every_preset_value_takes_effect(script, monkeypatch):
+@pytest.mark.parametrize("name", ["sie", "baselines"])   # ser.py's presets: tests/test_ser.py
+def test_every_preset_value_takes_effect(name, monkeypatch):
     """Each preset key, changed to another valid value, is what parse_args returns (a flag's own
     default= must not win over the preset)."""
-    module = MODULES[script]
+    module = MODULES[name]
     changed = {"epochs": 7, "batch_size": 6, "resolution": 40, "mlp": "24-24-24", "equi": 200,
                "equi_emb": 12, "num_workers": 3, "sim_coeff": 3.5, "equi_factor": 0.7,
                "std_coeff": 2.5, "cov_coeff": 0.3, "temperature": 0.3, "augself_weight": 0.4,
                "lr": 3e-4, "wd": 2e-5}
     for preset in module.PRESETS:
         for key in module.PRESETS[preset]:
-            assert key in changed, f"{script} preset key {key}: add a changed value to this test"
+            assert key in changed, f"{name} preset key {key}: add a changed value to this test"
             monkeypatch.setitem(module.PRESETS[preset], key, changed[key])
-            args = module.parse_args(METHOD_FLAGS[script] + ["--preset", preset])
-            assert getattr(args, key) == changed[key], f"{script} --preset {preset}: {key}"
+            args = module.parse_args(METHOD_FLAGS[name] + ["--preset", preset])
+            assert getattr(args, key) == changed[key], f"{name} --preset {preset}: {key}"
             monkeypatch.undo()
 
 
@@ -73,13 +95,14 @@ BAD_FLAGS = [
 ]
 
 
+@pytest.mark.parametrize("name", ["sie", "baselines"])   # ser.py's flags: tests/test_ser.py
 @pytest.mark.parametrize("argv, flag", BAD_FLAGS + [(["--equi", "1"], "--equi")],
                          ids=lambda v: " ".join(v) if isinstance(v, list) else "")
-def test_bad_flags_are_one_argparse_line(script, argv, flag, capsys):
-    if flag == "--equi" and script == "baselines":
+def test_bad_flags_are_one_argparse_line(name, argv, flag, capsys):
+    if flag == "--equi" and name == "baselines":
         argv, flag = ["--method", "vicreg-partinv", "--equi-emb", "0"], "--equi-emb"
     with pytest.raises(SystemExit) as e:
-        MODULES[script].parse_args(METHOD_FLAGS[script] + argv)
+        MODULES[name].parse_args(METHOD_FLAGS[name] + argv)
     err = capsys.readouterr().err
     assert e.value.code == 2 and flag in err and "Traceback" not in err
 
@@ -96,59 +119,60 @@ def test_batch_not_divisible_by_world_is_refused_once(script, monkeypatch, capsy
 
 
 # ---------------------------------------------------------------- start-up checks, before step 1
-def test_batch_larger_than_the_training_set_is_refused(script, toy_root, tmp_path, capsys):
-    code, err = main_exit(script, tiny(script, toy_root, tmp_path / "r", "--batch-size", "64"), capsys)
-    assert code == 2 and "--batch-size 64" in err
+def test_batch_larger_than_the_training_set_is_refused(script, root, tmp_path, capsys):
+    code, err = main_exit(script, tiny(script, root, tmp_path / "r", "--batch-size", "256"), capsys)
+    assert code == 2 and "--batch-size 256" in err
     assert not os.path.exists(tmp_path / "r" / "checkpoint.pt")
 
 
-def test_eval_protocol_typo_is_refused_before_training(script, toy_root, tmp_path, capsys):
-    argv = [a for a in tiny(script, toy_root, tmp_path / "r") if a != "--no-eval"]
-    code, err = main_exit(script, argv + ["--eval-protocols", "classify,retreival"], capsys)
+def test_eval_protocol_typo_is_refused_before_training(script, root, tmp_path, capsys):
+    argv = [a for a in tiny(script, root, tmp_path / "r") if a != "--no-eval"]
+    good = "linear" if script == "ser" else "classify"
+    code, err = main_exit(script, argv + ["--eval-protocols", f"{good},retreival"], capsys)
     assert code == 2 and "retreival" in err and "Traceback" not in err
     assert not os.path.exists(tmp_path / "r" / "log.jsonl")          # no step was taken
 
 
-def test_a_second_run_on_a_locked_run_dir_is_refused(script, toy_root, tmp_path, capsys):
+def test_a_second_run_on_a_locked_run_dir_is_refused(script, root, tmp_path, capsys):
     run_dir = tmp_path / "r"
     run_dir.mkdir()
     with open(run_dir / "lock", "a+") as held:                   # another run holds the dir
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         held.write("process 4242 on somehost\n")
         held.flush()
-        code, err = main_exit(script, tiny(script, toy_root, run_dir), capsys)
+        code, err = main_exit(script, tiny(script, root, run_dir), capsys)
     assert code == 2 and "in use by process 4242" in err
     assert not os.path.exists(run_dir / "log.jsonl")
-    MODULES[script].main(tiny(script, toy_root, run_dir))        # released: the run goes ahead
-    assert len(read_log(run_dir)) == 2
+    MODULES[script].main(tiny(script, root, run_dir))        # released: the run goes ahead
+    assert len(read_log(run_dir)) >= 2
 
 
-def test_unwritable_run_dir_is_one_message(script, toy_root, tmp_path, capsys):
+def test_unwritable_run_dir_is_one_message(script, root, tmp_path, capsys):
     (tmp_path / "a_file").write_text("")
-    code, err = main_exit(script, tiny(script, toy_root, tmp_path / "a_file" / "run"), capsys)
+    code, err = main_exit(script, tiny(script, root, tmp_path / "a_file" / "run"), capsys)
     assert code == 2 and "a_file" in err and "--run-dir" in err
 
 
 # ---------------------------------------------------------------- checkpoint faults
-def test_truncated_checkpoint_names_the_file_and_offers_the_previous_one(script, toy_root,
-                                                                         tmp_path, capsys):
+def test_truncated_checkpoint_names_the_file_and_offers_the_previous_one(script, root, tmp_path,
+                                                                         capsys):
     run_dir = tmp_path / "r"
-    MODULES[script].main(tiny(script, toy_root, run_dir, "--epochs", "2"))
+    MODULES[script].main(tiny(script, root, run_dir, *epochs(script, 2, 3)))
     ckpt, prev = run_dir / "checkpoint.pt", run_dir / "checkpoint.prev.pt"
     assert torch.load(prev, weights_only=True)["epoch"] == 1     # the one before the last
     ckpt.write_bytes(ckpt.read_bytes()[:5000])                   # a damaged file
-    code, err = main_exit(script, tiny(script, toy_root, run_dir, "--epochs", "3"), capsys)
+    code, err = main_exit(script, tiny(script, root, run_dir, "--epochs", "3"), capsys)
     assert code == 2 and str(ckpt) in err and f"--resume {prev}" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
-    MODULES[script].main(tiny(script, toy_root, run_dir, "--epochs", "3", "--resume", str(prev)))
+    MODULES[script].main(tiny(script, root, run_dir, "--epochs", "3", "--resume", str(prev)))
     assert torch.load(ckpt, weights_only=True)["epoch"] == 3
 
 
-def test_full_disk_leaves_no_tmp_and_keeps_the_last_checkpoint(script, toy_root, tmp_path,
+def test_full_disk_leaves_no_tmp_and_keeps_the_last_checkpoint(script, root, tmp_path,
                                                                 monkeypatch, capsys):
     run_dir = tmp_path / "r"
     module = MODULES[script]
-    module.main(tiny(script, toy_root, run_dir, "--epochs", "1"))
+    module.main(tiny(script, root, run_dir, *epochs(script, 1, 2)))
     real_save = torch.save
 
     def save_then_disk_full(obj, path):
@@ -157,26 +181,26 @@ def test_full_disk_leaves_no_tmp_and_keeps_the_last_checkpoint(script, toy_root,
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", save_then_disk_full)
-    code, err = main_exit(script, tiny(script, toy_root, run_dir, "--epochs", "2"), capsys)
+    code, err = main_exit(script, tiny(script, root, run_dir, "--epochs", "2"), capsys)
     monkeypatch.setattr(torch, "save", real_save)
     assert code == 2 and "No space left on device" in err and "checkpoint.pt" in err
     assert not [f for f in os.listdir(run_dir) if f.endswith(".tmp")]
     assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["epoch"] == 1
 
 
-def test_stale_tmp_from_a_kill_while_saving_is_removed(script, toy_root, tmp_path):
+def test_stale_tmp_from_a_kill_while_saving_is_removed(script, root, tmp_path):
     run_dir = tmp_path / "r"
     run_dir.mkdir()
     (run_dir / "checkpoint.pt.tmp").write_bytes(b"half a checkpoint")
-    MODULES[script].main(tiny(script, toy_root, run_dir))
+    MODULES[script].main(tiny(script, root, run_dir))
     assert not (run_dir / "checkpoint.pt.tmp").exists()
 
 
-def test_a_checkpoint_of_another_script_is_refused(script, toy_root, tmp_path, capsys):
+def test_a_checkpoint_of_another_script_is_refused(script, root, tmp_path, capsys):
     run_dir = tmp_path / "r"
     run_dir.mkdir()
     torch.save({"script": "other", "args": {}, "model": {}}, run_dir / "checkpoint.pt")
-    code, err = main_exit(script, tiny(script, toy_root, run_dir), capsys)
+    code, err = main_exit(script, tiny(script, root, run_dir), capsys)
     assert code == 2 and "checkpoint.pt" in err and "Traceback" not in err
 
 
