@@ -297,6 +297,7 @@ def check_inputs(args):
     """What training and the evaluation at its end will read, checked cheaply before the first
     step (start_up calls this on rank 0): the data set, the batch against it, the protocols."""
     root = data.ensure(args.data_root)          # generates the default toy set on first use
+    data.preflight(root, "3DIEBench")            # what the evaluation reads later, checked now
     entries, _ = data.read_split(root, "train")
     if args.batch_size > len(entries):
         raise RunError(f"--batch-size {args.batch_size} is larger than the {len(entries)} "
