@@ -25,6 +25,7 @@ import os
 import resource
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -41,25 +42,37 @@ PRESETS = {  # sizes; every flag overrides
 }
 
 
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def nonnegative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", choices=PRESETS, default="toy", help="toy: CPU minutes; paper: the paper's sizes")
-    first = p.parse_known_args(argv)[0]
-    p.set_defaults(**PRESETS[first.preset])
     p.add_argument("--scripts", default="sie,baselines,ser", help="comma-separated: sie, baselines, ser")
     p.add_argument("--modes", default="ceiling,step,e2e", help="comma-separated: ceiling, step, e2e")
     p.add_argument("--method", default="vicreg", help="baselines.py --method")
     p.add_argument("--base", default="moco", help="ser.py --base")
     p.add_argument("--batch", help="per-GPU batch in pairs (sie, baselines), comma-separated for several")
     p.add_argument("--ser-batch", help="per-GPU batch in images (ser), comma-separated")
-    p.add_argument("--resolution", type=int, help="image side for sie/baselines, px (paper 256)")
-    p.add_argument("--ser-resolution", type=int, help="crop side for ser, px (paper 224)")
-    p.add_argument("--steps", type=int, help="timed steps per repeat")
-    p.add_argument("--repeats", type=int, help="timed blocks; the median is reported")
-    p.add_argument("--warmup", type=int, help="untimed steps first (compilation, cuDNN autotuning, allocator)")
-    p.add_argument("--num-workers", type=int, help="DataLoader workers for e2e")
-    p.add_argument("--max-objects", type=int, help="cap on the generated e2e data set (objects / images)")
+    p.add_argument("--resolution", type=positive_int, help="image side for sie/baselines, px (paper 256)")
+    p.add_argument("--ser-resolution", type=positive_int, help="crop side for ser, px (paper 224)")
+    p.add_argument("--steps", type=positive_int, help="timed steps per repeat")
+    p.add_argument("--repeats", type=positive_int, help="timed blocks; the median is reported")
+    p.add_argument("--warmup", type=nonnegative_int, help="untimed steps first (compilation, cuDNN autotuning, allocator)")
+    p.add_argument("--num-workers", type=nonnegative_int, help="DataLoader workers for e2e")
+    p.add_argument("--max-objects", type=positive_int, help="cap on the generated e2e data set (objects / images)")
     p.add_argument("--data-dir", default="data/bench", help="where generated e2e data sets are cached")
     p.add_argument("--data-root", help="a 3DIEBench root (real or generated) for sie/baselines instead")
     p.add_argument("--imagefolder-root", help="an ImageFolder root (train/<wnid>/*.JPEG) for ser instead")
@@ -67,6 +80,8 @@ def parse_args(argv=None):
     p.add_argument("--amp", choices=("bf16", "fp16", "none"), default="bf16", help="the scripts' --amp (CUDA only)")
     p.add_argument("--compile", action="store_true", help="the scripts' --compile (torch.compile; off by default)")
     p.add_argument("--decode", help="sie.py --decode data paths timed e2e, comma-separated: pil, cpu, gpu")
+    # After every add_argument: the preset's values become the defaults (a flag's own default= would win).
+    p.set_defaults(**PRESETS[p.parse_known_args(argv)[0].preset])
     opts = p.parse_args(argv)
     for flag, value, known in (("--scripts", opts.scripts, ("sie", "baselines", "ser")),
                                ("--modes", opts.modes, ("ceiling", "step", "e2e")),
@@ -272,7 +287,8 @@ def main(argv=None):
     opts = parse_args(argv)
     device = torch.device(opts.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("bench.py: error: --device cuda but no GPU is visible (use --device cpu)")
+        print("bench.py: error: --device cuda but no GPU is visible (use --device cpu)", file=sys.stderr)
+        sys.exit(2)
     rows = []
 
     def emit(row):
