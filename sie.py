@@ -1,19 +1,47 @@
 """SIE: Self-supervised learning of Split Invariant-Equivariant representations (Garrido, Najman,
 LeCun, ICML 2023) on 3DIEBench, in one file: model, loss, DDP training, exact resume, evaluation.
 
-The 512-d ResNet-18 representation is split into an invariant part (first 512 - e dims) and an
-equivariant part (last e dims), each with its own projector. A hypernetwork turns the relative
-rotation g between two views (a quaternion) into the weights W(g) of a linear map that predicts
-view 2's equivariant embedding from view 1's; VICReg-style variance and covariance terms prevent
-collapse. "spec §x" = shared/spec/sie.md. Nothing runs at import (`from sie import sie_loss`).
+The method. Two renderings x, x' of one 3-D object differ by a rotation. A ResNet-18 maps each
+image to a 512-d representation y, split into an invariant part (the first 512 - e dims) and an
+equivariant part (the last e dims, e = --equi-dims, 256 in the paper). Each part has its own
+projector. The invariant embeddings of x and x' must agree. The equivariant embedding of x,
+moved by a linear map W(g) that a hypernetwork makes from the relative rotation g, must predict
+the equivariant embedding of x'. VICReg's variance and covariance terms keep the embeddings
+from collapsing.
+
+g is the rotation from view 1 to view 2 in the object's frame: the quaternion of R1^T R2, where
+R_k is view k's object rotation (extrinsic x-y-z Euler angles in the latent files), written
+scalar-last (x, y, z, w) and not canonicalised (q and -q both occur).
+
+The loss (the paper's Eq. 6, in the official code's exact form), per batch of N pairs:
+
+    L = l_sim * MSE(z_inv, z'_inv)                          invariance
+      + l_sim * alpha * MSE(W(g) z_equi, z'_equi)           equivariance, x -> x' only
+      + l_std * (V(Z)/2 + V(Z')/2 + V(W(g) z_equi)/2)       variance hinges
+      + l_cov * (C(Z) + C(Z'))                              covariance
+    V(A) = mean_j max(0, 1 - sqrt(Var(A_j) + 1e-4)),  C(A) = sum_{i != j} Cov(A)_ij^2 / D
+
+with Z = [z_inv; z_equi] the whole embedding, l_sim = 10, alpha = 0.45, l_std = 10, l_cov = 1.
+
+The tensors of one step (S = image side, D_inv = D_equi = 1024 in the paper):
+
+    x, x' (B, 3, S, S) --ResNet-18--> y, y' (B, 512) = [y_inv (512 - e) | y_equi (e)]
+    y_inv --projector--> z_inv (B, D_inv)      y_equi --projector--> z_equi (B, D_equi)
+    g (B, 4) --hypernetwork--> W(g) (D_equi, D_equi);   prediction = W(g) z_equi (B, D_equi)
+
+Reading order: the config, then the method (backbone, split, projectors, predictor, loss,
+train_step), then one banner after which the training harness is the same text in sie.py,
+baselines.py and ser.py. Nothing runs at import (`from sie import sie_loss` is safe).
 
     python sie.py                                            # toy preset: CPU, generated data
+    torchrun --standalone --nproc_per_node=2 sie.py          # the same run in 2 processes
     torchrun --standalone --nproc_per_node=8 sie.py --preset paper --data-root /data/3DIEBench
 """
 import argparse
 import fcntl
 import gc
 import json
+import math
 import os
 import platform
 import random
@@ -35,20 +63,29 @@ import data
 import eval  # noqa: A004 (the project's eval.py; the builtin eval() is never used here)
 
 # ================================== config ==================================
-# --preset fills these defaults; any flag given on the command line overrides them.
+# --preset fills the defaults below; any flag given on the command line overrides them.
 PRESETS = {
-    # A laptop CPU, ~4 min with evaluation: data.py's generated set at 32 px; 700 steps, as equivariance appears
-    # after ~500-700 (README "What the toy run shows"); widths keep the paper's embedding / batch ratio 2048 / 1024
-    # (README "Why the toy preset ..."); no loader worker: on 2 cores it only slows the step (2.1 vs 2.7 steps/s).
+    # A laptop CPU, about 4 min with evaluation, on data.py's generated set at 32 px. 700 steps:
+    # equivariance appears after 500-700 (README, "What the toy run shows"). Projector widths keep
+    # the paper's embedding / batch ratio of 2048 / 1024 (README, "Why the toy preset uses small
+    # projector widths"). No loader worker: on 2 cores it only slows the step (2.1 vs 2.7 step/s).
     "toy": dict(epochs=140, batch_size=32, resolution=32, mlp="64-64-64", num_workers=0),
-    # The official README command (spec §2.6): 8 GPUs x 128, 2000 epochs = 82,000 steps.
-    "paper": dict(epochs=2000, batch_size=1024, resolution=256, mlp="2048-2048-2048", equi=256,
-                  sim_coeff=10.0, equi_factor=0.45, std_coeff=10.0, cov_coeff=1.0, lr=1e-3, wd=1e-6, num_workers=8),
+    # The official README command: 8 GPUs x 128 pairs, 2000 epochs = 82,000 steps.
+    "paper": dict(epochs=2000, batch_size=1024, resolution=256, mlp="2048-2048-2048",
+                  equi_dims=256, sim_coeff=10.0, equi_factor=0.45, std_coeff=10.0, cov_coeff=1.0,
+                  lr=1e-3, wd=1e-6, num_workers=8),
 }
-NUM_CLASSES = 55        # 3DIEBench's synsets; generated sets use the first labels of the same range
-REPR_DIM = 512          # ResNet-18 representation
-SCRIPT = "sie"          # the checkpoint's "script" field; eval.py accepts only the project's scripts
-MIN_RESOLUTION = 24     # the smallest image side the ResNet-18's stride-2 stages accept
+NUM_CLASSES = data.NUM_CLASSES   # 3DIEBench's 55 synsets; generated sets use the first labels
+REPR_DIM = 512                   # the ResNet-18 representation
+MIN_RESOLUTION = 24              # the smallest image side the ResNet-18's stride-2 stages accept
+SCRIPT = "sie"                   # the checkpoint's "script" field (eval.py accepts only ours)
+DATA_KIND = "3DIEBench"          # the on-disk layout data.py reads (and generates by default)
+ITEM = "pairs"                   # what one batch row is, for the throughput log
+DROP_LAST = False                # the last, smaller batch of an epoch is trained on
+MEMORY_FORMAT = torch.channels_last   # faster ResNet convolutions, the same maths
+# Flags that may change between a run and its resumption (the lr is constant, so --epochs may grow).
+RUN_LENGTH_FLAGS = {"epochs", "stop_after_epochs", "run_dir", "resume", "data_root", "num_workers",
+                    "log_every", "compile", "decode", "eval_protocols", "no_eval"}
 
 
 # argparse types: a bad value is one "argument --flag: ..." line and exit 2, never a traceback.
@@ -117,16 +154,18 @@ def parse_args(argv=None):
                    help="3DIEBench root; the default is generated if missing")
     g.add_argument("--resolution", type=resolution,
                    help="image side in px (paper 256; 128 = low-compute regime)")
-    g.add_argument("--num-workers", type=nonnegative_int, help="DataLoader worker processes per rank")
+    g.add_argument("--num-workers", type=nonnegative_int,
+                   help="DataLoader worker processes per rank")
     g.add_argument("--decode", choices=("pil", "cpu", "gpu"), default="pil",
-                   help="pil: workers decode and normalise (readable); cpu: workers decode to uint8 "
-                        "(libjpeg-turbo), normalised on the device (fast); gpu: workers read bytes, "
-                        "decoded on the device (nvJPEG; on the CPU in a CPU-only run)")
-    g = p.add_argument_group("model (Sec. 3; spec §2.1-2.3)")
+                   help="pil: workers decode and normalise (readable); cpu: workers decode to "
+                        "uint8 (libjpeg-turbo), normalised on the device (fast); gpu: workers read "
+                        "bytes, decoded on the device (nvJPEG; on the CPU in a CPU-only run)")
+    g = p.add_argument_group("model (paper Sec. 3)")
     g.add_argument("--mlp", type=widths,
                    help="projector widths before the split-ratio scaling (paper 2048-2048-2048)")
-    g.add_argument("--equi", type=int, default=256,
-                   help="e = equivariant dims, the LAST e of 512 (paper 256)")
+    g.add_argument("--equi-dims", type=int, default=256,
+                   help="e: how many of the 512 REPRESENTATION dims form the equivariant part, the "
+                        "last e (paper 256); the embedding widths follow from --mlp")
     g.add_argument("--equi-only", action="store_true",
                    help="ablation: no split, all 512 dims equivariant")
     g.add_argument("--predictor", choices=("hypernet", "mlp"), default="hypernet",
@@ -138,18 +177,18 @@ def parse_args(argv=None):
                    help="also generate a bias b(g) (paper figure; off in code)")
     g.add_argument("--rot-color", action="store_true",
                    help="ablation: 6-d g = [quaternion, d floor hue, d spot hue]")
-    g = p.add_argument_group("loss (Eq. SIE; spec §2.4)")
+    g = p.add_argument_group("loss (paper Eq. 6)")
     g.add_argument("--sim-coeff", type=nonnegative_float, default=10.0,
-                   help="lambda_sim on the invariance MSE (paper 10)")
+                   help="l_sim on the invariance MSE (paper 10)")
     g.add_argument("--equi-factor", type=nonnegative_float, default=0.45,
-                   help="alpha: equi MSE weight = sim_coeff*alpha (4.5)")
+                   help="alpha: the equivariance MSE weighs l_sim * alpha (paper 0.45, i.e. 4.5)")
     g.add_argument("--std-coeff", type=nonnegative_float, default=10.0,
-                   help="lambda_std on the variance terms (paper 10)")
+                   help="l_std on the variance terms (paper 10)")
     g.add_argument("--cov-coeff", type=nonnegative_float, default=1.0,
-                   help="lambda_cov on the covariance terms (paper 1)")
+                   help="l_cov on the covariance terms (paper 1)")
     g.add_argument("--no-pred-var", action="store_true",
                    help="ablation: drop the variance term on W(g) z")
-    g = p.add_argument_group("optimisation (spec §2.6)")
+    g = p.add_argument_group("optimisation (official README command)")
     g.add_argument("--epochs", type=positive_int,
                    help="one epoch = one view pair per training object")
     g.add_argument("--batch-size", type=positive_int,
@@ -168,6 +207,8 @@ def parse_args(argv=None):
                    help="default runs/sie-<preset>[-<ablation>]; rerun the same command to resume")
     g.add_argument("--resume",
                    help="checkpoint to resume from (default: <run-dir>/checkpoint.pt if present)")
+    g.add_argument("--stop-after-epochs", type=positive_int,
+                   help="end this invocation after N more epochs (rerun to continue; no eval)")
     g.add_argument("--seed", type=nonnegative_int, default=0,
                    help="model init, view sampling and data order")
     g.add_argument("--log-every", type=positive_int, default=20,
@@ -181,14 +222,16 @@ def parse_args(argv=None):
     p.set_defaults(**PRESETS[preset])
     args = p.parse_args(argv)
     if args.equi_only:
-        args.equi = REPR_DIM
-    elif not 0 < args.equi < REPR_DIM:
-        p.error(f"argument --equi: must be in 1..{REPR_DIM - 1}, got {args.equi} "
+        args.equi_dims = REPR_DIM
+    elif not 0 < args.equi_dims < REPR_DIM:
+        p.error(f"argument --equi-dims: must be in 1..{REPR_DIM - 1}, got {args.equi_dims} "
                 f"(--equi-only: no invariant part)")
-    for part, dims in (("invariant", REPR_DIM - args.equi), ("equivariant", args.equi)):
-        if dims and min(split_widths(args.mlp, dims)) < 1:
-            p.error(f"argument --mlp/--equi: the {part} projector of {args.mlp} scaled by "
-                    f"{dims}/{REPR_DIM} has a layer of width 0; use wider --mlp or another --equi")
+    inv_repr_dims = REPR_DIM - args.equi_dims
+    for part, repr_dims in (("invariant", inv_repr_dims), ("equivariant", args.equi_dims)):
+        if repr_dims and min(split_widths(args.mlp, repr_dims)) < 1:
+            p.error(f"argument --mlp/--equi-dims: the {part} projector of {args.mlp} scaled by "
+                    f"{repr_dims}/{REPR_DIM} has a layer of width 0; use a wider --mlp or "
+                    f"another --equi-dims")
     if args.batch_size < 2:
         p.error("argument --batch-size: must be >= 2 (the variance needs two samples)")
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -212,8 +255,8 @@ def run_tags(args):
     flags = (("equionly", args.equi_only), ("nopredvar", args.no_pred_var),
              ("rotcolor", args.rot_color), ("predbias", args.pred_bias))
     tags = [name for name, on in flags if on]
-    if args.equi not in (256, REPR_DIM):
-        tags.append(f"e{args.equi}")
+    if args.equi_dims not in (256, REPR_DIM):
+        tags.append(f"e{args.equi_dims}")
     if args.predictor == "mlp":
         tags.append("mlppred")
     elif args.hypernet == "deep":
@@ -221,17 +264,394 @@ def run_tags(args):
     return tags
 
 
-# =============================== distributed ================================
+# ================================ the method ================================
+# SIE itself, top to bottom: the backbone, the split and its projectors, the predictor, the loss,
+# the optimiser and one training step. Three helpers come from the harness below: gather (the
+# autograd all-gather of a batch over processes; the identity in one process), autocast (bf16
+# or fp16 on CUDA, off on CPU) and is_main (rank 0, or the only process).
+
+# ---- the backbone: the official ResNet-18 variant (official code, src/resnet.py) ----
+class BasicBlock(nn.Module):
+    """The official block: the stride sits on conv2, after an asymmetric zero pad (0, 1, 0, 1)."""
+
+    def __init__(self, c_in, c_out, stride, project):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.pad = nn.ZeroPad2d((0, 1, 0, 1)) if stride == 2 else nn.Identity()
+        conv2_padding = 0 if stride == 2 else 1
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, stride, conv2_padding, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        # Every stage's first block has a 1x1 projection shortcut, layer1's included.
+        self.shortcut = nn.Identity()
+        if project:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
+                                          nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(self.pad(out)))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """The official ResNet-18, not torchvision's: 11,180,736 parameters, (B, 3, S, S) -> (B, 512).
+    At S = 256 the stages are 128 -> 64 -> 64 -> 32 -> 16 -> 8, then global average pooling."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem_pad = nn.ZeroPad2d((2, 3, 2, 3))          # left 2, right 3, top 2, bottom 3
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 0, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        stages = []
+        for c_in, c_out, stride in ((64, 64, 1), (64, 128, 2), (128, 256, 2), (256, 512, 2)):
+            first = BasicBlock(c_in, c_out, stride, project=True)
+            second = BasicBlock(c_out, c_out, 1, project=False)
+            stages.append(nn.Sequential(first, second))
+        self.layers = nn.Sequential(*stages)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, BasicBlock):
+                nn.init.zeros_(m.bn2.weight)         # zero_init_residual: blocks start as identity
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(self.stem_pad(x))))
+        x = F.max_pool2d(F.pad(x, (0, 1, 0, 1), value=-1e4), 3, 2)   # -1e4 pad: never the max
+        return torch.flatten(F.adaptive_avg_pool2d(self.layers(x), 1), 1)
+
+
+# ---- the split and the projectors (Sec. 3.2; official code, src/models.py, SIE.__init__) ----
+def representation_parts(args):
+    """Names -> slices of the 512-d representation: inv = the first 512 - e dims, equi = the last
+    e. With --equi-only there is no split: only 'full' (which is then the equivariant part)."""
+    inv_repr_dims = REPR_DIM - args.equi_dims
+    parts = {"full": slice(0, REPR_DIM)}
+    if inv_repr_dims == 0:
+        return parts
+    return {**parts, "inv": slice(0, inv_repr_dims), "equi": slice(inv_repr_dims, REPR_DIM)}
+
+
+class Part(nn.Module):
+    """y[:, part]: each projector sees only its own part of the representation."""
+
+    def __init__(self, part):
+        super().__init__()
+        self.part = part
+
+    def forward(self, y):
+        return y[:, self.part]
+
+
+def projector(part, widths):
+    """The part's slice, then Linear-BN-ReLU for every layer but the last, a bias-free Linear
+    (official code, src/models.py, Projector). widths: e.g. [1024, 1024, 1024]."""
+    dims = [part.stop - part.start] + list(widths)
+    layers = [Part(part)]
+    for d_in, d_out in zip(dims[:-2], dims[1:-1]):
+        layers += [nn.Linear(d_in, d_out), nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers, nn.Linear(dims[-2], dims[-1], bias=False))
+
+
+def split_widths(mlp, repr_dims):
+    """--mlp widths scaled by the part's share of the 512 dims, rounded half to even as the
+    official code's np.round: 2048-2048-2048 with a 256-d part -> [1024, 1024, 1024]."""
+    full_widths = np.array([int(w) for w in mlp.split("-")])
+    return [int(w) for w in np.round(full_widths * repr_dims / REPR_DIM)]
+
+
+# ---- the predictor (Sec. 3.3; official code, src/hypernetwork.py, HyperNet) ----
+class HypernetPredictor(nn.Module):
+    """prediction = W(g) z, with W(g) = reshape(H g) row-major: W[o, i] = (H g)[o * d + i].
+    H is one bias-free Linear(k, d * d): 4,194,304 parameters at d = 1024, k = 4.
+    W is linear in g, so W(g) z = sum_k g_k (A_k z) with A_k[o, i] = H[o * d + i, k]. forward
+    computes that sum, so the (B, d, d) tensor of weights is never built (1.07 G floats at
+    B = 1024). The value and the gradients are those of the materialised form (a test checks)."""
+
+    def __init__(self, d, g_dim=4, deep=False, bias=False):
+        super().__init__()
+        self.d = d
+        self.hyper_in = nn.Identity()
+        if deep:      # --hypernet deep: two bias-free Linear(k, k) + ReLU before H (width k)
+            self.hyper_in = nn.Sequential(nn.Linear(g_dim, g_dim, bias=False), nn.ReLU(),
+                                          nn.Linear(g_dim, g_dim, bias=False), nn.ReLU())
+        self.hyper = nn.Linear(g_dim, d * d, bias=False)             # H, weight (d * d, k)
+        self.hyper_bias = None                                       # --pred-bias: b(g) = B g
+        if bias:
+            self.hyper_bias = nn.Linear(g_dim, d, bias=False)
+
+    def forward(self, z, g):
+        """z: (B, d) equivariant embeddings of view 1, g: (B, k) -> (B, d) predictions."""
+        c = self.hyper_in(g)                                 # (B, k)
+        A = self.hyper.weight.view(self.d, self.d, -1)       # A[o, i, k]
+        Az = torch.einsum("oik,bi->bko", A, z)               # A_k z for every k: (B, k, d)
+        out = torch.einsum("bk,bko->bo", c, Az)
+        if self.hyper_bias is not None:
+            out = out + self.hyper_bias(c)
+        return out
+
+
+class MLPPredictor(nn.Linear):
+    """--predictor mlp (official code, src/predictors.py, MLPPredictor, at its default depth 1):
+    p(z, g) = Linear([g; z]). g only shifts the output, so this predictor can ignore g and
+    collapse to invariance: the case the paper makes for the hypernetwork."""
+
+    def __init__(self, d, g_dim=4):
+        super().__init__(d + g_dim, d)
+
+    def forward(self, z, g):
+        return super().forward(torch.cat([g, z], dim=1))
+
+
+# ---- the online monitor (official code, src/models.py, OnlineEvaluator) ----
+class OnlineEvaluator(nn.Module):
+    """A training monitor on DETACHED representations, per part: a linear classifier on single
+    views and a rotation MLP on [y1; y2] -> quaternion. Its losses join the total (the same Adam)
+    but cannot reach the backbone.
+    Deviation: the official heads on the 2048-d projector embeddings (about 40 M parameters) are
+    left out; the representation heads are what eval.py measures."""
+
+    def __init__(self, parts):
+        super().__init__()
+        self.parts = parts                                   # name -> slice of the representation
+        part_dims = {name: s.stop - s.start for name, s in parts.items()}
+        self.classify = nn.ModuleDict({name: nn.Linear(k, NUM_CLASSES)
+                                       for name, k in part_dims.items()})
+        self.rotation = nn.ModuleDict({name: rotation_mlp(2 * k) for name, k in part_dims.items()})
+
+    def forward(self, y1, y2, q, labels):
+        """-> (summed CE + MSE losses, device-side sums for top-1 and the pooled R²)."""
+        y1, y2, q = y1.detach().float(), y2.detach().float(), q.float()
+        both_labels = torch.cat([labels, labels])
+        loss = 0.0
+        sums = {"pairs": q.new_full((), q.shape[0]), "q_sum": q.sum(), "q_sq": q.pow(2).sum()}
+        for name, s in self.parts.items():
+            logits = self.classify[name](torch.cat([y1[:, s], y2[:, s]]))
+            pred = self.rotation[name](torch.cat([y1[:, s], y2[:, s]], dim=1))
+            loss = loss + F.cross_entropy(logits, both_labels) + F.mse_loss(pred, q)
+            sums[f"{name}_correct"] = (logits.argmax(1) == both_labels).sum().float()
+            sums[f"{name}_sse"] = (pred - q).pow(2).sum()
+        return loss, sums
+
+
+def rotation_mlp(width):
+    """Linear(w, w)-ReLU-Linear(w, w)-ReLU-Linear(w, 4): [y1; y2] -> the quaternion g."""
+    return nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+                         nn.Linear(width, 4))
+
+
+def monitor_metrics(sums):
+    """The monitor's epoch figures from its summed counts: top-1 per part and the pooled R² (one
+    scalar mean over all four quaternion components, as the official code and eval.py)."""
+    parts = [key[:-len("_correct")] for key in sums if key.endswith("_correct")]
+    n_pairs = sums["pairs"]
+    total_sq = sums["q_sq"] - sums["q_sum"] ** 2 / (4 * n_pairs)
+    top1 = {f"top1_{p}": sums[f"{p}_correct"] / (2 * n_pairs) for p in parts}
+    rot_r2 = {f"rot_r2_{p}": 1 - sums[f"{p}_sse"] / total_sq for p in parts}
+    return {**top1, **rot_r2}
+
+
+# ---- the loss (Eq. 6; official code, src/models.py, SIE.forward) ----
+def variance_loss(z):
+    """V(Z) = mean_j ReLU(1 - sqrt(Var_j(Z) + 1e-4)), the unbiased variance over the rows."""
+    return F.relu(1.0 - torch.sqrt(z.var(dim=0) + 1e-4)).mean()
+
+
+def covariance_loss(z, divisor):
+    """C(Z) = (1/D) sum_{i != j} Cov(Z)_ij^2, with Cov = Zc^T Zc / divisor and Zc centred."""
+    z = z - z.mean(dim=0)
+    cov = z.T @ z / divisor
+    return (cov.pow(2).sum() - cov.diagonal().pow(2).sum()) / z.shape[1]
+
+
+def sie_loss(z1, z2, pred, inv_emb_dims, batch_size=None, sim_coeff=10.0, equi_weight=4.5,
+             std_coeff=10.0, cov_coeff=1.0, pred_var=True):
+    """The SIE objective on one (local) batch.
+    z1, z2: (B, D) embeddings [z_inv; z_equi] of views x and x' (the first inv_emb_dims columns
+    invariant); pred: (B, D - inv_emb_dims) = W(g) z1_equi. batch_size: the GLOBAL batch of the
+    command line; like the official code, the covariance divides by batch_size - 1 even for a
+    smaller last batch (None: the real count). Returns the unweighted terms and
+    'loss' = sim*inv + equi_weight*equi + std*(std + pred_std) + cov*cov, where
+    std = V(Z)/2 + V(Z')/2 and pred_std = V(prediction)/2 already carry their 1/2.
+    Under DDP the two MSEs are per-rank means (DDP's gradient averaging makes them global
+    means); the variance and covariance terms see the gathered global batch on every rank."""
+    # Statistics in fp32 under any autocast: .float() alone is not enough, autocast would run the
+    # covariance matmul in bf16 again (~1 % error in that term), so autocast is switched off here.
+    with torch.autocast(z1.device.type, enabled=False):
+        z1, z2, pred = z1.float(), z2.float(), pred.float()
+        zero = z1.new_zeros(())
+        inv = zero
+        if inv_emb_dims:
+            inv = F.mse_loss(z1[:, :inv_emb_dims], z2[:, :inv_emb_dims])      # invariance
+        equi = F.mse_loss(pred, z2[:, inv_emb_dims:])                        # x -> x' only
+        terms = {"inv": inv, "equi": equi}
+        Z1, Z2 = gather(z1), gather(z2)                    # (global batch, D): all processes' rows
+        divisor = (batch_size or Z1.shape[0]) - 1
+        # Variance and covariance act on the whole concatenation [z_inv; z_equi], D = both
+        # widths together, so the invariant and equivariant embeddings are also decorrelated.
+        terms["std"] = variance_loss(Z1) / 2 + variance_loss(Z2) / 2
+        terms["pred_std"] = variance_loss(gather(pred)) / 2 if pred_var else zero
+        terms["cov"] = covariance_loss(Z1, divisor) + covariance_loss(Z2, divisor)
+        terms["loss"] = (sim_coeff * terms["inv"] + equi_weight * terms["equi"]
+                         + std_coeff * (terms["std"] + terms["pred_std"])
+                         + cov_coeff * terms["cov"])
+    return terms
+
+
+# ---- the model: everything one step computes ----
+class SIE(nn.Module):
+    """Backbone + split projectors + predictor + online monitor. forward(x1, x2, g, labels)
+    returns (total loss, SIE loss terms, monitor sums): the whole objective of one step."""
+
+    def __init__(self, args):
+        super().__init__()
+        inv_repr_dims = REPR_DIM - args.equi_dims
+        inv_widths = split_widths(args.mlp, inv_repr_dims)
+        equi_widths = split_widths(args.mlp, args.equi_dims)
+        equi_emb_dims = equi_widths[-1]
+        g_dims = 6 if args.rot_color else 4
+        self.backbone = ResNet18()
+        self.proj_inv = None
+        self.inv_emb_dims = 0                               # the invariant embedding's width
+        if inv_repr_dims:
+            self.proj_inv = projector(slice(0, inv_repr_dims), inv_widths)
+            self.inv_emb_dims = inv_widths[-1]
+        self.proj_equi = projector(slice(inv_repr_dims, REPR_DIM), equi_widths)
+        if args.predictor == "hypernet":
+            self.predictor = HypernetPredictor(equi_emb_dims, g_dims, deep=args.hypernet == "deep",
+                                               bias=args.pred_bias)
+        else:
+            self.predictor = MLPPredictor(equi_emb_dims, g_dims)
+        self.online = OnlineEvaluator(representation_parts(args))
+        # --equi-only follows the official SIEOnlyEqui: the equivariance MSE weighs sim_coeff alone.
+        equi_factor = 1.0 if args.equi_only else args.equi_factor
+        self.loss_kw = dict(batch_size=args.batch_size, sim_coeff=args.sim_coeff,
+                            equi_weight=args.sim_coeff * equi_factor, std_coeff=args.std_coeff,
+                            cov_coeff=args.cov_coeff, pred_var=not args.no_pred_var)
+
+    def embed(self, y):
+        """(B, 512) -> Z = [z_inv; z_equi] (B, D_inv + D_equi); z_equi is made from the last e
+        dims of the representation."""
+        if self.proj_inv is None:
+            return self.proj_equi(y)
+        return torch.cat([self.proj_inv(y), self.proj_equi(y)], dim=1)
+
+    def forward(self, x1, x2, g, labels):
+        y1 = self.backbone(x1)                 # two calls: BN statistics per view, as official
+        y2 = self.backbone(x2)
+        z1, z2 = self.embed(y1), self.embed(y2)
+        pred = self.predictor(z1[:, self.inv_emb_dims:], g)    # one direction only: x -> x'
+        terms = sie_loss(z1, z2, pred, self.inv_emb_dims, **self.loss_kw)
+        online_loss, sums = self.online(y1, y2, g[:, :4], labels)
+        return terms["loss"] + online_loss, terms, sums
+
+
+# ---- the optimiser and one training step (official README command) ----
+def make_optimizer(model, args):
+    """Adam, a constant lr, L2 weight decay on every parameter: no schedule to resume."""
+    return torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.wd,
+                            fused=next(model.parameters()).is_cuda)
+
+
+def schedule(step, args, steps_per_epoch):
+    """The hyper-parameters of a step, for the log: the lr is constant."""
+    return {"lr": args.lr}
+
+
+def train_step(model, batch, optimizer, scaler, args, step=0, steps_per_epoch=1):
+    """Forward, loss, backward and the Adam step on a device batch (x1, x2, g, labels).
+    Returns (loss terms, monitor sums), device tensors only: no host sync in the step."""
+    x1, x2, g, labels = batch
+    with autocast(args, x1.device):
+        loss, terms, sums = model(x1, x2, g, labels)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    terms = {name: value.detach() for name, value in terms.items()}
+    return {**terms, "total": loss.detach()}, sums
+
+
+# ---- what the harness needs from this method ----
+def check_inputs(args):
+    """What training and the evaluation at its end read, checked cheaply before the first step
+    (start_up calls this on rank 0): the data set, the batch against it, the protocols."""
+    root = data.ensure(args.data_root, DATA_KIND)   # generates the default toy set on first use
+    data.preflight(root, DATA_KIND)                 # what the evaluation reads later, checked now
+    entries, _ = data.read_split(root, "train")
+    if args.batch_size > len(entries):
+        raise ValueError(f"--batch-size {args.batch_size} is larger than the {len(entries)} "
+                         f"training objects of {root} (one pair per object per step)")
+    if not args.no_eval:
+        eval.check_protocols(args.eval_protocols, root)
+
+
+def make_dataset(args, root):
+    """One item per training OBJECT: two distinct views, their relative rotation g (with
+    --rot-color also the two hue differences) and the label. -> (dataset, collate_fn)."""
+    if args.decode == "pil":
+        dataset = data.Pairs3DIEBench(root, "train", args.resolution, args.rot_color, args.seed)
+        return dataset, None
+    # --decode cpu|gpu: the fast paths, whose images to_device finishes on the device
+    dataset = data.JpegPairs3DIEBench(root, "train", args.resolution, args.rot_color, args.seed,
+                                      args.decode)
+    return dataset, data.collate_jpegs if args.decode == "gpu" else None
+
+
+def to_device(batch, device, args):
+    """(x1, x2, g, labels) from the loader -> the device; images channels_last. --decode cpu|gpu
+    images arrive as uint8 (gpu: as JPEG bytes, decoded here), then are normalised and resized
+    to --resolution on the device."""
+    x1, x2, g, labels = batch
+    if isinstance(x1, list):                              # --decode gpu: JPEG bytes
+        x1, x2 = data.decode_jpegs(x1, device), data.decode_jpegs(x2, device)
+    images = []
+    for x in (x1, x2):
+        x = x.to(device, non_blocking=True)
+        if x.dtype == torch.uint8:                        # --decode cpu|gpu: finish here
+            x = data.to_float(x, args.resolution)
+        images.append(x.contiguous(memory_format=torch.channels_last))
+    g = g.to(device, non_blocking=True)
+    labels = labels.to(device, non_blocking=True)
+    return images[0], images[1], g, labels
+
+
+build_model = SIE          # the whole training model from (saved) args; eval.py rebuilds it so
+
+
+def probeable(model, args):
+    """What eval.py probes: the backbone, the representation parts, the equivariant projector
+    and the predictor (for MRR, H@k and PRE), and the width of g."""
+    return eval.Probeable(backbone=model.backbone, parts=representation_parts(args),
+                          embed=model.proj_equi, predict=model.predictor,
+                          g_dim=6 if args.rot_color else 4)
+
+
+# ============ harness: the same text in sie.py, baselines.py and ser.py ============
+# Everything below is the training machinery, word for word the same in the three scripts (a
+# test compares them): processes, the all-gather, the data loader, checkpoints, start-up checks,
+# logging, the train loop, the evaluation call and main(). What it needs from the method above:
+# parse_args, build_model, probeable, make_optimizer, schedule, train_step, monitor_metrics,
+# check_inputs, make_dataset, to_device, and the constants SCRIPT, DATA_KIND, ITEM, DROP_LAST,
+# MEMORY_FORMAT and RUN_LENGTH_FLAGS.
+
+# ---- processes ----
 def setup_distributed():
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK (NCCL on GPUs, gloo on CPU); without them, one plain process."""
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK (NCCL on GPUs, gloo on CPU); without them,
+    one plain process and no process group. The same code path either way."""
     cuda = torch.cuda.is_available()
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if cuda else "cpu")
-    rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
-    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    rank = int(os.environ["RANK"])
+    world = int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ["LOCAL_RANK"])
     if cuda:
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)     # before init, so NCCL binds this rank to its own GPU
-    dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
     return rank, world, device
 
 
@@ -247,7 +667,7 @@ def print0(*msg):
 class FullGather(torch.autograd.Function):
     """all_gather that keeps gradients. Every rank computes the same global loss on the gathered
     batch, so the gradient of its own rows is the SUM of all ranks' incoming gradients; DDP then
-    averages over ranks, which gives exactly the full-batch gradient (spec §2.6)."""
+    averages over ranks, which gives exactly the full-batch gradient."""
 
     @staticmethod
     def forward(ctx, x):
@@ -263,296 +683,53 @@ class FullGather(torch.autograd.Function):
 
 
 def gather(x):
-    """(B_local, D) -> (B_global, D), rank-major; identity in a single process."""
+    """(n_local, ...) -> (n_global, ...), rank-major, differentiable; identity in one process."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return x
     return torch.cat(FullGather.apply(x))
 
 
-# ================================== data ====================================
-def check_inputs(args):
-    """What training and the evaluation at its end will read, checked cheaply before the first
-    step (start_up calls this on rank 0): the data set, the batch against it, the protocols."""
-    root = data.ensure(args.data_root)          # generates the default toy set on first use
-    data.preflight(root, "3DIEBench")            # what the evaluation reads later, checked now
-    entries, _ = data.read_split(root, "train")
-    if args.batch_size > len(entries):
-        raise RunError(f"--batch-size {args.batch_size} is larger than the {len(entries)} "
-                       f"training objects of {root} (one pair per object per step)")
-    if not args.no_eval:
-        eval.check_protocols(args.eval_protocols, root)
+def autocast(args, device):
+    """--amp bf16|fp16 autocast on CUDA only; CPU runs in fp32."""
+    dtype = torch.float16 if args.amp == "fp16" else torch.bfloat16
+    enabled = device.type == "cuda" and args.amp != "none"
+    return torch.autocast(device.type, dtype=dtype, enabled=enabled)
 
 
+# ---- the data loader ----
 def make_loader(args, rank, world):
-    """One item per training OBJECT: two distinct views, their relative rotation g, the label (spec §1.3)."""
-    root = data.ensure_3diebench(args.data_root)
-    # --decode cpu|gpu: the fast paths (data.py), whose images to_device finishes on the device
-    pairs = (data.Pairs3DIEBench(root, "train", args.resolution, args.rot_color, args.seed) if args.decode == "pil"
-             else data.JpegPairs3DIEBench(root, "train", args.resolution, args.rot_color, args.seed, args.decode))
-    # Same sampler for 1..N processes: the global order depends only on (seed, epoch).
-    sampler = DistributedSampler(pairs, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
-    loader = DataLoader(pairs, batch_size=args.batch_size // world, sampler=sampler, drop_last=False,
-                        num_workers=args.num_workers, pin_memory=torch.cuda.is_available(),
-                        collate_fn=data.collate_jpegs if args.decode == "gpu" else None)
+    """The method's training set, sharded over the processes. The global order of the items
+    depends only on (seed, epoch), so 1 and N processes see the same global batches."""
+    root = data.ensure(args.data_root, DATA_KIND)
+    dataset, collate_fn = make_dataset(args, root)
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
+                                 seed=args.seed, drop_last=DROP_LAST)
+    loader = DataLoader(dataset, batch_size=args.batch_size // world, sampler=sampler,
+                        drop_last=DROP_LAST, num_workers=args.num_workers,
+                        pin_memory=torch.cuda.is_available(), collate_fn=collate_fn)
     return loader, root
 
 
-def to_device(batch, device, size=None):
-    """(x1, x2, g, label) from the loader -> device; images channels_last (faster ResNet convs). --decode cpu|gpu
-    images arrive as uint8 (gpu: as JPEG bytes, decoded here): normalised and resized to size on the device."""
-    if isinstance(batch[0], list):
-        batch = [data.decode_jpegs(x, device) for x in batch[:2]] + list(batch[2:])
-    batch = [data.to_float(t.to(device, non_blocking=True), size) if t.dtype == torch.uint8 else t for t in batch]
-    cl, keep = torch.channels_last, torch.preserve_format
-    return [t.to(device, non_blocking=True, memory_format=cl if t.dim() == 4 else keep) for t in batch]
+def epoch_seed(args, epoch, rank):
+    """torch's RNG is re-seeded with this at the start of every epoch, so every random draw of an
+    epoch (augmentations, loader workers) repeats exactly after a resume; ranks differ."""
+    return (args.seed * 100_003 + epoch) * 1_009 + rank
 
 
-# =============================== model pieces ===============================
-class BasicBlock(nn.Module):
-    """The official block (spec §2.1): the stride sits on conv2, after an asymmetric zero pad."""
-
-    def __init__(self, c_in, c_out, stride, project):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.pad = nn.ZeroPad2d((0, 1, 0, 1)) if stride == 2 else nn.Identity()
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, stride, 0 if stride == 2 else 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        # Every stage's first block has a 1x1 projection shortcut, layer1's included.
-        self.shortcut = (nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
-                         if project else nn.Identity())
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(self.pad(out)))
-        return F.relu(out + self.shortcut(x))
-
-
-class ResNet18(nn.Module):
-    """The official ResNet-18 variant, not torchvision's: 11,180,736 parameters, (B,3,S,S) -> (B,512).
-    At S = 256 the stages are 128 -> 64 -> 64 -> 32 -> 16 -> 8, then global average pooling."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem_pad = nn.ZeroPad2d((2, 3, 2, 3))          # left 2, right 3, top 2, bottom 3
-        self.conv1 = nn.Conv2d(3, 64, 7, 2, 0, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        self.layers = nn.Sequential(*(nn.Sequential(BasicBlock(c_in, c, stride, True), BasicBlock(c, c, 1, False))
-                                      for c_in, c, stride in ((64, 64, 1), (64, 128, 2), (128, 256, 2), (256, 512, 2))))
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, BasicBlock):
-                nn.init.zeros_(m.bn2.weight)                 # zero_init_residual: each block starts as identity
-
-    def forward(self, x):
-        x = F.relu(self.bn1(self.conv1(self.stem_pad(x))))
-        x = F.max_pool2d(F.pad(x, (0, 1, 0, 1), value=-1e4), 3, 2)   # -1e4 pad: never the max
-        return torch.flatten(F.adaptive_avg_pool2d(self.layers(x), 1), 1)
-
-
-class Part(nn.Module):
-    """y[:, part]: each projector sees only its own part of the representation (Sec. 3.2)."""
-
-    def __init__(self, part):
-        super().__init__()
-        self.part = part
-
-    def forward(self, y):
-        return y[:, self.part]
-
-
-def projector(part, widths):
-    """The part's slice, Linear-BN-ReLU for every layer but the last, a bias-free Linear (spec §2.2)."""
-    dims, layers = [part.stop - part.start] + list(widths), [Part(part)]
-    for a, b in zip(dims[:-2], dims[1:-1]):
-        layers += [nn.Linear(a, b), nn.BatchNorm1d(b), nn.ReLU(inplace=True)]
-    return nn.Sequential(*layers, nn.Linear(dims[-2], dims[-1], bias=False))
-
-
-def split_widths(mlp, part_dims):
-    """--mlp widths scaled by the part's share of the 512 dims, rounded half to even like np.round."""
-    return [int(w) for w in np.round(np.array([int(w) for w in mlp.split("-")]) * part_dims / REPR_DIM)]
-
-
-class HypernetPredictor(nn.Module):
-    """Sec. 3.3: z'_hat = W(g) z, with W(g) = reshape(H g) row-major, W[o, i] = (H g)[o*d + i].
-    H is one bias-free Linear(k, d*d) (4,194,304 parameters at d = 1024, k = 4). Since W is linear
-    in g, W(g) z = sum_k g_k (A_k z) with A_k[o, i] = H[o*d + i, k]: that is what forward computes,
-    so the (B, d, d) weight tensor is never built (1.07 G floats at B = 1024)."""
-
-    def __init__(self, d, g_dim=4, deep=False, bias=False):
-        super().__init__()
-        self.d = d
-        # --hypernet deep: two bias-free Linear(k, k)+ReLU before H (hidden width k, spec §2.3).
-        self.hyper_in = (nn.Sequential(nn.Linear(g_dim, g_dim, bias=False), nn.ReLU(),
-                                       nn.Linear(g_dim, g_dim, bias=False), nn.ReLU()) if deep else nn.Identity())
-        self.hyper = nn.Linear(g_dim, d * d, bias=False)                    # H, weight (d*d, k)
-        self.hyper_bias = nn.Linear(g_dim, d, bias=False) if bias else None  # --pred-bias: b(g) = B g
-
-    def forward(self, z, g):                                 # z: (B, d), g: (B, k) -> (B, d)
-        c = self.hyper_in(g)                                 # (B, k)
-        A = self.hyper.weight.view(self.d, self.d, -1)       # A[o, i, k]
-        Az = torch.einsum("oik,bi->bko", A, z)               # A_k z for every k: (B, k, d)
-        out = torch.einsum("bk,bko->bo", c, Az)
-        return out if self.hyper_bias is None else out + self.hyper_bias(c)
-
-
-class MLPPredictor(nn.Linear):
-    """--predictor mlp (spec §3, the official default depth 1): p(z, g) = Linear([g; z]). g only shifts
-    the output, so this predictor can ignore it and collapse to invariance: the case for the hypernetwork."""
-
-    def __init__(self, d, g_dim=4):
-        super().__init__(d + g_dim, d)
-
-    def forward(self, z, g):
-        return super().forward(torch.cat([g, z], dim=1))
-
-
-class OnlineEvaluator(nn.Module):
-    """Training monitor (spec §2.5) on DETACHED representations, per part: a linear classifier on
-    single views and a rotation MLP on [y1; y2] -> quaternion. Its losses join the total (same Adam)
-    but cannot reach the backbone. Deviation: the official heads on the 2048-d projector embeddings
-    (about 40 M parameters) are left out; the representation heads are what eval.py measures."""
-
-    def __init__(self, parts):
-        super().__init__()
-        self.parts = parts                                   # name -> slice of the representation
-        width = {n: s.stop - s.start for n, s in parts.items()}
-        self.classify = nn.ModuleDict({n: nn.Linear(k, NUM_CLASSES) for n, k in width.items()})
-        self.rotation = nn.ModuleDict({n: nn.Sequential(nn.Linear(2 * k, 2 * k), nn.ReLU(), nn.Linear(2 * k, 2 * k),
-                                                        nn.ReLU(), nn.Linear(2 * k, 4)) for n, k in width.items()})
-
-    def forward(self, y1, y2, q, labels):
-        """Returns the summed CE + MSE losses and device-side sums for accuracy and pooled R²."""
-        y1, y2, q = y1.detach().float(), y2.detach().float(), q.float()
-        both = torch.cat([labels, labels])
-        loss, sums = 0.0, {"pairs": q.new_full((), q.shape[0]), "q_sum": q.sum(), "q_sq": q.pow(2).sum()}
-        for name, s in self.parts.items():
-            logits = self.classify[name](torch.cat([y1[:, s], y2[:, s]]))
-            pred = self.rotation[name](torch.cat([y1[:, s], y2[:, s]], dim=1))
-            loss = loss + F.cross_entropy(logits, both) + F.mse_loss(pred, q)
-            sums[f"{name}_correct"] = (logits.argmax(1) == both).sum().float()
-            sums[f"{name}_sse"] = (pred - q).pow(2).sum()
-        return loss, sums
-
-
-def representation_parts(args):
-    """Sec. 3.2: inv = first 512 - e dims, equi = last e dims (only 'full' = 'equi' with --equi-only)."""
-    n_inv = REPR_DIM - args.equi
-    parts = {"full": slice(0, REPR_DIM)}
-    return parts if n_inv == 0 else {**parts, "inv": slice(0, n_inv), "equi": slice(n_inv, REPR_DIM)}
-
-
-class SIE(nn.Module):
-    """Backbone + split projectors + predictor + online monitor. forward(x1, x2, g, labels) returns
-    (total loss, SIE loss terms, monitor sums): the whole training objective of one step."""
-
-    def __init__(self, args):
-        super().__init__()
-        n_inv = REPR_DIM - args.equi
-        inv_w, equi_w = split_widths(args.mlp, n_inv), split_widths(args.mlp, args.equi)
-        g_dim, d = (6 if args.rot_color else 4), equi_w[-1]
-        self.backbone = ResNet18()
-        self.proj_inv = projector(slice(0, n_inv), inv_w) if n_inv else None
-        self.proj_equi = projector(slice(n_inv, REPR_DIM), equi_w)
-        self.d_inv = inv_w[-1] if n_inv else 0               # invariant embedding width
-        self.predictor = (HypernetPredictor(d, g_dim, args.hypernet == "deep", args.pred_bias)
-                          if args.predictor == "hypernet" else MLPPredictor(d, g_dim))
-        self.online = OnlineEvaluator(representation_parts(args))
-        # --equi-only follows the official SIEOnlyEqui: the equivariance MSE weighs sim_coeff, no alpha.
-        self.loss_kw = dict(batch_size=args.batch_size, sim_coeff=args.sim_coeff,
-                            equi_weight=args.sim_coeff * (1.0 if args.equi_only else args.equi_factor),
-                            std_coeff=args.std_coeff, cov_coeff=args.cov_coeff, pred_var=not args.no_pred_var)
-
-    def embed(self, y):
-        """(B, 512) -> Z = [z_inv; z_equi] (B, D_inv + D_equi); the equivariant part is the last e dims."""
-        return self.proj_equi(y) if self.proj_inv is None else torch.cat([self.proj_inv(y), self.proj_equi(y)], 1)
-
-    def forward(self, x1, x2, g, labels):
-        y1, y2 = self.backbone(x1), self.backbone(x2)        # two calls: BN statistics per view, as official
-        z1, z2 = self.embed(y1), self.embed(y2)
-        pred = self.predictor(z1[:, self.d_inv:], g)         # one direction only: x -> x' (spec §2.4)
-        terms = sie_loss(z1, z2, pred, self.d_inv, **self.loss_kw)
-        online_loss, sums = self.online(y1, y2, g[:, :4], labels)
-        return terms["loss"] + online_loss, terms, sums
-
-
-build_model = SIE  # CONTRACT.md: the whole training model from (saved) args, as eval.py rebuilds it
-
-
-def probeable(model, args):
-    """What eval.py needs: the backbone, the parts, the equivariant embedding and the predictor."""
-    return eval.Probeable(backbone=model.backbone, parts=representation_parts(args), embed=model.proj_equi,
-                          predict=model.predictor, g_dim=6 if args.rot_color else 4)
-
-
-# =================================== loss ===================================
-def variance_loss(z):
-    """V(Z) = mean_j ReLU(1 - sqrt(Var_j(Z) + 1e-4)), unbiased variance over the rows (spec §2.4)."""
-    return F.relu(1.0 - torch.sqrt(z.var(dim=0) + 1e-4)).mean()
-
-
-def covariance_loss(z, divisor):
-    """C(Z) = (1/D) sum_{i != j} Cov(Z)_ij^2 with Cov = Zc^T Zc / divisor, Zc centred (spec §2.4)."""
-    z = z - z.mean(dim=0)
-    cov = z.T @ z / divisor
-    return (cov.pow(2).sum() - cov.diagonal().pow(2).sum()) / z.shape[1]
-
-
-def sie_loss(z1, z2, pred, d_inv, batch_size=None, sim_coeff=10.0, equi_weight=4.5, std_coeff=10.0,
-             cov_coeff=1.0, pred_var=True):
-    """The SIE objective (Eq. 6 of the paper; spec §2.4 for the exact official form).
-    z1, z2: (B, D) embeddings [z_inv; z_equi] of views x and x' (the first d_inv columns invariant);
-    pred: (B, D - d_inv) = W(g) z1_equi. batch_size: the CLI GLOBAL batch; the covariance divides by
-    batch_size - 1 even for a smaller last batch, as the official code does (None: the real count).
-    Returns the unweighted terms and 'loss' = sim*inv + equi_weight*equi + std*(std + pred_std) + cov*cov,
-    where std = V(Z)/2 + V(Z')/2 and pred_std = V(Z'_hat)/2 already carry their 1/2 factors.
-    Local vs global under DDP: the two MSEs are per-rank means (DDP's gradient averaging makes them
-    global means); the variance and covariance terms see the gathered global batch on every rank."""
-    # Statistics in fp32 under any autocast: .float() alone is not enough, autocast would run the
-    # covariance matmul in bf16 again (~1 % error in that term), so autocast is switched off here.
-    with torch.autocast(z1.device.type, enabled=False):
-        z1, z2, pred = z1.float(), z2.float(), pred.float()
-        zero = z1.new_zeros(())
-        inv = F.mse_loss(z1[:, :d_inv], z2[:, :d_inv]) if d_inv else zero     # invariance
-        terms = {"inv": inv, "equi": F.mse_loss(pred, z2[:, d_inv:])}          # equivariance, x -> x'
-        Z1, Z2 = gather(z1), gather(z2)
-        divisor = (batch_size or Z1.shape[0]) - 1
-        # Variance and covariance act on the full concatenation [z_inv; z_equi], D = both widths
-        # together, so the invariant and equivariant embeddings are also decorrelated.
-        terms["std"] = variance_loss(Z1) / 2 + variance_loss(Z2) / 2
-        terms["pred_std"] = variance_loss(gather(pred)) / 2 if pred_var else zero
-        terms["cov"] = covariance_loss(Z1, divisor) + covariance_loss(Z2, divisor)
-        terms["loss"] = (sim_coeff * terms["inv"] + equi_weight * terms["equi"]
-                         + std_coeff * (terms["std"] + terms["pred_std"])
-                         + cov_coeff * terms["cov"])
-    return terms
-
-
-# ================================ optimiser =================================
-def make_optimizer(model, args):
-    """Adam, constant lr, L2 weight decay on every parameter (spec §2.6): no schedule to resume."""
-    return torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.wd,
-                            fused=next(model.parameters()).is_cuda)
-
-
-# ================================ checkpoint ================================
-RUN_LENGTH_FLAGS = {"epochs", "run_dir", "resume", "data_root", "num_workers", "log_every", "compile",
-                    "decode", "eval_protocols", "no_eval"}   # may change between a run and its resumption
-
-
+# ---- checkpoints ----
 class RunError(Exception):
     """Bad input or a broken environment (flag, data, run dir, checkpoint, disk): the message is
     printed alone, without a traceback, and the run exits with code 2."""
 
 
 def rng_state():
-    """All RNG states as plain Python/tensor values, so the checkpoint loads with weights_only=True."""
+    """All RNG states as plain Python and tensor values: the checkpoint loads with
+    weights_only=True."""
     np_state = np.random.get_state()
+    numpy_state = [np_state[0], np_state[1].tolist(), *np_state[2:]]
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    return {"python": random.getstate(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-            "torch": torch.get_rng_state(), "cuda": cuda}
+    return {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state(),
+            "cuda": cuda}
 
 
 def set_rng_state(state):
@@ -579,6 +756,10 @@ def atomic_save(obj, path):
     os.replace(tmp, path)
 
 
+def previous_checkpoint(path):
+    return path[:-len(".pt")] + ".prev.pt" if path.endswith(".pt") else path + ".prev"
+
+
 def keep_previous(path):
     """path -> path's .prev.pt twin, atomically, while path itself stays in place: a hard link
     (a copy where links are not supported) renamed over the old .prev.pt."""
@@ -588,10 +769,6 @@ def keep_previous(path):
     except OSError:
         shutil.copyfile(path, prev + ".tmp")
     os.replace(prev + ".tmp", prev)
-
-
-def previous_checkpoint(path):
-    return path[:-len(".pt")] + ".prev.pt" if path.endswith(".pt") else path + ".prev"
 
 
 def save_checkpoint(path, model, optimizer, scaler, epoch, step, args):
@@ -610,8 +787,10 @@ def read_checkpoint(path, args):
     except Exception as e:                   # truncated zip, foreign pickle, not a file: many types
         reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         prev = previous_checkpoint(path)
-        fallback = (f"; the previous checkpoint {prev} is kept: resume from it with --resume {prev}"
-                    if os.path.isfile(prev) else "")
+        fallback = ""
+        if os.path.isfile(prev):
+            fallback = (f"; the previous checkpoint {prev} is kept: resume from it with "
+                        f"--resume {prev}")
         raise RunError(f"{path} is damaged or not a checkpoint ({reason}){fallback}; or move it "
                        f"away to start afresh") from None
     keys = ("script", "args", "model", "optimizer", "scaler", "epoch", "step", "rng")
@@ -642,7 +821,7 @@ def resume_path(args):
     return args.resume or (ckpt if os.path.exists(ckpt) else None)
 
 
-# ================================= start-up =================================
+# ---- start-up: every cheap check before the first step ----
 RUN_DIR_LOCK = []          # rank 0 keeps its locked file here for the whole run
 
 
@@ -680,9 +859,9 @@ def unlock_run_dir():
 
 def start_up(args):
     """Rank 0 does the one-time work and every cheap check before anybody trains: it generates
-    the default data, validates the data and the eval protocols, locks the run dir and reads the
-    checkpoint to resume. The others wait, then all stop together on a problem (exit 2), which
-    rank 0 alone prints."""
+    the default data, validates the data and the eval protocols (check_inputs), locks the run
+    dir and reads the checkpoint to resume. The others wait, then all stop together on a
+    problem (exit 2), which rank 0 alone prints."""
     problem = None
     if is_main():
         try:
@@ -700,24 +879,7 @@ def start_up(args):
         raise RunError(problem)
 
 
-# ================================ train loop ================================
-class NonFiniteLoss(RuntimeError):
-    """The loss became inf/nan: training stops before the next checkpoint could store the damage."""
-
-
-def train_step(model, batch, optimizer, scaler, args):
-    """Forward, loss, backward and Adam step on a device batch; returns device tensors only."""
-    x1, x2, g, labels = batch
-    dtype, dev = torch.float16 if args.amp == "fp16" else torch.bfloat16, x1.device.type   # CPU runs in fp32
-    with torch.autocast(dev, dtype=dtype, enabled=dev == "cuda" and args.amp != "none"):
-        loss, terms, sums = model(x1, x2, g, labels)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
-    return {**{k: v.detach() for k, v in terms.items()}, "total": loss.detach()}, sums
-
-
+# ---- logging ----
 def reduce_sums(sums):
     """One all-reduce and one host sync for a dict of device scalars: the logging point."""
     keys = sorted(sums)
@@ -728,105 +890,142 @@ def reduce_sums(sums):
 
 
 def log_event(args, kind, **fields):
+    """One JSON object per line in <run-dir>/log.jsonl, written by rank 0."""
     if is_main():
         with open(os.path.join(args.run_dir, "log.jsonl"), "a") as f:
             f.write(json.dumps({"kind": kind, **fields}) + "\n")
 
 
 def versions(device):
-    git = subprocess.run("git describe --always --dirty", shell=True, capture_output=True, text=True,
-                         cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-            "cuda": torch.version.cuda, "git": git,
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()}
+    git = subprocess.run("git describe --always --dirty", shell=True, capture_output=True,
+                         text=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    device_name = platform.machine()
+    if device.type == "cuda":
+        device_name = torch.cuda.get_device_name(device)
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "numpy": np.__version__, "cuda": torch.version.cuda, "git": git, "device": device_name}
+
+
+# ---- the train loop ----
+class NonFiniteLoss(RuntimeError):
+    """The loss became inf/nan: training stops before the next checkpoint could store the damage."""
 
 
 def setup_run(args, rank, world, device):
     """Data, model, optimiser, scaler; resumes from the run dir's checkpoint when there is one."""
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)                 # the same initial weights on every rank
     random.seed(args.seed)
     np.random.seed(args.seed)
     loader, root = make_loader(args, rank, world)
-    model = build_model(args).to(device, memory_format=torch.channels_last)
-    if device.type == "cuda" and world > 1:      # BN statistics over the global batch, as official
+    model = build_model(args).to(device, memory_format=MEMORY_FORMAT)
+    if device.type == "cuda" and world > 1:      # BN statistics over the global batch
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if args.compile:                             # in place: state_dict keys stay free of "_orig_mod."
+    if args.compile:                             # in place: no "_orig_mod." in state_dict keys
         model.compile()
     optimizer = make_optimizer(model, args)
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and args.amp == "fp16")
     resume = resume_path(args)
-    epoch, step = load_checkpoint(resume, model, optimizer, scaler, args) if resume else (0, 0)
+    epoch, step = 0, 0
     if resume:
+        epoch, step = load_checkpoint(resume, model, optimizer, scaler, args)
         print0(f"resumed from {resume}: {epoch} epochs done, step {step}")
         log_event(args, "resume", checkpoint=resume, epoch=epoch, step=step, world_size=world)
     else:
         log_event(args, "config", config=vars(args), argv=sys.argv, versions=versions(device),
                   world_size=world)
-        if is_main():                               # the run dir carries the code that produced it
-            shutil.copyfile(os.path.abspath(__file__), os.path.join(args.run_dir, f"{SCRIPT}.py.txt"))
+        if is_main():                            # the run dir carries the code that produced it
+            code_copy = os.path.join(args.run_dir, f"{SCRIPT}.py.txt")
+            shutil.copyfile(os.path.abspath(__file__), code_copy)
     return loader, root, model, optimizer, scaler, epoch, step
 
 
 def train(args, rank, world, device):
-    """Pretrains SIE; returns the unwrapped model, the data root and the final step."""
-    loader, root, model, optimizer, scaler, epoch0, step = setup_run(args, rank, world, device)
-    ddp = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) if world > 1 else model
-    ckpt, parts = os.path.join(args.run_dir, "checkpoint.pt"), representation_parts(args)
-    bar = tqdm(total=args.epochs * len(loader), initial=step, disable=not is_main(), unit="step", dynamic_ncols=True)
-    for epoch in range(epoch0, args.epochs):
-        loader.sampler.set_epoch(epoch)             # data order = f(seed, epoch)
-        loader.dataset.set_epoch(epoch)             # view choice = f(seed, epoch, object)
+    """Pretrains; returns the unwrapped model, the data root, the final step, and whether all
+    --epochs are done (not when --stop-after-epochs ended this invocation early)."""
+    loader, root, model, optimizer, scaler, first_epoch, step = setup_run(args, rank, world, device)
+    ddp = model
+    if world > 1:
+        ddp = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    ckpt = os.path.join(args.run_dir, "checkpoint.pt")
+    steps_per_epoch = len(loader)
+    end = args.epochs
+    if args.stop_after_epochs:
+        end = min(args.epochs, first_epoch + args.stop_after_epochs)
+    bar = tqdm(total=args.epochs * steps_per_epoch, initial=step, disable=not is_main(),
+               unit="step", dynamic_ncols=True)
+    for epoch in range(first_epoch, end):
+        loader.sampler.set_epoch(epoch)                  # data order = f(seed, epoch)
+        if hasattr(loader.dataset, "set_epoch"):
+            loader.dataset.set_epoch(epoch)              # its draws = f(seed, epoch, item)
+        torch.manual_seed(epoch_seed(args, epoch, rank))  # other draws = f(seed, epoch, rank)
         ddp.train()
-        window, epoch_sums, n_win, pairs, t0 = {}, {}, 0, 0, time.perf_counter()
+        window, epoch_sums, n_window, items = {}, {}, 0, 0
         bad_step = torch.full((), -1, device=device)
+        t_start = t_wait = time.perf_counter()
+        t_data = 0.0
         for i, batch in enumerate(loader):
-            terms, sums = train_step(ddp, to_device(batch, device, args.resolution), optimizer, scaler, args)
+            t_data += time.perf_counter() - t_wait
+            batch_on_device = to_device(batch, device, args)
+            terms, sums = train_step(ddp, batch_on_device, optimizer, scaler, args, step,
+                                     steps_per_epoch)
             # Device-side bookkeeping only: no .item() in the step, one sync per log line.
-            bad_step = torch.where(torch.isfinite(terms["total"]) | (bad_step >= 0), bad_step, step + 1)
+            finite = torch.isfinite(terms["total"])
+            bad_step = torch.where(finite | (bad_step >= 0), bad_step, step + 1)
             window = {k: window.get(k, 0) + v for k, v in terms.items()}
             epoch_sums = {k: epoch_sums.get(k, 0) + v for k, v in sums.items()}
-            step, n_win, pairs = step + 1, n_win + 1, pairs + len(batch[-1]) * world
+            step, n_window = step + 1, n_window + 1
+            items += len(batch[-1]) * world
             bar.update()
+            t_wait = time.perf_counter()
             if step % args.log_every and i < len(loader) - 1:
                 continue
             if dist.is_initialized():
-                dist.all_reduce(bad_step, op=dist.ReduceOp.MAX)   # first non-finite step on any rank
+                dist.all_reduce(bad_step, op=dist.ReduceOp.MAX)   # first bad step on any rank
             bad = int(bad_step.tolist())
-            means = {k: v / (n_win * world) for k, v in reduce_sums(window).items()}
+            means = {k: v / (n_window * world) for k, v in reduce_sums(window).items()}
             if bad >= 0:
                 log_event(args, "error", epoch=epoch, step=bad, terms=means)
-                raise NonFiniteLoss(f"non-finite loss at step {bad} (epoch {epoch}); loss terms averaged over "
-                                    f"steps {step - n_win + 1}-{step}: {means}; {ckpt} keeps the last good state")
-            pairs_s = pairs / (time.perf_counter() - t0)
-            log_event(args, "train", epoch=epoch, step=step, lr=args.lr, pairs_per_s=pairs_s, **means)
-            bar.set_postfix(ep=epoch, lr=args.lr, pairs_s=f"{pairs_s:.0f}",
-                            **{k: f"{means[k]:.3f}" for k in ("total", "inv", "equi", "std", "pred_std", "cov")})
-            window, n_win, pairs, t0 = {}, 0, 0, time.perf_counter()
-        s = reduce_sums(epoch_sums)                 # monitor: top-1 per part, pooled R² (spec §4.2: one scalar mean)
-        n, sst = s["pairs"], s["q_sq"] - s["q_sum"] ** 2 / (4 * s["pairs"])
-        log_event(args, "online", epoch=epoch, step=step, **{f"top1_{p}": s[f"{p}_correct"] / (2 * n) for p in parts},
-                  **{f"rot_r2_{p}": 1 - s[f"{p}_sse"] / sst for p in parts})
+                raise NonFiniteLoss(f"non-finite loss at step {bad} (epoch {epoch}); loss terms "
+                                    f"averaged over steps {step - n_window + 1}-{step}: {means}; "
+                                    f"{ckpt} keeps the last good state")
+            elapsed = time.perf_counter() - t_start
+            rates = {f"{ITEM}_per_s": items / elapsed, "data_frac": t_data / elapsed}
+            log_event(args, "train", epoch=epoch, step=step,
+                      **schedule(step - 1, args, steps_per_epoch), **means, **rates)
+            bar.set_postfix(ep=epoch, **{k: f"{v:.3f}" for k, v in means.items()})
+            window, n_window, items = {}, 0, 0
+            t_start, t_data = time.perf_counter(), 0.0
+        if epoch_sums:                                   # the online monitor, once per epoch
+            log_event(args, "online", epoch=epoch, step=step,
+                      **monitor_metrics(reduce_sums(epoch_sums)))
         if is_main():
             save_checkpoint(ckpt, model, optimizer, scaler, epoch + 1, step, args)
         if dist.is_initialized():
-            dist.barrier()                          # nobody runs ahead of a checkpoint being written
+            dist.barrier()                               # nobody runs ahead of a checkpoint write
     bar.close()
+    return model, root, step, end == args.epochs
+
+
+# ---- the evaluation call ----
+def run_evaluation(model, args, root, step, device):
+    """Exports the backbone (backbone.pt), then runs eval.py's protocols on the frozen model,
+    in-process, at the training resolution. Every rank calls it (eval.py shards the feature
+    extraction); rank 0 prints the table and writes eval.json."""
     if is_main():
         atomic_save(model.backbone.state_dict(), os.path.join(args.run_dir, "backbone.pt"))
-    return model, root, step
-
-
-# =================================== eval ===================================
-def run_evaluation(model, args, root, step, device):
-    """Sec. 4 protocols on the trained model, in-process, at the training resolution; every rank calls
-    it (eval.py shards the feature extraction), rank 0 prints the table and writes eval.json."""
+    if args.no_eval:
+        return None
+    model.eval()
     probe = probeable(model, args)
     probe.step = step
-    return eval.evaluate(probe, root, protocols=args.eval_protocols.split(","), out_dir=args.run_dir,
-                         device=device, preset=args.preset, size=args.resolution)
+    result = eval.evaluate(probe, root, protocols=args.eval_protocols.split(","),
+                           out_dir=args.run_dir, device=device, preset=args.preset,
+                           size=args.resolution)
+    log_event(args, "eval", step=step, summary=result["summary"])
+    return result
 
 
-# =================================== main ===================================
+# ---- main ----
 def finish_distributed(clean):
     """Leave the process group for good. The DDP wrapper's reducer keeps the group alive past
     destroy_process_group, so it is collected first; otherwise the gloo context lives on until
@@ -851,9 +1050,8 @@ def main(argv=None):
     clean = False
     try:
         start_up(args)
-        model, root, step = train(args, rank, world, device)
-        if not args.no_eval:
-            model.eval()
+        model, root, step, done = train(args, rank, world, device)
+        if done:
             run_evaluation(model, args, root, step, device)
         clean = True
     except RunError as e:                    # one message from rank 0, no traceback

@@ -79,7 +79,7 @@ def test_sie_fast_decode_loader_matches_pil(toy_root, tmp_path, decode):
         args = sie.parse_args(["--data-root", toy_root, "--batch-size", "8", "--resolution", "24", "--num-workers",
                                "1", "--decode", d, "--run-dir", str(tmp_path / d)])
         loader, _ = sie.make_loader(args, 0, 1)
-        batches[d] = sie.to_device(next(iter(loader)), torch.device("cpu"), args.resolution)
+        batches[d] = sie.to_device(next(iter(loader)), torch.device("cpu"), args)
     for a, b in zip(batches["pil"], batches[decode]):
         assert a.dtype == b.dtype and a.shape == b.shape and (a.float() - b.float()).abs().max() <= 0.06
 

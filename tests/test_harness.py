@@ -73,7 +73,7 @@ def test_every_preset_value_takes_effect(name, monkeypatch):
     """Each preset key, changed to another valid value, is what parse_args returns (a flag's own
     default= must not win over the preset)."""
     module = MODULES[name]
-    changed = {"epochs": 7, "batch_size": 6, "resolution": 40, "mlp": "24-24-24", "equi": 200,
+    changed = {"epochs": 7, "batch_size": 6, "resolution": 40, "mlp": "24-24-24", "equi_dims": 200,
                "equi_emb": 12, "num_workers": 3, "sim_coeff": 3.5, "equi_factor": 0.7,
                "std_coeff": 2.5, "cov_coeff": 0.3, "temperature": 0.3, "augself_weight": 0.4,
                "lr": 3e-4, "wd": 2e-5}
@@ -96,10 +96,10 @@ BAD_FLAGS = [
 
 
 @pytest.mark.parametrize("name", ["sie", "baselines"])   # ser.py's flags: tests/test_ser.py
-@pytest.mark.parametrize("argv, flag", BAD_FLAGS + [(["--equi", "1"], "--equi")],
+@pytest.mark.parametrize("argv, flag", BAD_FLAGS + [(["--equi-dims", "1"], "--equi-dims")],
                          ids=lambda v: " ".join(v) if isinstance(v, list) else "")
 def test_bad_flags_are_one_argparse_line(name, argv, flag, capsys):
-    if flag == "--equi" and name == "baselines":
+    if flag == "--equi-dims" and name == "baselines":
         argv, flag = ["--method", "vicreg-partinv", "--equi-emb", "0"], "--equi-emb"
     with pytest.raises(SystemExit) as e:
         MODULES[name].parse_args(METHOD_FLAGS[name] + argv)

@@ -58,12 +58,12 @@ def test_ablation_sizes():
 
 
 def test_split_takes_first_dims_invariant_last_dims_equivariant():
-    model = sie.build_model(sie.parse_args(["--mlp", "64-64-64", "--equi", "128"])).eval()
+    model = sie.build_model(sie.parse_args(["--mlp", "64-64-64", "--equi-dims", "128"])).eval()
     y = torch.randn(4, 512)
     y2 = y.clone()
     y2[:, 384:] += 1.0                                  # change only the last e = 128 dims
     z, z2 = model.embed(y), model.embed(y2)
-    d_inv = model.d_inv
+    d_inv = model.inv_emb_dims
     assert d_inv == 48 and z.shape[1] == 64             # widths scaled by 384/512 and 128/512
     assert torch.equal(z[:, :d_inv], z2[:, :d_inv]) and not torch.equal(z[:, d_inv:], z2[:, d_inv:])
 
@@ -164,7 +164,7 @@ def test_model_loss_uses_paper_coefficients():
 # ---------------------------------------------------------------- presets and flags
 def test_paper_preset_is_the_official_command():
     a = sie.parse_args(["--preset", "paper"])
-    assert (a.epochs, a.batch_size, a.resolution, a.mlp, a.equi) == (2000, 1024, 256, "2048-2048-2048", 256)
+    assert (a.epochs, a.batch_size, a.resolution, a.mlp, a.equi_dims) == (2000, 1024, 256, "2048-2048-2048", 256)
     assert (a.sim_coeff, a.equi_factor, a.std_coeff, a.cov_coeff) == (10.0, 0.45, 10.0, 1.0)
     assert (a.lr, a.wd, a.predictor, a.hypernet, a.pred_bias) == (1e-3, 1e-6, "hypernet", "linear", False)
     assert not (a.no_pred_var or a.equi_only or a.rot_color)
@@ -173,7 +173,7 @@ def test_paper_preset_is_the_official_command():
     assert sie.parse_args(["--no-pred-var"]).run_dir == os.path.join("runs", "sie-toy-nopredvar")
 
 
-@pytest.mark.parametrize("argv", [["--bogus"], ["--equi", "0"], ["--equi", "512"], ["--amp", "fp8"]])
+@pytest.mark.parametrize("argv", [["--bogus"], ["--equi-dims", "0"], ["--equi-dims", "512"], ["--amp", "fp8"]])
 def test_bad_flags_fail_with_argparse_error(argv, capsys):
     with pytest.raises(SystemExit) as e:
         sie.parse_args(argv)
@@ -293,7 +293,7 @@ def test_missing_data_root_is_one_message(tmp_path):
 
 
 # ---------------------------------------------------------------- ablations, README commands
-@pytest.mark.parametrize("flags", [[], ["--no-pred-var"], ["--equi-only"], ["--rot-color"], ["--equi", "128"],
+@pytest.mark.parametrize("flags", [[], ["--no-pred-var"], ["--equi-only"], ["--rot-color"], ["--equi-dims", "128"],
                                    ["--predictor", "mlp"], ["--hypernet", "deep"], ["--pred-bias"]])
 def test_every_ablation_trains(flags):
     args = sie.parse_args(TINY + flags)
