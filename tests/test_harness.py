@@ -237,11 +237,17 @@ def links_to_scripts(folder):
     return folder
 
 
+def default_sigint():
+    """A shell starts background jobs with SIGINT ignored, and Python keeps an ignored SIGINT:
+    restore the default so the child turns Ctrl-C into KeyboardInterrupt, as in a terminal."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_is_one_line_and_the_same_command_resumes(toy_root, tmp_path):
     cmd = [sys.executable, "sie.py", *tiny("sie", toy_root, tmp_path / "r", "--epochs", "50")]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=default_sigint)
     deadline = time.time() + 120
     while not (tmp_path / "r" / "checkpoint.pt").exists() and time.time() < deadline:
         time.sleep(0.2)
