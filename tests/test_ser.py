@@ -109,7 +109,7 @@ def _step_grads(base, lam):
     torch.manual_seed(1)
     x = torch.rand(16, 3, 16, 16)
     views, g = ser.make_views(x, x.flip(-1), args, step=0)
-    loss, terms = model(views, g, torch.arange(16) % 4, ser.schedule(0, args, 1))
+    loss, terms, _ = model(views, g, torch.arange(16) % 4, ser.schedule(0, args, 1))
     loss.backward()
     return model, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, terms
 
