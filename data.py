@@ -188,22 +188,26 @@ def relative_quaternion(a1, a2):
     return quaternion_multiply(q1 * conjugate, euler_xyz_to_quaternion(a2))
 
 
+def hue_differences(lat1, lat2):
+    """(..., 7) numpy latents -> (..., 2) float64 lat2[[3, 6]] - lat1[[3, 6]]: the floor-hue and
+    spot-hue differences, raw, not wrapped mod 1 although hue is circular (official code,
+    src/dataset.py, Dataset3DIEBenchRotColor)."""
+    return lat2[..., [3, 6]] - lat1[..., [3, 6]]
+
+
 def relative_g(lat1, lat2, color=False, float32_angles=True):
     """The transformation g from view 1 to view 2 that a predictor is conditioned on, from (..., 7)
     numpy latents -> float32 tensor (..., 4): relative_quaternion of the angles; color=True:
-    (..., 6), then the floor-hue and spot-hue differences lat2[[3, 6]] - lat1[[3, 6]], raw, not
-    wrapped mod 1 although hue is circular (official code, src/dataset.py,
-    Dataset3DIEBenchRotColor). float32_angles: the angles are cast to float32 first, as the
-    official training pairs and probes do; its MRR and PRE scripts use the float64 latents
-    (float32_angles=False). The two differ in the last digits only."""
+    (..., 6), followed by the hue_differences. float32_angles: the angles are cast to float32
+    first, as the official training pairs and probes do; its MRR and PRE scripts use the float64
+    latents (float32_angles=False). The two differ in the last digits only."""
     angles1, angles2 = lat1[..., :3], lat2[..., :3]
     if float32_angles:
         angles1 = angles1.astype(np.float32).astype(np.float64)
         angles2 = angles2.astype(np.float32).astype(np.float64)
     g = relative_quaternion(angles1, angles2)
     if color:
-        hue_differences = lat2[..., [3, 6]] - lat1[..., [3, 6]]
-        g = np.concatenate([g, hue_differences], -1)
+        g = np.concatenate([g, hue_differences(lat1, lat2)], -1)
     return torch.from_numpy(g).float()
 
 

@@ -1,14 +1,39 @@
-"""Evaluation protocols shared by every script: SIE's 3DIEBench protocols (sie.md §4) and SER's
-ImageFolder protocols (ser.md §3). Frozen backbone; every metric is written with its definition.
+"""Frozen-backbone evaluation of the checkpoints that sie.py, baselines.py and ser.py write.
 
-    python eval.py runs/sie-toy                                    # all protocols, the run's checkpoint
+On a 3DIEBench root, the protocols of the official SIE code (eval_classification.py,
+eval_angle_prediction.py, eval_color_prediction.py, eval_MRR_Hk.py, eval_prediction_errors.py):
+    classify    top-1 of a linear probe on each part of the representation (full, inv, equi)
+    rotation    R² of an MLP probe predicting the relative rotation of two views from their pair
+    color       the same for the floor-hue and spot-hue differences
+    retrieval   MRR, H@k and PRE of the trained predictor (where the model has one)
+On an ImageFolder root, SER's ImageNet protocols at small scale:
+    linear      top-1 of a linear probe (official SER code, lincls_parallel.py)
+    knn         DINO's weighted k-NN top-1
+    equivariance  our proxy score per block of the token maps (SER's definition is not available)
+    robustness  top-1 of the linear probe on shifted val images (an ImageNet-C/P-like proxy)
+Every metric is written with its definition (DEFS) and its chance level.
+
+    python eval.py runs/sie-toy                       # all protocols, the run's checkpoint
     python eval.py runs/sie-toy/checkpoint.pt --protocol rotation retrieval --bn train
-    torchrun --standalone --nproc_per_node=2 eval.py runs/sie-toy   # same numbers, extraction sharded
-    python eval.py --table runs/sie-toy runs/baselines-toy-*         # one markdown row per run
-In code: `evaluate(Probeable(...), data_root, ...)` -> dict; it prints a table and writes eval.json.
+    torchrun --standalone --nproc_per_node=2 eval.py runs/sie-toy   # same numbers, sharded
+    python eval.py --table runs/sie-toy runs/baselines-toy-*        # one markdown row per run
+In code: evaluate(Probeable(...), data_root, ...) -> dict; it prints a table and writes eval.json.
+
+The checkpoint contract, what eval.py needs from a training script:
+  - the script is one of SCRIPTS (sie.py, baselines.py, ser.py) and defines, at module level,
+      build_model(args) -> nn.Module       the training model, rebuilt from the saved args
+      probeable(model, args) -> Probeable  what of that model the protocols use (see Probeable)
+  - its checkpoint.pt is a dict written with torch.save, holding
+      "script"  "sie", "baselines" or "ser": the module that eval.py imports to rebuild the model
+      "args"    vars() of the script's argparse namespace (a dict with str keys)
+      "model"   the model's state_dict, loaded strictly
+      "step"    the optimizer step (an int), reported with every metric
+    and, for resuming training only (eval.py does not read them): "optimizer", "scaler",
+    "epoch", "rng". It is loaded weights_only: tensors, numbers, strings, lists and dicts only.
 """
 import argparse
 import copy
+import functools
 import importlib
 import json
 import math
@@ -30,44 +55,56 @@ from tqdm import tqdm
 
 import data
 
-# ================================== config ==================================
-PROTOCOLS = {"3diebench": ("classify", "rotation", "color", "retrieval"),      # sie.md §4
-             "imagefolder": ("linear", "knn", "equivariance", "robustness")}   # ser.md §3
-# Probe settings. `paper` = the official README commands (sie.md §4): Adam 1e-3, no schedule, batch
-# 256, 300 epochs, MLP head 1024-1024 for the R² probes, BN in train mode while fitting.
-# Deviation (toy): 100 epochs, batch 64, MLP hidden 256, 10 cached views per training object, BN in
-# eval mode so features are extracted once: seconds on a laptop CPU. Same head shapes and metrics.
-# ImageFolder: linear probe 50 epochs (ser.md §3.1), DINO's k-NN k ∈ {10, 20, 100, 200}, T = 0.07;
-# Deviation (toy): k ∈ {10, 20}, 100 probe epochs, the equivariance score on 256 held-out images.
+# ====================================================================================== settings
+PROTOCOLS = {"3diebench": ("classify", "rotation", "color", "retrieval"),
+             "imagefolder": ("linear", "knn", "equivariance", "robustness")}
+# Probe settings. `paper` = the official README commands: Adam 1e-3, no schedule, batch 256, 300
+# epochs, MLP head 1024-1024 for the R² probes, BN in train mode while fitting.
+# Deviation (toy): 100 epochs, batch 64, MLP hidden 256, 10 cached views per training object, BN
+# in eval mode so that features are extracted once: seconds on a laptop CPU. The same head shapes
+# and metrics.
+# ImageFolder: linear probe 50 epochs (official SER code, config/eval.yaml), DINO's k-NN with
+# k in {10, 20, 100, 200} and T = 0.07.
+# Deviation (toy): k in {10, 20}, 100 probe epochs, the equivariance score on 256 held-out images.
 PRESETS = {
-    "paper": dict(epochs=300, batch_size=256, lr=1e-3, hidden=1024, train_views=None, val_pairs=10, bn="train",
-                  workers=8, seed=0, figure_objects=6, linear_epochs=50, knn_k=(10, 20, 100, 200), equi_images=2000),
-    "toy": dict(epochs=100, batch_size=64, lr=1e-3, hidden=256, train_views=10, val_pairs=10, bn="eval",
-                workers=0, seed=0, figure_objects=6, linear_epochs=100, knn_k=(10, 20), equi_images=256),
+    "paper": dict(epochs=300, batch_size=256, lr=1e-3, hidden=1024, train_views=None, val_pairs=10,
+                  bn="train", workers=8, seed=0, figure_objects=6, linear_epochs=50,
+                  knn_k=(10, 20, 100, 200), equi_images=2000),
+    "toy": dict(epochs=100, batch_size=64, lr=1e-3, hidden=256, train_views=10, val_pairs=10,
+                bn="eval", workers=0, seed=0, figure_objects=6, linear_epochs=100,
+                knn_k=(10, 20), equi_images=256),
 }
 BN_MODES = {
-    "eval": "frozen backbone in eval mode (pretraining BN statistics) everywhere; features extracted once "
-            "and cached, the probe samples views from the cache each epoch",
-    "train": "official: BN in train mode while fitting (batch statistics of each probe batch, running statistics "
-             "re-estimated on train), then eval mode with those for val; features recomputed every epoch",
+    "eval": "frozen backbone in eval mode (pretraining BN statistics) everywhere; features "
+            "extracted once and cached, the probe samples views from the cache each epoch",
+    "train": "official: BN in train mode while fitting (batch statistics of each probe batch, "
+             "running statistics re-estimated on train), then eval mode with those for val; "
+             "features recomputed every epoch",
 }
+# The definition written next to each metric in eval.json.
 DEFS = {
-    "top1": "top-1 of a linear probe Linear(k, C) (cross-entropy, Adam) on the frozen representation slice, "
-            "over every view of every val object (the official one-random-view score's expectation, sie.md §4.1)",
-    "r2_pooled": "OFFICIAL R² = 1 - Σ(t-p)² / Σ(t-t̄)² with ONE scalar mean t̄ over all components of "
-                 "all val targets (sie.md §4.2); a constant predictor already scores ≈0.23 on quaternions",
+    "top1": "top-1 of a linear probe Linear(k, C) (cross-entropy, Adam) on the frozen "
+            "representation slice, over every view of every val object (the expectation of the "
+            "official score, one random view per object, eval_classification.py)",
+    "r2_pooled": "OFFICIAL R² = 1 - Σ(t-p)² / Σ(t-t̄)² with ONE scalar mean t̄ over all components "
+                 "of all val targets (eval_angle_prediction.py, r2_score); a constant predictor "
+                 "already scores ≈0.23 on quaternions",
     "r2_per_output": "mean over output components j of 1 - Σ_i(t_ij-p_ij)² / Σ_i(t_ij-t̄_j)² "
                      "(scikit-learn's uniform average; a constant predictor scores 0)",
-    "mrr": "mean 1/rank of target view v among the object's views by cosine to predict(embed(view 0), g(0→v)); "
-           "every v including v = 0 (sie.md §4.4)",
-    "hits": "fraction of the MRR queries whose target view ranks <= k",
-    "pre": "mean of 1 - <q, q̂>² between the absolute quaternion of the target view and that of the "
-           "nearest neighbour (cosine) of the prediction among ALL embeddings of the split (sie.md §4.4)",
-    "linear": "top-1 of a linear probe Linear(k, C) (Adam, cached centre-crop features) on the frozen "
-              "representation; for SER the concatenated [CLS] of the last 4 blocks (ser.md §3.1)",
-    "knn": "top-1 of DINO's weighted k-NN: the k={k} nearest train features by cosine vote with exp(cos / 0.07)",
-    "robust": "top-1 of the clean-trained linear probe on shifted val images (ImageNet-C/P-like proxy)",
-    "equivariance": "OUR PROXY (the paper's definition is not published, ser.md §3.4): mean over "
+    "mrr": "mean 1/rank of target view v among the object's views by cosine to "
+           "predict(embed(view 0), g(0→v)); every v including v = 0 (eval_MRR_Hk.py)",
+    "hits": "fraction of the MRR queries whose target view ranks <= {k}",
+    "pre": "mean of 1 - <q, q̂>² between the absolute quaternion of the target view and that of "
+           "the nearest neighbour (cosine) of the prediction among ALL embeddings of the split "
+           "(eval_prediction_errors.py)",
+    "linear": "top-1 of a linear probe Linear(k, C) (Adam, cached centre-crop features) on the "
+              "frozen representation; for SER the concatenated [CLS] of the last 4 blocks "
+              "(official SER code, lincls_parallel.py)",
+    "knn": "top-1 of DINO's weighted k-NN: the k={k} nearest train features by cosine vote with "
+           "exp(cos / 0.07)",
+    "robust": "top-1 of the clean-trained linear probe on shifted val images (ImageNet-C/P-like "
+              "proxy)",
+    "equivariance": "OUR PROXY (the SER paper's definition could not be read): mean over "
                     "held-out images, tokens and g ∈ {rot90, rot180, rot270, flip} of "
                     "cos(ρ_g(f_l(x)), f_l(g·x)) for the block-l patch-token map; per_g holds each "
                     "g's mean; 'chance' = the same with ρ_g left out (a map that ignores g scores "
@@ -80,56 +117,85 @@ DEFS = {
 
 @dataclass
 class Probeable:
-    """What a method script hands to `evaluate` (CONTRACT.md)."""
-    backbone: nn.Module                 # images (B,3,H,W) -> representation (B, D)
-    parts: dict                         # name -> slice of the representation, e.g. {"full": slice(0, 512)}
+    """What a method script hands to `evaluate` (its `probeable(model, args)` returns one)."""
+    backbone: nn.Module                 # images (B, 3, H, W) -> representation (B, D)
+    parts: dict                         # name -> slice of the representation: slice(0, 512)
     embed: nn.Module | None = None      # representation (B, D) -> equivariant embedding (B, d)
-    predict: Callable | None = None     # (embedding (B, d), g (B, g_dim)) -> predicted embedding (B, d)
+    predict: Callable | None = None     # (embedding (B, d), g (B, g_dim)) -> prediction (B, d)
     g_dim: int = 4                      # 4 (quaternion) or 6 (quaternion + 2 hue differences)
     token_maps: Callable | None = None  # images -> [per-block token map (B, C, h, w)] (ViT / SER)
-    input_stats: tuple | None = None    # (mean, std) the backbone was trained with; None = the data's own
-    step: int = 0                       # checkpoint step, reported with every metric
+    input_stats: tuple | None = None    # (mean, std) the backbone was trained with, or the data's
+    step: int = 0                       # the checkpoint's step, reported with every metric
 
 
-# ================================ distributed ================================
+# =================================================================================== distributed
 def world():
-    """(rank, world size) of the process group that torchrun / the calling script set up, else (0, 1)."""
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    """(rank, world size) of the process group that torchrun or the calling script set up, else
+    (0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
-# =================================== data ===================================
+def main_process():
+    """Whether this process prints, writes files and shows progress bars (rank 0)."""
+    rank, _ = world()
+    return rank == 0
+
+
+def start_process_group(device):
+    """Join the process group that torchrun describes in the environment (RANK, WORLD_SIZE, ...),
+    unless there is none or it is joined already: NCCL on GPU, gloo on CPU."""
+    if "RANK" not in os.environ or dist.is_initialized():
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+def end_process_group():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ====================================================================================== features
 @torch.no_grad()
 def extract(fn, dataset, batch_size, device, workers=0, desc="features", shard=True):
-    """fn(images) -> (B, ...) for every item of `dataset`, returned on CPU in dataset order, on every rank.
-    Exact under torchrun (style rule 16): rank r takes items r, r+W, r+2W, ... (no DistributedSampler,
-    which pads the shards with repeated items); the shards are padded to equal length only for the
-    all_gather and interleaved back, so every item is counted exactly once whatever W is.
-    shard=False: every rank runs all items itself, in batches of dataset order (BN in train mode)."""
+    """fn(images) -> (B, ...) for every item of `dataset`, returned on CPU in dataset order, on
+    every rank. Exact under torchrun: rank r takes items r, r+W, r+2W, ... (no DistributedSampler,
+    which pads the shards with repeated items); the shards are padded to equal length only for
+    the all_gather and interleaved back, so that every item counts exactly once whatever W is.
+    shard=False: every rank runs all items itself, in batches of dataset order (BN in train
+    mode)."""
     rank, W = world() if shard else (0, 1)
     if len(dataset) == 0:
         raise ValueError(f"{desc}: the data set is empty, nothing to extract")
     mine = Subset(dataset, range(rank, len(dataset), W))
     loader = DataLoader(mine, batch_size, num_workers=workers, pin_memory=device.type == "cuda")
-    outs = [fn(batch[0].to(device, non_blocking=True)).float()
-            for batch in tqdm(loader, desc=desc, disable=world()[0] != 0, leave=False)]
+    batches = tqdm(loader, desc=desc, disable=not main_process(), leave=False)
+    outs = [fn(batch[0].to(device, non_blocking=True)).float() for batch in batches]
     if not outs:   # more ranks than items, this shard is empty: item 0 gives the output's shape
         outs = [fn(dataset[0][0][None].to(device)).float()[:0]]
     local = torch.cat(outs)
     if W == 1:
         return local.cpu()
-    padded = torch.cat([local, local.new_zeros(-(-len(dataset) // W) - len(local), *local.shape[1:])])
+    shard_length = -(-len(dataset) // W)                                  # ceil(len / W)
+    padding = local.new_zeros(shard_length - len(local), *local.shape[1:])
+    padded = torch.cat([local, padding])
     shards = [torch.empty_like(padded) for _ in range(W)]
     dist.all_gather(shards, padded)
     out = torch.empty(len(dataset), *local.shape[1:])
-    for r, shard in enumerate(shards):
-        out[r::W] = shard[:len(range(r, len(dataset), W))].cpu()
+    for r, shard_r in enumerate(shards):
+        out[r::W] = shard_r[:len(range(r, len(dataset), W))].cpu()
     return out
 
 
 def backbone_fn(backbone, device, pre=None):
-    """images -> fp32 representation of pre(images); bf16 autocast + channels_last on GPU (numerics only)."""
+    """images -> the fp32 representation of pre(images); bf16 autocast and channels_last on GPU
+    (numerics only)."""
     def fn(x):
-        x = pre(x) if pre is not None else x
+        if pre is not None:
+            x = pre(x)
         if device.type == "cuda":
             with torch.autocast("cuda", torch.bfloat16):
                 return backbone(x.contiguous(memory_format=torch.channels_last)).float()
@@ -137,18 +203,33 @@ def backbone_fn(backbone, device, pre=None):
     return fn
 
 
+def features_of(backbone, dataset, desc, pre, cfg, device):
+    """The frozen representation of every item of `dataset` (extract of backbone_fn)."""
+    fn = backbone_fn(backbone, device, pre)
+    return extract(fn, dataset, cfg["batch_size_extract"], device, cfg["workers"], desc)
+
+
 def normalizer(stats, src=None):
     """x in [0, 1], or normalised with src = (mean, std) -> normalised with stats = (mean, std)."""
-    col = lambda v, x: torch.tensor(v, device=x.device, dtype=x.dtype).view(3, 1, 1)
     def pre(x):
-        x = x if src is None else x * col(src[1], x) + col(src[0], x)
-        return (x - col(stats[0], x)) / col(stats[1], x)
+        if src is not None:
+            x = data.denormalize_channels(x, src)
+        return data.normalize_channels(x, stats)
     return pre
 
 
+def shifted(shift, pre):
+    """x -> pre(shift(x)): a test-time shift of the [0, 1] images, then the normalisation."""
+    def fn(x):
+        return pre(shift(x))
+    return fn
+
+
+# ============================================================================= 3DIEBench targets
 def epoch_views(n_obj, n_views, seed, epoch):
-    """(order, v_i, v_j): a shuffled object order and two DISTINCT uniform views per object, a function
-    of (seed, epoch) only, so every rank draws the same (the official probes use an unseeded RNG)."""
+    """(order, v_i, v_j): a shuffled object order and two DISTINCT uniform views per object, a
+    function of (seed, epoch) only, so that every rank draws the same (the official probes use an
+    unseeded generator)."""
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(n_obj)
     vi = rng.integers(n_views, size=n_obj)
@@ -156,55 +237,73 @@ def epoch_views(n_obj, n_views, seed, epoch):
     return order, vi[order], vj[order]
 
 
-def rotation_target(lat_i, lat_j):
-    """Relative quaternion quat(R_i^T R_j), scalar-last, not canonicalised (sie.md §1.3); angles cast to
-    float32 first, as the official probes do (sie.md §6)."""
-    f32 = lambda a: a[..., :3].astype(np.float32).astype(np.float64)
-    return torch.from_numpy(data.relative_quaternion(f32(lat_i), f32(lat_j))).float()
-
-
-def color_target(lat_i, lat_j):
-    """(Δfloor-hue, Δspot-hue) = latent_j[[3, 6]] - latent_i[[3, 6]], raw, not wrapped (sie.md §4.3)."""
-    return torch.from_numpy(lat_j[..., [3, 6]] - lat_i[..., [3, 6]]).float()
+def pair_targets(labels, lat_i, lat_j):
+    """The probes' targets for pairs of views with latents lat_i, lat_j (N, 7): the labels, the
+    relative quaternion (N, 4) (data.relative_g, the angles cast to float32 as the official probes
+    do) and the hue differences (N, 2)."""
+    return {"classify": torch.from_numpy(labels), "rotation": data.relative_g(lat_i, lat_j),
+            "color": torch.from_numpy(data.hue_differences(lat_i, lat_j)).float()}
 
 
 def absolute_quaternion(lat):
-    """Absolute pose quaternion of each view from its float64 Euler angles (PRE, sie.md §4.4)."""
-    return torch.from_numpy(data.matrix_to_quaternion(data.euler_xyz_to_matrix(lat[..., :3]))).float()
+    """The absolute pose quaternion of each view, from its float64 Euler angles (for PRE)."""
+    rotations = data.euler_xyz_to_matrix(lat[..., :3])
+    return torch.from_numpy(data.matrix_to_quaternion(rotations)).float()
 
 
-# ================================ probe heads ================================
+# =================================================================================== probe heads
+def regression_mlp(width, hidden, outputs):
+    """The README's `--deep-end` head: Linear(width, h)-ReLU-Linear(h, h)-ReLU-Linear(h, out)."""
+    return nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                         nn.Linear(hidden, outputs))
+
+
 def make_heads(tasks, parts, n_classes, hidden):
-    """One head per "task/part": Linear(k, C) for classification (sie.md §4.1); the README's `--deep-end`
-    MLP Linear(2k, h)-ReLU-Linear(h, h)-ReLU-Linear(h, out) on [f(x_i); f(x_j)] for the rotation
-    (4 outputs) and colour (2 outputs) regressions (sie.md §4.2-4.3)."""
-    mlp = lambda k, out: nn.Sequential(nn.Linear(2 * k, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                                       nn.Linear(hidden, out))
-    return nn.ModuleDict({f"{task}/{name}": nn.Linear(sl.stop - sl.start, n_classes) if task == "classify" else
-                          mlp(sl.stop - sl.start, 4 if task == "rotation" else 2)
-                          for name, sl in parts.items() for task in tasks})
+    """One head per "task/part": Linear(k, C) for classification (eval_classification.py); the MLP
+    on [f(x_i); f(x_j)] for the rotation (4 outputs) and colour (2 outputs) regressions
+    (eval_angle_prediction.py, eval_color_prediction.py)."""
+    heads = {}
+    for name, sl in parts.items():
+        width = sl.stop - sl.start
+        for task in tasks:
+            if task == "classify":
+                heads[f"{task}/{name}"] = nn.Linear(width, n_classes)
+            else:
+                outputs = 4 if task == "rotation" else 2
+                heads[f"{task}/{name}"] = regression_mlp(2 * width, hidden, outputs)
+    return nn.ModuleDict(heads)
+
+
+def head_loss(out, target):
+    if target.dtype == torch.long:
+        return F.cross_entropy(out, target)
+    return F.mse_loss(out, target)
 
 
 def fit_heads(heads, epoch_data, cfg, device):
-    """Fit every head at once on frozen features: Adam, constant lr, no weight decay (sie.md §4: the
-    official schedule helper is never called); the last epoch is reported. epoch_data(epoch) ->
-    {key: (inputs (N, k), targets (N, ...))} in that epoch's order. The heads are independent, so one
-    Adam on the summed losses fits each exactly as alone."""
-    opt, B = torch.optim.Adam(heads.parameters(), lr=cfg["lr"], weight_decay=0), cfg["batch_size"]
-    head_loss = lambda out, y: F.cross_entropy(out, y) if y.dtype == torch.long else F.mse_loss(out, y)
-    for epoch in tqdm(range(cfg["epochs"]), desc="probes", disable=world()[0] != 0, leave=False):
+    """Fit every head at once on frozen features: Adam, constant lr, no weight decay (the official
+    scripts define a schedule but never call it); the last epoch is the one reported.
+    epoch_data(epoch) -> {key: (inputs (N, k), targets (N, ...))} in that epoch's order. The heads
+    are independent, so one Adam on the summed losses fits each exactly as alone."""
+    optimizer = torch.optim.Adam(heads.parameters(), lr=cfg["lr"], weight_decay=0)
+    B = cfg["batch_size"]
+    epochs = tqdm(range(cfg["epochs"]), desc="probes", disable=not main_process(), leave=False)
+    for epoch in epochs:
         batch = epoch_data(epoch)
-        for s in range(0, len(next(iter(batch.values()))[0]), B):
-            loss = sum(head_loss(heads[k](x[s:s + B].to(device)), y[s:s + B].to(device)) for k, (x, y) in batch.items())
-            opt.zero_grad(set_to_none=True)
+        n = len(next(iter(batch.values()))[0])
+        for s in range(0, n, B):
+            loss = sum(head_loss(heads[key](x[s:s + B].to(device)), y[s:s + B].to(device))
+                       for key, (x, y) in batch.items())
+            optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
+            optimizer.step()
 
 
-def seeded(make_heads, cfg, device):
-    with torch.random.fork_rng(devices=[]):   # leave the caller's RNG stream alone
-        torch.manual_seed(cfg["seed"])
-        return make_heads().to(device)
+def seeded(seed, build, *args):
+    """build(*args) with torch's generator seeded, leaving the caller's random stream alone."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build(*args)
 
 
 @torch.no_grad()
@@ -215,7 +314,8 @@ def batched(fn, n, chunk):
     out = None
     for s in range(0, n, chunk):
         y = fn(slice(s, min(s + chunk, n))).float().cpu()
-        out = y.new_empty(n, *y.shape[1:]) if out is None else out
+        if out is None:
+            out = y.new_empty(n, *y.shape[1:])
         out[s:s + len(y)] = y
     return out
 
@@ -227,26 +327,31 @@ def apply(head, x, device, chunk=4096):
 
 
 def pair_batch(keys, parts, f_i, f_j, targets):
-    """{"task/part": (input, target)}: a classifier reads f_i[part], a regressor [f_i[part]; f_j[part]]."""
-    sl = lambda key: parts[key.split("/")[1]]
-    return {k: (f_i[:, sl(k)] if k.startswith("classify") else torch.cat([f_i[:, sl(k)], f_j[:, sl(k)]], 1),
-                targets[k.split("/")[0]]) for k in keys}
+    """{"task/part": (input, target)}: a classifier reads f_i[part], a regressor
+    [f_i[part]; f_j[part]]."""
+    batch = {}
+    for key in keys:
+        task, part = key.split("/", 1)
+        sl = parts[part]
+        if task == "classify":
+            inputs = f_i[:, sl]
+        else:
+            inputs = torch.cat([f_i[:, sl], f_j[:, sl]], 1)
+        batch[key] = (inputs, targets[task])
+    return batch
 
 
-def pair_targets(labels, lat_i, lat_j):
-    return {"classify": torch.from_numpy(labels), "rotation": rotation_target(lat_i, lat_j),
-            "color": color_target(lat_i, lat_j)}
-
-
-# ================================== metrics ==================================
+# ======================================================================================= metrics
 def r2_pooled(pred, target):
-    """Official SIE R² (sie.md §4.2): one scalar mean over ALL entries of the targets."""
+    """The official SIE R² (eval_angle_prediction.py, r2_score): one scalar mean over ALL entries of
+    the targets."""
     return float(1 - ((target - pred) ** 2).sum() / ((target - target.mean()) ** 2).sum())
 
 
 def r2_per_output(pred, target):
     """scikit-learn's r2_score default: R² per output column, then the plain average."""
-    return float((1 - ((target - pred) ** 2).sum(0) / ((target - target.mean(0)) ** 2).sum(0)).mean())
+    per_column = 1 - ((target - pred) ** 2).sum(0) / ((target - target.mean(0)) ** 2).sum(0)
+    return float(per_column.mean())
 
 
 def constant_r2(target):
@@ -258,43 +363,50 @@ def similarity_block(p, c):
     """Dot products of unit rows: (Q, d) x (M, d) -> (Q, M), or per object (n, Q, d) x (n, M, d)
     -> (n, Q, M). Every similarity matrix of the retrieval metrics is one such block (the tests
     bound their size)."""
-    return p @ c.T if p.dim() == 2 else torch.einsum("nqd,ncd->nqc", p, c)
+    if p.dim() == 2:
+        return p @ c.T
+    return torch.einsum("nqd,ncd->nqc", p, c)
 
 
 def unit_rows(c):
-    """The candidates' normalisation of the official script: +1e-8 on the norm."""
+    """The candidates' normalisation of the official scripts: +1e-8 on the norm."""
     return c / (c.norm(dim=-1, keepdim=True) + 1e-8)
 
 
 def target_ranks(pred, cands, chunk=1024):
-    """pred (N, V, d): the prediction for target view v of object n; cands (N, V, d): the object's views.
-    -> (ranks (N, V), 1-based rank of view v among the V candidates by cosine; sims (N, V, V)).
-    p is normalised without eps, the candidates with +1e-8 on the norm, as the official script.
-    `chunk` objects at a time: the normalised copies are (chunk, V, d), not (N, V, d) (row-wise,
-    so the numbers do not depend on it)."""
+    """pred (N, V, d): the prediction for target view v of object n; cands (N, V, d): the object's
+    views. -> (ranks (N, V): the 1-based rank of view v among the V candidates by cosine, sims
+    (N, V, V)). p is normalised without eps, the candidates with +1e-8 on the norm, as in the
+    official script. `chunk` objects at a time: the normalised copies are (chunk, V, d), not
+    (N, V, d) (row-wise, so the numbers do not depend on it)."""
     ranks, sims = [], []
     with torch.autocast(pred.device.type, enabled=False):   # fp32 even under a caller's autocast
         for s in range(0, len(pred), chunk):
-            p, c = pred[s:s + chunk], cands[s:s + chunk]
-            p, c = p / p.norm(dim=-1, keepdim=True), unit_rows(c)
+            p = pred[s:s + chunk]
+            p = p / p.norm(dim=-1, keepdim=True)
+            c = unit_rows(cands[s:s + chunk])
             sim = similarity_block(p, c)
             # ties count in the target's favour (measure zero with real features)
-            ranks.append(1 + (sim > sim.diagonal(dim1=1, dim2=2).unsqueeze(-1)).sum(-1))
+            target_sim = sim.diagonal(dim1=1, dim2=2).unsqueeze(-1)
+            ranks.append(1 + (sim > target_sim).sum(-1))
             sims.append(sim)
     return torch.cat(ranks), torch.cat(sims)
 
 
 def mrr_hits(ranks, ks=(1, 2, 5, 10)):
     r = ranks.double().flatten()
-    return {"mrr": float((1 / r).mean()), **{f"H@{k}": float((r <= k).double().mean()) for k in ks}}
+    metrics = {"mrr": float((1 / r).mean())}
+    for k in ks:
+        metrics[f"H@{k}"] = float((r <= k).double().mean())
+    return metrics
 
 
 @torch.no_grad()
 def nearest_neighbours(pred, cands, device, chunk=4096, cand_chunk=32768):
-    """Index of the nearest candidate (M, d) by cosine of each prediction (Q, d): the argmax over
-    every candidate, streamed over blocks of at most chunk x cand_chunk similarities (512 MiB in
-    fp32 by default, whatever Q and M are: 527,600 x 527,600 at 3DIEBench's val size), plus the
-    M x d normalised candidates on `device`. The running maximum keeps the first index of the
+    """The index of the nearest candidate (M, d) by cosine of each prediction (Q, d): the argmax
+    over every candidate, streamed over blocks of at most chunk x cand_chunk similarities (512 MiB
+    in fp32 by default, whatever Q and M are: 527,600 x 527,600 at 3DIEBench's val size), plus
+    the M x d normalised candidates on `device`. The running maximum keeps the first index of the
     largest value (NaN counting as the largest, as torch.argmax does): the result of one argmax
     over the full matrix."""
     with torch.autocast(device.type, enabled=False):         # fp32 even under a caller's autocast
@@ -317,81 +429,107 @@ def nearest_neighbours(pred, cands, device, chunk=4096, cand_chunk=32768):
 
 @torch.no_grad()
 def pose_retrieval_error(pred, cands, q_true, q_cands, device, chunk=4096, cand_chunk=32768):
-    """PRE (sie.md §4.4): for each prediction (Q, d) the nearest candidate (M, d) by cosine over the WHOLE
-    split; mean of 1 - <q, q̂>² between the absolute quaternions (Q, 4) and (M, 4): sign-invariant,
-    and retrieving another object in the same pose counts as perfect. Memory: nearest_neighbours."""
+    """PRE (eval_prediction_errors.py): for each prediction (Q, d) the nearest candidate (M, d) by
+    cosine over the WHOLE split; the mean of 1 - <q, q̂>² between the absolute quaternions (Q, 4)
+    and (M, 4): sign-invariant, and retrieving another object in the same pose counts as perfect.
+    Memory: see nearest_neighbours."""
     nn_idx = nearest_neighbours(pred, cands, device, chunk, cand_chunk)
     return float((1 - (q_true * q_cands[nn_idx]).sum(-1) ** 2).mean())
 
 
 def chance_levels(n_views, q_split):
-    """Random ranking of V candidates: MRR = H_V / V (0.0900 for 50), H@k = k / V; random retrieval:
-    PRE = 1 - mean_{a,b} <q_a, q_b>² = 1 - ||QᵀQ||_F² / M² exactly (≈0.627 on 3DIEBench poses)."""
+    """A random ranking of V candidates: MRR = H_V / V (0.0900 for 50), H@k = k / V; a random
+    retrieval: PRE = 1 - mean_{a,b} <q_a, q_b>² = 1 - ||QᵀQ||_F² / M² exactly (≈0.627 on
+    3DIEBench's poses)."""
     q = q_split.double()
-    return {"mrr": sum(1 / r for r in range(1, n_views + 1)) / n_views,
-            **{f"H@{k}": min(k, n_views) / n_views for k in (1, 2, 5, 10)},
-            "pre": float(1 - (q.T @ q).pow(2).sum() / len(q) ** 2)}
+    levels = {"mrr": sum(1 / r for r in range(1, n_views + 1)) / n_views}
+    for k in (1, 2, 5, 10):
+        levels[f"H@{k}"] = min(k, n_views) / n_views
+    levels["pre"] = float(1 - (q.T @ q).pow(2).sum() / len(q) ** 2)
+    return levels
 
 
 def record(name, part, value, definition, n, representation, chance, protocol, split="val"):
-    return dict(locals())   # one JSON record per metric (style rule 16); the step is added by evaluate
+    """One JSON record per metric; evaluate adds the checkpoint's step."""
+    return dict(name=name, part=part, value=value, definition=definition, n=n,
+                representation=representation, chance=chance, protocol=protocol, split=split)
 
 
-# ============================ 3DIEBench protocols ============================
+def slice_name(sl):
+    return f"representation[{sl.start}:{sl.stop}]"
+
+
+# ========================================================================= 3DIEBench protocols
 def score_probes(heads, parts, val_reps, labels, latents, majority, cfg, device):
-    """Top-1 over every view of every val object; both R²s over `val_pairs` fixed, seeded distinct-view pairs
-    per object (the official probe re-draws one pair per object per epoch: same expectation, more noise)."""
+    """Top-1 over every view of every val object; both R²s over `val_pairs` fixed, seeded
+    distinct-view pairs per object (the official probe re-draws one pair per object per epoch:
+    the same expectation, more noise). val_reps (N, V, D), latents (N * V, 7)."""
     N, V, D = val_reps.shape
     obj = np.repeat(np.arange(N), cfg["val_pairs"])
     _, vi, vj = epoch_views(len(obj), V, cfg["seed"] + 1, 0)
-    every_view = pair_batch([k for k in heads if k.startswith("classify")], parts, val_reps.reshape(N * V, D),
-                            None, {"classify": torch.from_numpy(np.repeat(labels, V))})
-    pairs = pair_batch([k for k in heads if not k.startswith("classify")], parts, val_reps[obj, vi],
-                       val_reps[obj, vj], pair_targets(labels[obj], latents[obj * V + vi], latents[obj * V + vj]))
-    recs = []
+    classify_keys = [k for k in heads if k.startswith("classify")]
+    regression_keys = [k for k in heads if not k.startswith("classify")]
+    view_labels = {"classify": torch.from_numpy(np.repeat(labels, V))}
+    every_view = pair_batch(classify_keys, parts, val_reps.reshape(N * V, D), None, view_labels)
+    targets = pair_targets(labels[obj], latents[obj * V + vi], latents[obj * V + vj])
+    pairs = pair_batch(regression_keys, parts, val_reps[obj, vi], val_reps[obj, vj], targets)
+    records = []
     for key, (x, t) in {**every_view, **pairs}.items():
-        task, part = key.split("/")
-        sl, p = parts[part], apply(heads[key], x, device)
-        rep = f"representation[{sl.start}:{sl.stop}]"
+        task, part = key.split("/", 1)
+        sl = parts[part]
+        p = apply(heads[key], x, device)
+        rep = slice_name(sl)
         if task == "classify":
-            recs.append(record("top1", part, float((p.argmax(1) == t).double().mean()), DEFS["top1"], len(t),
-                               rep, float((t == majority).double().mean()), task))
+            top1 = float((p.argmax(1) == t).double().mean())
+            chance = float((t == majority).double().mean())
+            records.append(record("top1", part, top1, DEFS["top1"], len(t), rep, chance, task))
             continue
-        what = "relative quaternion (x,y,z,w)" if task == "rotation" else "(Δfloor-hue, Δspot-hue)"
-        name, chance = "rot" if task == "rotation" else "color", constant_r2(t)
-        for i, (kind, fn) in enumerate((("pooled", r2_pooled), ("per_output", r2_per_output))):
-            recs.append(record(f"{name}_r2_{kind}", part, fn(p, t), f"{what}; {DEFS['r2_' + kind]}", len(t),
-                               f"[f(x_i); f(x_j)] of {rep}", chance[i], task))
-    return recs
+        if task == "rotation":
+            name, what = "rot", "relative quaternion (x,y,z,w)"
+        else:
+            name, what = "color", "(Δfloor-hue, Δspot-hue)"
+        chance_pooled, chance_per_output = constant_r2(t)
+        pair_rep = f"[f(x_i); f(x_j)] of {rep}"
+        records.append(record(f"{name}_r2_pooled", part, r2_pooled(p, t),
+                              f"{what}; {DEFS['r2_pooled']}", len(t), pair_rep, chance_pooled,
+                              task))
+        records.append(record(f"{name}_r2_per_output", part, r2_per_output(p, t),
+                              f"{what}; {DEFS['r2_per_output']}", len(t), pair_rep,
+                              chance_per_output, task))
+    return records
 
 
 @torch.no_grad()
 def retrieval_metrics(probe, val_reps, latents, device, batch_size):
-    """MRR, H@k and PRE of the trained predictor on val (sie.md §4.4): embeddings e(o, v) of every view
-    (backbone and projector in eval mode), queries p(o, v) = predict(e(o, 0), g(0 -> v)) for every v
-    including 0, g from the float64 latents. -> (records, sims (N, V, V) for the figure)."""
+    """MRR, H@k and PRE of the trained predictor on val (eval_MRR_Hk.py, eval_prediction_errors.py):
+    embeddings e(o, v) of every view (backbone and projector in eval mode), queries p(o, v) =
+    predict(e(o, 0), g(0 -> v)) for every v including 0, g from the float64 latents.
+    -> (records, sims (N, V, V) for the figure)."""
     N, V, D = val_reps.shape
     emb = apply(probe.embed, val_reps.reshape(N * V, D), device, batch_size)
     lat = latents.reshape(N, V, 7)
-    g = data.relative_quaternion(np.repeat(lat[:, :1, :3], V, 1), lat[:, :, :3])
-    if probe.g_dim == 6:  # rotation + colour conditioning (sie.md §1.3): the same hue differences
-        g = np.concatenate([g, lat[:, :, [3, 6]] - lat[:, :1, [3, 6]]], -1)
-    g = torch.from_numpy(g).float().reshape(N * V, -1)
-    src = emb[::V]                       # e(o, 0) of every object, for the queries o * V + v
+    source_lat = np.repeat(lat[:, :1], V, 1)                     # view 0 of each object
+    g = data.relative_g(source_lat, lat, color=probe.g_dim == 6, float32_angles=False)
+    g = g.reshape(N * V, -1)
+    sources = emb[::V]                           # e(o, 0) of every object, for queries o * V + v
 
     def predictions(rows):
         objects = torch.arange(rows.start, rows.stop) // V
-        return probe.predict(src[objects].to(device), g[rows].to(device))
+        return probe.predict(sources[objects].to(device), g[rows].to(device))
     pred = batched(predictions, N * V, batch_size)
     ranks, sims = target_ranks(pred.reshape(N, V, -1), emb.reshape(N, V, -1))
     q = absolute_quaternion(latents)
     chance = chance_levels(V, q)
     rep = "predict(embed(view 0), g) vs embed(view v), equivariant embedding"
-    recs = [record(k, "embedding", v, DEFS["mrr"] if k == "mrr" else DEFS["hits"].replace("k", k[2:]),
-                   N * V, rep, chance[k], "retrieval") for k, v in mrr_hits(ranks).items()]
-    recs.append(record("pre", "embedding", pose_retrieval_error(pred, emb, q, q, device), DEFS["pre"], N * V,
-                       rep + f", over all {N * V} val views", chance["pre"], "retrieval"))
-    return recs, sims
+    records = []
+    for name, value in mrr_hits(ranks).items():
+        definition = DEFS["mrr"] if name == "mrr" else DEFS["hits"].format(k=name[2:])
+        records.append(record(name, "embedding", value, definition, N * V, rep, chance[name],
+                              "retrieval"))
+    pre = pose_retrieval_error(pred, emb, q, q, device)
+    records.append(record("pre", "embedding", pre, DEFS["pre"], N * V,
+                          rep + f", over all {N * V} val views", chance["pre"], "retrieval"))
+    return records, sims
 
 
 def save_retrieval_figure(path, val_ds, sims, n_objects, seed, top=5):
@@ -403,198 +541,340 @@ def save_retrieval_figure(path, val_ds, sims, n_objects, seed, top=5):
     images = []
     for o in range(min(n_objects, N)):
         v = int(rng.integers(1, V))
-        shown = [0] + sims[o, v].argsort(descending=True)[:top].tolist() + [v]
-        images += [val_ds[o * V + u][0] for u in shown]
-    x = torch.stack(images) * torch.tensor(data.STD).view(3, 1, 1) + torch.tensor(data.MEAN).view(3, 1, 1)
+        nearest = sims[o, v].argsort(descending=True)[:top].tolist()
+        images += [val_ds[o * V + u][0] for u in [0] + nearest + [v]]
+    x = data.denormalize_channels(torch.stack(images))
     save_image(make_grid(x.clamp(0, 1), nrow=top + 2, padding=2, pad_value=1.0), path)
 
 
-def evaluate_3diebench(probe, root, protos, cfg, device, out_dir):
-    """sie.md §4 on 3DIEBench (or its look-alike): -> (records, notes)."""
-    size, B, W = cfg["size"], cfg["batch_size_extract"], cfg["workers"]
-    val_ds = data.Views3DIEBench(root, "val", size=size)
-    V, recs, notes = len(val_ds.view_ids), [], []
-    tasks = [p for p in ("classify", "rotation", "color") if p in protos]
-    retrieval = "retrieval" in protos and probe.embed is not None and probe.predict is not None
-    if "retrieval" in protos and not retrieval:
-        notes.append("retrieval (MRR, H@k, PRE) skipped: this probeable has no embed/predict (no predictor)")
-    # a backbone trained with other input statistics (an ImageNet ViT, ser.md §3.2) gets its own
-    pre = probe.input_stats and normalizer(probe.input_stats, src=(data.MEAN, data.STD))
-    features = lambda bb, ds, desc: extract(backbone_fn(bb, device, pre), ds, B, device, W, desc)
-    if retrieval or (tasks and cfg["bn"] == "eval"):   # pretraining BN statistics (sie.md §4.4)
-        val_reps = features(probe.backbone, val_ds, "val features").unflatten(0, (-1, V))
-    if retrieval:
-        r, sims = retrieval_metrics(probe, val_reps, val_ds.latents, device, B)
-        recs += r
-        if out_dir and world()[0] == 0 and cfg["figure_objects"]:
-            save_retrieval_figure(os.path.join(out_dir, "retrieval.png"), val_ds, sims, cfg["figure_objects"],
-                                  cfg["seed"])
-    if not tasks:
-        return recs, notes
-    views = None if cfg["bn"] == "train" or cfg["train_views"] is None else range(min(cfg["train_views"], V))
-    train_ds = data.Views3DIEBench(root, "train", size=size, views=views)
-    n_tr, n_cached, lat = len(train_ds.entries), len(train_ds.view_ids), train_ds.latents
-    Vtr = len(lat) // n_tr                                   # latent row = object * Vtr + view
-    if cfg["bn"] == "eval":  # features once; each epoch picks two of the cached views per object
-        cache = features(probe.backbone, train_ds, "train features").unflatten(0, (n_tr, n_cached))
-        pair_features = lambda order, vi, vj: (cache[order, vi], cache[order, vj])
-    else:  # sie.md §4 "net.train()": batch statistics of each probe batch, running statistics drift
-        bb = copy.deepcopy(probe.backbone).eval().requires_grad_(False)   # BN only: dropout stays off
-        for m in filter(lambda m: isinstance(m, nn.modules.batchnorm._BatchNorm), bb.modules()):
-            m.train()
-        # per epoch, the images of exactly the probe's minibatches, so BN sees what the official probe sees
-        pair_features = lambda order, vi, vj: [extract(backbone_fn(bb, device, pre), Subset(
-            train_ds, order * Vtr + v), cfg["batch_size"], device, W, "epoch", shard=False) for v in (vi, vj)]
+def bn_train_copy(backbone):
+    """A copy of the frozen backbone with only its BatchNorm layers in train mode: the official
+    probes' net.train() (dropout stays off)."""
+    copied = copy.deepcopy(backbone).eval().requires_grad_(False)
+    for module in copied.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.train()
+    return copied
+
+
+def probe_records(probe, root, tasks, cfg, device, pre, val_ds, val_reps):
+    """Fit the classify / rotation / color heads on train and score them on val -> records.
+    val_reps: the val features (bn="eval"), or None (bn="train": computed after fitting)."""
+    V = len(val_ds.view_ids)
+    if cfg["bn"] == "train" or cfg["train_views"] is None:
+        views = None
+    else:
+        views = range(min(cfg["train_views"], V))
+    train_ds = data.Views3DIEBench(root, "train", size=cfg["size"], views=views)
+    n_train = len(train_ds.entries)
+    n_views = len(train_ds.view_ids)                 # pairs are drawn among these views
+    views_on_disk = len(train_ds.latents) // n_train   # latent row = object * views_on_disk + view
+    heads = seeded(cfg["seed"], make_heads, tasks, probe.parts, train_ds.num_classes, cfg["hidden"])
+    heads = heads.to(device)
+    if cfg["bn"] == "eval":
+        # features once; each epoch picks two of the cached views per object
+        cache = features_of(probe.backbone, train_ds, "train features", pre, cfg, device)
+        cache = cache.unflatten(0, (n_train, n_views))
+
+        def pair_features(order, vi, vj):
+            return cache[order, vi], cache[order, vj]
+    else:
+        # batch statistics of each probe batch, running statistics drifting to train's
+        bn_backbone = bn_train_copy(probe.backbone)
+        fn = backbone_fn(bn_backbone, device, pre)
+
+        def pair_features(order, vi, vj):
+            # per epoch, the images of exactly the probe's minibatches, so that BN sees what
+            # the official probe sees
+            return [extract(fn, Subset(train_ds, order * views_on_disk + v), cfg["batch_size"],
+                            device, cfg["workers"], "epoch", shard=False) for v in (vi, vj)]
+
     def epoch_data(epoch):
-        order, vi, vj = epoch_views(n_tr, n_cached, cfg["seed"], epoch)
-        return pair_batch(heads, probe.parts, *pair_features(order, vi, vj),
-                          pair_targets(train_ds.labels[order], lat[order * Vtr + vi], lat[order * Vtr + vj]))
-    heads = seeded(lambda: make_heads(tasks, probe.parts, train_ds.num_classes, cfg["hidden"]), cfg, device)
+        order, vi, vj = epoch_views(n_train, n_views, cfg["seed"], epoch)
+        f_i, f_j = pair_features(order, vi, vj)
+        lat_i = train_ds.latents[order * views_on_disk + vi]
+        lat_j = train_ds.latents[order * views_on_disk + vj]
+        targets = pair_targets(train_ds.labels[order], lat_i, lat_j)
+        return pair_batch(heads, probe.parts, f_i, f_j, targets)
     fit_heads(heads, epoch_data, cfg, device)
-    if cfg["bn"] == "train":
-        val_reps = features(bb.eval(), val_ds, "val features (re-estimated BN)").unflatten(0, (-1, V))
+    if cfg["bn"] == "train":             # val in eval mode, with the re-estimated statistics
+        val_reps = features_of(bn_backbone.eval(), val_ds, "val features (re-estimated BN)", pre,
+                               cfg, device).unflatten(0, (-1, V))
     majority = int(np.bincount(train_ds.labels).argmax())
-    recs += score_probes(heads, probe.parts, val_reps, val_ds.labels, val_ds.latents, majority, cfg, device)
-    return recs, notes
+    return score_probes(heads, probe.parts, val_reps, val_ds.labels, val_ds.latents, majority,
+                        cfg, device)
 
 
-# ============================ ImageFolder protocols ============================
-# The g whose no-ρ reference is ρ itself: f(g·x) lives on another token grid, so any comparison
-# resamples f(x) to it, and a map that ignores the rescale (f(g·x) = resample(f(x))) scores 1 like
-# an equivariant one. Its Δ would be 0 by construction: it stays out of the score's mean and
-# reference.
-NO_REFERENCE = ("rescale",)
+def evaluate_3diebench(probe, root, protos, cfg, device, out_dir):
+    """SIE's protocols on 3DIEBench (or its look-alike) -> (records, notes)."""
+    val_ds = data.Views3DIEBench(root, "val", size=cfg["size"])
+    V = len(val_ds.view_ids)
+    tasks = [p for p in ("classify", "rotation", "color") if p in protos]
+    has_predictor = probe.embed is not None and probe.predict is not None
+    retrieval = "retrieval" in protos and has_predictor
+    records, notes = [], []
+    if "retrieval" in protos and not retrieval:
+        notes.append("retrieval (MRR, H@k, PRE) skipped: this probeable has no embed/predict "
+                     "(no predictor)")
+    # a backbone trained with other input statistics (an ImageNet ViT) gets its own
+    pre = None
+    if probe.input_stats:
+        pre = normalizer(probe.input_stats, src=(data.MEAN, data.STD))
+    val_reps = None
+    if retrieval or (tasks and cfg["bn"] == "eval"):     # with the pretraining BN statistics
+        val_reps = features_of(probe.backbone, val_ds, "val features", pre, cfg, device)
+        val_reps = val_reps.unflatten(0, (-1, V))
+    if retrieval:
+        retrieval_records, sims = retrieval_metrics(probe, val_reps, val_ds.latents, device,
+                                                    cfg["batch_size_extract"])
+        records += retrieval_records
+        if out_dir and main_process() and cfg["figure_objects"]:
+            save_retrieval_figure(os.path.join(out_dir, "retrieval.png"), val_ds, sims,
+                                  cfg["figure_objects"], cfg["seed"])
+    if tasks:
+        records += probe_records(probe, root, tasks, cfg, device, pre, val_ds, val_reps)
+    return records, notes
 
 
-def group_actions(grid):
-    """The equivariance score's g (ser.md §3.4 proxy): (name, act on images, ρ_g on token maps). rot90^k and
-    the flip permute tokens; the rescale resizes the image to a 1.25x token grid (exact patch multiples) and
-    ρ resamples the map bicubically to the grid f(g·x) has (ser.md §1.4)."""
-    up = max(grid + 1, round(1.25 * grid))
-    acts = [(f"rot{90 * k}", lambda x, k=k: torch.rot90(x, k, (2, 3)), lambda m, t, k=k: torch.rot90(m, k, (2, 3)))
-            for k in (1, 2, 3)]
-    return acts + [("flip", lambda x: x.flip(3), lambda m, t: m.flip(3)),
-                   ("rescale", lambda x: resample(x, (x.shape[2] * up // grid, x.shape[3] * up // grid)),
-                    lambda m, t: resample(m, t.shape[-2:]))]
-
-
+# ======================================================================= ImageFolder protocols
 def resample(x, size, mode="bicubic"):
     return F.interpolate(x, size=tuple(size), mode=mode, align_corners=False)
 
 
+def rot90(x, k):
+    """Rotate images or token maps (B, C, H, W) by k x 90 degrees."""
+    return torch.rot90(x, k, (2, 3))
+
+
+def rot90_map(m, target, k):
+    return rot90(m, k)
+
+
+def hflip(x):
+    return x.flip(3)
+
+
+def hflip_map(m, target):
+    return hflip(m)
+
+
+def rescale(x, grid, up):
+    """Resize images so that their token grid goes from grid x grid to up x up."""
+    return resample(x, (x.shape[2] * up // grid, x.shape[3] * up // grid))
+
+
+def resample_to(m, target):
+    """A token map resampled to the grid of target."""
+    return resample(m, target.shape[-2:])
+
+
+# The g whose no-ρ reference is ρ itself: f(g·x) lives on another token grid, so any comparison
+# resamples f(x) to it, and a map that ignores the rescale (f(g·x) = resample(f(x))) scores 1
+# like an equivariant one. Its Δ would be 0 by construction: it stays out of the score's mean
+# and reference.
+NO_REFERENCE = ("rescale",)
+
+
+def group_actions(grid):
+    """The equivariance score's g: [(name, its action on images, ρ_g(map, f(g·x)) on token
+    maps)]. rot90^k and the flip permute tokens; the rescale resizes the image to a 1.25x token
+    grid (exact patch multiples) and ρ resamples the map bicubically to the grid f(g·x) has."""
+    up = max(grid + 1, round(1.25 * grid))
+    actions = [(f"rot{90 * k}", functools.partial(rot90, k=k), functools.partial(rot90_map, k=k))
+               for k in (1, 2, 3)]
+    actions.append(("flip", hflip, hflip_map))
+    actions.append(("rescale", functools.partial(rescale, grid=grid, up=up), resample_to))
+    return actions
+
+
+def mean_token_cosine(a, b):
+    """(B, C, h, w) x (B, C, h, w) -> (B,): the mean over tokens of the channel vectors' cosine."""
+    return F.cosine_similarity(a.float(), b.float(), dim=1).flatten(1).mean(1)
+
+
 def equivariance_fn(token_maps, pre, grid):
-    """images -> (B, blocks, |G|, 2): per image, block and g, the mean over tokens of cos(ρ_g(f_l(x)), f_l(g·x)),
-    and as a reference the same with ρ_g ignored (for the rescale only resampled to the other grid,
-    which is ρ itself: see NO_REFERENCE)."""
-    cos = lambda a, b: F.cosine_similarity(a.float(), b.float(), dim=1).flatten(1).mean(1)
+    """images -> (B, blocks, |G|, 2): per image, block and g, the mean over tokens of
+    cos(ρ_g(f_l(x)), f_l(g·x)), and as a reference the same with ρ_g ignored (for the rescale
+    only resampled to the other grid, which is ρ itself: see NO_REFERENCE)."""
     def fn(x):
-        maps, per_g = token_maps(pre(x)), []
+        maps = token_maps(pre(x))
+        per_g = []
         for _, act, rho in group_actions(grid):
-            per_g.append(torch.stack([torch.stack([cos(rho(m, t), t), cos(resample(m, t.shape[-2:]), t)], 1)
-                                      for m, t in zip(maps, token_maps(pre(act(x))))], 1))
+            per_block = []
+            for m, target in zip(maps, token_maps(pre(act(x)))):
+                equivariant = mean_token_cosine(rho(m, target), target)
+                reference = mean_token_cosine(resample_to(m, target), target)
+                per_block.append(torch.stack([equivariant, reference], 1))
+            per_g.append(torch.stack(per_block, 1))
         return torch.stack(per_g, 2)
     return fn
 
 
-def corruptions(size, seed):
-    """Test-time shifts on [0, 1] images (an ImageNet-C/P-like proxy, one severity each): geometric
-    (rot90, rot180, vertical flip, 1.5x zoom on the centre) and corruptions (Gaussian noise σ 0.1 — a fixed,
-    seeded field, so the result does not depend on how images are batched or sharded — Gaussian blur
-    σ = size/64 px, JPEG quality 10)."""
+def vflip(x):
+    return x.flip(2)
+
+
+def zoom_centre(x, size, border):
+    """1.5x zoom: the centre (size - 2 border)² crop resized back to size."""
+    return resample(x[..., border:size - border, border:size - border], (size, size))
+
+
+def add_noise(x, noise):
+    return (x + noise.to(x)).clamp(0, 1)
+
+
+def gaussian_blur(x, sigma):
+    from torchvision.transforms.functional import gaussian_blur as blur
+    return blur(x, [2 * math.ceil(2 * sigma) + 1] * 2, [sigma] * 2)
+
+
+def jpeg_quality_10(x):
     from torchvision.io import decode_jpeg, encode_jpeg
-    from torchvision.transforms.functional import gaussian_blur
+    encoded = encode_jpeg(list((x * 255).round().byte().cpu()), quality=10)
+    return torch.stack(decode_jpeg(encoded)).to(x)
+
+
+def corruptions(size, seed):
+    """Test-time shifts of [0, 1] images (an ImageNet-C/P-like proxy, one severity each):
+    geometric (rot90, rot180, vertical flip, 1.5x zoom on the centre) and corruptions (Gaussian
+    noise σ 0.1, a fixed seeded field, so that the result does not depend on how images are
+    batched or sharded; Gaussian blur σ = size/64 px; JPEG quality 10)."""
     noise = 0.1 * torch.randn(3, size, size, generator=torch.Generator().manual_seed(seed))
-    sigma, c = max(size / 64, 0.5), round(size / 6)
-    jpeg = lambda x: torch.stack(decode_jpeg(encode_jpeg(list((x * 255).round().byte().cpu()), quality=10))).to(x)
-    return {"rot90": lambda x: torch.rot90(x, 1, (2, 3)), "rot180": lambda x: torch.rot90(x, 2, (2, 3)),
-            "vflip": lambda x: x.flip(2), "zoom": lambda x: resample(x[..., c:size - c, c:size - c], (size, size)),
-            "noise": lambda x: (x + noise.to(x)).clamp(0, 1),
-            "blur": lambda x: gaussian_blur(x, [2 * math.ceil(2 * sigma) + 1] * 2, [sigma] * 2),
-            "jpeg": jpeg}
+    sigma = max(size / 64, 0.5)
+    border = round(size / 6)
+    return {"rot90": functools.partial(rot90, k=1), "rot180": functools.partial(rot90, k=2),
+            "vflip": vflip, "zoom": functools.partial(zoom_centre, size=size, border=border),
+            "noise": functools.partial(add_noise, noise=noise),
+            "blur": functools.partial(gaussian_blur, sigma=sigma), "jpeg": jpeg_quality_10}
 
 
 def knn_top1(train, train_labels, val, val_labels, ks, T, n_classes, device, chunk=1024):
-    """DINO's weighted k-NN (Caron et al. 2021): cosine similarity to every training feature, the k
-    nearest vote with weight exp(sim / T). -> {k: top-1}."""
+    """DINO's weighted k-NN (Caron et al. 2021, eval_knn.py): cosine similarity to every training
+    feature, the k nearest vote with weight exp(sim / T). -> {k: top-1}."""
     correct = dict.fromkeys(ks, 0)
     with torch.autocast(device.type, enabled=False):          # fp32 even under a caller's autocast
         tr = F.normalize(train.to(device), dim=1)
+        labels = train_labels.to(device)
         for s in range(0, len(val), chunk):
             sims = F.normalize(val[s:s + chunk].to(device), dim=1) @ tr.T
             sims, idx = sims.topk(min(max(ks), len(tr)), 1)
             for k in ks:
-                votes = torch.zeros(len(idx), n_classes, device=device).scatter_add_(
-                    1, train_labels.to(device)[idx[:, :k]], (sims[:, :k] / T).exp())
+                votes = torch.zeros(len(idx), n_classes, device=device)
+                votes.scatter_add_(1, labels[idx[:, :k]], (sims[:, :k] / T).exp())
                 correct[k] += int((votes.argmax(1).cpu() == val_labels[s:s + chunk]).sum())
     return {k: correct[k] / len(val) for k in ks}
 
 
+def linear_heads(keys, n_classes):
+    return nn.ModuleDict({k: nn.Linear(sl.stop - sl.start, n_classes) for k, sl in keys.items()})
+
+
+def fit_linear_probes(parts, features, labels, n_classes, cfg, device):
+    """One Linear(k, C) per representation part, keyed "linear/<part>" (a part may be named like a
+    method), fit on the cached train features for cfg["linear_epochs"]."""
+    keys = {f"linear/{p}": sl for p, sl in parts.items()}
+    heads = seeded(cfg["seed"], linear_heads, keys, n_classes).to(device)
+
+    def epoch_data(epoch):
+        order = np.random.default_rng([cfg["seed"], epoch]).permutation(len(labels))
+        order = torch.from_numpy(order)
+        return {k: (features[order][:, sl], labels[order]) for k, sl in keys.items()}
+    fit_heads(heads, epoch_data, dict(cfg, epochs=cfg["linear_epochs"]), device)
+    return heads
+
+
+def linear_top1(head, features, labels, device):
+    return float((apply(head, features, device).argmax(1) == labels).double().mean())
+
+
+def equivariance_records(probe, val_ds, pre, cfg, device):
+    """The equivariance score per block on cfg["equi_images"] held-out val images -> (records,
+    note)."""
+    held_out = Subset(val_ds, range(min(cfg["equi_images"], len(val_ds))))
+    first_image = held_out[0][0][None].to(device)
+    grid = probe.token_maps(pre(first_image))[0].shape[-1]
+    fn = equivariance_fn(probe.token_maps, pre, grid)
+    cos = extract(fn, held_out, cfg["batch_size_extract"], device, cfg["workers"], "equivariance")
+    names = [name for name, _, _ in group_actions(grid)]
+    scored = [i for i, name in enumerate(names) if name not in NO_REFERENCE]
+    records = []
+    for block, c in enumerate(cos.mean(0), 1):                       # c: (|G|, 2) per block
+        r = record("equivariance", f"block{block}", float(c[scored, 0].mean()),
+                   DEFS["equivariance"], len(held_out), f"patch-token map after block {block}",
+                   float(c[scored, 1].mean()), "equivariance")
+        r["per_g"] = dict(zip(names, c[:, 0].tolist()))
+        r["per_g_chance"] = {names[i]: float(c[i, 1]) for i in scored}
+        records.append(r)
+    note = (f"equivariance: value and chance over {[names[i] for i in scored]}; "
+            f"{list(NO_REFERENCE)} only in per_g (its no-ρ reference is ρ itself: "
+            "Δ = 0 for any map)")
+    return records, note
+
+
 def evaluate_imagefolder(probe, root, protos, cfg, device):
-    """ser.md §3 on an ImageFolder root: linear probe and weighted k-NN on every representation part,
-    per-block equivariance score, linear-probe accuracy on shifted val images -> (records, notes)."""
+    """SER's protocols on an ImageFolder root: linear probe and weighted k-NN on every
+    representation part, linear-probe accuracy on shifted val images, the per-block equivariance
+    score -> (records, notes)."""
     import torchvision.transforms as T
-    size, B, W, notes, recs = cfg["size"], cfg["batch_size_extract"], cfg["workers"], [], []
-    # Deviation: features of the test transform (resize 256/224 + centre crop) for train and val, cached;
-    # SER's probe trains on random-resized crops + flips with SGD and a cosine schedule (ser.md §3.1).
-    tf = T.Compose(([T.Resize(round(size * 256 / 224)), T.CenterCrop(size)] if size else []) + [T.ToTensor()])
-    train_ds, val_ds = data.ImageFolder(root, "train", tf), data.ImageFolder(root, "val", tf)
+    size = cfg["size"]
+    records, notes = [], []
+    # Deviation: features of the test transform (resize 256/224 + centre crop) for train and val,
+    # cached; SER's probe trains on random-resized crops and flips with SGD and a cosine schedule
+    # (official SER code, lincls_parallel.py).
+    resize = [T.Resize(round(size * 256 / 224)), T.CenterCrop(size)] if size else []
+    transform = T.Compose(resize + [T.ToTensor()])
+    train_ds = data.ImageFolder(root, "train", transform)
+    val_ds = data.ImageFolder(root, "val", transform)
     pre = normalizer(probe.input_stats or (data.IMAGENET_MEAN, data.IMAGENET_STD))
-    ytr, yva, C = torch.tensor(train_ds.targets), torch.tensor(val_ds.targets), len(train_ds.classes)
-    feats = lambda ds, t=None, desc="val features": extract(backbone_fn(
-        probe.backbone, device, pre if t is None else (lambda x: pre(t(x)))), ds, B, device, W, desc)
-    majority = float((yva == ytr.bincount().argmax()).double().mean())
+    y_train = torch.tensor(train_ds.targets)
+    y_val = torch.tensor(val_ds.targets)
+    n_classes = len(train_ds.classes)
+    majority = float((y_val == y_train.bincount().argmax()).double().mean())
     if {"linear", "knn", "robustness"} & set(protos):
-        ftr, fva = feats(train_ds, desc="train features"), feats(val_ds)
-    rep = lambda sl: f"representation[{sl.start}:{sl.stop}]"
+        f_train = features_of(probe.backbone, train_ds, "train features", pre, cfg, device)
+        f_val = features_of(probe.backbone, val_ds, "val features", pre, cfg, device)
     if {"linear", "robustness"} & set(protos):
-        parts = {f"linear/{p}": sl for p, sl in probe.parts.items()}   # "/": a part may be named like a method
-        heads = seeded(lambda: nn.ModuleDict({k: nn.Linear(sl.stop - sl.start, C) for k, sl in parts.items()}),
-                       cfg, device)
-        def epoch_data(epoch):
-            order = torch.from_numpy(np.random.default_rng([cfg["seed"], epoch]).permutation(len(ytr)))
-            return {k: (ftr[order][:, sl], ytr[order]) for k, sl in parts.items()}
-        fit_heads(heads, epoch_data, dict(cfg, epochs=cfg["linear_epochs"]), device)
-        top1 = lambda p, f: float((apply(heads["linear/" + p], f[:, probe.parts[p]], device).argmax(1) == yva)
-                                  .double().mean())
+        heads = fit_linear_probes(probe.parts, f_train, y_train, n_classes, cfg, device)
     if "linear" in protos:
-        recs += [record("linear_top1", p, top1(p, fva), DEFS["linear"], len(yva), rep(sl), majority, "linear")
-                 for p, sl in probe.parts.items()]
+        for part, sl in probe.parts.items():
+            top1 = linear_top1(heads[f"linear/{part}"], f_val[:, sl], y_val, device)
+            records.append(record("linear_top1", part, top1, DEFS["linear"], len(y_val),
+                                  slice_name(sl), majority, "linear"))
     if "knn" in protos:
-        for p, sl in probe.parts.items():
-            for k, acc in knn_top1(ftr[:, sl], ytr, fva[:, sl], yva, cfg["knn_k"], 0.07, C, device).items():
-                recs.append(record(f"knn{k}_top1", p, acc, DEFS["knn"].format(k=k), len(yva), rep(sl), majority, "knn"))
+        for part, sl in probe.parts.items():
+            accuracies = knn_top1(f_train[:, sl], y_train, f_val[:, sl], y_val, cfg["knn_k"], 0.07,
+                                  n_classes, device)
+            for k, top1 in accuracies.items():
+                records.append(record(f"knn{k}_top1", part, top1, DEFS["knn"].format(k=k),
+                                      len(y_val), slice_name(sl), majority, "knn"))
     if "robustness" in protos:
-        p = next(iter(probe.parts))
-        for name, t in corruptions(size or val_ds[0][0].shape[-1], cfg["seed"]).items():
-            recs.append(record(f"robust_top1_{name}", p, top1(p, feats(val_ds, t, f"val {name}")), DEFS["robust"],
-                               len(yva), rep(probe.parts[p]) + f" of {name} val images", majority, "robustness"))
+        part = next(iter(probe.parts))
+        sl = probe.parts[part]
+        image_size = size or val_ds[0][0].shape[-1]
+        for name, shift in corruptions(image_size, cfg["seed"]).items():
+            f_shifted = features_of(probe.backbone, val_ds, f"val {name}", shifted(shift, pre), cfg,
+                                    device)
+            top1 = linear_top1(heads[f"linear/{part}"], f_shifted[:, sl], y_val, device)
+            records.append(record(f"robust_top1_{name}", part, top1, DEFS["robust"], len(y_val),
+                                  slice_name(sl) + f" of {name} val images", majority,
+                                  "robustness"))
     if "equivariance" in protos and probe.token_maps is None:
         notes.append("equivariance skipped: this probeable has no token_maps")
     elif "equivariance" in protos:
-        held_out = Subset(val_ds, range(min(cfg["equi_images"], len(val_ds))))
-        grid = probe.token_maps(pre(held_out[0][0][None].to(device)))[0].shape[-1]
-        cos = extract(equivariance_fn(probe.token_maps, pre, grid), held_out, B, device, W, "equivariance")
-        names = [n for n, _, _ in group_actions(grid)]
-        scored = [i for i, n in enumerate(names) if n not in NO_REFERENCE]
-        for block, c in enumerate(cos.mean(0), 1):     # (|G|, 2) per block
-            r = record("equivariance", f"block{block}", float(c[scored, 0].mean()),
-                       DEFS["equivariance"], len(held_out), f"patch-token map after block {block}",
-                       float(c[scored, 1].mean()), "equivariance")
-            recs.append(dict(r, per_g=dict(zip(names, c[:, 0].tolist())),
-                             per_g_chance={names[i]: float(c[i, 1]) for i in scored}))
-        notes.append(f"equivariance: value and chance over {[names[i] for i in scored]}; "
-                     f"{list(NO_REFERENCE)} only in per_g (its no-ρ reference is ρ itself: "
-                     "Δ = 0 for any map)")
-    return recs, notes
+        equivariance, note = equivariance_records(probe, val_ds, pre, cfg, device)
+        records += equivariance
+        notes.append(note)
+    return records, notes
 
 
-# ================================= evaluate =================================
+# ====================================================================================== evaluate
 def resolve(preset, opts):
-    """Preset values, then the caller's options; an unknown option is an error naming it."""
+    """The preset's values, then the caller's options; an unknown option is an error naming it."""
     if preset not in PRESETS:
         raise ValueError(f"unknown eval preset {preset!r}; choose from {sorted(PRESETS)}")
     cfg = dict(PRESETS[preset], size=None, batch_size_extract=256)
-    if unknown := sorted(set(opts) - set(cfg)):
+    unknown = sorted(set(opts) - set(cfg))
+    if unknown:
         raise ValueError(f"unknown eval option(s) {unknown}; known: {sorted(cfg)}")
     cfg.update({k: v for k, v in opts.items() if v is not None})
     if cfg["bn"] not in BN_MODES:
@@ -603,30 +883,37 @@ def resolve(preset, opts):
 
 
 def dataset_kind(root):
-    """3DIEBench layout ('{split}_images.npy' lists) or ImageNet's ('train/<wnid>/*.JPEG')."""
-    folder = os.path.isdir(os.path.join(root, "train")) and not os.path.isfile(os.path.join(root, "train_images.npy"))
-    default = os.path.abspath(root) == os.path.abspath(data.DEFAULT_IMAGEFOLDER_ROOT)   # generated on first use
-    return "imagefolder" if folder or default else "3diebench"   # else data.py names what is missing
+    """The 3DIEBench layout ('{split}_images.npy' lists) or ImageNet's ('train/<wnid>/*.JPEG')."""
+    train = os.path.join(root, "train")
+    folder = os.path.isdir(train) and not os.path.isfile(os.path.join(root, "train_images.npy"))
+    # the default ImageFolder root is generated on first use
+    default = os.path.abspath(root) == os.path.abspath(data.DEFAULT_IMAGEFOLDER_ROOT)
+    return "imagefolder" if folder or default else "3diebench"   # data.py names what is missing
 
 
 def expand_protocols(protocols, kind):
-    names = [p.strip() for p in ([protocols] if isinstance(protocols, str) else protocols) if p.strip()]
+    names = [p.strip() for p in ([protocols] if isinstance(protocols, str) else protocols)
+             if p.strip()]
     known = PROTOCOLS[kind]
     for p in names:
         if p != "all" and p not in known:
             other = [k for k, v in PROTOCOLS.items() if p in v]
-            what = (f"protocol {p!r} needs a {other[0]} data root, this one is {kind}" if other
-                    else f"unknown protocol {p!r}")
+            if other:
+                what = f"protocol {p!r} needs a {other[0]} data root, this one is {kind}"
+            else:
+                what = f"unknown protocol {p!r}"
             raise ValueError(f"{what}; choose from {['all', *known]}")
-    return tuple(known) if "all" in names or not names else tuple(dict.fromkeys(names))
+    if "all" in names or not names:
+        return tuple(known)
+    return tuple(dict.fromkeys(names))
 
 
 def check_protocols(protocols, data_root, flag="--eval-protocols"):
     """The protocols that evaluate(probe, data_root, protocols) will run, checked now: for the
-    training scripts to call at start-up, so a typo is an error before training, not after it.
-    protocols: a comma-separated string (the scripts' flag) or a sequence of names. The data root
-    need not exist yet (the default data sets are generated on first use; see dataset_kind).
-    -> tuple of names; ValueError with a one-line message naming `flag` and the valid choices."""
+    training scripts to call at start-up, so that a typo is an error before training, not after
+    it. protocols: a comma-separated string (the scripts' flag) or a sequence of names. The data
+    root need not exist yet (the default data sets are generated on first use; see dataset_kind).
+    -> a tuple of names; a ValueError with a one-line message naming `flag` and the choices."""
     names = protocols.split(",") if isinstance(protocols, str) else list(protocols)
     try:
         return expand_protocols(names, dataset_kind(data_root))
@@ -635,28 +922,38 @@ def check_protocols(protocols, data_root, flag="--eval-protocols"):
 
 
 def print_table(result):
-    lines = [f"\nevaluation: step {result['step']}, {result['data_root']}, preset {result['preset']}",
+    lines = [f"\nevaluation: step {result['step']}, {result['data_root']}, "
+             f"preset {result['preset']}",
              f"{'metric':<22}{'part':<11}{'value':>9}{'chance':>9}{'n':>9}  split"]
     for r in result["metrics"]:
         chance = "" if r["chance"] is None else f"{r['chance']:.4f}"
-        lines.append(f"{r['name']:<22}{r['part']:<11}{r['value']:>9.4f}{chance:>9}{r['n']:>9}  {r['split']}")
-    print("\n".join(lines + [f"note: {n}" for n in result["notes"]]), flush=True)
+        lines.append(f"{r['name']:<22}{r['part']:<11}{r['value']:>9.4f}{chance:>9}{r['n']:>9}  "
+                     f"{r['split']}")
+    lines += [f"note: {n}" for n in result["notes"]]
+    print("\n".join(lines), flush=True)
+
+
+def model_device(probe):
+    """The device of the backbone's first parameter (CPU for a backbone without any)."""
+    return next(probe.backbone.parameters(), torch.empty(0)).device
 
 
 def evaluate(probe, data_root, protocols=("all",), out_dir=None, device=None, preset="toy", **opts):
-    """Run the protocols on the frozen model, print a table, write out_dir/eval.json (rank 0) and return
-    the result dict: {"metrics": [one record per metric, with its definition, split, n, representation,
-    chance level and the checkpoint step], "summary": {"name/part": value}, "settings", "notes", ...}.
-    opts override the preset (PRESETS' keys, plus size: image side, None = native; batch_size_extract).
-    The data root's layout picks the protocols (PROTOCOLS). Under torchrun every rank must call it."""
-    cfg, kind = resolve(preset, opts), dataset_kind(data_root)
+    """Run the protocols on the frozen model, print a table, write out_dir/eval.json (rank 0) and
+    return the result dict: {"metrics": [one record per metric, with its definition, split, n,
+    representation, chance level and the checkpoint step], "summary": {"name/part": value},
+    "settings", "notes", ...}. opts override the preset (PRESETS' keys, plus size: the image side,
+    None = native; batch_size_extract). The data root's layout picks the protocols (PROTOCOLS).
+    Under torchrun every rank must call it."""
+    cfg = resolve(preset, opts)
+    kind = dataset_kind(data_root)
     protos = expand_protocols(protocols, kind)
-    device = torch.device(device if device is not None else next(probe.backbone.parameters(), torch.empty(0)).device)
+    device = torch.device(device if device is not None else model_device(probe))
     modules = [m for m in (probe.backbone, probe.embed, probe.predict) if isinstance(m, nn.Module)]
     modes = [m.training for m in modules]
     for m in modules:
         m.to(device).eval()
-    if out_dir and world()[0] == 0:
+    if out_dir and main_process():
         os.makedirs(out_dir, exist_ok=True)
     # Probe losses, R², similarities and k-NN votes in fp32 even when the caller runs under
     # autocast (.float() on an input does not stop autocast from casting the next matmul);
@@ -664,22 +961,22 @@ def evaluate(probe, data_root, protocols=("all",), out_dir=None, device=None, pr
     try:
         with torch.autocast(device.type, enabled=False):
             if kind == "3diebench":
-                recs, notes = evaluate_3diebench(probe, data_root, protos, cfg, device, out_dir)
+                records, notes = evaluate_3diebench(probe, data_root, protos, cfg, device, out_dir)
             else:
-                recs, notes = evaluate_imagefolder(probe, data_root, protos, cfg, device)
+                records, notes = evaluate_imagefolder(probe, data_root, protos, cfg, device)
     finally:
         for m, mode in zip(modules, modes):
             m.train(mode)
-    for r in recs:
+    for r in records:
         r["step"] = probe.step
     if kind == "3diebench":
         notes.append(f"BN: {cfg['bn']} mode = {BN_MODES[cfg['bn']]}")
+    summary = {f"{r['name']}/{r['part']}": r["value"] for r in records}
     result = dict(step=probe.step, data_root=str(data_root), preset=preset, protocols=list(protos),
-                  settings=cfg, notes=notes, metrics=recs,
-                  summary={f"{r['name']}/{r['part']}": r["value"] for r in recs})
-    if world()[0] == 0:
+                  settings=cfg, notes=notes, metrics=records, summary=summary)
+    if main_process():
         print_table(result)
-    if out_dir and world()[0] == 0:
+    if out_dir and main_process():
         tmp = os.path.join(out_dir, "eval.json.tmp")
         with open(tmp, "w") as f:
             json.dump(result, f, indent=1)
@@ -687,7 +984,7 @@ def evaluate(probe, data_root, protocols=("all",), out_dir=None, device=None, pr
     return result
 
 
-# =================================== main ===================================
+# =================================================================================== checkpoints
 def fail(msg):
     print(f"eval.py: error: {msg}", file=sys.stderr)
     sys.exit(2)
@@ -711,7 +1008,8 @@ def load_error(e):
 
 def read_checkpoint(ckpt_path):
     """The checkpoint dict, loaded tensors-only (torch.load(weights_only=True): a pickle that would
-    build arbitrary objects or call functions is refused, not run); damaged or foreign -> fail()."""
+    build arbitrary objects or call functions is refused, not run); damaged or foreign -> fail().
+    Its keys: the checkpoint contract of the module docstring."""
     try:
         with warnings.catch_warnings():     # torch warns about pickle protocols: one message only
             warnings.simplefilter("ignore")
@@ -719,13 +1017,16 @@ def read_checkpoint(ckpt_path):
     except Exception as e:  # torch raises many types for truncated / foreign files
         fail(f"cannot read checkpoint {ckpt_path} (damaged, or not a checkpoint of sie.py / "
              f"baselines.py / ser.py): {load_error(e)}")
-    if missing := [k for k in ("script", "args", "model") if not isinstance(ckpt, dict) or k not in ckpt]:
-        fail(f"{ckpt_path} is not a checkpoint written by sie.py / baselines.py / ser.py (missing {missing})")
+    missing = [k for k in ("script", "args", "model")
+               if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        fail(f"{ckpt_path} is not a checkpoint written by sie.py / baselines.py / ser.py "
+             f"(missing {missing})")
     if not isinstance(ckpt["script"], str) or ckpt["script"] not in SCRIPTS:
         fail(f"{ckpt_path} names script {ckpt['script']!r}; eval.py only rebuilds models of "
              f"{list(SCRIPTS)}")
-    if not (isinstance(ckpt["args"], dict) and all(isinstance(k, str) for k in ckpt["args"])
-            and isinstance(ckpt["model"], dict)):
+    args_ok = isinstance(ckpt["args"], dict) and all(isinstance(k, str) for k in ckpt["args"])
+    if not (args_ok and isinstance(ckpt["model"], dict)):
         fail(f"{ckpt_path} is damaged: its 'args' must be a dict of names, 'model' a state dict")
     if not isinstance(ckpt.get("step", 0), int):
         fail(f"{ckpt_path} is damaged: its 'step' is {ckpt['step']!r}, not an int")
@@ -733,69 +1034,121 @@ def read_checkpoint(ckpt_path):
 
 
 def load_probeable(path, device):
-    """checkpoint.pt (CONTRACT.md) -> (Probeable, saved args): import the script that wrote it (one
-    of SCRIPTS), rebuild its model from the saved args, load the weights strictly, ask for its
-    probeable."""
+    """A run directory or its checkpoint.pt -> (Probeable, the saved args): import the script that
+    wrote it (one of SCRIPTS), rebuild its model from the saved args with build_model, load the
+    weights strictly, ask for its probeable (the checkpoint contract of the module docstring)."""
     ckpt_path = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
     if not os.path.isfile(ckpt_path):
-        fail(f"no checkpoint at {ckpt_path} (give a run directory holding checkpoint.pt, or the file)")
+        fail(f"no checkpoint at {ckpt_path} (give a run directory holding checkpoint.pt, "
+             "or the file)")
     ckpt = read_checkpoint(ckpt_path)
+    script = ckpt["script"]
     try:
-        module = importlib.import_module(ckpt["script"])
+        module = importlib.import_module(script)
     except ImportError as e:
-        fail(f"{ckpt_path} was written by {ckpt['script']}.py, which cannot be imported here ({e})")
+        fail(f"{ckpt_path} was written by {script}.py, which cannot be imported here ({e})")
     args = Namespace(**ckpt["args"])
     try:
         model = module.build_model(args)
     except (AttributeError, KeyError, TypeError, ValueError) as e:
-        fail(f"{ckpt_path}: {ckpt['script']}.build_model cannot rebuild the model from the saved "
+        fail(f"{ckpt_path}: {script}.build_model cannot rebuild the model from the saved "
              f"args ({type(e).__name__}: {str(e)[:200]})")
     try:
         model.load_state_dict(ckpt["model"], strict=True)
     except (RuntimeError, AttributeError, TypeError, ValueError) as e:
-        fail(f"{ckpt_path} does not match {ckpt['script']}.build_model: {' '.join(str(e).split())[:400]}")
+        fail(f"{ckpt_path} does not match {script}.build_model: {' '.join(str(e).split())[:400]}")
     probe = module.probeable(model.to(device).eval(), args)
     probe.step = ckpt.get("step", 0)
     return probe, args
 
 
-TABLE = ("top1/full", "top1/inv", "top1/equi", "rot_r2_pooled/full", "rot_r2_pooled/inv", "rot_r2_pooled/equi",
-         "color_r2_pooled/full", "mrr/embedding", "H@1/embedding", "H@5/embedding", "pre/embedding", "linear_top1/full",
-         "knn20_top1/full")   # then 'Δeq l' per block l: the equivariance score minus its no-ρ reference
+# ==================================================================================== runs table
+# The columns of `eval.py --table`, in order; then 'Δeq l' per block l: the equivariance score
+# minus its no-ρ reference.
+TABLE = ("top1/full", "top1/inv", "top1/equi", "rot_r2_pooled/full", "rot_r2_pooled/inv",
+         "rot_r2_pooled/equi", "color_r2_pooled/full", "mrr/embedding", "H@1/embedding",
+         "H@5/embedding", "pre/embedding", "linear_top1/full", "knn20_top1/full")
 
 
 def read_eval_json(run_dir):
     """run_dir/eval.json as evaluate wrote it; a missing or damaged one -> fail() naming it."""
-    if not os.path.isfile(path := os.path.join(run_dir, "eval.json")):
+    path = os.path.join(run_dir, "eval.json")
+    if not os.path.isfile(path):
         fail(f"no eval.json in {run_dir} (evaluate it first: python eval.py {run_dir})")
     try:
         with open(path) as f:
-            res = json.load(f)
+            result = json.load(f)
     except (OSError, ValueError) as e:
         fail(f"cannot read {path}: {type(e).__name__}: {e}")
-    if not isinstance(res, dict) or not {"step", "data_root", "summary", "metrics"} <= set(res):
+    keys = {"step", "data_root", "summary", "metrics"}
+    if not isinstance(result, dict) or not keys <= set(result):
         fail(f"{path} is not an eval.json written by eval.py (re-run: python eval.py {run_dir})")
-    return res
+    return result
+
+
+def table_values(result):
+    """One run's eval.json -> {column: value}: the TABLE metrics it has, then its Δeq per block."""
+    values = {k: v for k, v in result["summary"].items() if k in TABLE}
+    for m in result["metrics"]:
+        if m["name"] == "equivariance":
+            values[f"Δeq {m['part'][5:]}"] = m["value"] - m["chance"]
+    return values
+
+
+def group_runs(run_dirs):
+    """-> ({group: [(run name, step, table_values)]}, the last run's data root). Runs whose names
+    differ only by a trailing -s<seed> form one group."""
+    groups = {}
+    for run_dir in run_dirs:
+        result = read_eval_json(run_dir)
+        name = os.path.basename(os.path.normpath(run_dir))
+        group = re.sub(r"-s\d+$", "", name)
+        groups.setdefault(group, []).append((name, result["step"], table_values(result)))
+    return groups, result["data_root"]
+
+
+def table_column_position(column):
+    """TABLE's columns in TABLE's order, any other after them (the sort is stable)."""
+    return TABLE.index(column) if column in TABLE else len(TABLE)
+
+
+def format_cell(values):
+    """'' for no value, 'x.xxx' for one, 'mean ± std' (the sample std) for several."""
+    if not values:
+        return ""
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
+
+
+def table_row(name, step, runs_values, columns):
+    cells = [format_cell([v[c] for v in runs_values if c in v]) for c in columns]
+    return f"| {name} | {step} | " + " | ".join(cells) + " |"
 
 
 def print_runs_table(run_dirs):
-    """A markdown row per run dir (its eval.json), and 'mean ± std (n)' (sample std) per group of names that
-    differ only by a trailing -s<seed>."""
-    groups = {}
-    for d in run_dirs:
-        res, name = read_eval_json(d), os.path.basename(os.path.normpath(d))
-        eq = {f"Δeq {m['part'][5:]}": m["value"] - m["chance"] for m in res["metrics"] if m["name"] == "equivariance"}
-        groups.setdefault(re.sub(r"-s\d+$", "", name), []).append(
-            (name, res["step"], {**{k: v for k, v in res["summary"].items() if k in TABLE}, **eq}))
-    cols = sorted({c: 0 for g in groups.values() for *_, r in g for c in r}, key=lambda c: (*TABLE, c).index(c))
-    stat = lambda v: f"{v[0]:.3f}" if len(v) == 1 else f"{np.mean(v):.3f} ± {np.std(v, ddof=1):.3f}" if v else ""
-    line = lambda name, step, rs: f"| {name} | {step} | " + " | ".join(stat([r[c] for r in rs if c in r]) for c in cols)
-    print(f"data: {res['data_root']}\n| run | step | " + " | ".join(cols) + " |\n" + "|---" * (len(cols) + 2) + "|")
-    for key, g in groups.items():
-        print(*[line(n, s, [r]) for n, s, r in g], *[line(f"{key}[-s*] mean ± std ({len(g)})", "", [r for *_, r in g])]
-              * (len(g) > 1), sep=" |\n", end=" |\n")
+    """A markdown row per run dir (its eval.json), and a 'mean ± std (n)' row per group of runs
+    whose names differ only by a trailing -s<seed>."""
+    groups, data_root = group_runs(run_dirs)
+    seen = {}                                   # every column of any run, in order of appearance
+    for runs in groups.values():
+        for _, _, values in runs:
+            seen.update(dict.fromkeys(values))
+    columns = sorted(seen, key=table_column_position)
+    lines = [f"data: {data_root}",
+             "| run | step | " + " | ".join(columns) + " |",
+             "|---" * (len(columns) + 2) + "|"]
+    for group, runs in groups.items():
+        for name, step, values in runs:
+            lines.append(table_row(name, step, [values], columns))
+        if len(runs) > 1:
+            all_values = [values for _, _, values in runs]
+            lines.append(table_row(f"{group}[-s*] mean ± std ({len(runs)})", "", all_values,
+                                   columns))
+    print("\n".join(lines))
 
 
+# ================================================================================== command line
 class Parser(argparse.ArgumentParser):
     def error(self, message):
         """One line, exit 2 (argparse's default adds the usage block)."""
@@ -803,7 +1156,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def count(minimum):
-    """argparse type: an int >= minimum, the flag named in argparse's message otherwise."""
+    """An argparse type: an int >= minimum, the flag named in argparse's message otherwise."""
     def parse(text):
         try:
             value = int(text)
@@ -816,7 +1169,7 @@ def count(minimum):
 
 
 def device_name(text):
-    """argparse type: a torch device string that this machine has."""
+    """An argparse type: a torch device string that this machine has."""
     try:
         device = torch.device(text)
     except RuntimeError:
@@ -827,20 +1180,24 @@ def device_name(text):
 
 
 def parse_args(argv=None):
-    p = Parser(description="Evaluate a checkpoint (sie.md §4, ser.md §3).")
-    p.add_argument("path", nargs="+", help="run directory holding checkpoint.pt, or a checkpoint file "
-                   "(several run directories with --table)")
-    p.add_argument("--table", action="store_true", help="print one markdown row per run from its eval.json")
-    p.add_argument("--protocol", nargs="+", default=["all"], choices=["all", *sum(PROTOCOLS.values(), ())],
-                   help="3DIEBench: classify = linear top-1 per part; rotation / color = R² (pooled and "
-                        "per-output); retrieval = MRR, H@1/2/5/10, PRE of the predictor. ImageFolder: linear, "
-                        "knn, equivariance (per block), robustness")
-    p.add_argument("--preset", choices=PRESETS, help="probe settings (default: the checkpoint's preset)")
+    p = Parser(description="Evaluate a checkpoint of sie.py, baselines.py or ser.py with "
+                           "frozen-backbone protocols.")
+    p.add_argument("path", nargs="+", help="run directory holding checkpoint.pt, or a checkpoint "
+                   "file (several run directories with --table)")
+    p.add_argument("--table", action="store_true",
+                   help="print one markdown row per run from its eval.json")
+    p.add_argument("--protocol", nargs="+", default=["all"],
+                   choices=["all", *PROTOCOLS["3diebench"], *PROTOCOLS["imagefolder"]],
+                   help="3DIEBench: classify = linear top-1 per part; rotation / color = R² "
+                        "(pooled and per-output); retrieval = MRR, H@1/2/5/10, PRE of the "
+                        "predictor. ImageFolder: linear, knn, equivariance (per block), robustness")
+    p.add_argument("--preset", choices=PRESETS,
+                   help="probe settings (default: the checkpoint's preset)")
     p.add_argument("--data-root", help="data set (default: the checkpoint's --data-root)")
     p.add_argument("--size", type=count(1),
                    help="image side in px (default: the checkpoint's --resolution)")
-    p.add_argument("--bn", choices=BN_MODES, help="BN while fitting probes: eval (toy default, cached "
-                   "features) or train (paper default, the official probes' net.train())")
+    p.add_argument("--bn", choices=BN_MODES, help="BN while fitting probes: eval (toy default, "
+                   "cached features) or train (paper default, the official probes' net.train())")
     p.add_argument("--epochs", type=count(1), help="probe epochs (paper 300)")
     p.add_argument("--batch-size", type=count(1), help="probe batch (paper 256)")
     p.add_argument("--train-views", type=count(1),
@@ -853,26 +1210,44 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def default_device():
+    if torch.cuda.is_available():
+        return f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+    return "cpu"
+
+
+def saved_value(saved, *names):
+    """The first of the saved args `names` that is set (sie/baselines and ser name some
+    differently), else None."""
+    for name in names:
+        value = getattr(saved, name, None)
+        if value:
+            return value
+    return None
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.table:
         return print_runs_table(args.path)
     if len(args.path) > 1:
-        fail(f"one checkpoint at a time (got {len(args.path)} paths); several run directories need --table")
-    args.path = args.path[0]
-    cuda = torch.cuda.is_available()
-    device = torch.device(args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu"))
-    if "RANK" in os.environ and not dist.is_initialized():  # torchrun: NCCL on GPU, gloo on CPU
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    probe, saved = load_probeable(args.path, device)
-    preset = args.preset or (saved.preset if getattr(saved, "preset", None) in PRESETS else "toy")
-    saved_arg = lambda *names: next((getattr(saved, n) for n in names if getattr(saved, n, None)), None)
-    root = args.data_root or saved_arg("data_root", "data") or data.DEFAULT_ROOT   # sie/baselines, ser names
-    out = args.out or (args.path if os.path.isdir(args.path) else os.path.dirname(args.path) or ".")
-    opts = dict(size=args.size or saved_arg("resolution", "img_size"), bn=args.bn, epochs=args.epochs,
-                batch_size=args.batch_size, train_views=args.train_views, workers=args.workers, seed=args.seed)
+        fail(f"one checkpoint at a time (got {len(args.path)} paths); several run directories "
+             "need --table")
+    path = args.path[0]
+    device = torch.device(args.device or default_device())
+    start_process_group(device)
+    probe, saved = load_probeable(path, device)
+    if args.preset:
+        preset = args.preset
+    elif getattr(saved, "preset", None) in PRESETS:
+        preset = saved.preset
+    else:
+        preset = "toy"
+    root = args.data_root or saved_value(saved, "data_root", "data") or data.DEFAULT_ROOT
+    out = args.out or (path if os.path.isdir(path) else os.path.dirname(path) or ".")
+    opts = dict(size=args.size or saved_value(saved, "resolution", "img_size"), bn=args.bn,
+                epochs=args.epochs, batch_size=args.batch_size, train_views=args.train_views,
+                workers=args.workers, seed=args.seed)
     try:
         evaluate(probe, root, args.protocol, out_dir=out, device=device, preset=preset, **opts)
     except (data.DataError, ValueError) as e:
@@ -880,8 +1255,7 @@ def main(argv=None):
     except OSError as e:   # e.g. --out not writable; the message names the path
         fail(f"{type(e).__name__}: {e}")
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        end_process_group()
 
 
 if __name__ == "__main__":
