@@ -1,5 +1,6 @@
 """baselines.py: each loss against a naive reference written here (loops, explicit softmax),
-invariants, module sizes from sie.md §7, 1-vs-2 gloo processes, and short runs of every method."""
+invariants, the module sizes of the official code, 1-vs-2 gloo processes, and short runs of every
+method."""
 import json
 import math
 import os
@@ -17,7 +18,8 @@ torch.manual_seed(0)
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """In-process training runs share 2 cores with everything else: one intra-op thread is faster."""
+    """In-process training runs share 2 cores with everything else: one intra-op thread is
+    faster."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -49,7 +51,8 @@ def naive_covariance(z, batch_size):
 
 
 def naive_mse(a, b):
-    return sum((x - y) ** 2 for x, y in zip(a.flatten().tolist(), b.flatten().tolist())) / a.numel()
+    pairs = zip(a.flatten().tolist(), b.flatten().tolist())
+    return sum((x - y) ** 2 for x, y in pairs) / a.numel()
 
 
 def naive_vicreg(z1, z2, batch_size, lam=10.0, mu=10.0, nu=1.0):
@@ -59,7 +62,8 @@ def naive_vicreg(z1, z2, batch_size, lam=10.0, mu=10.0, nu=1.0):
 
 
 def naive_nt_xent(a, b, tau):
-    rows = [r / math.sqrt(sum(x * x for x in r)) for r in torch.cat([a, b]).double().tolist() for r in [torch.tensor(r)]]
+    rows = [torch.tensor(r) for r in torch.cat([a, b]).double().tolist()]
+    rows = [r / math.sqrt(sum(x * x for x in r)) for r in rows]
     n2 = len(rows)
     total = 0.0
     for i in range(n2):
@@ -92,7 +96,8 @@ def test_vicreg_matches_naive_reference():
     t = B.vicreg_loss(z1, z2, batch_size=12)
     assert close(t["loss"], naive_vicreg(z1, z2, 12))
     assert close(t["inv"], naive_mse(z1.double(), z2.double()))
-    # the covariance divisor is the configured global batch size, not the rows present (sie.md §2.4)
+    # the covariance divisor is the configured global batch size, not the rows present (as the
+    # official code)
     t16 = B.vicreg_loss(z1, z2, batch_size=16)
     assert close(t16["cov"], naive_covariance(z1.double(), 16) + naive_covariance(z2.double(), 16))
 
@@ -102,7 +107,7 @@ def test_vicreg_invariants():
     assert float(B.vicreg_loss(z, z)["inv"]) == 0.0                    # identical views
     collapsed = torch.ones(10, 5) * 3.0
     t = B.vicreg_loss(collapsed, collapsed)
-    assert close(t["std"], 1 - math.sqrt(1e-4))                         # variance term at its maximum
+    assert close(t["std"], 1 - math.sqrt(1e-4))                         # variance hinge at its max
     assert float(t["cov"]) == 0.0
     assert float(B.variance_loss(torch.randn(64, 5) * 10)) == 0.0       # std >> 1: hinge inactive
 
@@ -115,9 +120,22 @@ def test_nt_xent_matches_naive_reference_and_is_symmetric():
     ga = torch.autograd.grad(B.nt_xent(a, b, 0.1), (a, b))
     gr = torch.autograd.grad(naive_nt_xent_torch(a, b, 0.1), (a, b))
     assert all(torch.allclose(x.double(), y, atol=1e-5) for x, y in zip(ga, gr))
-    assert close(B.nt_xent(a, b, 0.1), float(B.nt_xent(b, a, 0.1).detach()))   # symmetric in its views
+    swapped = float(B.nt_xent(b, a, 0.1).detach())
+    assert close(B.nt_xent(a, b, 0.1), swapped)                          # symmetric in its views
     e = torch.eye(6) * 5                                                 # aligned, separated pairs
     assert float(B.nt_xent(e, e, 0.1)) < 1e-3
+
+
+def test_simclr_and_augself_losses_match_their_definitions():
+    z1, z2 = torch.randn(6, 5), torch.randn(6, 5)
+    t = B.simclr_loss(z1, z2, 0.2)
+    assert close(t["loss"], naive_nt_xent(z1, z2, 0.2)) and t["inv"] is t["loss"]
+    head = B.augself_head(4, 4)
+    y1, y2, g = torch.randn(6, 4), torch.randn(6, 4), torch.randn(6, 4)
+    t = B.simclr_augself_loss(z1, z2, head, y1, y2, g, temperature=0.2, augself_weight=0.3)
+    regression = naive_mse(head(torch.cat([y1, y2], 1)).detach().double(), g.double())
+    assert close(t["augself"], regression)
+    assert close(t["loss"], naive_nt_xent(z1, z2, 0.2) + 0.3 * regression)
 
 
 def test_vicreg_partinv_invariance_covers_first_dims_only():
@@ -137,9 +155,10 @@ def test_equimod_and_onlyequi_losses_match_their_definitions():
     t = B.equimod_simclr_loss(zi1, zi2, p, ze2, temperature=0.1, alpha=0.7)
     assert close(t["loss"], naive_nt_xent(zi1, zi2, 0.1) + 0.7 * naive_nt_xent(p, ze2, 0.1))
     t = B.equimod_vicreg_loss(zi1, zi2, ze1, ze2, p, batch_size=n, alpha=0.45)
-    equi = (10 * naive_mse(p.double(), ze2.double())                   # MSE on the prediction,
-            + 10 * (naive_variance(ze1.double()) + naive_variance(ze2.double())) / 2   # V and C on the
-            + naive_covariance(ze1.double(), n) + naive_covariance(ze2.double(), n))   # embeddings
+    e1, e2 = ze1.double(), ze2.double()
+    equi = (10 * naive_mse(p.double(), e2)                               # MSE on the prediction,
+            + 10 * (naive_variance(e1) + naive_variance(e2)) / 2         # V and C on the
+            + naive_covariance(e1, n) + naive_covariance(e2, n))         # embeddings
     assert close(t["loss"], naive_vicreg(zi1, zi2, n) + 0.45 * equi)
     assert close(B.simclr_onlyequi_loss(p, ze2, 0.1)["loss"], naive_nt_xent(p, ze2, 0.1))
 
@@ -152,7 +171,7 @@ def test_augself_regresses_g_from_non_detached_representations():
     out = head(torch.cat([y1, y2], 1)).detach()
     assert close(loss, naive_mse(out.double(), g.double()))
     loss.backward()
-    assert y1.grad.abs().sum() > 0 and y2.grad.abs().sum() > 0          # the backbone gets the signal
+    assert y1.grad.abs().sum() > 0 and y2.grad.abs().sum() > 0          # the backbone gets it
 
 
 def test_hypernet_predictor_equals_materialised_weights():
@@ -160,13 +179,16 @@ def test_hypernet_predictor_equals_materialised_weights():
     for deep in (False, True):
         pred = B.HypernetPredictor(d, k, deep=deep).double()
         z, g = torch.randn(3, d, dtype=torch.double), torch.randn(3, k, dtype=torch.double)
-        W = pred.hyper(pred.hyper_in(g)).view(3, d, d)                  # W[b, o, i] = (H g)[o*d + i]
+        W = pred.hyper(pred.hyper_in(g)).view(3, d, d)              # W[b, o, i] = (H g)[o*d + i]
         ref = torch.stack([W[b] @ z[b] for b in range(3)])
         assert torch.allclose(pred(z, g), ref)
 
 
-def test_module_sizes_from_the_spec():
-    count = lambda m: sum(p.numel() for p in m.parameters())
+def count(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_module_sizes_of_the_official_code():
     assert count(B.projector(512, [2048, 2048, 2048])) == 9_449_472
     assert count(B.HypernetPredictor(2048, 4)) == 16_777_216
     assert count(B.augself_head(512, 4)) == 2_103_300
@@ -180,7 +202,8 @@ def test_module_sizes_from_the_spec():
 
 def _losses(model, x1, x2):
     z1, z2 = model(x1), model(x2)
-    return {"nt_xent": B.nt_xent(z1, z2, 0.1), "vicreg": B.vicreg_loss(z1, z2, batch_size=16)["loss"]}
+    return {"nt_xent": B.nt_xent(z1, z2, 0.1),
+            "vicreg": B.vicreg_loss(z1, z2, batch_size=16)["loss"]}
 
 
 def _worker(rank, world, init, out):
@@ -228,22 +251,36 @@ def test_paper_preset_is_the_official_comparison():
     a = B.parse_args(["--method", "vicreg", "--preset", "paper"])
     assert (a.epochs, a.batch_size, a.resolution, a.mlp) == (2000, 1024, 256, "2048-2048-2048")
     assert (a.sim_coeff, a.std_coeff, a.cov_coeff, a.lr, a.wd) == (10.0, 10.0, 1.0, 1e-3, 1e-6)
-    assert (a.temperature, a.augself_weight, a.equi_emb) == (0.1, 1.0, 256)
-    # EquiMod's alpha: never the official argparse default 4.5 (spec §3 trap); explicit flags win
+    assert (a.temperature, a.augself_weight, a.equi_emb_dims) == (0.1, 1.0, 256)
+    # EquiMod's alpha: never the official argparse default 4.5 (a forgotten flag would weigh the
+    # equivariant term 4.5 times); explicit flags win
     assert B.parse_args(["--method", "equimod-simclr", "--preset", "paper"]).equi_factor == 1.0
     assert B.parse_args(["--method", "equimod-vicreg", "--preset", "paper"]).equi_factor == 0.45
     assert B.parse_args(["--method", "equimod-vicreg", "--equi-factor", "2"]).equi_factor == 2.0
     toy = B.parse_args(["--method", "simclr"])
-    assert (toy.preset, toy.epochs, toy.run_dir) == ("toy", 140, os.path.join("runs", "baselines-toy-simclr"))
-    # every method parses with its toy preset alone (vicreg-partinv's e must fit the toy's 64-d embedding)
-    assert B.parse_args(["--method", "vicreg-partinv"]).equi_emb == 32
+    toy_run_dir = os.path.join("runs", "baselines-toy-simclr")
+    assert (toy.preset, toy.epochs, toy.run_dir) == ("toy", 140, toy_run_dir)
+    # every method parses with its toy preset alone (vicreg-partinv's e must fit the toy's 64-d
+    # embedding)
+    assert B.parse_args(["--method", "vicreg-partinv"]).equi_emb_dims == 32
 
 
-@pytest.mark.parametrize("argv, flag", [([], "--method"), (["--method", "vicreg", "--rot-color"], "--rot-color"),
-                                        (["--method", "simclr", "--predictor", "mlp"], "--predictor"),
-                                        (["--method", "vicreg-partinv", "--equi-emb", "5000"], "--equi-emb"),
-                                        (["--method", "vicreg", "--mlp", "64-x"], "--mlp"),
-                                        (["--method", "vicreg", "--bogus"], "--bogus")])
+def test_help_lists_every_method(capsys):
+    with pytest.raises(SystemExit) as e:
+        B.parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "--equi-emb-dims" in out
+    assert all(f"    {method}  " in out for method in B.METHODS)      # the epilog's method list
+
+
+@pytest.mark.parametrize("argv, flag", [
+    ([], "--method"),
+    (["--method", "vicreg", "--rot-color"], "--rot-color"),
+    (["--method", "simclr", "--predictor", "mlp"], "--predictor"),
+    (["--method", "vicreg-partinv", "--equi-emb-dims", "5000"], "--equi-emb-dims"),
+    (["--method", "vicreg-partinv", "--equi-emb-dims", "0"], "--equi-emb-dims"),
+    (["--method", "vicreg", "--mlp", "64-x"], "--mlp"),
+    (["--method", "vicreg", "--bogus"], "--bogus")])
 def test_bad_flags_fail_with_a_message_naming_the_flag(argv, flag, capsys):
     with pytest.raises(SystemExit) as e:
         B.parse_args(argv)
@@ -252,8 +289,8 @@ def test_bad_flags_fail_with_a_message_naming_the_flag(argv, flag, capsys):
 
 # ---------------------------------------------------------------- runs on the toy set
 
-SMALL = ["--epochs", "1", "--batch-size", "8", "--resolution", "32", "--mlp", "64-64-64", "--num-workers", "0",
-         "--equi-emb", "16"]
+SMALL = ["--epochs", "1", "--batch-size", "8", "--resolution", "32", "--mlp", "64-64-64",
+         "--num-workers", "0", "--equi-emb-dims", "16"]
 
 
 def read_log(run_dir):
@@ -261,19 +298,28 @@ def read_log(run_dir):
         return [json.loads(line) for line in f]
 
 
-@pytest.mark.parametrize("variant", [["--method", m] for m in B.METHODS] + [
-    ["--method", "simclr-augself", "--rot-color"], ["--method", "equimod-simclr", "--predictor", "mlp"],
-    ["--method", "simclr-onlyequi", "--hypernet", "deep", "--rot-color"]], ids=" ".join)
+def last_train_line(run_dir):
+    return [e for e in read_log(str(run_dir)) if e["kind"] == "train"][-1]
+
+
+VARIANTS = [["--method", m] for m in B.METHODS] + [
+    ["--method", "simclr-augself", "--rot-color"],
+    ["--method", "equimod-simclr", "--predictor", "mlp"],
+    ["--method", "simclr-onlyequi", "--hypernet", "deep", "--rot-color"]]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=" ".join)
 def test_every_method_trains_two_steps_and_reloads_for_eval(variant, toy_root, tmp_path):
     import eval as evaluation
     run_dir = str(tmp_path / "run")
     B.main(variant + SMALL + ["--data-root", toy_root, "--run-dir", run_dir, "--no-eval"])
     log = read_log(run_dir)
     assert log[0]["kind"] == "config" and log[0]["config"]["method"] == variant[1]
-    train = [e for e in log if e["kind"] == "train"]
-    assert train[-1]["step"] == 2 and all(math.isfinite(v) for v in train[-1].values() if isinstance(v, float))
+    last = last_train_line(run_dir)
+    assert last["step"] == 2
+    assert all(math.isfinite(v) for v in last.values() if isinstance(v, float))
     assert any(e["kind"] == "online" for e in log)
-    probe, saved = evaluation.load_probeable(run_dir, "cpu")            # strict load through eval.py
+    probe, saved = evaluation.load_probeable(run_dir, "cpu")            # strict load via eval.py
     assert saved.method == variant[1] and probe.parts == {"full": slice(0, 512)}
     assert (probe.predict is not None) == (variant[1] in B.PREDICTS)
     assert probe.g_dim == (6 if "--rot-color" in variant else 4)
@@ -283,9 +329,8 @@ def test_resume_continues_exactly(toy_root, tmp_path):
     common = ["--method", "simclr-augself"] + SMALL + ["--data-root", toy_root, "--no-eval"]
     B.main(common + ["--run-dir", str(tmp_path / "a"), "--epochs", "2"])
     B.main(common + ["--run-dir", str(tmp_path / "b"), "--epochs", "1"])
-    B.main(common + ["--run-dir", str(tmp_path / "b"), "--epochs", "2"])   # same command, longer: resumes
-    last = lambda d: [e for e in read_log(str(tmp_path / d)) if e["kind"] == "train"][-1]
-    a, b = last("a"), last("b")
+    B.main(common + ["--run-dir", str(tmp_path / "b"), "--epochs", "2"])   # longer: resumes
+    a, b = last_train_line(tmp_path / "a"), last_train_line(tmp_path / "b")
     assert a["step"] == b["step"] == 4
     for k in ("total", "inv", "augself"):
         assert a[k] == pytest.approx(b[k], rel=1e-5), k
@@ -305,8 +350,9 @@ def test_readme_commands_run(workdir):
             var, values, body = loop.groups()
             cmd = body.replace("$" + var, values.split()[0])
         root = re.search(r"--data-root (\S+)", cmd)
-        if root and not os.path.exists(os.path.join(workdir, root.group(1))):   # real data: clear error
-            cmd = re.sub(r"^torchrun( --\S+)* baselines\.py", "python baselines.py", cmd)   # one process
+        if root and not os.path.exists(os.path.join(workdir, root.group(1))):
+            # real data that is not here: one process, a clear error naming the folder
+            cmd = re.sub(r"^torchrun( --\S+)* baselines\.py", "python baselines.py", cmd)
             proc = run(cmd + " " + shrink, workdir, check=False)
             assert proc.returncode == 2 and root.group(1) in proc.stderr, cmd
             continue
