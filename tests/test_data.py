@@ -76,6 +76,37 @@ def test_relative_quaternion_statistics_match_spec():
     assert 0.035 < (q[:, 3] < 0).mean() < 0.055
 
 
+def test_relative_g_is_the_one_g_of_pairs_probes_and_retrieval():
+    """relative_g: quaternion of float32-cast angles (training pairs, probes), then the raw hue
+    differences (color=True); float32_angles=False keeps the float64 angles (MRR, PRE)."""
+    rng = np.random.default_rng(3)
+    lat1, lat2 = rng.uniform(-1.5, 1.5, (2, 40, 7))
+    g = data.relative_g(lat1, lat2, color=True)
+    assert g.dtype == torch.float32 and g.shape == (40, 6)
+    f32 = [a[:, :3].astype(np.float32).astype(np.float64) for a in (lat1, lat2)]
+    assert torch.equal(g[:, :4], torch.from_numpy(data.relative_quaternion(*f32)).float())
+    assert torch.equal(g[:, 4:], torch.from_numpy(lat2[:, [3, 6]] - lat1[:, [3, 6]]).float())
+    assert torch.equal(data.relative_g(lat1, lat2), g[:, :4])
+    exact = data.relative_g(lat1, lat2, float32_angles=False)
+    float64_angles = data.relative_quaternion(lat1[:, :3], lat2[:, :3])
+    assert torch.equal(exact, torch.from_numpy(float64_angles).float())
+    assert not torch.equal(exact, g[:, :4]) and torch.allclose(exact, g[:, :4], atol=1e-6)
+    assert torch.equal(data.relative_g(lat1[0], lat2[0], color=True), g[0])     # one pair, (7,)
+
+
+def test_normalize_channels_is_torchvisions_normalize():
+    import torchvision.transforms as T
+    x = torch.rand(2, 3, 5, 5, generator=torch.Generator().manual_seed(0))
+    for stats in ((data.MEAN, data.STD), (data.IMAGENET_MEAN, data.IMAGENET_STD)):
+        want = torch.stack([T.Normalize(*stats)(image) for image in x])
+        assert torch.equal(data.normalize_channels(x, stats), want)          # bit for bit
+        assert torch.equal(data.normalize_channels(x[0], stats), want[0])    # (3, H, W) too
+        assert torch.allclose(data.denormalize_channels(want, stats), x, atol=1e-6)
+    default = data.normalize_channels(x)
+    assert torch.equal(default, data.normalize_channels(x, (data.MEAN, data.STD)))
+    assert data.normalize_channels(x.double()).dtype == torch.float64
+
+
 # ---------------------------------------------------------------- loaders on the generated set
 def test_generated_layout_is_the_real_format(toy_root):
     root = Path(toy_root)

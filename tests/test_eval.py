@@ -203,6 +203,9 @@ def test_retrieval_conventions_with_an_equivariant_oracle():
     recs, _ = ev.retrieval_metrics(probe, reps, lat, torch.device("cpu"), 64)
     got = {r["name"]: r["value"] for r in recs}
     assert got["mrr"] == pytest.approx(1.0) and got["H@1"] == pytest.approx(1.0)
+    definitions = {r["name"]: r["definition"] for r in recs}
+    for k in (1, 2, 5, 10):
+        assert definitions[f"H@{k}"].endswith(f"whose target view ranks <= {k}")
     assert got["pre"] == pytest.approx(0.0, abs=1e-4)
     wrong = ev.Probeable(nn.Identity(), {}, embed=nn.Identity(),
                          predict=lambda e, g: (quat_to_matrix(g) @ e.view(-1, 3, 3)).flatten(1))
