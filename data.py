@@ -1211,9 +1211,9 @@ def obj_index(i, n):
     return -1
 
 
-def obj_corner(spec, n_verts, n_texcoords):
+def obj_corner(corner, n_verts, n_texcoords):
     """One face corner, 'v', 'v/vt', 'v//vn' or 'v/vt/vn' -> [vertex index, texcoord index]."""
-    fields = (spec + "//").split("/")
+    fields = (corner + "//").split("/")
     return [obj_index(int(fields[0] or 0), n_verts), obj_index(int(fields[1] or 0), n_texcoords)]
 
 
@@ -1235,7 +1235,7 @@ def read_obj(path, tile=128, fallbacks=None):
     try:
         for key, words in obj_lines(path):
             if key == "f":
-                c = [obj_corner(spec, len(verts), len(texcoords)) for spec in words]
+                c = [obj_corner(corner, len(verts), len(texcoords)) for corner in words]
                 triangles += [(*c[0], *c[k], *c[k + 1], current) for k in range(1, len(c) - 1)]
             elif key == "v":
                 verts.append([float(x) for x in words[:3]])
