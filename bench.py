@@ -224,8 +224,8 @@ def bench_config(name, batch, opts, device, emit):
     extra = {"sie": [], "baselines": ["--method", opts.method], "ser": ["--base", opts.base]}[name]
     modes, unit = opts.modes.split(","), "images/s" if name == "ser" else "pairs/s"
     mod, a, loader, step = script_setup(name, opts, batch, device, extra)
-    size = [a.resolution] if name == "sie" else []               # sie.py finishes --decode cpu|gpu images
-    to_dev = lambda b: mod.to_device(b, device, *size)
+    def to_dev(batch):
+        return mod.to_device(batch, device, a)
     fixed = to_dev(next(iter(loader)))                           # one real batch, kept on the device
     ms = {}
 

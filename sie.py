@@ -41,7 +41,6 @@ import argparse
 import fcntl
 import gc
 import json
-import math
 import os
 import platform
 import random

@@ -2,6 +2,7 @@
 take effect, flags refused in one line, the run dir lock, damaged and unwritable checkpoints, the
 start-up checks that run before the first step, Ctrl-C, and torchrun launches (a fresh clone with
 no data, two agents as two nodes)."""
+import difflib
 import fcntl
 import json
 import os
@@ -74,7 +75,7 @@ def test_every_preset_value_takes_effect(name, monkeypatch):
     default= must not win over the preset)."""
     module = MODULES[name]
     changed = {"epochs": 7, "batch_size": 6, "resolution": 40, "mlp": "24-24-24", "equi_dims": 200,
-               "equi_emb": 12, "num_workers": 3, "sim_coeff": 3.5, "equi_factor": 0.7,
+               "equi_emb_dims": 12, "num_workers": 3, "sim_coeff": 3.5, "equi_factor": 0.7,
                "std_coeff": 2.5, "cov_coeff": 0.3, "temperature": 0.3, "augself_weight": 0.4,
                "lr": 3e-4, "wd": 2e-5}
     for preset in module.PRESETS:
@@ -100,7 +101,7 @@ BAD_FLAGS = [
                          ids=lambda v: " ".join(v) if isinstance(v, list) else "")
 def test_bad_flags_are_one_argparse_line(name, argv, flag, capsys):
     if flag == "--equi-dims" and name == "baselines":
-        argv, flag = ["--method", "vicreg-partinv", "--equi-emb", "0"], "--equi-emb"
+        argv, flag = ["--method", "vicreg-partinv", "--equi-emb-dims", "0"], "--equi-emb-dims"
     with pytest.raises(SystemExit) as e:
         MODULES[name].parse_args(METHOD_FLAGS[name] + argv)
     err = capsys.readouterr().err
@@ -303,3 +304,42 @@ def test_two_torchrun_agents_as_two_nodes_train_like_one_agent(toy_root, tmp_pat
     for a, b in zip(one, two):
         assert (a["step"], a["total"], a["cov"]) == (b["step"], b["total"], b["cov"])
     assert read_log(tmp_path / "two", "config")[0]["world_size"] == 2
+
+
+# ---------------------------------------------------------------- one harness, three copies
+BANNER = "# ============ harness: the same text in sie.py, baselines.py and ser.py ============"
+
+
+def harness_lines(text):
+    """The lines after the harness banner, without those marked '# per-method'."""
+    assert text.count(BANNER) == 1, "the harness banner must appear exactly once"
+    section = text.split(BANNER, 1)[1]
+    return [line for line in section.splitlines() if not line.rstrip().endswith("# per-method")]
+
+
+def harness_differences(texts):
+    """{script: unified diff against sie.py's harness} for every script whose harness differs."""
+    reference = harness_lines(texts["sie"])
+    differences = {}
+    for name, text in texts.items():
+        diff = list(difflib.unified_diff(reference, harness_lines(text), "sie.py", f"{name}.py",
+                                         lineterm="", n=1))
+        if diff:
+            differences[name] = "\n".join(diff[:60])
+    return differences
+
+
+def script_texts():
+    return {name: (REPO / f"{name}.py").read_text() for name in ("sie", "baselines", "ser")}
+
+
+def test_the_harness_is_the_same_text_in_every_script():
+    differences = harness_differences(script_texts())
+    assert not differences, "\n\n".join(differences.values())
+
+
+def test_the_harness_check_catches_an_edited_copy():
+    texts = script_texts()
+    edited = texts["ser"].replace("def reduce_sums(sums):", "def reduce_sums(sums):\n    sums = sums")
+    assert edited != texts["ser"]
+    assert set(harness_differences({**texts, "ser": edited})) == {"ser"}
