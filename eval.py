@@ -571,6 +571,7 @@ def probe_records(probe, root, tasks, cfg, device, pre, val_ds, val_reps):
     views_on_disk = len(train_ds.latents) // n_train   # latent row = object * views_on_disk + view
     heads = seeded(cfg["seed"], make_heads, tasks, probe.parts, train_ds.num_classes, cfg["hidden"])
     heads = heads.to(device)
+    bn_backbone = None                 # bn="train": the copy whose BN statistics the probes move
     if cfg["bn"] == "eval":
         # features once; each epoch picks two of the cached views per object
         cache = features_of(probe.backbone, train_ds, "train features", pre, cfg, device)
@@ -830,6 +831,7 @@ def evaluate_imagefolder(probe, root, protos, cfg, device):
     y_val = torch.tensor(val_ds.targets)
     n_classes = len(train_ds.classes)
     majority = float((y_val == y_train.bincount().argmax()).double().mean())
+    f_train = f_val = heads = None        # features and linear heads, where protocols need them
     if {"linear", "knn", "robustness"} & set(protos):
         f_train = features_of(probe.backbone, train_ds, "train features", pre, cfg, device)
         f_val = features_of(probe.backbone, val_ds, "val features", pre, cfg, device)
@@ -948,7 +950,9 @@ def evaluate(probe, data_root, protocols=("all",), out_dir=None, device=None, pr
     cfg = resolve(preset, opts)
     kind = dataset_kind(data_root)
     protos = expand_protocols(protocols, kind)
-    device = torch.device(device if device is not None else model_device(probe))
+    if device is None:
+        device = model_device(probe)
+    device = torch.device(device)
     modules = [m for m in (probe.backbone, probe.embed, probe.predict) if isinstance(m, nn.Module)]
     modes = [m.training for m in modules]
     for m in modules:
@@ -1244,7 +1248,8 @@ def main(argv=None):
     else:
         preset = "toy"
     root = args.data_root or saved_value(saved, "data_root", "data") or data.DEFAULT_ROOT
-    out = args.out or (path if os.path.isdir(path) else os.path.dirname(path) or ".")
+    run_dir = path if os.path.isdir(path) else (os.path.dirname(path) or ".")
+    out = args.out or run_dir
     opts = dict(size=args.size or saved_value(saved, "resolution", "img_size"), bn=args.bn,
                 epochs=args.epochs, batch_size=args.batch_size, train_views=args.train_views,
                 workers=args.workers, seed=args.seed)
