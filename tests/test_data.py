@@ -1,4 +1,4 @@
-"""data.py: rotations (sie.md §1.3 test vector), the real on-disk format (generated, hand-built and the
+"""data.py: rotations (the official code's test vector), the real on-disk format (generated, hand-built and the
 official list files), every bad-input message, the checker and the start-up checks (preflight), the
 generator (atomic output) and the renderer (on another device too)."""
 import contextlib
@@ -38,11 +38,12 @@ def cli(*args):
 
 # ---------------------------------------------------------------- rotations
 def test_relative_quaternion_test_vector_body_frame():
-    # sie.md §1.3: scipy (r1.inv() * r2).as_quat() on these float32 angles, scalar-last
+    # the official code (src/dataset.py): scipy (r1.inv() * r2).as_quat() on these float32 angles,
+    # scalar-last
     q = data.relative_quaternion(A1, A2)
     assert np.allclose(q, [-0.538347, 0.646065, -0.168557, 0.514170], atol=1e-6)
     assert torch.allclose(data.relative_quaternion(torch.tensor(A1), torch.tensor(A2)), torch.tensor(q), atol=1e-12)
-    # the world-frame R2 R1^T is another rotation (same angle, other axis): the spec's "wrong" vector
+    # the world-frame R2 R1^T is another rotation (same angle, other axis): the "wrong" vector
     world = data.quaternion_multiply(data.euler_xyz_to_quaternion(A2), data.euler_xyz_to_quaternion(A1) * [-1, -1, -1, 1])
     assert np.allclose(world, [-0.789959, -0.081562, -0.323947, 0.514170], atol=1e-6)
     # body frame: R2 = R1 r, with r the rotation of q
@@ -68,8 +69,8 @@ def test_euler_is_extrinsic_xyz_and_quaternions_agree():
     assert torch.allclose(data.matrix_to_quaternion(Rt), torch.tensor(data.matrix_to_quaternion(R)))
 
 
-def test_relative_quaternion_statistics_match_spec():
-    # sie.md §1.3: means (0, 0, 0, 0.533), w < 0 in ~4.4 % of pairs (not canonicalised)
+def test_relative_quaternion_statistics():
+    # scipy on uniform angles: means (0, 0, 0, 0.533), w < 0 in ~4.4 % of pairs (not canonicalised)
     rng = np.random.default_rng(0)
     q = data.relative_quaternion(*rng.uniform(-np.pi / 2, np.pi / 2, (2, 50000, 3)))
     assert abs(q[:, 3].mean() - 0.533) < 0.01 and np.abs(q[:, :3].mean(0)).max() < 0.01
@@ -379,7 +380,7 @@ def test_contact_sheet(toy_root, tmp_path):
         assert im.size == (4 * 34 + 2, 3 * 34 + 2)
 
 
-# ---------------------------------------------------------------- ImageFolder look-alike (issue 7's data part)
+# ---------------------------------------------------------------- ImageFolder look-alike
 def test_imagefolder_layout_and_dataset(toy_imagefolder):
     root = Path(toy_imagefolder)
     wnids = sorted(p.name for p in (root / "train").iterdir())
@@ -439,12 +440,12 @@ def test_render_alpha_is_the_object_coverage():
 
 def test_object_colour_does_not_depend_on_the_class():
     # the palette is drawn from the object's own random stream before its shape: same stream, same colours,
-    # whatever the class (class is told by shape only, issue 4)
+    # whatever the class (class is told by shape only)
     colours = [set(map(tuple, data.object_mesh(c, np.random.default_rng(7))[2].tolist())) for c in range(6)]
     assert len(set.union(*colours)) <= 2                     # one two-colour palette for every class
 
 
-# ---------------------------------------------------------------- real meshes: OBJ reader, importer (issue 8)
+# ---------------------------------------------------------------- real meshes: OBJ reader, importer
 TETRA = "v 0 0 0\nv 1 0 0\nv 0 1 0\nv 0 0 1\nf 1 3 2\nf 1 2 4\nf -4 -1 -2\nf 2 3 4\n"   # incl. relative indices
 QUAD = "v -1 -1 0\nv 1 -1 0\nv 1 1 0\nv -1 1 0\nvt 0 0\nvt 1 0\nvt 1 1\nvt 0 1\nvn 0 0 1\nf 1/1/1 2/2/1 3/3/1 4/4/1\n"
 
@@ -586,7 +587,7 @@ def test_interrupted_render_leaves_nothing(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["m"]
 
 
-# ---------------------------------------------------------------- the checker: what crashed training (issue 13)
+# ---------------------------------------------------------------- the checker: what crashed training
 def test_check_reports_what_crashes_training(broken):
     root, folders = broken
     labels = np.load(root / "val_labels.npy")
@@ -682,7 +683,7 @@ def test_check_imagefolder_reports_every_problem(toy_imagefolder, tmp_path):
                                                               f"{root / 'val'}/<wnid>/*.JPEG)"]
 
 
-# ---------------------------------------------------------------- start-up checks (data.preflight, issue 15)
+# ---------------------------------------------------------------- start-up checks (data.preflight)
 def test_preflight_passes_on_good_sets(toy_root, toy_imagefolder):
     assert data.preflight(toy_root) == toy_root and data.preflight(toy_imagefolder, "ImageFolder") == toy_imagefolder
     p = cli("check", toy_root, "--quick")
@@ -750,7 +751,7 @@ def test_preflight_imagefolder_names_the_file(toy_imagefolder, tmp_path):
         data.preflight(str(root), "ImageFolder")
 
 
-# ---------------------------------------------------------------- generator limits, atomic output (issue 18)
+# ---------------------------------------------------------------- generator limits, atomic output
 def test_generator_flags_are_checked_in_one_line(tmp_path, capsys):
     for flags, needle in ((["--classes", "56"], "--classes 56: 3DIEBench has 55 classes"),
                           (["--views", "1"], "--views 1: make-3diebench needs at least 2"),
@@ -807,7 +808,7 @@ def test_staged_writers_of_one_output_do_not_collide(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["again", "set"]
 
 
-# ---------------------------------------------------------------- the renderer on another device (issue 5)
+# ---------------------------------------------------------------- the renderer on another device
 class MetaComputes(TorchDispatchMode):
     """Tensors on the `meta` device (present on every machine) that compute: each has a CPU twin holding its
     values, so code runs on "meta" end to end as on an accelerator, and an op mixing a meta tensor with a CPU
@@ -882,7 +883,7 @@ def test_render_runs_on_another_device(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(got, expected))                 # the very same pixels
 
 
-# ---------------------------------------------------------------- missing textures: the material colour (issue 20)
+# ---------------------------------------------------------------- missing textures: the material colour
 def test_missing_texture_renders_with_the_material_colour(tmp_path, capsys):
     lost = write_mesh(tmp_path / "m" / "lamp" / "lost", "lamp", QUAD, mtl="Kd 0.1 0.5 0.9\nmap_Kd f:/images/wood.jpg")
     fallbacks = []

@@ -1,4 +1,4 @@
-"""eval.py: metric definitions against naive formulas and the spec's chance levels (sie.md §4, §7.6),
+"""eval.py: metric definitions against naive formulas and the chance levels of the official protocols,
 retrieval conventions with an exactly equivariant oracle, exact 1-vs-2-process extraction and metrics,
 an end-to-end evaluate() on the toy set with a tiny conv net, and the CLI's error messages."""
 import json
@@ -45,7 +45,7 @@ def test_r2_definitions_match_naive_formulas():
 
 
 def test_constant_mean_predictor_on_relative_quaternions():
-    """sie.md §4.2: the per-component-mean predictor scores pooled R² ≈ 0.229, per-output R² = 0."""
+    """Official R² (eval_angle_prediction.py): the per-component-mean predictor scores pooled R² ≈ 0.229, per-output R² = 0."""
     rng = np.random.default_rng(0)
     a1, a2 = rng.uniform(-np.pi / 2, np.pi / 2, (2, 100_000, 3))
     t = torch.from_numpy(data.relative_quaternion(a1, a2))
@@ -360,7 +360,7 @@ def test_one_vs_two_gloo_processes_identical(tiny_ckpt, toy_root, tmp_path):
         assert a["value"] == pytest.approx(b["value"], abs=1e-4)
 
 
-# ------------------------------------------------------------------ ImageFolder protocols (ser.md §3)
+# ------------------------------------------------------------------ ImageFolder protocols
 def test_weighted_knn_matches_a_naive_loop():
     g = torch.Generator().manual_seed(3)
     tr, va = torch.randn(60, 5, generator=g), torch.randn(25, 5, generator=g)
