@@ -7,12 +7,12 @@ augmentations. SER adds a soft equivariance loss on an EARLY layer: the patch-to
 block L (3 of 12) should TRANSFORM with the input. For two views u0 = g0.x and u1 = g1.x of one
 image, with g_v built from 90-degree rotations, flips and a rescale, the token map of u0 moved by
 the analytic feature action rho_g (the same rotation, flip and bicubic resize, done on the token
-grid) must match the token map of u1, token by token. [CLS] joins only after block L ("delayed
-[CLS]", the paper's Fig. 1), so blocks 1..L see a clean token grid. A small share b2 of each
+grid) must match the token map of u1, token by token (the paper's Fig. 1). [CLS] joins only
+after block L ("delayed [CLS]"), so blocks 1..L see a clean token grid. A small share b2 of each
 batch carries these group views; the rest, b1, carries the base method's usual two crops.
 
-The loss (the SER objective; the paper's equation numbers are not cited here, the forms follow
-its Fig. 1 and the released code, builder/moco.py, MoCo.equiv), per step:
+The loss, per step (the paper's equation numbers are not cited: the forms follow its Fig. 1 and
+the released code, builder/moco.py, MoCo.equiv):
 
     L = L_inv + lambda * L_equiv
     L_inv   = the base loss on the final [CLS] of b1 and b2 together: MoCo-v3's symmetrised
@@ -34,7 +34,7 @@ side S, patch P, grid G = S / P, width D):
 
     loader: two crops x_a, x_b (B, 3, S, S) in [0, 1]
     b1 (B - e): v1 = t1(x_a), v2 = t2(x_b)         b2 (e): u_v = g_v . t_v(x_a)  (SAME crop x_a)
-    u_v (e, 3, P h_v, P w_v), h_v x w_v ~ G x G x U(0.7, 1.3), rotated by 90 k_v degrees
+    u_v (e, 3, P h_v, P w_v), token area h_v w_v ~ G^2 x U(0.7, 1.3), then turned k_v x 90 deg
     view --patch embedding + position table--> tokens (n, h w, D)
          --blocks 1..L (patch tokens only)--> norm_equiv --> token map m (n, D, h, w)
          --[CLS] joins--> blocks L+1..depth --> final LayerNorm --> [CLS] (n, D) --head--> L_inv

@@ -1,7 +1,9 @@
-"""ser.py: rho_g against an exactly equivariant stand-in encoder, the token loss against an explicit
-log-softmax, where L_equiv's gradient goes, delayed-[CLS] order, exact token grids, the released recipe's
-heads, inits, drop-path rule, position-table resize and solarisation, fp32 losses under autocast, the paper
-preset, every preset key and bad flag, 1 vs 2 gloo processes, exact resume, the README commands."""
+"""ser.py: rho_g against an exactly equivariant stand-in encoder, the token loss against an
+explicit log-softmax, where L_equiv's gradient goes, delayed-[CLS] order, exact token grids, the
+released recipe's heads, inits, drop-path rule, position-table resize and solarisation, fp32
+losses under autocast, the paper preset, every preset key and bad flag, 1 vs 2 gloo processes,
+the harness interface (online probe, backbone, per-block compile, b2 check), exact resume, the
+README commands."""
 import json
 import math
 import os
@@ -17,15 +19,16 @@ import torch.nn.functional as F
 import ser
 from conftest import leave_process_group, readme_commands, run
 
-# A ViT small enough for a CPU test: 16-px crops, patch 4 (4 x 4 tokens), 2 blocks.
-TINY = ["--resolution", "16", "--patch", "4", "--dim", "32", "--depth", "3", "--heads", "2", "--ser-layer", "1",
-        "--batch-size", "16", "--b2-ratio", "0.25", "--head-hidden", "64", "--head-dim", "32", "--token-dim", "32",
-        "--num-workers", "0", "--log-every", "1"]
+# A ViT small enough for a CPU test: 16-px crops, patch 4 (4 x 4 tokens), 3 blocks.
+TINY = ["--resolution", "16", "--patch", "4", "--dim", "32", "--depth", "3", "--heads", "2",
+        "--ser-layer", "1", "--batch-size", "16", "--b2-ratio", "0.25", "--head-hidden", "64",
+        "--head-dim", "32", "--token-dim", "32", "--num-workers", "0", "--log-every", "1"]
 
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """Tiny tensors: one intra-op thread is faster than two on a shared 2-core machine; restored after."""
+    """Tiny tensors: one intra-op thread is faster than two on a shared 2-core machine; restored
+    after."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -33,32 +36,41 @@ def one_thread():
 
 
 def smooth_images(n, size, seed=0):
-    """Zero-mean, low-frequency images: bicubic upsampling of 4 x 4 noise (natural-image-like smoothness)."""
+    """Zero-mean, low-frequency images: bicubic upsampling of 4 x 4 noise (natural-image-like
+    smoothness)."""
     g = torch.Generator().manual_seed(seed)
-    return F.interpolate(torch.randn(n, 3, 4, 4, generator=g), size=(size, size), mode="bicubic", align_corners=False)
+    noise = torch.randn(n, 3, 4, 4, generator=g)
+    return F.interpolate(noise, size=(size, size), mode="bicubic", align_corners=False)
 
 
 def map_cosine(a, b):
-    """Mean over images of the cosine between two whole maps (flattened, all tokens and channels)."""
+    """Mean over images of the cosine between two whole maps (flattened, all tokens and
+    channels)."""
     return F.cosine_similarity(a.flatten(1), b.flatten(1), dim=1).mean().item()
 
 
-# ---------------------------------------------------------------- rho_g (§1.4, §6.3)
+# ---------------------------------------------------------------- rho_g
 def test_rho_aligns_an_exactly_equivariant_encoder():
-    """With f = patch average pooling (exactly equivariant to rot90/flip permutations), rho_g(f(x1)) matches
-    f(x2) up to the bicubic resampling error, both directions; without the reflection it does not."""
+    """With f = patch average pooling (exactly equivariant to rot90/flip permutations),
+    rho_g(f(x1)) matches f(x2) up to the bicubic resampling error, both directions; without the
+    reflection it does not."""
     P, S, n = 8, 64, 6
-    encoder = lambda x: F.avg_pool2d(x, P)
+
+    def encoder(x):
+        return F.avg_pool2d(x, P)
+
     good, bad = [], []
     for step in range(12):
         g = ser.sample_group(n, S // P, step, seed=1, device="cpu")
         x = smooth_images(n, S, seed=step)
-        z0, z1 = encoder(ser.act_on_images(x, g, 0, P)), encoder(ser.act_on_images(x, g, 1, P))
+        z0 = encoder(ser.act_on_images(x, g, 0, P))
+        z1 = encoder(ser.act_on_images(x, g, 1, P))
         good.append(map_cosine(ser.rho(z0, g["k"][0], g["hw"][1], g["k"][1]), z1))
         good.append(map_cosine(ser.rho(z1, g["k"][1], g["hw"][0], g["k"][0]), z0))
         # The same map with the reflection dropped: undo k0, resize, apply k1.
-        wrong = torch.rot90(F.interpolate(torch.rot90(z0, -g["k"][0], dims=(-2, -1)), size=g["hw"][1],
-                                          mode="bicubic", align_corners=False), g["k"][1], dims=(-2, -1))
+        unrotated = torch.rot90(z0, -g["k"][0], dims=(-2, -1))
+        resized = F.interpolate(unrotated, size=g["hw"][1], mode="bicubic", align_corners=False)
+        wrong = torch.rot90(resized, g["k"][1], dims=(-2, -1))
         bad.append(map_cosine(wrong, z1))
     assert min(good) > 0.9, good
     assert sum(bad) / len(bad) < 0.3, bad
@@ -69,10 +81,11 @@ def test_every_pair_differs_by_a_reflection():
     assert torch.equal(g["d"][1], ~g["d"][0]) and torch.equal(g["f"][1], ~g["f"][0])
 
 
-# ---------------------------------------------------------------- token NT-Xent (§1.6)
+# ---------------------------------------------------------------- token NT-Xent
 def reference_token_nce(anchor, target, tau, both, same_image=False):
-    """Per anchor token: -log softmax over [positive, other images' target tokens (+ anchor tokens)];
-    same_image=True also lets the anchor's own image's other tokens in (the mistake of §6.8)."""
+    """Per anchor token: -log softmax over [positive, other images' target tokens (+ anchor
+    tokens)]; same_image=True also lets the anchor's own image's other tokens in (the mistake
+    that turns the loss into within-image localisation)."""
     n, C, h, w = anchor.shape
     A = F.normalize(anchor.reshape(n, C, h * w).permute(0, 2, 1), dim=-1)   # (n, T, C)
     B = F.normalize(target.reshape(n, C, h * w).permute(0, 2, 1), dim=-1)
@@ -93,14 +106,17 @@ def reference_token_nce(anchor, target, tau, both, same_image=False):
 @pytest.mark.parametrize("negatives", ["target", "both"])
 def test_token_loss_equals_explicit_log_softmax(negatives):
     torch.manual_seed(0)
-    a, t = torch.randn(3, 5, 2, 3, dtype=torch.float64), torch.randn(3, 5, 2, 3, dtype=torch.float64)
+    a = torch.randn(3, 5, 2, 3, dtype=torch.float64)
+    t = torch.randn(3, 5, 2, 3, dtype=torch.float64)
+    both = negatives == "both"
     got = ser.token_nce(a, t, 0.4, negatives).double()
-    torch.testing.assert_close(got, reference_token_nce(a, t, 0.4, negatives == "both"), rtol=1e-6, atol=1e-8)
-    assert not torch.allclose(got, reference_token_nce(a, t, 0.4, negatives == "both", same_image=True))
-    assert ser.token_nce(t, t, 0.05, negatives) < 0.01 * ser.token_nce(a, t, 0.05, negatives)  # aligned -> ~0
+    torch.testing.assert_close(got, reference_token_nce(a, t, 0.4, both), rtol=1e-6, atol=1e-8)
+    assert not torch.allclose(got, reference_token_nce(a, t, 0.4, both, same_image=True))
+    aligned = ser.token_nce(t, t, 0.05, negatives)
+    assert aligned < 0.01 * ser.token_nce(a, t, 0.05, negatives)                  # aligned -> ~0
 
 
-# ---------------------------------------------------------------- gradients (§5.1, §6.11)
+# ---------------------------------------------------------------- where L_equiv's gradient goes
 def _step_grads(base, lam):
     args = ser.parse_args(TINY + ["--base", base, "--ser-lambda", str(lam)])
     args.num_classes = 4
@@ -111,27 +127,31 @@ def _step_grads(base, lam):
     views, g = ser.make_views(x, x.flip(-1), args, step=0)
     loss, terms, _ = model(views, g, torch.arange(16) % 4, ser.schedule(0, args, 1))
     loss.backward()
-    return model, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, terms
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return model, grads, terms
 
 
 @pytest.mark.parametrize("base", ["moco", "bt"])
 def test_equiv_gradient_reaches_first_blocks_and_projector_only_when_lambda_positive(base):
     model, g1, terms = _step_grads(base, 1.0)
     _, g0, terms0 = _step_grads(base, 0.0)
-    assert torch.isfinite(terms["equiv"]) and torch.equal(terms["equiv"], terms0["equiv"])  # logged even at 0
-    L = 1                                                              # --ser-layer in TINY
+    assert torch.isfinite(terms["equiv"])
+    assert torch.equal(terms["equiv"], terms0["equiv"])                 # logged even at lambda 0
+    L = 1                                                               # --ser-layer in TINY
+    first_blocks = tuple(f"student.blocks.{i}." for i in range(L))
     for name in g1:
         if name.startswith("token_proj") or name.startswith("student.norm_equiv"):
             assert g1[name].abs().sum() > 0 and g0[name].abs().sum() == 0, name
-        elif name.startswith(tuple(f"student.blocks.{i}." for i in range(L))):
-            assert not torch.allclose(g1[name], g0[name]), name    # L_equiv adds to blocks 1..L
+        elif name.startswith(first_blocks):
+            assert not torch.allclose(g1[name], g0[name]), name        # L_equiv adds to 1..L
         elif name.startswith("student.blocks."):
-            torch.testing.assert_close(g1[name], g0[name], msg=name)  # ... and nothing after L
+            torch.testing.assert_close(g1[name], g0[name], msg=name)   # ... and nothing after L
     assert "student.blocks.0.qkv.weight" in g1 and "token_proj.0.weight" in g1
 
 
 def test_equiv_loss_alone_has_gradient_on_student_maps():
-    """The released code's bug (§5.1): its gathered student tokens carry no gradient. Here they do."""
+    """The released code's bug: its gathered student tokens carry no gradient (the gathers are
+    @torch.no_grad()). Here they do."""
     args = ser.parse_args(TINY + ["--base", "moco"])
     args.num_classes = 4
     model = ser.build_model(args)
@@ -142,33 +162,39 @@ def test_equiv_loss_alone_has_gradient_on_student_maps():
     with torch.no_grad():
         targets = [model.teacher(v)[1] for v in u]
     loss = ser.equivariance_loss(model.token_proj, maps, targets, g, 0.5)
-    grads = torch.autograd.grad(loss, [maps[0], model.student.blocks[0].qkv.weight, model.token_proj[0].weight])
+    inputs = [maps[0], model.student.blocks[0].qkv.weight, model.token_proj[0].weight]
+    grads = torch.autograd.grad(loss, inputs)
     assert all(gr.abs().sum() > 0 for gr in grads)
 
 
-# ---------------------------------------------------------------- delayed [CLS] (§1.2, §6.6), grids (§6.5)
-@pytest.mark.parametrize("ser_flag,layer,expect_cls_at", [("on", 2, 2), ("on", 4, 3), ("off", 2, 0)])
+# ---------------------------------------------------------------- delayed [CLS], exact grids
+@pytest.mark.parametrize("ser_flag,layer,expect_cls_at",
+                         [("on", 2, 2), ("on", 4, 3), ("off", 2, 0)])
 def test_delayed_cls_order(ser_flag, layer, expect_cls_at):
     args = ser.parse_args(TINY + ["--depth", "4", "--ser", ser_flag, "--ser-layer", str(layer)])
     args.num_classes = 4
     vit = ser.build_model(args).student.eval()
-    assert vit.cls_at == expect_cls_at and vit.pos_embed.shape[1] == 16     # no [CLS] row in the table
+    assert vit.cls_at == expect_cls_at and vit.pos_embed.shape[1] == 16   # no [CLS] row
     assert (vit.cls_pos is None) == (ser_flag == "on")
     seen = []
-    hooks = [b.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[1])) for b in vit.blocks]
+
+    def record_length(module, inputs, output):
+        seen.append(inputs[0].shape[1])
+
+    hooks = [b.register_forward_hook(record_length) for b in vit.blocks]
     x = torch.randn(2, 3, 16, 24)                                       # a non-square 4 x 6 grid
     cls, eq_map = vit(x)
     for h in hooks:
         h.remove()
-    assert seen == [24] * expect_cls_at + [25] * (4 - expect_cls_at)   # [CLS] joins before block cls_at + 1
+    assert seen == [24] * expect_cls_at + [25] * (4 - expect_cls_at)   # [CLS] before cls_at + 1
     assert cls.shape == (2, 32)
     if ser_flag == "on":
         assert eq_map.shape == (2, 32, 4, 6)
-        vit.cls_token.data.add_(1.0)                                     # the layer-L map never sees [CLS] ...
+        vit.cls_token.data.add_(1.0)                    # the layer-L map never sees [CLS] ...
         cls2, eq2 = vit(x)
         if layer <= expect_cls_at:
             torch.testing.assert_close(eq2, eq_map)
-        assert not torch.allclose(cls2, cls)                             # ... the final [CLS] does
+        assert not torch.allclose(cls2, cls)            # ... the final [CLS] does
     else:
         assert eq_map is None
     assert vit.last_blocks_features(x).shape == (2, 4 * 32)
@@ -191,7 +217,7 @@ def test_token_grids_are_exact_patch_multiples(grid, lo, hi):
                 assert vit(u)[1].shape[-2:] == (expect[0] // P, expect[1] // P)
 
 
-# ---------------------------------------------------------------- the released recipe's pieces (§2)
+# ---------------------------------------------------------------- the released recipe's pieces
 def _tiny_model(*flags):
     args = ser.parse_args(TINY + list(flags))
     args.num_classes = 4
@@ -212,15 +238,16 @@ def _layout(seq):
 
 
 def test_moco_v3_heads_end_in_an_affine_free_batchnorm():
-    """MoCo-v3's ViT builder: projector Linear-BN-ReLU-Linear-BN-ReLU-Linear-BN(affine=False), predictor
-    Linear-BN-ReLU-Linear-BN(affine=False), all linears bias-free; Barlow Twins' projector ends in a plain
-    Linear (its affine-free BN is the loss's standardisation)."""
-    moco = _tiny_model("--base", "moco")                            # dim 32, hidden 64, head dim 32
+    """MoCo-v3's ViT builder: projector Linear-BN-ReLU-Linear-BN-ReLU-Linear-BN(affine=False),
+    predictor Linear-BN-ReLU-Linear-BN(affine=False), all linears bias-free; Barlow Twins'
+    projector ends in a plain Linear (its affine-free BN is the loss's standardisation)."""
+    moco = _tiny_model("--base", "moco")                        # dim 32, hidden 64, head dim 32
     assert _layout(moco.head) == [("Linear", 32, 64, False), ("BN", 64, 64, True), ("ReLU",),
                                   ("Linear", 64, 64, False), ("BN", 64, 64, True), ("ReLU",),
                                   ("Linear", 64, 32, False), ("BN", 32, 32, False)]
-    assert _layout(moco.predictor) == [("Linear", 32, 64, False), ("BN", 64, 64, True), ("ReLU",),
-                                       ("Linear", 64, 32, False), ("BN", 32, 32, False)]
+    assert _layout(moco.predictor) == [("Linear", 32, 64, False), ("BN", 64, 64, True),
+                                       ("ReLU",), ("Linear", 64, 32, False),
+                                       ("BN", 32, 32, False)]
     assert _layout(moco.teacher_head) == _layout(moco.head)
     bt = _tiny_model("--base", "bt")
     assert _layout(bt.head) == _layout(moco.head)[:-1]
@@ -235,9 +262,9 @@ def test_drop_path_rises_linearly_over_depth():
 
 @pytest.mark.parametrize("base", ["moco", "dino", "bt"])
 def test_patch_embedding_keeps_pytorch_default_init(base):
-    """The released ViT leaves the patch Conv2d at PyTorch's default init for every base (MoCo: frozen too):
-    weight and bias ~ U(+-1/sqrt(fan_in)), bias non-zero (MoCo-v3's own xavier init has a wider bound and
-    a zero bias)."""
+    """The released ViT leaves the patch Conv2d at PyTorch's default init for every base (MoCo:
+    frozen too): weight and bias ~ U(+-1/sqrt(fan_in)), bias non-zero (MoCo-v3's own xavier
+    init has a wider bound and a zero bias)."""
     pe = _tiny_model("--base", base).student.patch_embed
     bound = 1 / math.sqrt(3 * 4 * 4)
     assert pe.weight.abs().max() <= bound and pe.weight.abs().max() > 0.9 * bound
@@ -246,12 +273,13 @@ def test_patch_embedding_keeps_pytorch_default_init(base):
 
 
 def test_position_table_resize_is_dinos_scale_factor():
-    """A non-native grid reads the table through F.interpolate(scale_factor=(h + 0.1) / grid), as the
-    released interpolate_pos_encoding; the native grid reads it as is."""
+    """A non-native grid reads the table through F.interpolate(scale_factor=(h + 0.1) / grid),
+    as the released interpolate_pos_encoding; the native grid reads it as is."""
     vit = ser.ViT(16, 4, 8, 1, 2, cls_at=1, loss_layer=1)
     with torch.no_grad():
         vit.pos_embed.normal_()
-        vit.patch_embed.weight.zero_(), vit.patch_embed.bias.zero_()     # tokens = position rows only
+        vit.patch_embed.weight.zero_()                              # tokens = position rows only
+        vit.patch_embed.bias.zero_()
     table = vit.pos_embed.reshape(1, 4, 4, 8).permute(0, 3, 1, 2)
     for h, w in ((6, 5), (3, 4), (2, 7)):
         got = vit.patch_tokens(torch.rand(1, 3, 4 * h, 4 * w))[0]
@@ -266,14 +294,18 @@ def test_dino_head_init_is_trunc_normal():
     for m in head.mlp:
         if isinstance(m, torch.nn.Linear):
             assert m.weight.std().item() == pytest.approx(0.02, rel=0.15) and not m.bias.any()
-    assert torch.equal(head.last.parametrizations.weight.original0, torch.ones_like(
-        head.last.parametrizations.weight.original0))                  # weight-norm g = 1
+    norm_g = head.last.parametrizations.weight.original0
+    assert torch.equal(norm_g, torch.ones_like(norm_g))                      # weight-norm g = 1
+
+
+def identity(x):
+    return x
 
 
 def test_solarize_threshold_is_uniform(monkeypatch):
-    """kornia's RandomSolarize(thresholds=0.5) draws the threshold from U(0, 1): a grey level 0.7 is inverted
-    in ~70 % of the images, not always (a fixed 0.5 would)."""
-    monkeypatch.setattr(ser, "color_jitter", lambda x: x)          # keep the grey level; grayscale is then a no-op
+    """kornia's RandomSolarize(thresholds=0.5) draws the threshold from U(0, 1): a grey level 0.7
+    is inverted in ~70 % of the images, not always (a fixed 0.5 would)."""
+    monkeypatch.setattr(ser, "color_jitter", identity)   # keep the grey level; grayscale: no-op
     torch.manual_seed(0)
     out = ser.photometric(torch.full((4000, 3, 10, 10), 0.7), blur_p=0.0, solarize_p=1.0)
     inverted = (out[:, 0, 0, 0] - 0.3).abs() < 1e-6
@@ -281,51 +313,70 @@ def test_solarize_threshold_is_uniform(monkeypatch):
     assert 0.65 < inverted.float().mean().item() < 0.75
 
 
-def _loss_inputs():
+def _loss_value(name):
+    """One loss on fixed random inputs (the same inputs at every call)."""
     g = torch.Generator().manual_seed(0)
-    r = lambda *shape: torch.randn(*shape, generator=g)
-    return {"token_nce": lambda: ser.token_nce(r(4, 64, 3, 3), r(4, 64, 3, 3), 0.1, "both"),
-            "moco": lambda: ser.moco_infonce(r(16, 32), r(16, 32), 0.2),
-            "dino": lambda: ser.dino_loss(r(16, 64), r(16, 64), r(16, 64), r(16, 64), 0.1 * r(1, 64), 0.1, 0.04),
-            "bt": lambda: ser.barlow_twins_loss(r(16, 32), r(16, 32), 0.0051)}
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g)
+
+    if name == "token_nce":
+        return ser.token_nce(r(4, 64, 3, 3), r(4, 64, 3, 3), 0.1, "both")
+    if name == "moco":
+        return ser.moco_infonce(r(16, 32), r(16, 32), 0.2)
+    if name == "dino":
+        return ser.dino_loss(r(16, 64), r(16, 64), r(16, 64), r(16, 64), 0.1 * r(1, 64), 0.1, 0.04)
+    return ser.barlow_twins_loss(r(16, 32), r(16, 32), 0.0051)
 
 
 @pytest.mark.parametrize("name", ["token_nce", "moco", "dino", "bt"])
 def test_loss_statistics_are_fp32_under_autocast(name):
-    """.float() does not stop autocast (a matmul of fp32 tensors still runs in bf16); each loss switches it off."""
+    """.float() does not stop autocast (a matmul of fp32 tensors still runs in bf16); each loss
+    switches it off."""
     torch.manual_seed(0)
-    want = _loss_inputs()[name]()
+    want = _loss_value(name)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = _loss_inputs()[name]()
+        got = _loss_value(name)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
 
 
-# ---------------------------------------------------------------- paper preset (§2)
+# ---------------------------------------------------------------- paper preset
+def _final_lr(base):
+    args = ser.parse_args(["--preset", "paper", "--base", base])
+    return ser.schedule(10 ** 9, args, 1)["lr"]
+
+
 def test_paper_preset_is_the_released_recipe():
-    expect = {"moco": dict(lr=2.4e-3, wd=0.1, wd_end=0.1, clip_grad=0.0, crop_min=0.08, interp="bilinear",
-                           head_hidden=4096, head_dim=256, momentum=0.99, ser_lambda=1.0, ser_tau=0.5, drop_path=0.0),
-              "dino": dict(lr=8e-4, wd=0.04, wd_end=0.4, clip_grad=0.3, crop_min=0.25, interp="bicubic",
-                           head_hidden=2048, head_dim=65536, head_bottleneck=256, momentum=0.982, ser_lambda=0.3,
-                           ser_tau=0.4, drop_path=0.1, freeze_last_epochs=1, teacher_temp_epochs=10),
-              "bt": dict(lr=8e-4, wd=0.1, clip_grad=0.3, crop_min=0.08, interp="bicubic", head_hidden=8192,
-                         head_dim=8192, ser_lambda=1.0, ser_tau=0.4, drop_path=0.0)}
+    expect = {"moco": dict(lr=2.4e-3, wd=0.1, wd_end=0.1, clip_grad=0.0, crop_min=0.08,
+                           interp="bilinear", head_hidden=4096, head_dim=256, momentum=0.99,
+                           ser_lambda=1.0, ser_tau=0.5, drop_path=0.0),
+              "dino": dict(lr=8e-4, wd=0.04, wd_end=0.4, clip_grad=0.3, crop_min=0.25,
+                           interp="bicubic", head_hidden=2048, head_dim=65536,
+                           head_bottleneck=256, momentum=0.982, ser_lambda=0.3, ser_tau=0.4,
+                           drop_path=0.1, freeze_last_epochs=1, teacher_temp_epochs=10),
+              "bt": dict(lr=8e-4, wd=0.1, clip_grad=0.3, crop_min=0.08, interp="bicubic",
+                         head_hidden=8192, head_dim=8192, ser_lambda=1.0, ser_tau=0.4,
+                         drop_path=0.0)}
     for base, want in expect.items():
         a = ser.parse_args(["--preset", "paper", "--base", base])
         assert (a.resolution, a.patch, a.dim, a.depth, a.heads) == (224, 16, 384, 12, 6)
-        assert (a.batch_size, a.epochs, a.warmup_epochs, a.ser_layer, a.token_dim) == (2048, 100, 10, 3, 512)
+        assert (a.batch_size, a.epochs, a.warmup_epochs) == (2048, 100, 10)
+        assert (a.ser_layer, a.token_dim) == (3, 512)
         assert ser.b2_size(256, a) == 3 and a.ser == "on" and a.ser_negatives == "target"
-        assert (a.moco_tau, a.student_temp, a.teacher_temp0, a.teacher_temp, a.center_momentum, a.bt_lambda) == \
-            (0.2, 0.1, 0.04, 0.07, 0.9, 0.0051)
+        temperatures = (a.moco_tau, a.student_temp, a.teacher_temp0, a.teacher_temp)
+        assert temperatures == (0.2, 0.1, 0.04, 0.07)
+        assert (a.center_momentum, a.bt_lambda) == (0.9, 0.0051)
         assert a.blr * a.batch_size / 256 == pytest.approx(want.pop("lr"))
         assert {k: getattr(a, k) for k in want} == want, base
-    end = lambda base: ser.schedule(10 ** 9, ser.parse_args(["--preset", "paper", "--base", base]), 1)["lr"]
-    assert (end("moco"), end("dino"), end("bt")) == pytest.approx((0.0, 1e-5, 8e-7))
+    final = (_final_lr("moco"), _final_lr("dino"), _final_lr("bt"))
+    assert final == pytest.approx((0.0, 1e-5, 8e-7))
     model = ser.build_model(ser.parse_args(["--preset", "paper", "--base", "moco"]))
-    assert sum(p.numel() for p in model.token_proj.parameters()) == 458_752          # §1.7: ~0.46 M
+    # The released projector_equiv: ~0.46 M parameters.
+    assert sum(p.numel() for p in model.token_proj.parameters()) == 458_752
     # ViT-S/16: timm's 21,665,664 - the [CLS] position row (384) + the separate norm_equiv (768).
     assert sum(p.numel() for p in model.student.parameters()) == 21_666_048
-    assert not model.student.patch_embed.weight.requires_grad                         # MoCo-v3 frozen patch proj.
+    assert not model.student.patch_embed.weight.requires_grad        # MoCo-v3: frozen patch proj.
 
 
 # ---------------------------------------------------------------- 1 vs 2 gloo processes
@@ -335,9 +386,11 @@ LOSSES = ("token_target", "token_both", "bt", "moco")
 def _losses(rows, w, rank=0, world=1):
     """Every gathered loss on this rank's rows of a shared batch, through a shared parameter w."""
     per = rows.shape[0] // world
-    z = rows[rank * per:(rank + 1) * per] @ w                        # (per, 64): two 8 x 2 x 2 maps
+    z = rows[rank * per:(rank + 1) * per] @ w                     # (per, 64): two 8 x 2 x 2 maps
     maps = z.view(per, 2, 8, 2, 2)
-    out = {f"token_{neg}": ser.token_nce(maps[:, 0], maps[:, 1], 0.4, neg) for neg in ("target", "both")}
+    out = {}
+    for negatives in ("target", "both"):
+        out[f"token_{negatives}"] = ser.token_nce(maps[:, 0], maps[:, 1], 0.4, negatives)
     out["bt"] = ser.barlow_twins_loss(z[:, :16], z[:, 16:32], 0.0051)
     out["moco"] = ser.moco_infonce(z[:, :16], z[:, 16:32].detach(), 0.2)
     return out
@@ -347,14 +400,15 @@ def _gloo_worker(rank, world, store, out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     torch.manual_seed(0)
-    rows, w0 = torch.randn(8, 6, dtype=torch.float64), torch.randn(6, 64, dtype=torch.float64)
+    rows = torch.randn(8, 6, dtype=torch.float64)
+    w0 = torch.randn(6, 64, dtype=torch.float64)
     res = {}
     for name in LOSSES:
         w = w0.clone().requires_grad_()
         loss = _losses(rows, w, rank, world)[name]
         loss.backward()
         both = torch.cat([loss.detach().view(1), w.grad.flatten()])
-        dist.all_reduce(both)                                            # DDP: average loss and gradient
+        dist.all_reduce(both)                                       # DDP: average loss and grad
         res[name] = both / world
     if rank == 0:
         torch.save(res, out)
@@ -363,15 +417,72 @@ def _gloo_worker(rank, world, store, out):
 
 def test_one_vs_two_gloo_processes(tmp_path):
     torch.manual_seed(0)
-    rows, w0 = torch.randn(8, 6, dtype=torch.float64), torch.randn(6, 64, dtype=torch.float64)
+    rows = torch.randn(8, 6, dtype=torch.float64)
+    w0 = torch.randn(6, 64, dtype=torch.float64)
     mp.spawn(_gloo_worker, args=(2, str(tmp_path / "store"), str(tmp_path / "out.pt")), nprocs=2)
     two = torch.load(tmp_path / "out.pt")
     for name in two:
         w = w0.clone().requires_grad_()
         loss = _losses(rows, w)[name]
         loss.backward()
-        torch.testing.assert_close(two[name], torch.cat([loss.detach().view(1), w.grad.flatten()]),
-                                   msg=lambda m: f"{name}: {m}")
+        one = torch.cat([loss.detach().view(1), w.grad.flatten()])
+
+        def named(message, name=name):
+            return f"{name}: {message}"
+
+        torch.testing.assert_close(two[name], one, msg=named)
+
+
+# ---------------------------------------------------------------- the harness interface
+def test_online_probe_counts_and_top1():
+    """forward() hands the probe's correct count and image count to the harness; monitor_metrics
+    turns the epoch's sums into one top-1."""
+    args = ser.parse_args(TINY + ["--base", "bt"])
+    args.num_classes = 4
+    model = ser.build_model(args)
+    x = torch.rand(16, 3, 16, 16)
+    labels = torch.arange(16) % 4
+    views, g = ser.make_views(x, x.flip(-1), args, step=0)
+    _, terms, sums = model(views, g, labels, ser.schedule(0, args, 1))
+    with torch.no_grad():
+        cls = torch.cat([model.student(views[0])[0], model.student(views[2])[0]])
+        correct = (model.probe(cls).argmax(1) == labels).sum().item()
+    assert set(sums) == {"probe_correct", "images"} and "probe_acc" not in terms
+    assert (sums["probe_correct"].item(), sums["images"].item()) == (correct, 16)
+    assert ser.monitor_metrics({"probe_correct": 30.0, "images": 64.0}) == {"top1_probe": 30 / 64}
+
+
+@pytest.mark.parametrize("base", ["moco", "dino", "bt"])
+def test_backbone_is_the_probed_vit(base):
+    """backbone.pt holds model.backbone: DINO's teacher (DINO evaluates its teacher), else the
+    student; eval.py probes the same ViT."""
+    model = _tiny_model("--base", base)
+    want = model.teacher if base == "dino" else model.student
+    assert model.backbone is want
+    assert ser.probeable(model, model.args).backbone.vit is want
+    assert "backbone" not in dict(model.named_children())         # a view, not a second copy
+
+
+def test_compile_compiles_every_vit_block_and_nothing_else():
+    """The harness calls model.compile(): SER compiles each block of the student and the teacher
+    (the b2 views change shape every step), never the whole model."""
+    model = _tiny_model("--base", "moco")
+    model.compile()
+    blocks = [*model.student.blocks, *model.teacher.blocks]
+    assert all(b._compiled_call_impl is not None for b in blocks)
+    assert model._compiled_call_impl is None and model.student._compiled_call_impl is None
+
+
+def test_a_b2_split_without_negatives_is_one_message(toy_imagefolder, tmp_path, capsys):
+    """b2 = 1 image per rank leaves L_equiv without negatives: one message naming --b2-ratio,
+    exit 2, before the run dir is written."""
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        ser.main(TINY + ["--data-root", toy_imagefolder, "--b2-ratio", "0.05",
+                         "--run-dir", str(run_dir)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--b2-ratio 0.05 gives 1 of 16" in err, err
+    assert "Traceback" not in err and not run_dir.exists()
 
 
 # ---------------------------------------------------------------- exact resume, README commands
@@ -380,44 +491,56 @@ def _log(run_dir, kind="train"):
         return [e for e in map(json.loads, f) if e["kind"] == kind]
 
 
-@pytest.mark.parametrize("base", ["dino"])     # teacher EMA, centre buffer, teacher-temperature schedule
+LOSS_KEYS = ("step", "total", "inv", "equiv", "lr")
+
+
+@pytest.mark.parametrize("base", ["dino"])   # teacher EMA, centre buffer, teacher-temp schedule
 def test_resume_is_exact(toy_imagefolder, tmp_path, base, capsys):
     common = TINY + ["--base", base, "--data-root", toy_imagefolder, "--no-eval", "--epochs", "2"]
     ser.main(common + ["--run-dir", str(tmp_path / "straight")])
     ser.main(common + ["--run-dir", str(tmp_path / "resumed"), "--stop-after-epochs", "1"])
-    assert not os.path.exists(tmp_path / "resumed" / "backbone.pt")     # stopped early: no export yet
+    assert not os.path.exists(tmp_path / "resumed" / "backbone.pt")     # stopped early: no export
     ser.main(common + ["--run-dir", str(tmp_path / "resumed")])
     straight, resumed = _log(tmp_path / "straight"), _log(tmp_path / "resumed")
-    assert len(straight) == len(resumed) == 8                           # 64 images / batch 16 x 2 epochs
+    assert len(straight) == len(resumed) == 8                       # 64 images / 16 x 2 epochs
     for a, b in zip(straight, resumed):
-        assert {k: a[k] for k in ("step", "total", "inv", "equiv", "lr")} == \
-            {k: b[k] for k in ("step", "total", "inv", "equiv", "lr")}
+        assert {k: a[k] for k in LOSS_KEYS} == {k: b[k] for k in LOSS_KEYS}
+    assert "images_per_s" in straight[0] and "probe_acc" not in straight[0]
+    online = _log(tmp_path / "straight", "online")
+    assert [e["epoch"] for e in online] == [0, 1] and 0 <= online[0]["top1_probe"] <= 1
+    assert online == _log(tmp_path / "resumed", "online")
     ck = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
     assert ck["script"] == "ser" and ck["epoch"] == 2 and ck["step"] == 8
-    assert os.path.exists(tmp_path / "resumed" / "backbone.pt")
+    backbone = torch.load(tmp_path / "resumed" / "backbone.pt", weights_only=True)
+    assert backbone.keys() == {k[len("teacher."):] for k in ck["model"] if k.startswith("teacher.")}
     capsys.readouterr()
-    with pytest.raises(SystemExit) as e:                  # other training flags: refused, the flag named
+    with pytest.raises(SystemExit) as e:             # other training flags: refused, flag named
         ser.main(common + ["--run-dir", str(tmp_path / "resumed"), "--ser-lambda", "0.5"])
     assert e.value.code == 2 and "--ser-lambda" in capsys.readouterr().err
 
 
 def test_readme_commands(imagefolder_workdir):
-    """Every README command for ser.py parses; the toy ones run for one epoch, the first python and the first
-    torchrun command with evaluation. The 2-process torchrun launch always runs, even before the README shows it."""
-    cmds = [c for c in readme_commands("ser.py") if c.split()[0] in ("python", "torchrun") and "$" not in c]
+    """Every README command for ser.py parses; the toy ones run for one epoch, the first python
+    and the first torchrun command with evaluation. The 2-process torchrun launch always runs,
+    even before the README shows it."""
+    cmds = [c for c in readme_commands("ser.py")
+            if c.split()[0] in ("python", "torchrun") and "$" not in c]
     if not any(c.startswith("torchrun") and "paper" not in c for c in cmds):
-        cmds.append("torchrun --standalone --nproc_per_node=2 ser.py --base bt --run-dir runs/ser-toy-ddp")
+        cmds.append("torchrun --standalone --nproc_per_node=2 ser.py --base bt "
+                    "--run-dir runs/ser-toy-ddp")
     if not any(c.startswith("python ser.py") for c in cmds):
         cmds.append("python ser.py --base moco")
     evaluated = set()
     for cmd in cmds:
-        flags = shlex.split(cmd)[shlex.split(cmd).index("ser.py") + 1:]
+        words = shlex.split(cmd)
+        flags = words[words.index("ser.py") + 1:]
         args = ser.parse_args(flags)
         if args.preset == "paper" or "--data-root" in flags:
-            continue                                                    # real data, GPUs: parsing is checked
+            continue                                            # real data, GPUs: parsing only
         shutil.rmtree(imagefolder_workdir / "runs", ignore_errors=True)
-        launcher = cmd.split()[0]
-        proc = run(cmd + " --epochs 1" + (" --no-eval" if launcher in evaluated else ""), cwd=imagefolder_workdir)
+        launcher = words[0]
+        extra = " --epochs 1" + (" --no-eval" if launcher in evaluated else "")
+        proc = run(cmd + extra, cwd=imagefolder_workdir)
         assert "Traceback" not in proc.stderr, cmd
         assert os.path.exists(imagefolder_workdir / args.run_dir / "checkpoint.pt"), cmd
         if launcher not in evaluated:
@@ -427,25 +550,28 @@ def test_readme_commands(imagefolder_workdir):
 
 
 def test_missing_data_root_is_one_message(tmp_path):
-    proc = run(f"python ser.py --data-root {tmp_path / 'nowhere'} --epochs 1", cwd=ser.__file__.rsplit("/", 1)[0],
-               check=False)
+    proc = run(f"python ser.py --data-root {tmp_path / 'nowhere'} --epochs 1",
+               cwd=ser.__file__.rsplit("/", 1)[0], check=False)
     assert proc.returncode == 2 and "nowhere" in proc.stderr and "Traceback" not in proc.stderr
 
 
-BAD_FLAGS = [["--base", "simclr"], ["--no-such-flag"], ["--resolution", "30", "--patch", "4"],
-             ["--resolution", "0"], ["--resolution", "4", "--patch", "4"], ["--patch", "0"], ["--patch", "-4"],
-             ["--dim", "0"], ["--heads", "0"], ["--heads", "3"], ["--depth", "0"], ["--ser-layer", "0"],
-             ["--ser-layer", "9", "--depth", "6"], ["--epochs", "0"], ["--epochs", "2.5"], ["--warmup-epochs", "-1"],
-             ["--warmup-epochs", "11"], ["--batch-size", "0"], ["--blr", "-1"], ["--blr", "0"], ["--blr", "nan"],
-             ["--blr", "1e39"], ["--blr", "inf"], ["--wd", "-0.1"], ["--wd-end", "nan"], ["--min-lr-frac", "1.5"],
-             ["--clip-grad", "-1"], ["--seed", "-1"], ["--seed", "1e3"], ["--num-workers", "-1"],
-             ["--log-every", "0"], ["--stop-after-epochs", "-1"], ["--ser-lambda", "-1"], ["--ser-lambda", "nan"],
-             ["--ser-tau", "0"], ["--moco-tau", "-0.2"], ["--student-temp", "0"], ["--teacher-temp0", "nan"],
-             ["--teacher-temp", "1e39"], ["--teacher-temp-epochs", "-1"], ["--freeze-last-epochs", "-1"],
-             ["--momentum", "1.5"], ["--center-momentum", "-0.1"], ["--bt-lambda", "-1"], ["--b2-ratio", "0"],
-             ["--b2-ratio", "1"], ["--drop-path", "1"], ["--drop-path", "-0.1"], ["--crop-min", "0"],
-             ["--crop-min", "1.5"], ["--head-hidden", "0"], ["--head-dim", "0"], ["--head-bottleneck", "0"],
-             ["--token-dim", "0"]]
+BAD_FLAGS = [
+    ["--base", "simclr"], ["--no-such-flag"], ["--resolution", "30", "--patch", "4"],
+    ["--resolution", "0"], ["--resolution", "4", "--patch", "4"], ["--patch", "0"],
+    ["--patch", "-4"], ["--dim", "0"], ["--heads", "0"], ["--heads", "3"], ["--depth", "0"],
+    ["--ser-layer", "0"], ["--ser-layer", "9", "--depth", "6"], ["--epochs", "0"],
+    ["--epochs", "2.5"], ["--warmup-epochs", "-1"], ["--warmup-epochs", "11"],
+    ["--batch-size", "0"], ["--blr", "-1"], ["--blr", "0"], ["--blr", "nan"], ["--blr", "1e39"],
+    ["--blr", "inf"], ["--wd", "-0.1"], ["--wd-end", "nan"], ["--min-lr-frac", "1.5"],
+    ["--clip-grad", "-1"], ["--seed", "-1"], ["--seed", "1e3"], ["--num-workers", "-1"],
+    ["--log-every", "0"], ["--stop-after-epochs", "-1"], ["--ser-lambda", "-1"],
+    ["--ser-lambda", "nan"], ["--ser-tau", "0"], ["--moco-tau", "-0.2"], ["--student-temp", "0"],
+    ["--teacher-temp0", "nan"], ["--teacher-temp", "1e39"], ["--teacher-temp-epochs", "-1"],
+    ["--freeze-last-epochs", "-1"], ["--momentum", "1.5"], ["--center-momentum", "-0.1"],
+    ["--bt-lambda", "-1"], ["--b2-ratio", "0"], ["--b2-ratio", "1"], ["--drop-path", "1"],
+    ["--drop-path", "-0.1"], ["--crop-min", "0"], ["--crop-min", "1.5"], ["--head-hidden", "0"],
+    ["--head-dim", "0"], ["--head-bottleneck", "0"], ["--token-dim", "0"],
+]
 
 
 @pytest.mark.parametrize("argv", BAD_FLAGS, ids=" ".join)
@@ -458,35 +584,46 @@ def test_bad_flags_fail_with_one_argparse_error_naming_the_flag(argv, capsys):
     assert "Traceback" not in err
 
 
+def changed(value):
+    """A different value that still passes parse_args' cross-checks."""
+    if isinstance(value, str):
+        return {"bilinear": "bicubic", "bicubic": "bilinear"}.get(value, value + "-elsewhere")
+    if isinstance(value, int):
+        return 2 * value if value else 1
+    return value / 2 if value else 0.05
+
+
 @pytest.mark.parametrize("preset", ["toy", "paper"])
 @pytest.mark.parametrize("base", ["moco", "dino", "bt"])
 def test_every_preset_key_takes_effect(preset, base, monkeypatch):
-    """Each value preset_defaults returns reaches the parsed args (no flag's own default hides it), and each
-    key is a real flag that overrides it."""
-    def changed(v):                     # a different value that still passes parse_args' cross-checks
-        if isinstance(v, str):
-            return {"bilinear": "bicubic", "bicubic": "bilinear"}.get(v, v + "-elsewhere")
-        return (2 * v if v else 1) if isinstance(v, int) else (v / 2 if v else 0.05)
-
-    sources = [ser.BASE_COMMON, ser.METHOD[base]] + ([ser.PAPER] if preset == "paper" else
-                                                     [ser.TOY, ser.TOY_METHOD[base]])
+    """Each value preset_defaults returns reaches the parsed args (no flag's own default hides
+    it), and each key is a real flag that overrides it."""
+    sources = [ser.BASE_COMMON, ser.METHOD[base]]
+    if preset == "paper":
+        sources.append(ser.PAPER)
+    else:
+        sources += [ser.TOY, ser.TOY_METHOD[base]]
     defaults = ser.preset_defaults(preset, base)
     assert set(defaults) == {k for d in sources for k in d}
     for key, value in defaults.items():
+        winner = next(d for d in reversed(sources) if key in d)          # the dict that wins
         with monkeypatch.context() as m:
-            m.setitem(next(d for d in reversed(sources) if key in d), key, changed(value))   # the winning dict
+            m.setitem(winner, key, changed(value))
             got = getattr(ser.parse_args(["--preset", preset, "--base", base]), key)
         assert got == changed(value) and type(got) is type(value), key
         flag = ["--" + key.replace("_", "-"), str(changed(value))]
-        assert getattr(ser.parse_args(["--preset", preset, "--base", base] + flag), key) == changed(value), key
+        args = ser.parse_args(["--preset", preset, "--base", base] + flag)
+        assert getattr(args, key) == changed(value), key
 
 
 def test_silent_no_ops_are_refused(toy_imagefolder, tmp_path, capsys):
-    """A batch larger than the training set would train 0 steps and evaluate random weights: one message
-    naming --batch-size, exit 2, before anything is written. (--epochs 0, --resolution 0: BAD_FLAGS.)"""
+    """A batch larger than the training set would train 0 steps and evaluate random weights: one
+    message naming --batch-size, exit 2, before anything is written. (--epochs 0, --resolution
+    0: BAD_FLAGS.)"""
     run_dir = tmp_path / "run"
     with pytest.raises(SystemExit) as e:
-        ser.main(TINY + ["--data-root", toy_imagefolder, "--batch-size", "128", "--run-dir", str(run_dir)])
+        ser.main(TINY + ["--data-root", toy_imagefolder, "--batch-size", "128",
+                         "--run-dir", str(run_dir)])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "--batch-size 128" in err and "64 training images" in err, err
     assert not run_dir.exists()
