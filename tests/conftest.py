@@ -58,7 +58,8 @@ def run(cmd, cwd, timeout=300, check=True, env=None):
         argv = [sys.executable, "-m", "torch.distributed.run"] + argv[1:]
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     full_env.update(env or {})
-    proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
+    proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env=full_env)
     if check and proc.returncode != 0:
         raise AssertionError(f"`{cmd}` exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\n"
                              f"stderr:\n{proc.stderr[-4000:]}")
@@ -89,10 +90,10 @@ def toy_imagefolder(tmp_path_factory):
 def leave_process_group():
     """The end of a spawned multi-process test worker. A DDP wrapper's reducer keeps the process
     group alive past destroy_process_group, so its gloo context would live on until the interpreter
-    exits; a peer that exits first then closes its sockets under that live context, and the worker
+    exits; a rank that exits first then closes its sockets under that live context, and the worker
     dies with SIGABRT ('terminate called without an active exception'). So: drop the wrappers
-    (the caller deletes its references; gc breaks their cycles), meet the peers at a barrier, and
-    only then destroy the group, on every rank."""
+    (the caller deletes its references; gc breaks their cycles), meet the other ranks at a
+    barrier, and only then destroy the group, on every rank."""
     import torch.distributed as dist
     gc.collect()
     dist.barrier()
