@@ -1,5 +1,6 @@
-"""sie.py: the spec §7 self-checks, the predictor's cheap form, the loss against a naive reference,
-the paper preset, 1 vs 2 gloo processes, exact resume, the non-finite stop, the README commands."""
+"""sie.py: module sizes and shapes at the paper's setting, the predictor's cheap form, the loss
+against a naive reference, the paper preset, 1 vs 2 gloo processes, exact resume, the non-finite
+stop, the README commands."""
 import json
 import math
 import os
@@ -16,14 +17,15 @@ from torch.nn.parallel import DistributedDataParallel
 import sie
 from conftest import leave_process_group, readme_commands, run
 
-TINY = ["--resolution", "32", "--batch-size", "8", "--mlp", "64-64-64", "--num-workers", "0", "--log-every", "1"]
+TINY = ["--resolution", "32", "--batch-size", "8", "--mlp", "64-64-64", "--num-workers", "0",
+        "--log-every", "1"]
 
 
 def n_params(module):
     return sum(p.numel() for p in module.parameters())
 
 
-# ---------------------------------------------------------------- spec §7 self-checks
+# ---------------------------------------------------------------- sizes at the paper's setting
 def test_parameter_counts_and_shapes():
     model = sie.build_model(sie.parse_args(["--preset", "paper"]))
     assert n_params(model.backbone) == 11_180_736
@@ -36,23 +38,33 @@ def test_parameter_counts_and_shapes():
     z = model.embed(y)
     assert z.shape == (2, 2048)
     assert model.predictor(z[:, 1024:], torch.randn(2, 4)).shape == (2, 1024)
-    # Stage sizes 128 -> 64 -> 64 -> 32 -> 16 -> 8 (spec §7.1).
-    sizes, h = [], model.backbone.bn1.register_forward_hook(lambda m, i, o: sizes.append(o.shape[-1]))
-    hooks = [h] + [s.register_forward_hook(lambda m, i, o: sizes.append(o.shape[-1])) for s in model.backbone.layers]
+    # Spatial sizes as in the official src/resnet.py: the stem conv gives 128, the kept maxpool
+    # 64, then the four stages 64 -> 32 -> 16 -> 8 (hooked here: bn1 and the stages' outputs).
+    sizes = []
+
+    def record_size(module, inputs, output):
+        sizes.append(output.shape[-1])
+    h = model.backbone.bn1.register_forward_hook(record_size)
+    hooks = [h] + [s.register_forward_hook(record_size) for s in model.backbone.layers]
     model.backbone(torch.randn(1, 3, 256, 256))
     for h in hooks:
         h.remove()
     assert sizes == [128, 64, 32, 16, 8]
 
 
+def predictor_params(*flags):
+    """Parameters of the predictor at the paper's setting plus `flags`."""
+    return n_params(sie.build_model(sie.parse_args(["--preset", "paper", *flags])).predictor)
+
+
 def test_ablation_sizes():
-    count = lambda *a: n_params(sie.build_model(sie.parse_args(["--preset", "paper", *a])).predictor)
-    assert count("--hypernet", "deep") == 4_194_336
-    assert count("--rot-color") == 6_291_456
+    assert predictor_params("--hypernet", "deep") == 4_194_336
+    assert predictor_params("--rot-color") == 6_291_456
     only = sie.build_model(sie.parse_args(["--preset", "paper", "--equi-only"]))
     assert only.proj_inv is None and n_params(only.proj_equi) == 9_449_472
     assert n_params(only.predictor) == 16_777_216
-    assert only.loss_kw["equi_weight"] == 10.0   # SIEOnlyEqui: no alpha (spec §3)
+    # The official SIEOnlyEqui has no alpha: its equivariance MSE has the weight sim_coeff = 10.
+    assert only.loss_kw["equi_weight"] == 10.0
     mlp = sie.build_model(sie.parse_args(["--preset", "paper", "--predictor", "mlp"])).predictor
     assert n_params(mlp) == (1024 + 4) * 1024 + 1024
 
@@ -68,7 +80,7 @@ def test_split_takes_first_dims_invariant_last_dims_equivariant():
     assert torch.equal(z[:, :d_inv], z2[:, :d_inv]) and not torch.equal(z[:, d_inv:], z2[:, d_inv:])
 
 
-# ---------------------------------------------------------------- predictor: cheap form == materialised W(g)
+# ---------------------------------------------------------------- predictor: cheap form == W(g) z
 @pytest.mark.parametrize("deep,bias", [(False, False), (True, False), (False, True)])
 def test_predictor_cheap_form_equals_materialised(deep, bias):
     torch.manual_seed(0)
@@ -79,7 +91,7 @@ def test_predictor_cheap_form_equals_materialised(deep, bias):
     out = pred(z, g)
     w = torch.randn(B, d, dtype=torch.double)
     grads = torch.autograd.grad((out * w).sum(), [z, g] + list(pred.parameters()))
-    # Reference: build W(g) = reshape(H c(g)) row-major, W[o, i] = (H c)[o*d + i], then W z with loops.
+    # Reference: W(g) = reshape(H c(g)) row-major, W[o, i] = (H c)[o*d + i], then W z by loops.
     c = pred.hyper_in(g)
     H = pred.hyper.weight                              # (d*d, k)
     ref = []
@@ -98,10 +110,11 @@ def test_predictor_cheap_form_equals_materialised(deep, bias):
 def test_predictor_is_linear_in_g():
     pred = sie.HypernetPredictor(8)
     z, g = torch.randn(3, 8), torch.randn(3, 4)
-    torch.testing.assert_close(pred(z, -g), -pred(z, g))     # q and -q give opposite predictions (spec §2.3)
+    # Linear in g: q and -q, the same rotation, give opposite predictions.
+    torch.testing.assert_close(pred(z, -g), -pred(z, g))
 
 
-# ---------------------------------------------------------------- loss vs an independent naive reference
+# ---------------------------------------------------------------- loss vs a naive reference
 def naive_variance(A):
     N, D = A.shape
     total = 0.0
@@ -128,24 +141,33 @@ def naive_mse(A, B):
     return float(np.mean([(a - b) ** 2 for a, b in zip(A.ravel(), B.ravel())]))
 
 
+def float32(a):
+    return torch.tensor(a, dtype=torch.float32)
+
+
 @pytest.mark.parametrize("batch_size", [None, 9])
 def test_loss_matches_naive_reference(batch_size):
     rng = np.random.default_rng(0)
     N, d_inv, d_equi = 6, 5, 3
     z1, z2 = rng.normal(size=(N, d_inv + d_equi)) * 0.3, rng.normal(size=(N, d_inv + d_equi)) * 2
     pred = rng.normal(size=(N, d_equi))
-    t = lambda a: torch.tensor(a, dtype=torch.float32)
-    terms = sie.sie_loss(t(z1), t(z2), t(pred), d_inv, batch_size=batch_size)
-    divisor = (batch_size or N) - 1                         # the CLI global batch - 1 (spec §2.4)
+    terms = sie.sie_loss(float32(z1), float32(z2), float32(pred), d_inv, batch_size=batch_size)
+    # The covariance divides by the CLI global batch - 1 (args.batch_size - 1 in the official
+    # SIE.forward), the actual batch's N - 1 when none is given.
+    divisor = (batch_size or N) - 1
     ref = {"inv": naive_mse(z1[:, :d_inv], z2[:, :d_inv]), "equi": naive_mse(pred, z2[:, d_inv:]),
-           "std": 0.5 * naive_variance(z1) + 0.5 * naive_variance(z2), "pred_std": 0.5 * naive_variance(pred),
+           "std": 0.5 * naive_variance(z1) + 0.5 * naive_variance(z2),
+           "pred_std": 0.5 * naive_variance(pred),
            "cov": naive_covariance(z1, divisor) + naive_covariance(z2, divisor)}
     for k, v in ref.items():
         assert terms[k].item() == pytest.approx(v, rel=1e-5, abs=1e-6), k
-    # spec §7.5: 10 L_inv + 4.5 L_equi + 10 L_std + 10 L_pred_std + 1 L_cov.
-    total = 10 * ref["inv"] + 4.5 * ref["equi"] + 10 * ref["std"] + 10 * ref["pred_std"] + ref["cov"]
+    # The official command's weights: 10 L_inv + 4.5 L_equi (sim_coeff 10 x equi_factor 0.45)
+    # + 10 L_std + 10 L_pred_std + 1 L_cov.
+    total = (10 * ref["inv"] + 4.5 * ref["equi"] + 10 * ref["std"] + 10 * ref["pred_std"]
+             + ref["cov"])
     assert terms["loss"].item() == pytest.approx(total, rel=1e-5)
-    assert sie.sie_loss(t(z1), t(z2), t(pred), d_inv, pred_var=False)["pred_std"].item() == 0.0
+    no_pred_var = sie.sie_loss(float32(z1), float32(z2), float32(pred), d_inv, pred_var=False)
+    assert no_pred_var["pred_std"].item() == 0.0
 
 
 def test_loss_invariants():
@@ -158,22 +180,27 @@ def test_loss_invariants():
 
 def test_model_loss_uses_paper_coefficients():
     kw = sie.build_model(sie.parse_args(["--preset", "paper"])).loss_kw
-    assert kw == dict(batch_size=1024, sim_coeff=10.0, equi_weight=4.5, std_coeff=10.0, cov_coeff=1.0, pred_var=True)
+    assert kw == dict(batch_size=1024, sim_coeff=10.0, equi_weight=4.5, std_coeff=10.0,
+                      cov_coeff=1.0, pred_var=True)
 
 
 # ---------------------------------------------------------------- presets and flags
 def test_paper_preset_is_the_official_command():
     a = sie.parse_args(["--preset", "paper"])
-    assert (a.epochs, a.batch_size, a.resolution, a.mlp, a.equi_dims) == (2000, 1024, 256, "2048-2048-2048", 256)
+    assert ((a.epochs, a.batch_size, a.resolution, a.mlp, a.equi_dims)
+            == (2000, 1024, 256, "2048-2048-2048", 256))
     assert (a.sim_coeff, a.equi_factor, a.std_coeff, a.cov_coeff) == (10.0, 0.45, 10.0, 1.0)
-    assert (a.lr, a.wd, a.predictor, a.hypernet, a.pred_bias) == (1e-3, 1e-6, "hypernet", "linear", False)
+    assert ((a.lr, a.wd, a.predictor, a.hypernet, a.pred_bias)
+            == (1e-3, 1e-6, "hypernet", "linear", False))
     assert not (a.no_pred_var or a.equi_only or a.rot_color)
     assert a.run_dir == os.path.join("runs", "sie-paper")
-    assert sie.parse_args(["--preset", "paper", "--epochs", "3"]).epochs == 3       # explicit flags override
+    # explicit flags override the preset
+    assert sie.parse_args(["--preset", "paper", "--epochs", "3"]).epochs == 3
     assert sie.parse_args(["--no-pred-var"]).run_dir == os.path.join("runs", "sie-toy-nopredvar")
 
 
-@pytest.mark.parametrize("argv", [["--bogus"], ["--equi-dims", "0"], ["--equi-dims", "512"], ["--amp", "fp8"]])
+@pytest.mark.parametrize("argv", [["--bogus"], ["--equi-dims", "0"], ["--equi-dims", "512"],
+                                  ["--amp", "fp8"]])
 def test_bad_flags_fail_with_argparse_error(argv, capsys):
     with pytest.raises(SystemExit) as e:
         sie.parse_args(argv)
@@ -183,7 +210,8 @@ def test_bad_flags_fail_with_argparse_error(argv, capsys):
 # ---------------------------------------------------------------- 1 vs 2 gloo processes
 def _make_batch(n=8, size=32):
     gen = torch.Generator().manual_seed(1)
-    return (torch.randn(n, 3, size, size, generator=gen), torch.randn(n, 3, size, size, generator=gen),
+    return (torch.randn(n, 3, size, size, generator=gen),
+            torch.randn(n, 3, size, size, generator=gen),
             torch.randn(n, 4, generator=gen), torch.randint(0, 4, (n,), generator=gen))
 
 
@@ -191,13 +219,14 @@ def _loss_and_grads(model, batch):
     loss, terms, _ = model(*batch)
     loss.backward()
     module = model.module if isinstance(model, DistributedDataParallel) else model
-    return {k: v.detach() for k, v in terms.items()}, {n: p.grad.clone() for n, p in module.named_parameters()}
+    grads = {n: p.grad.clone() for n, p in module.named_parameters()}
+    return {k: v.detach() for k, v in terms.items()}, grads
 
 
 def _tiny_model():
     torch.manual_seed(0)
-    # BN in eval mode: SyncBatchNorm does not exist on CPU, so train-mode BN would see per-rank batches;
-    # everything this test is about (gather, global var/cov, DDP averaging) is unaffected.
+    # BN in eval mode: SyncBatchNorm does not exist on CPU, so train-mode BN would see per-rank
+    # batches; everything this test is about (gather, global var/cov, DDP averaging) is unaffected.
     return sie.build_model(sie.parse_args(TINY)).eval()
 
 
@@ -218,6 +247,13 @@ def _ddp_worker(rank, world, store, out):
     leave_process_group()
 
 
+def prefixed(name):
+    """An assert_close msg: `name`, then torch's own message."""
+    def message(generated):
+        return f"{name}: {generated}"
+    return message
+
+
 def test_one_vs_two_gloo_processes(tmp_path):
     torch.set_num_threads(1)
     terms1, grads1 = _loss_and_grads(_tiny_model(), _make_batch())
@@ -226,7 +262,7 @@ def test_one_vs_two_gloo_processes(tmp_path):
     for k in ("inv", "equi", "std", "pred_std", "cov", "loss"):
         torch.testing.assert_close(two["terms"][k], terms1[k], rtol=1e-5, atol=1e-6)
     for n, g in grads1.items():
-        torch.testing.assert_close(two["grads"][n], g, rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")
+        torch.testing.assert_close(two["grads"][n], g, rtol=1e-4, atol=1e-6, msg=prefixed(n))
 
 
 # ---------------------------------------------------------------- exact resume, non-finite stop
@@ -237,8 +273,8 @@ def _train_log(run_dir, kind="train"):
 
 @pytest.mark.parametrize("decode", ["cpu", "gpu"])
 def test_fast_decode_paths_train_like_pil(decode, toy_root, tmp_path):
-    """--decode cpu|gpu (uint8 / JPEG bytes through the loader, finished by to_device) trains the same steps
-    as the PIL path: same pixels at the native size, so the same losses."""
+    """--decode cpu|gpu (uint8 / JPEG bytes through the loader, finished by to_device) trains the
+    same steps as the PIL path: same pixels at the native size, so the same losses."""
     common = TINY + ["--data-root", toy_root, "--no-eval", "--epochs", "1"]
     sie.main(common + ["--run-dir", str(tmp_path / "pil")])
     sie.main(common + ["--decode", decode, "--run-dir", str(tmp_path / decode)])
@@ -252,19 +288,21 @@ def test_resume_is_exact(toy_root, tmp_path, capsys):
     sie.main(common + ["--epochs", "1", "--run-dir", str(tmp_path / "resumed")])
     sie.main(common + ["--epochs", "2", "--run-dir", str(tmp_path / "resumed")])
     straight, resumed = _train_log(tmp_path / "straight"), _train_log(tmp_path / "resumed")
-    assert len(straight) == len(resumed) == 4            # 16 train objects / batch 8 = 2 steps per epoch
+    assert len(straight) == len(resumed) == 4    # 16 train objects / batch 8 = 2 steps per epoch
     for a, b in zip(straight, resumed):
-        assert (a["step"], a["total"], a["equi"], a["cov"]) == (b["step"], b["total"], b["equi"], b["cov"])
+        assert ((a["step"], a["total"], a["equi"], a["cov"])
+                == (b["step"], b["total"], b["equi"], b["cov"]))
     assert _train_log(tmp_path / "resumed", "resume")[0]["step"] == 2
     ck = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
     assert ck["script"] == "sie" and ck["epoch"] == 2 and ck["step"] == 4
     assert os.path.exists(tmp_path / "resumed" / "backbone.pt")
-    with pytest.raises(SystemExit) as e:                  # different training flags: refuse, name the flag
+    with pytest.raises(SystemExit) as e:          # different training flags: refuse, name the flag
         sie.main(common + ["--epochs", "3", "--lr", "0.1", "--run-dir", str(tmp_path / "resumed")])
     assert e.value.code == 2 and "--lr" in capsys.readouterr().err
 
 
-def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(toy_root, tmp_path, monkeypatch, capsys):
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(toy_root, tmp_path, monkeypatch,
+                                                              capsys):
     run_dir = tmp_path / "nan"
     calls, real_loss = [], sie.sie_loss
 
@@ -277,7 +315,8 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(toy_root, tmp_path,
 
     monkeypatch.setattr(sie, "sie_loss", loss_that_breaks_at_step_3)
     with pytest.raises(SystemExit) as e:
-        sie.main(TINY + ["--data-root", toy_root, "--no-eval", "--epochs", "3", "--run-dir", str(run_dir)])
+        sie.main(TINY + ["--data-root", toy_root, "--no-eval", "--epochs", "3",
+                         "--run-dir", str(run_dir)])
     assert e.value.code == 3
     assert "non-finite loss at step 3" in capsys.readouterr().err
     ck = torch.load(run_dir / "checkpoint.pt", weights_only=True)
@@ -287,14 +326,15 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(toy_root, tmp_path,
 
 
 def test_missing_data_root_is_one_message(tmp_path):
-    proc = run(f"python sie.py --data-root {tmp_path / 'nowhere'} --epochs 1", cwd=sie.__file__.rsplit("/", 1)[0],
-               check=False)
+    proc = run(f"python sie.py --data-root {tmp_path / 'nowhere'} --epochs 1",
+               cwd=sie.__file__.rsplit("/", 1)[0], check=False)
     assert proc.returncode == 2 and "nowhere" in proc.stderr and "Traceback" not in proc.stderr
 
 
 # ---------------------------------------------------------------- ablations, README commands
-@pytest.mark.parametrize("flags", [[], ["--no-pred-var"], ["--equi-only"], ["--rot-color"], ["--equi-dims", "128"],
-                                   ["--predictor", "mlp"], ["--hypernet", "deep"], ["--pred-bias"]])
+@pytest.mark.parametrize("flags", [[], ["--no-pred-var"], ["--equi-only"], ["--rot-color"],
+                                   ["--equi-dims", "128"], ["--predictor", "mlp"],
+                                   ["--hypernet", "deep"], ["--pred-bias"]])
 def test_every_ablation_trains(flags):
     args = sie.parse_args(TINY + flags)
     torch.manual_seed(0)
@@ -324,7 +364,7 @@ def test_readme_commands(workdir):
         flags = argv[argv.index("sie.py") + 1:]
         args = sie.parse_args(flags)                       # every README flag exists and parses
         if args.preset == "paper" or "--data-root" in flags:
-            continue                                       # real data, GPUs: parsing is what CI can check
+            continue                           # real data, GPUs: parsing is what CI can check
         shutil.rmtree(workdir / "runs", ignore_errors=True)
         proc = run(cmd + " --epochs 1 --batch-size 8", cwd=workdir)   # the test set has 16 objects
         assert "Traceback" not in proc.stderr and "mrr" in proc.stdout, cmd   # the evaluation table
