@@ -91,14 +91,20 @@ BAD_FLAGS = [
     (["--resolution", "7"], "--resolution"), (["--resolution", "0"], "--resolution"),
     (["--mlp", "0-0-0"], "--mlp"), (["--mlp", "abc"], "--mlp"), (["--seed", "-1"], "--seed"),
     (["--num-workers", "-1"], "--num-workers"), (["--lr", "-1"], "--lr"), (["--lr", "nan"], "--lr"),
-    (["--lr", "1e39"], "--lr"), (["--epochs", "0"], "--epochs"), (["--batch-size", "1"], "--batch-size"),
-    (["--log-every", "0"], "--log-every"), (["--wd", "-1"], "--wd"), (["--resume", "missing.pt"], "--resume"),
+    (["--lr", "1e39"], "--lr"), (["--epochs", "0"], "--epochs"),
+    (["--batch-size", "1"], "--batch-size"), (["--log-every", "0"], "--log-every"),
+    (["--wd", "-1"], "--wd"), (["--resume", "missing.pt"], "--resume"),
 ]
+
+
+def argv_id(value):
+    """Test id: the flags of an argv, nothing for the flag it names (already in the argv)."""
+    return " ".join(value) if isinstance(value, list) else ""
 
 
 @pytest.mark.parametrize("name", ["sie", "baselines"])   # ser.py's flags: tests/test_ser.py
 @pytest.mark.parametrize("argv, flag", BAD_FLAGS + [(["--equi-dims", "1"], "--equi-dims")],
-                         ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+                         ids=argv_id)
 def test_bad_flags_are_one_argparse_line(name, argv, flag, capsys):
     if flag == "--equi-dims" and name == "baselines":
         argv, flag = ["--method", "vicreg-partinv", "--equi-emb-dims", "0"], "--equi-emb-dims"
@@ -212,22 +218,27 @@ def test_loss_statistics_are_fp32_under_bf16_autocast():
     gen = torch.Generator().manual_seed(0)
     z1, z2 = torch.randn(64, 96, generator=gen), torch.randn(64, 96, generator=gen)
     pred = torch.randn(64, 48, generator=gen)
-    cases = {
-        "sie": lambda: sie.sie_loss(z1, z2, pred, 48)["loss"],
-        "vicreg": lambda: baselines.vicreg_loss(z1, z2)["loss"],
-        "nt_xent": lambda: baselines.nt_xent(z1, z2, 0.1),
-        "equimod_simclr": lambda: baselines.equimod_simclr_loss(z1, z2, pred, z2[:, :48])["loss"],
-        "equimod_vicreg": lambda: baselines.equimod_vicreg_loss(
-            z1, z2, z1[:, :48], z2[:, :48], pred)["loss"],
-        "vicreg_partinv": lambda: baselines.vicreg_partinv_loss(z1, z2, 48)["loss"],
-        "simclr_onlyequi": lambda: baselines.simclr_onlyequi_loss(pred, z2[:, :48])["loss"],
-    }
-    for name, loss in cases.items():
-        exact = loss()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            under_autocast = loss()
-        assert under_autocast.dtype == torch.float32, name
-        torch.testing.assert_close(under_autocast, exact, rtol=1e-5, atol=1e-6, msg=name)
+
+    def losses():
+        """Every loss on the same inputs, by name."""
+        return {
+            "sie": sie.sie_loss(z1, z2, pred, 48)["loss"],
+            "vicreg": baselines.vicreg_loss(z1, z2)["loss"],
+            "nt_xent": baselines.nt_xent(z1, z2, 0.1),
+            "equimod_simclr": baselines.equimod_simclr_loss(z1, z2, pred, z2[:, :48])["loss"],
+            "equimod_vicreg": baselines.equimod_vicreg_loss(
+                z1, z2, z1[:, :48], z2[:, :48], pred)["loss"],
+            "vicreg_partinv": baselines.vicreg_partinv_loss(z1, z2, 48)["loss"],
+            "simclr_onlyequi": baselines.simclr_onlyequi_loss(pred, z2[:, :48])["loss"],
+        }
+
+    exact = losses()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = losses()
+    for name in exact:
+        assert under_autocast[name].dtype == torch.float32, name
+        torch.testing.assert_close(under_autocast[name], exact[name], rtol=1e-5, atol=1e-6,
+                                   msg=name)
 
 
 # ---------------------------------------------------------------- Ctrl-C, torchrun launches
@@ -280,8 +291,8 @@ def free_port():
 
 
 def test_two_torchrun_agents_as_two_nodes_train_like_one_agent(toy_root, tmp_path):
-    """--nnodes 2 --nproc_per_node 1 with a c10d rendezvous on 127.0.0.1 (the multi-node line of
-    the README, both 'nodes' on this machine) gives the same losses as one agent with 2 processes."""
+    """--nnodes 2 --nproc_per_node 1 with a c10d rendezvous on 127.0.0.1 (the README's multi-node
+    line, both 'nodes' on this machine) gives the same losses as one agent with 2 processes."""
     flags = " ".join(tiny("sie", toy_root, "RUN", "--epochs", "1"))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     single = run(f"torchrun --standalone --nproc_per_node=2 sie.py "
@@ -290,9 +301,9 @@ def test_two_torchrun_agents_as_two_nodes_train_like_one_agent(toy_root, tmp_pat
     port = free_port()
     agents = []
     for node in (0, 1):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
-               "--node_rank", str(node), "--rdzv_backend", "c10d", "--rdzv_id", "test",
-               "--rdzv_endpoint", f"127.0.0.1:{port}", "sie.py",
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
+               "--nproc_per_node", "1", "--node_rank", str(node), "--rdzv_backend", "c10d",
+               "--rdzv_id", "test", "--rdzv_endpoint", f"127.0.0.1:{port}", "sie.py",
                *flags.replace("RUN", str(tmp_path / "two")).split()]
         agents.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                                        stderr=subprocess.PIPE, text=True))
@@ -340,6 +351,7 @@ def test_the_harness_is_the_same_text_in_every_script():
 
 def test_the_harness_check_catches_an_edited_copy():
     texts = script_texts()
-    edited = texts["ser"].replace("def reduce_sums(sums):", "def reduce_sums(sums):\n    sums = sums")
+    edited = texts["ser"].replace("def reduce_sums(sums):",
+                                  "def reduce_sums(sums):\n    sums = sums")
     assert edited != texts["ser"]
     assert set(harness_differences({**texts, "ser": edited})) == {"ser"}
