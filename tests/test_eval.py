@@ -1,6 +1,7 @@
-"""eval.py: metric definitions against naive formulas and the chance levels of the official protocols,
-retrieval conventions with an exactly equivariant oracle, exact 1-vs-2-process extraction and metrics,
-an end-to-end evaluate() on the toy set with a tiny conv net, and the CLI's error messages."""
+"""eval.py: metric definitions against naive formulas and the chance levels of the official
+protocols, retrieval conventions with an exactly equivariant oracle, exact 1-vs-2-process
+extraction and metrics, an end-to-end evaluate() on the toy set with a tiny conv net, and the CLI's
+error messages."""
 import json
 import math
 import os
@@ -25,10 +26,20 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+def identity(x):
+    return x
+
+
+def pixel_means(x):
+    """(N, C, H, W) images -> (N, C) means: an exact, model-free feature."""
+    return x.mean((2, 3))
+
+
 # ------------------------------------------------------------------ metrics vs naive formulas
 def test_r2_definitions_match_naive_formulas():
     g = torch.Generator().manual_seed(0)
-    t, p = torch.randn(50, 4, generator=g) + torch.tensor([0, 0, 0, 2.0]), torch.randn(50, 4, generator=g)
+    t = torch.randn(50, 4, generator=g) + torch.tensor([0, 0, 0, 2.0])
+    p = torch.randn(50, 4, generator=g)
     rows, cols = t.tolist(), p.tolist()
     flat = [x for r in rows for x in r]
     mean = sum(flat) / len(flat)
@@ -45,7 +56,8 @@ def test_r2_definitions_match_naive_formulas():
 
 
 def test_constant_mean_predictor_on_relative_quaternions():
-    """Official R² (eval_angle_prediction.py): the per-component-mean predictor scores pooled R² ≈ 0.229, per-output R² = 0."""
+    """Official R² (eval_angle_prediction.py): the per-component-mean predictor scores pooled
+    R² ≈ 0.229, per-output R² = 0."""
     rng = np.random.default_rng(0)
     a1, a2 = rng.uniform(-np.pi / 2, np.pi / 2, (2, 100_000, 3))
     t = torch.from_numpy(data.relative_quaternion(a1, a2))
@@ -57,7 +69,8 @@ def test_constant_mean_predictor_on_relative_quaternions():
 
 def test_random_rankings_are_at_chance():
     g = torch.Generator().manual_seed(0)
-    ranks, _ = ev.target_ranks(torch.randn(2000, 50, 8, generator=g), torch.randn(2000, 50, 8, generator=g))
+    ranks, _ = ev.target_ranks(torch.randn(2000, 50, 8, generator=g),
+                               torch.randn(2000, 50, 8, generator=g))
     m = ev.mrr_hits(ranks)
     assert m["mrr"] == pytest.approx(0.090, abs=0.004)
     for k in (1, 2, 5, 10):
@@ -69,10 +82,10 @@ def test_hand_built_ranks():
     """Two objects, 3 views on the unit circle; the predictions' ranks are known by construction."""
     ang = torch.tensor([0.0, 2.0, 4.0])
     cands = torch.stack([torch.cos(ang), torch.sin(ang)], -1).expand(2, 3, 2)
-    pred = torch.stack([cands[0, [0, 0, 0]] * 3.0,                 # view 0 predicted for every target
-                        cands[1, [0, 1, 2]] * 0.5])                 # perfect predictions
+    pred = torch.stack([cands[0, [0, 0, 0]] * 3.0,           # view 0 predicted for every target
+                        cands[1, [0, 1, 2]] * 0.5])           # perfect predictions
     ranks, _ = ev.target_ranks(pred, cands)
-    # object 0: target 0 rank 1; target 1 (2 rad away) rank 2; target 2 (4 rad = 2.28 rad away) rank 3
+    # object 0: target 0 ranks 1; target 1 (2 rad away) 2; target 2 (4 rad = 2.28 rad away) 3
     assert ranks.tolist() == [[1, 2, 3], [1, 1, 1]]
     m = ev.mrr_hits(ranks, ks=(1, 2))
     assert m["mrr"] == pytest.approx((1 + 1 / 2 + 1 / 3 + 3) / 6)
@@ -84,13 +97,15 @@ def test_pre_random_retrieval_and_chance():
     q = ev.absolute_quaternion(np.concatenate([rng.uniform(-np.pi / 2, np.pi / 2, (20_000, 3)),
                                                np.zeros((20_000, 4))], 1))
     g = torch.Generator().manual_seed(1)
-    pre = ev.pose_retrieval_error(torch.randn(4000, 8, generator=g), torch.randn(20_000, 8, generator=g),
-                                  q[:4000], q, torch.device("cpu"))
+    pre = ev.pose_retrieval_error(torch.randn(4000, 8, generator=g),
+                                  torch.randn(20_000, 8, generator=g), q[:4000], q,
+                                  torch.device("cpu"))
     assert pre == pytest.approx(0.627, abs=0.02)
     assert ev.chance_levels(50, q)["pre"] == pytest.approx(0.627, abs=0.01)
     # retrieving itself (or any view with the same pose, whatever the quaternion sign) is perfect
     emb = torch.randn(100, 8, generator=g)
-    assert ev.pose_retrieval_error(emb, emb, q[:100], -q[:100], torch.device("cpu")) == pytest.approx(0, abs=1e-6)
+    itself = ev.pose_retrieval_error(emb, emb, q[:100], -q[:100], torch.device("cpu"))
+    assert itself == pytest.approx(0, abs=1e-6)
 
 
 def record_blocks(monkeypatch):
@@ -175,31 +190,48 @@ def test_extract_with_an_empty_shard(monkeypatch):
         gathered.append(padded.clone())
         shards[0].copy_(torch.arange(6.0).view(1, 6) * 2)
         shards[1].copy_(padded)
-    monkeypatch.setattr(ev, "world", lambda: (1, 2))
+
+    def rank_1_of_2():
+        return 1, 2
+
+    def twice_pixel_means(x):
+        return 2 * x.mean((2, 3))
+    monkeypatch.setattr(ev, "world", rank_1_of_2)
     monkeypatch.setattr(ev.dist, "all_gather", all_gather)
-    out = ev.extract(lambda x: 2 * x.mean((2, 3)), ds, 4, torch.device("cpu"))
+    out = ev.extract(twice_pixel_means, ds, 4, torch.device("cpu"))
     assert gathered[0].shape == (1, 6) and torch.equal(out, torch.arange(6.0).view(1, 6) * 2)
     with pytest.raises(ValueError, match="empty"):
-        ev.extract(lambda x: x, TensorDataset(torch.zeros(0, 3, 2, 2)), 4, torch.device("cpu"))
+        ev.extract(identity, TensorDataset(torch.zeros(0, 3, 2, 2)), 4, torch.device("cpu"))
 
 
 def quat_to_matrix(q):
     x, y, z, w = q.unbind(-1)
     return torch.stack([1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w),
                         2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w),
-                        2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)], -1).unflatten(-1, (3, 3))
+                        2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+                       -1).unflatten(-1, (3, 3))
+
+
+def oracle_predict(e, g):
+    """The exact predictor for embedding = the view's rotation matrix: R_0 @ R(g)."""
+    return (e.view(-1, 3, 3) @ quat_to_matrix(g)).flatten(1)
+
+
+def world_frame_predict(e, g):
+    """The same with the product the wrong way round, R(g) @ R_0 (a world-frame g)."""
+    return (quat_to_matrix(g) @ e.view(-1, 3, 3)).flatten(1)
 
 
 def test_retrieval_conventions_with_an_equivariant_oracle():
-    """Embedding = the view's rotation matrix R_v; predictor = R_0 @ R(g). Exact only if g = quat(R_0^T R_v)
-    with view 0 as source, the latents read in list order: MRR = H@1 = 1 and PRE = 0. Dropping the
-    transpose (world-frame g) must break it."""
+    """Embedding = the view's rotation matrix R_v; predictor = R_0 @ R(g). Exact only if
+    g = quat(R_0^T R_v) with view 0 as source, the latents read in list order: MRR = H@1 = 1 and
+    PRE = 0. Dropping the transpose (world-frame g) must break it."""
     rng = np.random.default_rng(2)
     N, V = 6, 50
-    lat = np.concatenate([rng.uniform(-np.pi / 2, np.pi / 2, (N * V, 3)), rng.uniform(0, 1, (N * V, 4))], 1)
+    lat = np.concatenate([rng.uniform(-np.pi / 2, np.pi / 2, (N * V, 3)),
+                          rng.uniform(0, 1, (N * V, 4))], 1)
     reps = torch.from_numpy(data.euler_xyz_to_matrix(lat[:, :3])).float().reshape(N, V, 9)
-    oracle = lambda e, g: (e.view(-1, 3, 3) @ quat_to_matrix(g)).flatten(1)
-    probe = ev.Probeable(nn.Identity(), {}, embed=nn.Identity(), predict=oracle)
+    probe = ev.Probeable(nn.Identity(), {}, embed=nn.Identity(), predict=oracle_predict)
     recs, _ = ev.retrieval_metrics(probe, reps, lat, torch.device("cpu"), 64)
     got = {r["name"]: r["value"] for r in recs}
     assert got["mrr"] == pytest.approx(1.0) and got["H@1"] == pytest.approx(1.0)
@@ -207,32 +239,34 @@ def test_retrieval_conventions_with_an_equivariant_oracle():
     for k in (1, 2, 5, 10):
         assert definitions[f"H@{k}"].endswith(f"whose target view ranks <= {k}")
     assert got["pre"] == pytest.approx(0.0, abs=1e-4)
-    wrong = ev.Probeable(nn.Identity(), {}, embed=nn.Identity(),
-                         predict=lambda e, g: (quat_to_matrix(g) @ e.view(-1, 3, 3)).flatten(1))
-    assert {r["name"]: r["value"] for r in ev.retrieval_metrics(wrong, reps, lat, torch.device("cpu"), 64)[0]}["mrr"] < 0.9
+    wrong = ev.Probeable(nn.Identity(), {}, embed=nn.Identity(), predict=world_frame_predict)
+    wrong_recs = ev.retrieval_metrics(wrong, reps, lat, torch.device("cpu"), 64)[0]
+    assert {r["name"]: r["value"] for r in wrong_recs}["mrr"] < 0.9
 
 
 def test_probes_see_the_right_targets(toy_root, monkeypatch):
-    """Replace feature extraction by an oracle that returns each view's pose matrix, hues and one-hot
-    label: the probes (fit on pairs drawn per epoch, scored on fixed val pairs) must then succeed,
-    which they cannot if views, latent rows, labels or pairs are misaligned anywhere in evaluate()."""
+    """Replace feature extraction by an oracle that returns each view's pose matrix, hues and
+    one-hot label: the probes (fit on pairs drawn per epoch, scored on fixed val pairs) must then
+    succeed, which they cannot if views, latent rows, labels or pairs are misaligned anywhere in
+    evaluate()."""
     def oracle(fn, ds, *a, **k):
         i = np.arange(len(ds))
         obj, view = i // len(ds.view_ids), np.array(ds.view_ids)[i % len(ds.view_ids)]
         lat = ds.latents[obj * (len(ds.latents) // len(ds.entries)) + view]
         rot = data.euler_xyz_to_matrix(lat[:, :3]).reshape(-1, 9)
-        return torch.from_numpy(np.concatenate([rot, lat[:, [3, 6]], np.eye(4)[ds.labels[obj]]], 1)).float()
+        features = np.concatenate([rot, lat[:, [3, 6]], np.eye(4)[ds.labels[obj]]], 1)
+        return torch.from_numpy(features).float()
     monkeypatch.setattr(ev, "extract", oracle)
     probe = ev.Probeable(nn.Identity(), {"full": slice(0, 15)})
-    res = ev.evaluate(probe, toy_root, protocols=("classify", "rotation", "color"), epochs=100, lr=1e-2,
-                      hidden=64, batch_size=16)["summary"]
+    res = ev.evaluate(probe, toy_root, protocols=("classify", "rotation", "color"), epochs=100,
+                      lr=1e-2, hidden=64, batch_size=16)["summary"]
     assert res["top1/full"] > 0.95
     assert res["color_r2_pooled/full"] > 0.9 and res["rot_r2_pooled/full"] > 0.6, res
 
 
-# ------------------------------------------------------------------ a tiny method module + checkpoint
+# ------------------------------------------------------------------ a tiny method + checkpoint
 TINY_METHOD = '''
-"""A stand-in method script with the contract's build_model / probeable (tests only)."""
+"""A stand-in method script with the build_model / probeable that eval.py imports (tests only)."""
 import torch, torch.nn as nn
 import eval as ev
 
@@ -244,7 +278,8 @@ class Tiny(nn.Module):
             nn.Conv2d(width, 2 * width, 3, 2, 1), nn.BatchNorm2d(2 * width), nn.ReLU(),
             nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.width = width
-        self.proj = nn.Sequential(nn.Linear(width, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 8))
+        self.proj = nn.Sequential(nn.Linear(width, 16), nn.BatchNorm1d(16), nn.ReLU(),
+                                  nn.Linear(16, 8))
         self.hyper = nn.Linear(4, 64, bias=False)
 
     def embed(self, r):
@@ -266,8 +301,8 @@ def build_model(args):
 
 def probeable(model, args):
     w = model.width
-    return ev.Probeable(model.backbone, {"full": slice(0, 2 * w), "inv": slice(0, w), "equi": slice(w, 2 * w)},
-                        embed=Embed(model), predict=model.predict)
+    parts = {"full": slice(0, 2 * w), "inv": slice(0, w), "equi": slice(w, 2 * w)}
+    return ev.Probeable(model.backbone, parts, embed=Embed(model), predict=model.predict)
 '''
 
 
@@ -293,7 +328,8 @@ def test_evaluate_end_to_end_on_toy_set(tiny_ckpt, toy_root, tmp_path):
     probe.backbone.train()
     bn_before = probe.backbone[1].running_mean.clone()
     out = tmp_path / "out"
-    res = ev.evaluate(probe, toy_root, out_dir=str(out), preset="toy", epochs=3, bn="train", hidden=32)
+    res = ev.evaluate(probe, toy_root, out_dir=str(out), preset="toy", epochs=3, bn="train",
+                      hidden=32)
     assert probe.backbone.training                        # the caller's mode is restored
     assert torch.equal(probe.backbone[1].running_mean, bn_before)   # bn=train works on a copy
     saved = json.loads((out / "eval.json").read_text())
@@ -304,11 +340,13 @@ def test_evaluate_end_to_end_on_toy_set(tiny_ckpt, toy_root, tmp_path):
     for part in ("full", "inv", "equi"):
         assert {("top1", part), ("rot_r2_pooled", part), ("rot_r2_per_output", part),
                 ("color_r2_pooled", part), ("color_r2_per_output", part)} <= names
-    assert {("mrr", "embedding"), ("H@1", "embedding"), ("H@10", "embedding"), ("pre", "embedding")} <= names
+    assert {("mrr", "embedding"), ("H@1", "embedding"), ("H@10", "embedding"),
+            ("pre", "embedding")} <= names
     for r in saved["metrics"]:
         assert r["step"] == 11 and r["split"] == "val" and r["definition"] and r["representation"]
         assert math.isfinite(r["value"])
-        assert r["n"] == n_val * (50 if r["name"] in ("top1", "mrr", "pre") or r["name"].startswith("H@") else 10)
+        every_view = r["name"] in ("top1", "mrr", "pre") or r["name"].startswith("H@")
+        assert r["n"] == n_val * (50 if every_view else 10)
     assert any("BN: train" in n for n in saved["notes"])
     # without a predictor the retrieval protocol is skipped with a note
     probe.embed = probe.predict = None
@@ -321,8 +359,8 @@ def test_evaluate_end_to_end_on_toy_set(tiny_ckpt, toy_root, tmp_path):
 
 
 def ddp_check(ckpt, root, out):
-    """Features of an odd-length subset (raw pixel means, exact; backbone features) and a whole evaluate();
-    run once in this process and once under torchrun with 2 gloo processes."""
+    """Features of an odd-length subset (raw pixel means, exact; backbone features) and a whole
+    evaluate(); run once in this process and once under torchrun with 2 gloo processes."""
     import torch.distributed as dist
     from torch.utils.data import Subset
     if "RANK" in os.environ:
@@ -333,13 +371,15 @@ def ddp_check(ckpt, root, out):
     probe, _ = ev.load_probeable(ckpt, cpu)
     val = data.Views3DIEBench(root, "val")
     odd = Subset(val, range(len(val) - 1))                    # not a multiple of the world size
-    pix = ev.extract(lambda x: x.mean((2, 3)), odd, 16, cpu)
-    one = ev.extract(lambda x: x.mean((2, 3)), Subset(val, [3]), 16, cpu)   # rank 1's is empty
+    pix = ev.extract(pixel_means, odd, 16, cpu)
+    one = ev.extract(pixel_means, Subset(val, [3]), 16, cpu)   # rank 1's is empty
     assert torch.equal(one, pix[3:4])
     feats = ev.extract(ev.backbone_fn(probe.backbone.eval(), cpu), odd, 16, cpu)
-    res = ev.evaluate(probe, root, out_dir=os.path.join(out, f"w{world}"), epochs=2, hidden=32, bn="eval")
+    res = ev.evaluate(probe, root, out_dir=os.path.join(out, f"w{world}"), epochs=2, hidden=32,
+                      bn="eval")
     if rank == 0:
-        torch.save({"pix": pix, "feats": feats, "metrics": res["metrics"]}, os.path.join(out, f"w{world}.pt"))
+        torch.save({"pix": pix, "feats": feats, "metrics": res["metrics"]},
+                   os.path.join(out, f"w{world}.pt"))
     if dist.is_initialized():
         leave_process_group()
 
@@ -349,7 +389,8 @@ def test_one_vs_two_gloo_processes_identical(tiny_ckpt, toy_root, tmp_path):
     script.write_text("import sys, test_eval\ntest_eval.ddp_check(*sys.argv[1:4])\n")
     env = {"PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests"), str(tmp_path)])}
     args = [str(tiny_ckpt / "checkpoint.pt"), toy_root, str(tmp_path)]
-    run(f"torchrun --standalone --nproc_per_node=2 {script} {' '.join(args)}", cwd=tmp_path, env=env, timeout=120)
+    run(f"torchrun --standalone --nproc_per_node=2 {script} {' '.join(args)}", cwd=tmp_path,
+        env=env, timeout=120)
     ddp_check(*args)
     one, two = torch.load(tmp_path / "w1.pt"), torch.load(tmp_path / "w2.pt")
     assert len(one["pix"]) == len(data.Views3DIEBench(toy_root, "val")) - 1
@@ -368,9 +409,10 @@ def test_weighted_knn_matches_a_naive_loop():
     correct = {10: 0, 20: 0}
     for i in range(25):
         cos = [float(va[i] @ tr[j] / va[i].norm() / tr[j].norm()) for j in range(60)]
-        nearest = sorted(range(60), key=lambda j: -cos[j])
+        nearest = sorted(range(60), key=cos.__getitem__, reverse=True)   # stable: ties by index
         for k in correct:
-            votes = [sum(math.exp(cos[j] / 0.07) for j in nearest[:k] if ytr[j] == c) for c in range(3)]
+            votes = [sum(math.exp(cos[j] / 0.07) for j in nearest[:k] if ytr[j] == c)
+                     for c in range(3)]
             correct[k] += votes.index(max(votes)) == yva[i]
     got = ev.knn_top1(tr, ytr, va, yva, (10, 20), 0.07, 3, torch.device("cpu"), chunk=7)
     assert got == {k: pytest.approx(v / 25) for k, v in correct.items()}
@@ -379,18 +421,20 @@ def test_weighted_knn_matches_a_naive_loop():
 def test_normalizer_maps_between_input_statistics():
     x = torch.rand(2, 3, 4, 4)
     mine = (x - torch.tensor(data.MEAN).view(3, 1, 1)) / torch.tensor(data.STD).view(3, 1, 1)
-    want = (x - torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(data.IMAGENET_STD).view(3, 1, 1)
+    want = ((x - torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1))
+            / torch.tensor(data.IMAGENET_STD).view(3, 1, 1))
     stats = (data.IMAGENET_MEAN, data.IMAGENET_STD)
     assert torch.allclose(ev.normalizer(stats, src=(data.MEAN, data.STD))(mine), want, atol=1e-5)
     assert torch.allclose(ev.normalizer(stats)(x), want, atol=1e-6)
 
 
 class PooledTokens(nn.Module):
-    """Block 1: 4x4 average pooling (exactly rot90/flip-equivariant); block 2: plus a fixed position pattern
-    (not equivariant). Representation = the pooled map, flattened."""
+    """Block 1: 4x4 average pooling (exactly rot90/flip-equivariant); block 2: plus a fixed
+    position pattern (not equivariant). Representation = the pooled map, flattened."""
     def __init__(self):
         super().__init__()
-        self.pos = nn.Parameter(torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)))
+        gen = torch.Generator().manual_seed(0)
+        self.pos = nn.Parameter(torch.randn(1, 3, 64, 64, generator=gen))
 
     def maps(self, x):
         m = F.avg_pool2d(x, 4)
@@ -402,7 +446,8 @@ class PooledTokens(nn.Module):
 
 def test_imagefolder_protocols(toy_imagefolder, toy_root):
     net = PooledTokens()
-    probe = ev.Probeable(net, {"full": slice(0, 48), "half": slice(0, 24)}, token_maps=net.maps, step=5)
+    probe = ev.Probeable(net, {"full": slice(0, 48), "half": slice(0, 24)}, token_maps=net.maps,
+                         step=5)
     res = ev.evaluate(probe, toy_imagefolder, linear_epochs=5)
     n_val = len(data.ImageFolder(toy_imagefolder, "val"))
     s = res["summary"]
@@ -413,23 +458,26 @@ def test_imagefolder_protocols(toy_imagefolder, toy_root):
     eq = {r["part"]: r for r in res["metrics"] if r["name"] == "equivariance"}
     assert set(eq) == {"block1", "block2"} and eq["block1"]["n"] == n_val
     for g in ("rot90", "rot180", "rot270", "flip"):
-        assert eq["block1"]["per_g"][g] == pytest.approx(1.0, abs=1e-5)     # pooling commutes with them
-        assert eq["block2"]["per_g"][g] < 0.99                             # the position pattern does not
+        # pooling commutes with them; the position pattern does not
+        assert eq["block1"]["per_g"][g] == pytest.approx(1.0, abs=1e-5)
+        assert eq["block2"]["per_g"][g] < 0.99
     assert eq["block1"]["per_g"]["rescale"] > 0.9
     assert eq["block1"]["value"] > eq["block1"]["chance"]
     assert all(r["step"] == 5 and r["definition"] for r in res["metrics"])
     with pytest.raises(ValueError, match="needs a imagefolder data root"):
         ev.evaluate(probe, toy_root, protocols=("linear",))
     probe.token_maps = None
-    assert "equivariance skipped" in ev.evaluate(probe, toy_imagefolder, protocols=("equivariance",))["notes"][0]
+    notes = ev.evaluate(probe, toy_imagefolder, protocols=("equivariance",))["notes"]
+    assert "equivariance skipped" in notes[0]
 
 
 def test_equivariance_score_leaves_out_rescale(toy_imagefolder):
-    """The rescale's no-ρ reference is ρ itself (both resample f(x) to f(g·x)'s grid), so its Δ is
-    0 for any map: it is reported in per_g but kept out of the score's mean and of its reference."""
+    """The rescale's no-ρ reference is ρ itself (both resample f(x) to f(g·x)'s grid), so its Δ
+    is 0 for any map: it is reported in per_g but kept out of the score's mean and of its
+    reference."""
     net = PooledTokens()
     maps = net.maps(torch.rand(2, 3, 32, 32))
-    cos = ev.equivariance_fn(net.maps, lambda x: x, maps[0].shape[-1])(torch.rand(2, 3, 32, 32))
+    cos = ev.equivariance_fn(net.maps, identity, maps[0].shape[-1])(torch.rand(2, 3, 32, 32))
     names = [n for n, _, _ in ev.group_actions(maps[0].shape[-1])]
     assert torch.equal(cos[:, :, names.index("rescale"), 0], cos[:, :, names.index("rescale"), 1])
     probe = ev.Probeable(net, {"full": slice(0, 48)}, token_maps=net.maps)
