@@ -1,6 +1,6 @@
-"""data.py: rotations (the official code's test vector), the real on-disk format (generated, hand-built and the
-official list files), every bad-input message, the checker and the start-up checks (preflight), the
-generator (atomic output) and the renderer (on another device too)."""
+"""data.py: rotations (the official code's test vector), the real on-disk format (generated,
+hand-built and the official list files), every bad-input message, the checker and the start-up
+checks (preflight), the generator (atomic output) and the renderer (on another device too)."""
 import contextlib
 import glob
 import io
@@ -24,7 +24,12 @@ from torch.utils._pytree import tree_flatten, tree_map
 import data
 
 REPO = Path(__file__).resolve().parents[1]
-REAL_LISTS = Path("/work/shared/data/3diebench-lists")     # the official list files, where present
+# A folder holding the official repository's split lists (val_images.npy, val_labels.npy,
+# train_labels.npy; it ships no train_images.npy), named by this environment variable. Unset, or
+# without those files, the test that reads them is skipped.
+REAL_LISTS = Path(os.environ.get("OFFICIAL_3DIEBENCH_LISTS", ""))
+HAS_REAL_LISTS = bool(os.environ.get("OFFICIAL_3DIEBENCH_LISTS")) and all(
+    (REAL_LISTS / name).is_file() for name in ("val_images.npy", "val_labels.npy"))
 A1 = np.array([0.3, -0.7, 1.1], np.float32).astype(np.float64)
 A2 = np.array([-1.2, 0.5, 0.2], np.float32).astype(np.float64)
 
@@ -32,8 +37,8 @@ A2 = np.array([-1.2, 0.5, 0.2], np.float32).astype(np.float64)
 def cli(*args):
     """Run `python data.py ...` as a user would; -> CompletedProcess."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, str(REPO / "data.py"), *map(str, args)], capture_output=True,
-                          text=True, timeout=120, env=env)
+    return subprocess.run([sys.executable, str(REPO / "data.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=120, env=env)
 
 
 # ---------------------------------------------------------------- rotations
@@ -42,9 +47,11 @@ def test_relative_quaternion_test_vector_body_frame():
     # scalar-last
     q = data.relative_quaternion(A1, A2)
     assert np.allclose(q, [-0.538347, 0.646065, -0.168557, 0.514170], atol=1e-6)
-    assert torch.allclose(data.relative_quaternion(torch.tensor(A1), torch.tensor(A2)), torch.tensor(q), atol=1e-12)
+    q_torch = data.relative_quaternion(torch.tensor(A1), torch.tensor(A2))
+    assert torch.allclose(q_torch, torch.tensor(q), atol=1e-12)
     # the world-frame R2 R1^T is another rotation (same angle, other axis): the "wrong" vector
-    world = data.quaternion_multiply(data.euler_xyz_to_quaternion(A2), data.euler_xyz_to_quaternion(A1) * [-1, -1, -1, 1])
+    world = data.quaternion_multiply(data.euler_xyz_to_quaternion(A2),
+                                     data.euler_xyz_to_quaternion(A1) * [-1, -1, -1, 1])
     assert np.allclose(world, [-0.789959, -0.081562, -0.323947, 0.514170], atol=1e-6)
     # body frame: R2 = R1 r, with r the rotation of q
     R1, R2 = data.euler_xyz_to_matrix(A1), data.euler_xyz_to_matrix(A2)
@@ -64,7 +71,8 @@ def test_euler_is_extrinsic_xyz_and_quaternions_agree():
     assert np.allclose(R, Rz @ Ry @ Rx)
     q = data.euler_xyz_to_quaternion(a)
     assert np.allclose(np.abs((data.matrix_to_quaternion(R) * q).sum(-1)), 1)
-    assert (data.matrix_to_quaternion(R)[np.arange(100), np.abs(q).argmax(-1)] > 0).all()  # scipy's from_matrix sign
+    # scipy's from_matrix sign: the largest component positive
+    assert (data.matrix_to_quaternion(R)[np.arange(100), np.abs(q).argmax(-1)] > 0).all()
     Rt = data.euler_xyz_to_matrix(torch.tensor(a))
     assert torch.allclose(data.matrix_to_quaternion(Rt), torch.tensor(data.matrix_to_quaternion(R)))
 
@@ -112,7 +120,8 @@ def test_normalize_channels_is_torchvisions_normalize():
 def test_generated_layout_is_the_real_format(toy_root):
     root = Path(toy_root)
     entries = np.load(root / "train_images.npy")
-    assert entries.dtype == np.dtype("<U43") and all(e.startswith("/") and e.endswith("/") for e in entries)
+    assert entries.dtype == np.dtype("<U43")
+    assert all(e.startswith("/") and e.endswith("/") for e in entries)
     synset, obj = entries[0].strip("/").split("/")
     assert len(synset) == 8 and synset in data.REAL_SYNSETS and 29 <= len(obj) <= 32
     assert np.load(root / "train_labels.npy").dtype == np.int64
@@ -136,7 +145,8 @@ def test_pairs_item(toy_root):
     ds = data.Pairs3DIEBench(toy_root, "train")
     assert len(ds) == 16 and ds.num_classes == 4
     x1, x2, g, label = ds[3]
-    assert x1.shape == x2.shape == (3, 32, 32) and x1.dtype == torch.float32 and not torch.equal(x1, x2)
+    assert x1.shape == x2.shape == (3, 32, 32) and x1.dtype == torch.float32
+    assert not torch.equal(x1, x2)
     assert g.shape == (4,) and g.dtype == torch.float32 and abs(float(g.norm()) - 1) < 1e-5
     assert label == ds.labels[3]
     # the target is the relative quaternion of the two chosen views' latents
@@ -146,7 +156,9 @@ def test_pairs_item(toy_root):
                                         table[3 * 50 + v2, :3].astype(np.float32).astype(float))
     assert np.allclose(g.numpy(), expected, atol=1e-6)
     color = data.Pairs3DIEBench(toy_root, "train", color=True)[3][2]
-    assert color.shape == (6,) and np.allclose(color[4:], table[3 * 50 + v2, [3, 6]] - table[3 * 50 + v1, [3, 6]], atol=1e-6)
+    assert color.shape == (6,)
+    assert np.allclose(color[4:], table[3 * 50 + v2, [3, 6]] - table[3 * 50 + v1, [3, 6]],
+                       atol=1e-6)
     assert data.Pairs3DIEBench(toy_root, "val", size=16)[0][0].shape == (3, 16, 16)
 
 
@@ -159,8 +171,9 @@ def test_pairs_views_distinct_and_seeded_independently_of_workers(toy_root):
 
     a = views(ds, 0)
     assert torch.equal(a, views(ds, 2))                      # any number of workers: same pairs
-    assert (a[:, 3] < 0.9999).all()                         # two distinct views (never the identity)
-    sampler = [torch.utils.data.DistributedSampler(ds, num_replicas=2, rank=r, shuffle=False) for r in (0, 1)]
+    assert (a[:, 3] < 0.9999).all()                  # two distinct views (never the identity)
+    sampler = [torch.utils.data.DistributedSampler(ds, num_replicas=2, rank=r, shuffle=False)
+               for r in (0, 1)]
     per_rank = [torch.stack([ds[i][2] for i in s]) for s in sampler]   # each rank sees its part
     assert torch.equal(per_rank[0], a[0::2]) and torch.equal(per_rank[1], a[1::2])
     ds.set_epoch(1)
@@ -176,7 +189,8 @@ def test_views_dataset(toy_root):
     assert len(full) == 200 and full.latents.shape == (200, 7)
 
 
-def write_hand_built(root, ids=("0123456789abcdef0123456789abc", "fedcba9876543210fedcba98765", "a" * 32), views=3):
+def write_hand_built(root, ids=("0123456789abcdef0123456789abc", "fedcba9876543210fedcba98765",
+                                "a" * 32), views=3):
     """A tiny set written without the generator: 2 synsets, 29-, 27+2- and 32-character ids."""
     entries = []
     for i, obj in enumerate(ids):
@@ -184,8 +198,10 @@ def write_hand_built(root, ids=("0123456789abcdef0123456789abc", "fedcba98765432
         folder = root / entry.strip("/")
         folder.mkdir(parents=True)
         for k in range(views):
-            Image.fromarray(np.full((24, 24, 3), 40 * k + i, np.uint8)).save(folder / f"image_{k}.jpg", quality=95)
-            np.save(folder / f"latent_{k}.npy", np.array([0.1 * k, 0.2, -0.3 * i, 0.5, 0.2, 1.0, 0.25 * k]))
+            image = Image.fromarray(np.full((24, 24, 3), 40 * k + i, np.uint8))
+            image.save(folder / f"image_{k}.jpg", quality=95)
+            latent = np.array([0.1 * k, 0.2, -0.3 * i, 0.5, 0.2, 1.0, 0.25 * k])
+            np.save(folder / f"latent_{k}.npy", latent)
         entries.append(entry)
     np.save(root / "val_images.npy", np.array(entries, dtype="<U43"))
     np.save(root / "val_labels.npy", np.array([0, 0, 1], dtype=np.int64))
@@ -196,23 +212,26 @@ def test_hand_built_set_with_29_char_ids(tmp_path):
     entries = write_hand_built(tmp_path, ids=("0123456789abcdef0123456789abc", "b" * 30, "a" * 32))
     got, labels = data.read_split(str(tmp_path), "val")
     assert list(got) == entries and list(labels) == [0, 0, 1]
-    table = data.load_all_latents(str(tmp_path), "val")            # rebuilt from latent_k.npy (no all_latents file)
+    # rebuilt from the latent_k.npy files (there is no all_latents file)
+    table = data.load_all_latents(str(tmp_path), "val")
     assert table.shape == (9, 7) and table[1 * 3 + 2, 6] == 0.5
     x1, x2, g, label = data.Pairs3DIEBench(str(tmp_path), "val", size=32)[0]
     assert x1.shape == (3, 32, 32) and label == 0
     assert data.Views3DIEBench(str(tmp_path), "val")[8][1:] == (1, 2, 2)
 
 
-@pytest.mark.skipif(not REAL_LISTS.exists(), reason="official list files not present on this machine")
+@pytest.mark.skipif(not HAS_REAL_LISTS, reason="OFFICIAL_3DIEBENCH_LISTS does not name a folder "
+                    "holding the official val_images.npy and val_labels.npy")
 def test_real_official_list_files():
     entries, labels = data.read_split(str(REAL_LISTS), "val", check_folders=False)
     assert entries.dtype == np.dtype("<U43") and len(entries) == len(labels) == 10552
     synsets = sorted({e.split("/")[1] for e in entries})
     assert len(synsets) == 55 and synsets == data.REAL_SYNSETS
-    assert all(synsets.index(e.split("/")[1]) == lab for e, lab in zip(entries[:2000], labels[:2000]))
+    assert all(synsets.index(e.split("/")[1]) == lab
+               for e, lab in zip(entries[:2000], labels[:2000]))
     assert {len(data.object_dir("", e).split("/")[1]) for e in entries} == {29, 30, 31, 32}
     with pytest.raises(data.DataError, match="/02691156/dc8d9003cde43b66c8727b27ee96a4b7/"):
-        data.read_split(str(REAL_LISTS), "val")                # the images are not here: names the entry
+        data.read_split(str(REAL_LISTS), "val")         # the images are not here: names the entry
     with pytest.raises(data.DataError, match="train_images.npy"):
         data.read_split(str(REAL_LISTS), "train")               # only train_labels.npy ships
 
@@ -229,32 +248,49 @@ def broken(toy_root, tmp_path):
 
 def test_missing_root_names_folder_and_command(tmp_path):
     missing = tmp_path / "nowhere"
-    for make in (lambda: data.Pairs3DIEBench(str(missing)), lambda: data.ensure_3diebench(str(missing))):
+    for make in (data.Pairs3DIEBench, data.ensure_3diebench):
         with pytest.raises(data.DataError) as e:
-            make()
-        assert str(missing) in str(e.value) and f"python data.py make-3diebench {missing}" in str(e.value)
+            make(str(missing))
+        assert str(missing) in str(e.value)
+        assert f"python data.py make-3diebench {missing}" in str(e.value)
     p = cli("check", missing)
-    assert p.returncode == 2 and "make-3diebench" in p.stderr and str(missing) in p.stderr and "Traceback" not in p.stderr
+    assert p.returncode == 2 and "make-3diebench" in p.stderr and str(missing) in p.stderr
+    assert "Traceback" not in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1, p.stderr                  # one line
 
 
 def plant(root, folders, fault):
-    """Damage the copy; -> (text the message must contain, a call into the Python API that must fail)."""
+    """Damage the copy; -> (text the message must contain, a call into the Python API that must
+    fail)."""
     if fault == "missing folder":
         shutil.rmtree(folders[2])
-        return folders[2].name, lambda: data.Pairs3DIEBench(str(root))
+
+        def load_pairs():
+            return data.Pairs3DIEBench(str(root))
+        return folders[2].name, load_pairs
     if fault == "latent shape":
         np.save(folders[1] / "latent_4.npy", np.zeros(9))
-        os.remove(root / "all_latents_train.npy")                  # so the table is rebuilt from the files
-        return str(folders[1] / "latent_4.npy"), lambda: data.load_all_latents(str(root), "train")
+        os.remove(root / "all_latents_train.npy")           # so the table is rebuilt from the files
+
+        def load_latents():
+            return data.load_all_latents(str(root), "train")
+        return str(folders[1] / "latent_4.npy"), load_latents
     if fault in ("corrupt jpeg", "truncated jpeg"):
         bad = folders[3 if fault == "corrupt jpeg" else 4] / "image_4.jpg"
         raw = bad.read_bytes()
-        bad.write_bytes(raw[: len(raw) // 2] if fault == "truncated jpeg" else b"not a jpeg" + raw[100:])
+        bad.write_bytes(raw[: len(raw) // 2] if fault == "truncated jpeg"
+                        else b"not a jpeg" + raw[100:])
         i = 3 if fault == "corrupt jpeg" else 4
-        return str(bad), lambda: data.Views3DIEBench(str(root), "train", views=[4])[i]
-    np.save(root / "val_labels.npy", np.load(root / "val_labels.npy")[:-1])   # list/label length mismatch
-    return str(root / "val_labels.npy"), lambda: data.Pairs3DIEBench(str(root), "val")
+
+        def load_view():
+            return data.Views3DIEBench(str(root), "train", views=[4])[i]
+        return str(bad), load_view
+    # list/label length mismatch
+    np.save(root / "val_labels.npy", np.load(root / "val_labels.npy")[:-1])
+
+    def load_val_pairs():
+        return data.Pairs3DIEBench(str(root), "val")
+    return str(root / "val_labels.npy"), load_val_pairs
 
 
 FAULTS = ["missing folder", "latent shape", "corrupt jpeg", "truncated jpeg", "length mismatch"]
@@ -277,8 +313,9 @@ def test_check_cli_reports_every_fault_at_once(broken):
     (folders[5] / "image_9.jpg").unlink()
     np.save(root / "all_latents_train.npy", np.zeros((3, 7)))
     problems = data.check(str(root), progress=False)
-    assert {k: len(v) for k, v in problems.items()} == {"list file": 1, "object folder": 1, "latent": 2, "image": 3,
-                                                        "all_latents": 1}   # the table's shape, even with bad files
+    # all_latents: the table's shape, even with bad files
+    assert {k: len(v) for k, v in problems.items()} == {"list file": 1, "object folder": 1,
+                                                        "latent": 2, "image": 3, "all_latents": 1}
     p = cli("check", root)
     assert p.returncode == 1 and "Traceback" not in p.stderr
     assert all(n in p.stderr for n in needles), p.stderr
@@ -307,19 +344,24 @@ def test_dataloader_worker_error_keeps_clean_message(broken):
     ds = data.Views3DIEBench(str(root), "train", views=[0])
     with pytest.raises(data.DataError) as e:
         list(torch.utils.data.DataLoader(ds, batch_size=4, num_workers=1))
-    assert str(e.value).startswith(str(folders[0] / "image_0.jpg")) and "Traceback" not in str(e.value)
+    assert str(e.value).startswith(str(folders[0] / "image_0.jpg"))
+    assert "Traceback" not in str(e.value)
 
 
 # ---------------------------------------------------------------- generator and renderer
 def test_generator_is_deterministic_and_ood(tmp_path):
     cfg = dict(classes=2, objects_per_class=2, views=3, size=16, progress=False)
-    a, b, c = (data.make_3diebench(str(tmp_path / n), seed=s, **cfg) for n, s in (("a", 0), ("b", 0), ("c", 1)))
+    a, b, c = (data.make_3diebench(str(tmp_path / n), seed=s, **cfg)
+               for n, s in (("a", 0), ("b", 0), ("c", 1)))
     files = sorted(p.relative_to(a) for p in Path(a).rglob("*") if p.is_file())
     assert len(files) == 4 * 3 * 2 + 6
     assert all((Path(a) / f).read_bytes() == (Path(b) / f).read_bytes() for f in files)
-    assert not (Path(c) / files[0]).exists() or (Path(c) / files[-1]).read_bytes() != (Path(a) / files[-1]).read_bytes()
+    assert (not (Path(c) / files[0]).exists()
+            or (Path(c) / files[-1]).read_bytes() != (Path(a) / files[-1]).read_bytes())
     ood = data.make_3diebench(str(tmp_path / "ood"), seed=0, ood=True, **cfg)
-    assert np.array_equal(np.load(Path(ood) / "val_images.npy"), np.load(Path(a) / "val_images.npy"))  # same objects
+    # the same objects
+    assert np.array_equal(np.load(Path(ood) / "val_images.npy"),
+                          np.load(Path(a) / "val_images.npy"))
     angles = np.load(Path(ood) / "all_latents_train.npy")[:, :3]
     assert (np.abs(angles) >= np.pi / 2).all() and (np.abs(angles) <= np.pi).all()
     with pytest.raises(data.DataError, match="not empty"):
@@ -339,48 +381,63 @@ def test_every_latent_changes_the_pixels():
 
 
 def test_render_rotation_convention():
-    # rendering with Euler angles a == rendering the vertices rotated by R(a) = Rz Ry Rx with zero angles
+    # Euler angles a render as the vertices rotated by R(a) = Rz Ry Rx do at zero angles
     verts, faces, colors = data.object_mesh(3, np.random.default_rng(1))
     lat = np.array([[0.4, -0.9, 1.2, 0.3, 0.2, 2.0, 0.7]])
     R = data.euler_xyz_to_matrix(torch.tensor(lat[0, :3], dtype=torch.float32))
     zero = lat.copy()
     zero[0, :3] = 0
-    a, b = data.render(verts, faces, colors, lat, 32), data.render(verts @ R.T, faces, colors, zero, 32)
+    a = data.render(verts, faces, colors, lat, 32)
+    b = data.render(verts @ R.T, faces, colors, zero, 32)
     assert (a - b).abs().max() < 0.05
     assert (a - data.render(verts, faces, colors, zero, 32)).abs().mean() > 0.01
 
 
-
 def test_paint_axes_colours_faces_by_their_object_frame_normal(tmp_path):
-    # same object (same random stream, same geometry), painted: each face gets the colour of the axis its
-    # normal points along most; the toy set is painted, the generator's default is the two-colour palette
-    rng = lambda: np.random.default_rng([0, 3, 1, 0])
-    (v, f, plain), (v2, f2, painted) = data.object_mesh(3, rng()), data.object_mesh(3, rng(), paint="axes")
+    # same object (same random stream, same geometry), painted: each face gets the colour of the
+    # axis its normal points along most; the toy set is painted, the generator's default is the
+    # two-colour palette
+    stream = [0, 3, 1, 0]
+    v, f, plain = data.object_mesh(3, np.random.default_rng(stream))
+    v2, f2, painted = data.object_mesh(3, np.random.default_rng(stream), paint="axes")
     assert torch.equal(v, v2) and torch.equal(f, f2) and len(set(map(tuple, plain.tolist()))) <= 2
     n = torch.linalg.cross(v[f][:, 1] - v[f][:, 0], v[f][:, 2] - v[f][:, 0])
     axis = n.abs().argmax(1)
     expected = data.AXIS_COLOURS[2 * axis + (n[torch.arange(len(n)), axis] < 0).long()]
     assert torch.equal(painted, expected) and len(set(map(tuple, painted.tolist()))) == 6
     assert data.TOY_3DIEBENCH["paint"] == "axes"
-    data.main(["make-3diebench", str(tmp_path / "p"), "--classes", "1", "--objects-per-class", "2", "--views", "2",
-               "--size", "16", "--paint", "axes"])
+    data.main(["make-3diebench", str(tmp_path / "p"), "--classes", "1", "--objects-per-class", "2",
+               "--views", "2", "--size", "16", "--paint", "axes"])
     assert len(data.Pairs3DIEBench(str(tmp_path / "p"))) == 1
+
 
 def test_default_root_is_generated_on_first_use(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(data, "TOY_3DIEBENCH", dict(classes=2, objects_per_class=2, views=2, size=16, seed=0))
+    monkeypatch.setattr(data, "TOY_3DIEBENCH",
+                        dict(classes=2, objects_per_class=2, views=2, size=16, seed=0))
     assert data.ensure_3diebench() == data.DEFAULT_ROOT
     assert "generating" in capsys.readouterr().err
     assert len(data.Pairs3DIEBench(data.DEFAULT_ROOT)) == 2
 
 
 def test_contact_sheet(toy_root, tmp_path):
-    data.main(["contact-sheet", toy_root, str(tmp_path / "sheet.png"), "--objects", "3", "--views", "4"])
+    data.main(["contact-sheet", toy_root, str(tmp_path / "sheet.png"), "--objects", "3",
+               "--views", "4"])
     with Image.open(tmp_path / "sheet.png") as im:
         assert im.size == (4 * 34 + 2, 3 * 34 + 2)
 
 
 # ---------------------------------------------------------------- ImageFolder look-alike
+def image_tensor(image):
+    """A PIL image -> its (H, W, 3) uint8 pixels as a tensor."""
+    return torch.tensor(np.asarray(image))
+
+
+def float_image_tensor(image):
+    """A PIL image -> its (H, W, 3) pixels as a float32 tensor."""
+    return torch.tensor(np.asarray(image), dtype=torch.float32)
+
+
 def test_imagefolder_layout_and_dataset(toy_imagefolder):
     root = Path(toy_imagefolder)
     wnids = sorted(p.name for p in (root / "train").iterdir())
@@ -391,13 +448,13 @@ def test_imagefolder_layout_and_dataset(toy_imagefolder):
     assert ds.classes == wnids and len(ds) == 64 and ds.targets == sorted(ds.targets)
     image, label = ds[20]
     assert image.mode == "RGB" and image.size == (32, 32) and label == 1
-    val = data.ImageFolder(toy_imagefolder, "val", transform=lambda im: torch.tensor(np.asarray(im)))
+    val = data.ImageFolder(toy_imagefolder, "val", transform=image_tensor)
     assert len(val) == 32 and val[0][0].shape == (32, 32, 3)
 
 
 def test_imagefolder_images_have_an_up(toy_imagefolder):
-    # sky-to-ground backgrounds and upright objects: a 180-degree rotation changes the image statistics
-    ds = data.ImageFolder(toy_imagefolder, "train", transform=lambda im: torch.tensor(np.asarray(im), dtype=torch.float32))
+    # sky-to-ground backgrounds, upright objects: a 180-degree turn changes the image statistics
+    ds = data.ImageFolder(toy_imagefolder, "train", transform=float_image_tensor)
     mean = torch.stack([ds[i][0] for i in range(len(ds))]).mean((0, 3))      # (rows, cols)
     assert mean[:8].mean() > mean[-8:].mean() + 10
 
@@ -407,9 +464,11 @@ def test_imagefolder_errors_and_determinism(tmp_path, toy_imagefolder):
     with pytest.raises(data.DataError, match=f"python data.py make-imagefolder {missing}"):
         data.ImageFolder(str(missing), "train")
     cfg = dict(classes=2, train_per_class=4, val_per_class=4, size=16, progress=False)
-    a, b = data.make_imagefolder(str(tmp_path / "a"), **cfg), data.make_imagefolder(str(tmp_path / "b"), **cfg)
+    a = data.make_imagefolder(str(tmp_path / "a"), **cfg)
+    b = data.make_imagefolder(str(tmp_path / "b"), **cfg)
     files = sorted(p.relative_to(a) for p in Path(a).rglob("*.JPEG"))
-    assert len(files) == 16 and all((Path(a) / f).read_bytes() == (Path(b) / f).read_bytes() for f in files)
+    assert len(files) == 16
+    assert all((Path(a) / f).read_bytes() == (Path(b) / f).read_bytes() for f in files)
     with pytest.raises(data.DataError, match="test"):
         data.ImageFolder(a, "test")                                 # no such split folder
     bad = Path(a) / "train" / files[0].parent.name / files[0].name
@@ -426,28 +485,34 @@ def test_imagefolder_errors_and_determinism(tmp_path, toy_imagefolder):
 
 def test_default_imagefolder_is_generated_on_first_use(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(data, "TOY_IMAGEFOLDER", dict(classes=2, train_per_class=2, val_per_class=1, size=16, seed=0))
+    monkeypatch.setattr(data, "TOY_IMAGEFOLDER",
+                        dict(classes=2, train_per_class=2, val_per_class=1, size=16, seed=0))
     assert len(data.ImageFolder(data.DEFAULT_IMAGEFOLDER_ROOT, "val")) == 2
 
 
 def test_render_alpha_is_the_object_coverage():
     verts, faces, colors = data.object_mesh(2, np.random.default_rng(0))
-    out = data.render(verts, faces, colors, data.sample_latents(np.random.default_rng(0), 2), 32, alpha=True)
+    out = data.render(verts, faces, colors, data.sample_latents(np.random.default_rng(0), 2), 32,
+                      alpha=True)
     a = out[:, 3]
     assert out.shape == (2, 4, 32, 32) and a.min() == 0 and a.max() == 1 and a[:, 0, 0].sum() == 0
-    assert torch.equal(out[:, :3], data.render(verts, faces, colors, data.sample_latents(np.random.default_rng(0), 2), 32))
+    rgb = data.render(verts, faces, colors, data.sample_latents(np.random.default_rng(0), 2), 32)
+    assert torch.equal(out[:, :3], rgb)
 
 
 def test_object_colour_does_not_depend_on_the_class():
-    # the palette is drawn from the object's own random stream before its shape: same stream, same colours,
-    # whatever the class (class is told by shape only)
-    colours = [set(map(tuple, data.object_mesh(c, np.random.default_rng(7))[2].tolist())) for c in range(6)]
-    assert len(set.union(*colours)) <= 2                     # one two-colour palette for every class
+    # the palette is drawn from the object's own random stream before its shape: same stream, same
+    # colours, whatever the class (class is told by shape only)
+    colours = [set(map(tuple, data.object_mesh(c, np.random.default_rng(7))[2].tolist()))
+               for c in range(6)]
+    assert len(set.union(*colours)) <= 2              # one two-colour palette for every class
 
 
 # ---------------------------------------------------------------- real meshes: OBJ reader, importer
-TETRA = "v 0 0 0\nv 1 0 0\nv 0 1 0\nv 0 0 1\nf 1 3 2\nf 1 2 4\nf -4 -1 -2\nf 2 3 4\n"   # incl. relative indices
-QUAD = "v -1 -1 0\nv 1 -1 0\nv 1 1 0\nv -1 1 0\nvt 0 0\nvt 1 0\nvt 1 1\nvt 0 1\nvn 0 0 1\nf 1/1/1 2/2/1 3/3/1 4/4/1\n"
+TETRA = ("v 0 0 0\nv 1 0 0\nv 0 1 0\nv 0 0 1\n"
+         "f 1 3 2\nf 1 2 4\nf -4 -1 -2\nf 2 3 4\n")                  # incl. relative indices
+QUAD = ("v -1 -1 0\nv 1 -1 0\nv 1 1 0\nv -1 1 0\nvt 0 0\nvt 1 0\nvt 1 1\nvt 0 1\nvn 0 0 1\n"
+        "f 1/1/1 2/2/1 3/3/1 4/4/1\n")
 
 
 def write_mesh(folder, name, obj, mtl=None, texture=None):
@@ -463,22 +528,24 @@ def write_mesh(folder, name, obj, mtl=None, texture=None):
 
 
 def camera_pixels(points, size):
-    """(N, 3) world points -> (N, 2) [x, y] pixel coordinates in the 3DIEBench camera (as render places it)."""
-    c = [math.sin(data.CAM_POLAR) * math.cos(data.CAM_AZIM), math.sin(data.CAM_POLAR) * math.sin(data.CAM_AZIM),
-         math.cos(data.CAM_POLAR)]
+    """(N, 3) world points -> (N, 2) [x, y] pixel coordinates in the 3DIEBench camera (as render
+    places it)."""
+    c = [math.sin(data.CAM_POLAR) * math.cos(data.CAM_AZIM),
+         math.sin(data.CAM_POLAR) * math.sin(data.CAM_AZIM), math.cos(data.CAM_POLAR)]
     cam = data.look_at(data.CAM_DIST * torch.tensor(c)[:, None, None], data.FOCAL)
     return data.project(points.T[:, None].float(), cam, size, size)[:2, 0].T
 
 
 def hull_mask(verts, size):
-    """Silhouette predicted for a tetrahedron: pixel centres inside the projection of its 4 corners (the union of
-    the projected triangles of any 3 of them)."""
+    """Silhouette predicted for a tetrahedron: pixel centres inside the projection of its 4 corners
+    (the union of the projected triangles of any 3 of them)."""
     q = camera_pixels(verts, size)
     yy, xx = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
     mask = torch.zeros(size, size, dtype=torch.bool)
     for tri in ([0, 1, 2], [0, 1, 3], [0, 2, 3], [1, 2, 3]):
         a, b, c = q[tri]
-        side = [(p2[0] - p1[0]) * (yy - p1[1]) - (p2[1] - p1[1]) * (xx - p1[0]) for p1, p2 in ((a, b), (b, c), (c, a))]
+        side = [(p2[0] - p1[0]) * (yy - p1[1]) - (p2[1] - p1[1]) * (xx - p1[0])
+                for p1, p2 in ((a, b), (b, c), (c, a))]
         mask |= torch.stack(side).ge(0).all(0) | torch.stack(side).le(0).all(0)
     return mask
 
@@ -486,53 +553,70 @@ def hull_mask(verts, size):
 def test_obj_tetrahedron_silhouette_colour_and_rotation(tmp_path):
     path = write_mesh(tmp_path, "tetra", TETRA, mtl="Kd 1 0 0")
     verts, faces, look = data.read_obj(str(path))
-    assert faces.tolist() == [[0, 2, 1], [0, 1, 3], [0, 3, 2], [1, 2, 3]] and look[2].shape == (2, 3, 1, 1)
-    # normalised like ShapeNet: bounding box centred, unit diagonal; OBJ y-up -> z-up: (x, y, z) -> (x, -z, y)
-    assert torch.allclose(verts.amax(0) + verts.amin(0), torch.zeros(3)) and abs((verts.amax(0) - verts.amin(0)).norm() - 1) < 1e-6
+    assert faces.tolist() == [[0, 2, 1], [0, 1, 3], [0, 3, 2], [1, 2, 3]]
+    assert look[2].shape == (2, 3, 1, 1)
+    # normalised like ShapeNet: bounding box centred, unit diagonal; OBJ y-up -> z-up:
+    # (x, y, z) -> (x, -z, y)
+    assert torch.allclose(verts.amax(0) + verts.amin(0), torch.zeros(3))
+    assert abs((verts.amax(0) - verts.amin(0)).norm() - 1) < 1e-6
     assert torch.allclose(verts[3] - verts[0], torch.tensor([0, -1, 0]) / 3 ** 0.5)
     lat = np.zeros((4, 7))
     lat[:, :3] = [[0, 0, 0], [0.9, -0.4, 0.2], [-1.2, 0.3, 1.4], [0.4, 1.5, -0.7]]
     lat[:, 3:] = [0.3, 0.5, 2.0, 0.6]
     out = data.render(verts, faces, look, lat, 96, alpha=True)
     inside = out[:, 3] == 1
-    assert (out[:, 1:3].permute(1, 0, 2, 3)[:, inside] == 0).all() and (out[:, 0][inside] > 0.2).all()   # Kd red
+    # Kd red: no green or blue, some red
+    assert (out[:, 1:3].permute(1, 0, 2, 3)[:, inside] == 0).all()
+    assert (out[:, 0][inside] > 0.2).all()
     masks = []
     for row, image in zip(lat, out):
-        # the latent angles rotate the silhouette exactly as R(a) = Rz Ry Rx applied to the vertices predicts
+        # the latent angles rotate the silhouette exactly as R(a) = Rz Ry Rx applied to the
+        # vertices predicts
         R = data.euler_xyz_to_matrix(torch.tensor(row[:3], dtype=torch.float32))
         predicted, seen = hull_mask(verts @ R.T, 96), image[3] > 0.5
         assert (predicted & seen).sum() / (predicted | seen).sum() > 0.93
-        assert (hull_mask(verts @ R, 96) ^ seen).sum() > 40 or not row[:3].any()   # R^T (wrong way round) does not fit
+        # R^T (the wrong way round) does not fit
+        assert (hull_mask(verts @ R, 96) ^ seen).sum() > 40 or not row[:3].any()
         masks.append(seen)
     assert all((masks[0] ^ m).sum() > 100 for m in masks[1:])
 
 
 def test_obj_textured_quad_maps_uv_to_image(tmp_path):
-    # texture image: red | green (top half), blue | white (bottom half); v = 1 is the image's top row
+    # texture: red | green (top half), blue | white (bottom half); v = 1 is the image's top row
     texture = np.zeros((8, 8, 3), np.uint8)
-    texture[:4, :4], texture[:4, 4:], texture[4:, :4], texture[4:, 4:] = [255, 0, 0], [0, 255, 0], [0, 0, 255], 255
-    path = write_mesh(tmp_path / "sub", "quad", QUAD, mtl="Kd 0.2 0.2 0.2\nmap_Kd tex.png", texture=texture)
+    texture[:4, :4], texture[:4, 4:] = [255, 0, 0], [0, 255, 0]
+    texture[4:, :4], texture[4:, 4:] = [0, 0, 255], 255
+    path = write_mesh(tmp_path / "sub", "quad", QUAD, mtl="Kd 0.2 0.2 0.2\nmap_Kd tex.png",
+                      texture=texture)
     verts, faces, (uv, material, atlas) = data.read_obj(str(path))
-    assert len(faces) == 2 and atlas.shape == (2, 3, 128, 128) and material.tolist() == [1, 1]   # quad: 2 triangles
-    out = data.render(verts, faces, (uv, material, atlas), np.array([[0, 0, 0, 0.1, 0.3, 1.0, 0.5]]), 128)[0]
-    for (u, v), colour in {(0.25, 0.75): "r", (0.75, 0.75): "g", (0.25, 0.25): "b", (0.75, 0.25): "rgb"}.items():
-        point = torch.tensor([[2 * u - 1, 0, 2 * v - 1]]) / 8 ** 0.5      # OBJ (x, y, 0) -> (x, 0, y), unit diagonal
+    # the quad: 2 triangles
+    assert len(faces) == 2 and atlas.shape == (2, 3, 128, 128) and material.tolist() == [1, 1]
+    lat = np.array([[0, 0, 0, 0.1, 0.3, 1.0, 0.5]])
+    out = data.render(verts, faces, (uv, material, atlas), lat, 128)[0]
+    quarters = {(0.25, 0.75): "r", (0.75, 0.75): "g", (0.25, 0.25): "b", (0.75, 0.25): "rgb"}
+    for (u, v), colour in quarters.items():
+        # OBJ (x, y, 0) -> (x, 0, y), unit diagonal
+        point = torch.tensor([[2 * u - 1, 0, 2 * v - 1]]) / 8 ** 0.5
         x, y = camera_pixels(point, 128)[0].long()
         assert (out[:, y, x] > 0.1).tolist() == [c in colour for c in "rgb"], (colour, out[:, y, x])
 
 
 def make_library(root):
-    """A planted Sweet Home 3D library: catalogue entries with names and categories, one folder per model."""
-    entries = [("Armchair", "Living room"), ("Coffee table", "Living room"), ("Bedside table", "Bedroom"),
-               ("Table fan", "Miscellaneous"), ("Wheelchair", "Miscellaneous"), ("Sitting female", "Characters"),
-               ("Dog", "Characters"), ("Double-hung window", "Doors and windows"), ("Window blind", "Miscellaneous"),
-               ("Corner sofa", "Living room"), ("Desk lamp", "Lights"), ("Ficus", "Exterior"), ("Scooter", "Vehicles")]
+    """A planted Sweet Home 3D library: catalogue entries with names and categories, one folder per
+    model."""
+    entries = [("Armchair", "Living room"), ("Coffee table", "Living room"),
+               ("Bedside table", "Bedroom"), ("Table fan", "Miscellaneous"),
+               ("Wheelchair", "Miscellaneous"), ("Sitting female", "Characters"),
+               ("Dog", "Characters"), ("Double-hung window", "Doors and windows"),
+               ("Window blind", "Miscellaneous"), ("Corner sofa", "Living room"),
+               ("Desk lamp", "Lights"), ("Ficus", "Exterior"), ("Scooter", "Vehicles")]
     catalogue = "id=Test#catalog\nname=Test catalog\n\n"
     root.mkdir(parents=True)
     with zipfile.ZipFile(root / "Test.sh3f", "w") as z:
         for i, (name, category) in enumerate(entries, 1):
             model = f"test/m{i}/m{i}.obj"
-            catalogue += f"id#{i}=Test#m {i}\nname#{i}={name}\ncategory#{i}={category}\nmodel#{i}=/{model}\n\n"
+            catalogue += (f"id#{i}=Test#m {i}\nname#{i}={name}\ncategory#{i}={category}\n"
+                          f"model#{i}=/{model}\n\n")
             z.writestr(model, "mtllib m.mtl\nusemtl a\n" + TETRA)
             z.writestr(f"test/m{i}/m.mtl", "newmtl a\nKd 0.1 0.5 0.9\n")
         z.writestr("PluginFurnitureCatalog.properties", catalogue)
@@ -544,72 +628,85 @@ def test_import_sweethome3d_sorts_a_planted_catalogue(tmp_path):
     meshes = tmp_path / "meshes"
     data.import_sweethome3d(str(tmp_path / "pkg"), str(meshes))
     found = {p.name: sorted(q.name for q in p.iterdir()) for p in meshes.iterdir()}
-    assert found == {"chair": ["Test-m-1"], "table": ["Test-m-2", "Test-m-3"], "person": ["Test-m-6"],
-                     "window": ["Test-m-8"], "sofa": ["Test-m-10"], "lamp": ["Test-m-11"], "plant": ["Test-m-12"],
-                     "vehicle": ["Test-m-13"]}
+    assert found == {"chair": ["Test-m-1"], "table": ["Test-m-2", "Test-m-3"],
+                     "person": ["Test-m-6"], "window": ["Test-m-8"], "sofa": ["Test-m-10"],
+                     "lamp": ["Test-m-11"], "plant": ["Test-m-12"], "vehicle": ["Test-m-13"]}
     assert (meshes / "chair" / "Test-m-1" / "test" / "m1" / "m.mtl").is_file()
     with pytest.raises(data.DataError, match="sh3f"):
         data.import_sweethome3d(str(tmp_path / "meshes"), str(tmp_path / "other"))
-    assert sorted(os.listdir(tmp_path)) == ["meshes", "pkg"]                   # no other.partial-* left
+    assert sorted(os.listdir(tmp_path)) == ["meshes", "pkg"]          # no other.partial-* left
 
 
 def test_bad_meshes_are_skipped_and_counted(tmp_path, capsys):
-    good = [write_mesh(tmp_path / "m" / "02691156" / f"{k:032x}" / "models", "model_normalized", TETRA)
-            for k in range(3)]                                              # ShapeNetCore v2's layout
+    good = [write_mesh(tmp_path / "m" / "02691156" / f"{k:032x}" / "models", "model_normalized",
+                       TETRA)
+            for k in range(3)]                                      # ShapeNetCore v2's layout
     write_mesh(tmp_path / "m" / "mugs", "a_mug", TETRA, mtl="Kd 0 0.5 1")      # <class>/<model>.obj
     write_mesh(tmp_path / "m" / "mugs", "b_mug", TETRA.replace("v 1 0 0", "v 2 0 0"))
     bad = [write_mesh(tmp_path / "m" / "mugs", "garbage", "v 0 0 0\nf a b c\n"),
            write_mesh(tmp_path / "m" / "mugs", "no_faces", "v 0 0 0\nv 1 1 1\n"),
            write_mesh(tmp_path / "m" / "mugs", "nan", TETRA.replace("v 1 0 0", "v nan 0 0")),
            write_mesh(tmp_path / "m" / "mugs", "out_of_range", TETRA + "f 1 2 9\n")]
-    write_mesh(tmp_path / "m" / "mugs", "no_texture", QUAD, mtl="map_Kd tex.png")      # kept: rendered with Kd
+    # kept: rendered with Kd
+    write_mesh(tmp_path / "m" / "mugs", "no_texture", QUAD, mtl="map_Kd tex.png")
     out = tmp_path / "out"
-    data.main(["make-3diebench", str(out), "--meshes", str(tmp_path / "m"), "--views", "3", "--size", "16"])
+    data.main(["make-3diebench", str(out), "--meshes", str(tmp_path / "m"), "--views", "3",
+               "--size", "16"])
     printed = capsys.readouterr()
-    assert all(f"skipped {b}" in printed.err for b in bad) and "4 meshes skipped" in printed.out, printed
+    assert all(f"skipped {b}" in printed.err for b in bad), printed
+    assert "4 meshes skipped" in printed.out, printed
     entries = sorted(np.concatenate([np.load(out / f"{s}_images.npy") for s in ("train", "val")]))
     assert entries == [f"/02691156/{k:032x}/" for k in range(3)] + ["/mugs/a_mug/", "/mugs/b_mug/",
                                                                     "/mugs/no_texture/"]
     assert len(good) == 3 and data.check(str(out), progress=False) == {}
-    assert sorted(np.load(out / "val_labels.npy").tolist()) == [0, 1]     # synsets in sorted order: one of each in val
+    # synsets in sorted order: one of each in val
+    assert sorted(np.load(out / "val_labels.npy").tolist()) == [0, 1]
 
 
 def test_interrupted_render_leaves_nothing(tmp_path, monkeypatch):
     write_mesh(tmp_path / "m" / "a", "one", TETRA)
     write_mesh(tmp_path / "m" / "a", "two", TETRA)
-    monkeypatch.setattr(data, "write_object", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    def disk_full(*args):
+        raise OSError(28, "No space left")
+    monkeypatch.setattr(data, "write_object", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        data.make_3diebench(str(tmp_path / "out"), views=2, size=16, meshes=str(tmp_path / "m"), progress=False)
+        data.make_3diebench(str(tmp_path / "out"), views=2, size=16, meshes=str(tmp_path / "m"),
+                            progress=False)
     assert sorted(os.listdir(tmp_path)) == ["m"]
-    monkeypatch.setattr(data, "write_object", lambda *a: (_ for _ in ()).throw(OSError(28, "No space left")))
+    monkeypatch.setattr(data, "write_object", disk_full)
     with pytest.raises(data.DataError, match=f"{tmp_path / 'out'}: writing failed .*No space left"):
-        data.make_3diebench(str(tmp_path / "out"), views=2, size=16, meshes=str(tmp_path / "m"), progress=False)
+        data.make_3diebench(str(tmp_path / "out"), views=2, size=16, meshes=str(tmp_path / "m"),
+                            progress=False)
     assert sorted(os.listdir(tmp_path)) == ["m"]
 
 
-# ---------------------------------------------------------------- the checker: what crashed training
+# ---------------------------------------------------------------- checker: what crashed training
 def test_check_reports_what_crashes_training(broken):
     root, folders = broken
     labels = np.load(root / "val_labels.npy")
-    labels[1] = 60                                                      # >= the 55 classes of 3DIEBench
+    labels[1] = 60                                          # >= the 55 classes of 3DIEBench
     np.save(root / "val_labels.npy", labels)
-    for k in range(1, 50):                                              # an object with one view
+    for k in range(1, 50):                                  # an object with one view
         (folders[6] / f"image_{k}.jpg").unlink()
         (folders[6] / f"latent_{k}.npy").unlink()
-    Image.new("RGB", (24, 24), "red").save(folders[7] / "image_3.jpg", quality=95)   # another size
-    Image.new("RGB", (32, 32), "red").save(folders[8] / "image_5.jpg", format="PNG")  # a PNG named .jpg
+    Image.new("RGB", (24, 24), "red").save(folders[7] / "image_3.jpg", quality=95)   # other size
+    Image.new("RGB", (32, 32), "red").save(folders[8] / "image_5.jpg", format="PNG")  # PNG as .jpg
     problems = data.check(str(root), progress=False)
-    assert problems["label"] == [f"{root / 'val_labels.npy'}: 1 label(s) >= 55 (3DIEBench has 55 classes), "
-                                 f"first: 60 for {np.load(root / 'val_images.npy')[1]}"]
-    assert problems["object folder"] == [f"{folders[6]}: 1 view(s) (latent_k.npy files); training pairs need 2 "
-                                         "distinct views"]
+    assert problems["label"] == [f"{root / 'val_labels.npy'}: 1 label(s) >= 55 (3DIEBench has 55 "
+                                 f"classes), first: 60 for {np.load(root / 'val_images.npy')[1]}"]
+    assert problems["object folder"] == [f"{folders[6]}: 1 view(s) (latent_k.npy files); training "
+                                         "pairs need 2 distinct views"]
     images = "\n".join(problems["image"])
     assert f"{folders[7] / 'image_3.jpg'}: 24x24 pixels, the set's images are 32x32" in images
     assert f"{folders[8] / 'image_5.jpg'}: PNG data under a .jpg name" in images
     p = cli("check", root)
     assert p.returncode == 1 and "Traceback" not in p.stderr and "label: 1 problem(s)" in p.stderr
     with pytest.raises(data.DataError, match="val_labels.npy: 1 label"):
-        data.Pairs3DIEBench(str(root), "val")                           # the loaders refuse them too
+        data.Pairs3DIEBench(str(root), "val")               # the loaders refuse them too
 
 
 def test_dataset_refuses_an_object_with_one_view(broken):
@@ -617,14 +714,16 @@ def test_dataset_refuses_an_object_with_one_view(broken):
     for k in range(1, 50):
         (folders[0] / f"latent_{k}.npy").unlink()
     with pytest.raises(data.DataError, match=f"^{folders[0]}: 1 view"):
-        data.Pairs3DIEBench(str(root))             # not `Cannot take a larger sample than population` mid-epoch
+        # not `Cannot take a larger sample than population` mid-epoch
+        data.Pairs3DIEBench(str(root))
 
 
 def test_empty_lists_are_one_clear_message(broken):
     root, _ = broken
     np.save(root / "val_images.npy", np.array([], "<U43"))
     np.save(root / "val_labels.npy", np.array([], np.int64))
-    assert data.check(str(root), progress=False) == {"list file": [f"{root / 'val_images.npy'}: lists no objects"]}
+    assert data.check(str(root), progress=False) == {
+        "list file": [f"{root / 'val_images.npy'}: lists no objects"]}
     p = cli("check", root)
     assert p.returncode == 1 and "lists no objects" in p.stderr and "Traceback" not in p.stderr
     with pytest.raises(data.DataError, match="val_images.npy: lists no objects"):
@@ -647,13 +746,16 @@ def test_nan_in_latent_table_is_refused(broken):
 
 
 def imagefolder_copy(toy_imagefolder, tmp_path):
-    """A copy of the toy ImageFolder with stray files everywhere, which the loader and the checks ignore."""
+    """A copy of the toy ImageFolder with stray files everywhere, which the loader and the checks
+    ignore."""
     root = tmp_path / "imf"
     shutil.copytree(toy_imagefolder, root)
-    for folder in [root / "train", root / "val", *(root / "train").iterdir(), *(root / "val").iterdir()]:
+    for folder in [root / "train", root / "val", *(root / "train").iterdir(),
+                   *(root / "val").iterdir()]:
         (folder / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
         (folder / "README.txt").write_text("notes\n")
-    (next((root / "val").iterdir()) / "._x.JPEG").write_bytes(b"\0\5\26\7")   # macOS AppleDouble, hidden
+    # a macOS AppleDouble file, hidden
+    (next((root / "val").iterdir()) / "._x.JPEG").write_bytes(b"\0\5\26\7")
     return root
 
 
@@ -673,19 +775,22 @@ def test_check_imagefolder_reports_every_problem(toy_imagefolder, tmp_path):
     (root / "train" / "n99999999").mkdir()                              # empty, and not in val
     problems = data.check(str(root), progress=False)
     assert problems == {
-        "class folder": [f"{root / 'train' / 'n99999999'}: empty class folder (no .JPEG/.jpg/.png images)"],
+        "class folder": [f"{root / 'train' / 'n99999999'}: empty class folder "
+                         "(no .JPEG/.jpg/.png images)"],
         "image": problems["image"],
-        "classes": [f"{root / 'val'}: class folders differ from {root / 'train'}'s, so labels would not match "
-                    "(missing: n99999999)"]}
-    assert len(problems["image"]) == 1 and problems["image"][0].startswith(f"{val_image}: corrupt or truncated")
+        "classes": [f"{root / 'val'}: class folders differ from {root / 'train'}'s, so labels "
+                    "would not match (missing: n99999999)"]}
+    assert len(problems["image"]) == 1
+    assert problems["image"][0].startswith(f"{val_image}: corrupt or truncated")
     shutil.rmtree(root / "val")
-    assert data.check(str(root), progress=False)["split"] == [f"{root / 'val'}: missing split folder (expected "
-                                                              f"{root / 'val'}/<wnid>/*.JPEG)"]
+    assert data.check(str(root), progress=False)["split"] == [
+        f"{root / 'val'}: missing split folder (expected {root / 'val'}/<wnid>/*.JPEG)"]
 
 
 # ---------------------------------------------------------------- start-up checks (data.preflight)
 def test_preflight_passes_on_good_sets(toy_root, toy_imagefolder):
-    assert data.preflight(toy_root) == toy_root and data.preflight(toy_imagefolder, "ImageFolder") == toy_imagefolder
+    assert data.preflight(toy_root) == toy_root
+    assert data.preflight(toy_imagefolder, "ImageFolder") == toy_imagefolder
     p = cli("check", toy_root, "--quick")
     assert p.returncode == 0 and "OK (3DIEBench, quick checks)" in p.stdout
 
@@ -704,7 +809,8 @@ def damage_val(root, fault):
         table = np.load(root / "all_latents_val.npy")
         table[120, 0] = np.inf
         np.save(root / "all_latents_val.npy", table)
-        return f"{root / 'all_latents_val.npy'}: 1 row(s) not finite, first: row 120 ({entries[2]} view 20)"
+        return (f"{root / 'all_latents_val.npy'}: 1 row(s) not finite, first: row 120 "
+                f"({entries[2]} view 20)")
     if fault == "short table":
         np.save(root / "all_latents_val.npy", np.load(root / "all_latents_val.npy")[:-50])
         return f"{root / 'all_latents_val.npy'}: expected shape (200, 7)"
@@ -715,7 +821,8 @@ def damage_val(root, fault):
     return f"{root / 'val_labels.npy'}: missing val label file"
 
 
-@pytest.mark.parametrize("fault", ["val folder", "val view file", "nan table", "short table", "label", "no labels"])
+@pytest.mark.parametrize("fault", ["val folder", "val view file", "nan table", "short table",
+                                   "label", "no labels"])
 def test_preflight_3diebench_names_the_file(broken, fault, capsys):
     root, _ = broken
     needle = damage_val(root, fault)
@@ -723,7 +830,7 @@ def test_preflight_3diebench_names_the_file(broken, fault, capsys):
         data.preflight(str(root))
     assert str(e.value).startswith(needle), str(e.value)
     with pytest.raises(SystemExit) as end:
-        data.main(["check", str(root), "--quick"])                          # what `python data.py` runs
+        data.main(["check", str(root), "--quick"])                 # what `python data.py` runs
     assert end.value.code == 2 and capsys.readouterr().err == f"error: {e.value}\n"     # one line
 
 
@@ -732,19 +839,21 @@ def test_preflight_imagefolder_names_the_file(toy_imagefolder, tmp_path):
     val = sorted(p for p in (root / "val").iterdir() if p.is_dir())
     image = sorted(val[1].glob("*.JPEG"))[2]
     raw = image.read_bytes()
-    image.write_bytes(raw + bytes(100))                      # bytes after the end marker: PIL reads it, so fine
-    Image.open(io.BytesIO(raw)).save(sorted(val[1].glob("*.JPEG"))[3].with_suffix(".png"))   # a PNG: fine too
+    image.write_bytes(raw + bytes(100))    # bytes after the end marker: PIL reads it, so fine
+    # a PNG: fine too
+    Image.open(io.BytesIO(raw)).save(sorted(val[1].glob("*.JPEG"))[3].with_suffix(".png"))
     assert data.preflight(str(root), "ImageFolder") == str(root)
     image.write_bytes(raw[: len(raw) * 2 // 3])             # truncated
     with pytest.raises(data.DataError, match=f"^{image}: corrupt or truncated image"):
         data.preflight(str(root), "ImageFolder")
     image.write_bytes(raw)
     for stray in val[0].glob("*.JPEG"):
-        stray.unlink()                                       # an empty val class (README.txt, .DS_Store remain)
+        stray.unlink()                     # an empty val class (README.txt, .DS_Store remain)
     with pytest.raises(data.DataError, match=f"^{val[0]}: empty class folder"):
         data.preflight(str(root), "ImageFolder")
     shutil.rmtree(val[0])                                    # a missing val class
-    with pytest.raises(data.DataError, match=f"^{root / 'val'}: class folders differ .*missing: {val[0].name}"):
+    with pytest.raises(data.DataError,
+                       match=f"^{root / 'val'}: class folders differ .*missing: {val[0].name}"):
         data.preflight(str(root), "ImageFolder")
     shutil.rmtree(root / "val")
     with pytest.raises(data.DataError, match=f"^{root / 'val'}: missing split folder"):
@@ -755,20 +864,23 @@ def test_preflight_imagefolder_names_the_file(toy_imagefolder, tmp_path):
 def test_generator_flags_are_checked_in_one_line(tmp_path, capsys):
     for flags, needle in ((["--classes", "56"], "--classes 56: 3DIEBench has 55 classes"),
                           (["--views", "1"], "--views 1: make-3diebench needs at least 2"),
-                          (["--objects-per-class", "1"], "--objects-per-class 1: make-3diebench needs at least 2")):
+                          (["--objects-per-class", "1"],
+                           "--objects-per-class 1: make-3diebench needs at least 2")):
         with pytest.raises(SystemExit) as end:
             data.main(["make-3diebench", str(tmp_path / "out"), *flags, "--size", "16"])
         err = capsys.readouterr().err
-        assert end.value.code == 2 and err.startswith(f"error: {needle}") and err.count("\n") == 1, err
+        assert end.value.code == 2, err
+        assert err.startswith(f"error: {needle}") and err.count("\n") == 1, err
         assert os.listdir(tmp_path) == []
 
 
 def test_read_only_working_dir_is_one_message(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(data, "TOY_3DIEBENCH", dict(classes=2, objects_per_class=2, views=2, size=16, seed=0))
+    monkeypatch.setattr(data, "TOY_3DIEBENCH",
+                        dict(classes=2, objects_per_class=2, views=2, size=16, seed=0))
     real_makedirs = os.makedirs
 
-    def read_only(path, *args, **kwargs):                   # as in a read-only folder (tests may run as root)
+    def read_only(path, *args, **kwargs):     # as in a read-only folder (tests may run as root)
         if str(path).startswith("data"):
             raise PermissionError(13, "Permission denied", str(path))
         return real_makedirs(path, *args, **kwargs)
@@ -776,19 +888,23 @@ def test_read_only_working_dir_is_one_message(tmp_path, monkeypatch):
     monkeypatch.setattr(data.os, "makedirs", read_only)
     with pytest.raises(data.DataError) as e:
         data.ensure_3diebench()
-    assert str(e.value).startswith("data/3diebench-toy: cannot create the output folder (Permission denied")
+    assert str(e.value).startswith("data/3diebench-toy: cannot create the output folder "
+                                   "(Permission denied")
     assert "--data-root DIR" in str(e.value) and "\n" not in str(e.value)
     monkeypatch.undo()
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "data").write_text("a file where the folder would go")    # a real failure: not a directory
-    with pytest.raises(data.DataError, match="^data/3diebench-toy: cannot create the output folder .*--data-root"):
+    # a real failure: not a directory
+    (tmp_path / "data").write_text("a file where the folder would go")
+    with pytest.raises(data.DataError,
+                       match="^data/3diebench-toy: cannot create the output folder .*--data-root"):
         data.ensure_3diebench()
     assert os.listdir(tmp_path) == ["data"]
 
 
 def test_staged_writers_of_one_output_do_not_collide(tmp_path, monkeypatch):
-    # torchrun: every rank generates the default set at once. Each writes its own partial folder; the first to
-    # finish wins, the others discard theirs. Played here in one process, the second "rank" inside the first.
+    # torchrun: every rank generates the default set at once. Each writes its own partial folder;
+    # the first to finish wins, the others discard theirs. Played here in one process, the second
+    # "rank" inside the first.
     out = str(tmp_path / "set")
     with data.staged(out) as first:
         (Path(first) / "x").write_text("first")
@@ -797,11 +913,13 @@ def test_staged_writers_of_one_output_do_not_collide(tmp_path, monkeypatch):
             assert second != first
             (Path(second) / "x").write_text("second")
         monkeypatch.undo()
-        (Path(first) / "y").write_text("first")                        # the first rank still writes its copy
-    assert os.listdir(tmp_path) == ["set"] and os.listdir(out) == ["x"] and (Path(out) / "x").read_text() == "second"
+        (Path(first) / "y").write_text("first")           # the first rank still writes its copy
+    assert os.listdir(tmp_path) == ["set"] and os.listdir(out) == ["x"]
+    assert (Path(out) / "x").read_text() == "second"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    stale = tmp_path / f"again.partial-{socket.gethostname()}-{dead.pid}"       # left by a killed process
+    # left by a killed process
+    stale = tmp_path / f"again.partial-{socket.gethostname()}-{dead.pid}"
     stale.mkdir()
     with data.staged(str(tmp_path / "again")) as tmp:
         (Path(tmp) / "z").write_text("z")
@@ -810,13 +928,14 @@ def test_staged_writers_of_one_output_do_not_collide(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- the renderer on another device
 class MetaComputes(TorchDispatchMode):
-    """Tensors on the `meta` device (present on every machine) that compute: each has a CPU twin holding its
-    values, so code runs on "meta" end to end as on an accelerator, and an op mixing a meta tensor with a CPU
-    tensor of >= 1 dimension fails as on CUDA (a 0-dim CPU tensor is allowed, as there)."""
+    """Tensors on the `meta` device (present on every machine) that compute: each has a CPU twin
+    holding its values, so code runs on "meta" end to end as on an accelerator, and an op mixing a
+    meta tensor with a CPU tensor of >= 1 dimension fails as on CUDA (a 0-dim CPU tensor is
+    allowed, as there)."""
 
     def __init__(self):
         super().__init__()
-        self.values = {}                                  # id(meta tensor) -> (meta tensor, its CPU values)
+        self.values = {}                        # id(meta tensor) -> (meta tensor, its CPU values)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -824,9 +943,13 @@ class MetaComputes(TorchDispatchMode):
         cpu = [tuple(t.shape) for t in tensors if not t.is_meta and t.dim() > 0]
         if cpu and any(t.is_meta for t in tensors) and func not in (torch.ops.aten._to_copy.default,
                                                                      torch.ops.aten.copy_.default):
-            raise RuntimeError(f"{func}: a CPU tensor of shape {cpu[0]} meets tensors on the device")
+            raise RuntimeError(f"{func}: a CPU tensor of shape {cpu[0]} meets tensors on the "
+                               "device")
         device, back = kwargs.get("device"), {}
-        on_meta = torch.device(device).type == "meta" if device is not None else any(t.is_meta for t in tensors)
+        if device is not None:
+            on_meta = torch.device(device).type == "meta"
+        else:
+            on_meta = any(t.is_meta for t in tensors)
 
         def values(x):
             if isinstance(x, torch.Tensor) and x.is_meta:
@@ -846,16 +969,16 @@ class MetaComputes(TorchDispatchMode):
 
 
 class MetaFromData(TorchFunctionMode):
-    """torch.tensor, torch.as_tensor and Tensor.new_tensor make a device tensor from data without a dispatched
-    op: made on the CPU and copied over, they get their values under MetaComputes."""
+    """torch.tensor, torch.as_tensor and Tensor.new_tensor make a device tensor from data without a
+    dispatched op: made on the CPU and copied over, they get their values under MetaComputes."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
         if func is torch.Tensor.new_tensor and args[0].is_meta and kwargs.get("device") is None:
             return torch.tensor(args[1], dtype=kwargs.get("dtype") or args[0].dtype).to("meta")
         device = kwargs.get("device")
-        if func in (torch.tensor, torch.as_tensor) and device is not None and torch.device(device).type == "meta" \
-                and not torch.is_tensor(args[0]):
+        from_data = func in (torch.tensor, torch.as_tensor) and device is not None
+        if from_data and torch.device(device).type == "meta" and not torch.is_tensor(args[0]):
             return func(*args, **dict(kwargs, device="cpu")).to("meta")
         return func(*args, **kwargs)
 
@@ -867,41 +990,52 @@ def meta_device():
 
 
 def test_render_runs_on_another_device(tmp_path):
-    # The meta device stands in for CUDA: a tensor made on the CPU (a constant without device=) that meets the
-    # device tensors fails here as it does on a GPU (`make-3diebench --device cuda` crashed so in hsv_to_rgb).
-    assert data.hsv_to_rgb(torch.rand(5, device="meta"), 0.6, 0.6).device.type == "meta"   # real meta tensors
+    # The meta device stands in for CUDA: a tensor made on the CPU (a constant without device=)
+    # that meets the device tensors fails here as it does on a GPU (`make-3diebench --device cuda`
+    # crashed so in hsv_to_rgb).
+    # real meta tensors
+    assert data.hsv_to_rgb(torch.rand(5, device="meta"), 0.6, 0.6).device.type == "meta"
     verts, faces, colors = data.object_mesh(1, np.random.default_rng(0), paint="axes")
     lat = data.sample_latents(np.random.default_rng(0), 2)
-    path = write_mesh(tmp_path, "quad", QUAD, mtl="map_Kd tex.png", texture=np.full((4, 4, 3), 200, np.uint8))
+    path = write_mesh(tmp_path, "quad", QUAD, mtl="map_Kd tex.png",
+                      texture=np.full((4, 4, 3), 200, np.uint8))
     quad = data.read_obj(str(path))
     expected = [data.render(verts, faces, colors, lat, 16, alpha=True), data.render(*quad, lat, 16)]
     with meta_device():
-        on_meta = [data.render(verts.to("meta"), faces.to("meta"), colors.to("meta"), lat, 16, alpha=True),
-                   data.render(quad[0].to("meta"), *quad[1:], lat, 16)]          # faces, texture: still on the CPU
+        # the quad's faces and texture stay on the CPU
+        on_meta = [data.render(verts.to("meta"), faces.to("meta"), colors.to("meta"), lat, 16,
+                               alpha=True),
+                   data.render(quad[0].to("meta"), *quad[1:], lat, 16)]
         assert all(x.is_meta for x in on_meta)
         got = [x.cpu() for x in on_meta]
-    assert all(torch.equal(a, b) for a, b in zip(got, expected))                 # the very same pixels
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))         # the very same pixels
 
 
-# ---------------------------------------------------------------- missing textures: the material colour
+# ---------------------------------------------------------------- missing textures: Kd colour
 def test_missing_texture_renders_with_the_material_colour(tmp_path, capsys):
-    lost = write_mesh(tmp_path / "m" / "lamp" / "lost", "lamp", QUAD, mtl="Kd 0.1 0.5 0.9\nmap_Kd f:/images/wood.jpg")
+    lost = write_mesh(tmp_path / "m" / "lamp" / "lost", "lamp", QUAD,
+                      mtl="Kd 0.1 0.5 0.9\nmap_Kd f:/images/wood.jpg")
     fallbacks = []
     verts, faces, (uv, material, atlas) = data.read_obj(str(lost), fallbacks=fallbacks)
     assert fallbacks == [(str(lost), str(lost.parent / "f:/images/wood.jpg"))]
     assert torch.allclose(atlas[1], torch.tensor([0.1, 0.5, 0.9]).view(3, 1, 1).expand(3, 128, 128))
     write_mesh(tmp_path / "m" / "lamp" / "kept", "lamp", TETRA, mtl="Kd 1 1 0")
     write_mesh(tmp_path / "m" / "bed" / "a", "bed", TETRA, mtl="Kd 0 1 0")
-    write_mesh(tmp_path / "m" / "bed" / "b", "bed", QUAD, mtl="Kd 0 1 0\nmap_Kd C:\\Documents and Settings\\x.jpg")
-    no_mtl = write_mesh(tmp_path / "m" / "bed" / "c", "bed", "mtllib gone.mtl\nusemtl wood\n" + TETRA)
-    assert torch.equal(data.read_obj(str(no_mtl))[2][2], torch.full((2, 3, 1, 1), 0.8))   # grey, as without Kd
+    write_mesh(tmp_path / "m" / "bed" / "b", "bed", QUAD,
+               mtl="Kd 0 1 0\nmap_Kd C:\\Documents and Settings\\x.jpg")
+    no_mtl = write_mesh(tmp_path / "m" / "bed" / "c", "bed",
+                        "mtllib gone.mtl\nusemtl wood\n" + TETRA)
+    # grey, as without Kd
+    assert torch.equal(data.read_obj(str(no_mtl))[2][2], torch.full((2, 3, 1, 1), 0.8))
     out = tmp_path / "out"
-    data.main(["make-3diebench", str(out), "--meshes", str(tmp_path / "m"), "--views", "2", "--size", "16"])
+    data.main(["make-3diebench", str(out), "--meshes", str(tmp_path / "m"), "--views", "2",
+               "--size", "16"])
     err = capsys.readouterr().err.splitlines()
     notes = [line for line in err if "MTL" in line]
-    assert len(notes) == 1 and notes[0].startswith("3 of 5 meshes: a texture or MTL file missing or unreadable, "
-                                                   "rendered with their material's diffuse colour (Kd; grey without "
-                                                   f"the MTL) instead; first: {tmp_path / 'm' / 'bed' / 'b'}"), err
+    assert len(notes) == 1, err
+    assert notes[0].startswith("3 of 5 meshes: a texture or MTL file missing or unreadable, "
+                               "rendered with their material's diffuse colour (Kd; grey without "
+                               f"the MTL) instead; first: {tmp_path / 'm' / 'bed' / 'b'}"), err
     assert not [line for line in err if "skipped" in line]
     entries = sorted(np.concatenate([np.load(out / f"{s}_images.npy") for s in ("train", "val")]))
     assert entries == ["/bed/a/", "/bed/b/", "/bed/c/", "/lamp/kept/", "/lamp/lost/"]
@@ -910,11 +1044,14 @@ def test_missing_texture_renders_with_the_material_colour(tmp_path, capsys):
 
 def test_mesh_sets_that_training_cannot_use_are_refused(tmp_path):
     for c in ("bed", "lamp"):
-        write_mesh(tmp_path / "one" / c, "only", TETRA)                 # one model per class: no val object
+        write_mesh(tmp_path / "one" / c, "only", TETRA)        # one model per class: no val object
     with pytest.raises(data.DataError, match=f"^{tmp_path / 'one'}: no class has 2 usable objects"):
-        data.make_3diebench(str(tmp_path / "out"), views=2, size=16, meshes=str(tmp_path / "one"), progress=False)
+        data.make_3diebench(str(tmp_path / "out"), views=2, size=16, meshes=str(tmp_path / "one"),
+                            progress=False)
     for c in range(56):
         write_mesh(tmp_path / "many" / f"class{c}", "m", TETRA)
-    with pytest.raises(data.DataError, match=f"^{tmp_path / 'many'}: 56 class folders; 3DIEBench has 55"):
-        data.make_3diebench(str(tmp_path / "out"), views=2, size=16, meshes=str(tmp_path / "many"), progress=False)
+    with pytest.raises(data.DataError,
+                       match=f"^{tmp_path / 'many'}: 56 class folders; 3DIEBench has 55"):
+        data.make_3diebench(str(tmp_path / "out"), views=2, size=16, meshes=str(tmp_path / "many"),
+                            progress=False)
     assert sorted(os.listdir(tmp_path)) == ["many", "one"]
