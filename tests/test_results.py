@@ -1,4 +1,4 @@
-"""results/: the study runner's shell syntax, and the figures redrawn from committed result files."""
+"""results/: the study runner's shell syntax, and the figures redrawn from result files."""
 import json
 import os
 import subprocess
@@ -34,8 +34,9 @@ def test_figures_are_drawn_from_result_files(tmp_path):
                   for b in (1, 2, 3)]
         write_run(ser, f"ser-toy-moco-s{seed}", {}, metrics=blocks)
     out = tmp_path / "assets"
-    subprocess.run([sys.executable, str(REPO / "results" / "make_figures.py"), "--study", str(study),
-                    "--ser", str(ser), "--out", str(out)], check=True)
+    script = REPO / "results" / "make_figures.py"
+    subprocess.run([sys.executable, str(script), "--study", str(study), "--ser", str(ser),
+                    "--out", str(out)], check=True)
     names = sorted(os.listdir(out))
     assert names == ["study_methods.png", "study_ser_equivariance.png", "study_sie_curves.png"]
     for name in names:
