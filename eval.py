@@ -23,6 +23,8 @@ The checkpoint contract, what eval.py needs from a training script:
   - the script is one of SCRIPTS (sie.py, baselines.py, ser.py) and defines, at module level,
       build_model(args) -> nn.Module       the training model, rebuilt from the saved args
       probeable(model, args) -> Probeable  what of that model the protocols use (see Probeable)
+    and, optionally, embedding_probeable(model, args) -> Probeable: the projector outputs the
+    loss acts on, probed instead of the representation with `--features embeddings` (sie.py)
   - its checkpoint.pt is a dict written with torch.save, holding
       "script"  "sie", "baselines" or "ser": the module that eval.py imports to rebuild the model
       "args"    vars() of the script's argparse namespace (a dict with str keys)
@@ -1037,10 +1039,11 @@ def read_checkpoint(ckpt_path):
     return ckpt
 
 
-def load_probeable(path, device):
+def load_probeable(path, device, features="representation"):
     """A run directory or its checkpoint.pt -> (Probeable, the saved args): import the script that
     wrote it (one of SCRIPTS), rebuild its model from the saved args with build_model, load the
-    weights strictly, ask for its probeable (the checkpoint contract of the module docstring)."""
+    weights strictly, ask for its probeable (the checkpoint contract of the module docstring);
+    features="embeddings": its embedding_probeable instead."""
     ckpt_path = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
     if not os.path.isfile(ckpt_path):
         fail(f"no checkpoint at {ckpt_path} (give a run directory holding checkpoint.pt, "
@@ -1061,7 +1064,12 @@ def load_probeable(path, device):
         model.load_state_dict(ckpt["model"], strict=True)
     except (RuntimeError, AttributeError, TypeError, ValueError) as e:
         fail(f"{ckpt_path} does not match {script}.build_model: {' '.join(str(e).split())[:400]}")
-    probe = module.probeable(model.to(device).eval(), args)
+    make_probeable = module.probeable
+    if features == "embeddings":
+        make_probeable = getattr(module, "embedding_probeable", None)
+        if make_probeable is None:
+            fail(f"{script}.py has no embedding probes (--features embeddings: sie.py only)")
+    probe = make_probeable(model.to(device).eval(), args)
     probe.step = ckpt.get("step", 0)
     return probe, args
 
@@ -1071,7 +1079,9 @@ def load_probeable(path, device):
 # minus its no-ρ reference.
 TABLE = ("top1/full", "top1/inv", "top1/equi", "rot_r2_pooled/full", "rot_r2_pooled/inv",
          "rot_r2_pooled/equi", "color_r2_pooled/full", "mrr/embedding", "H@1/embedding",
-         "H@5/embedding", "pre/embedding", "linear_top1/full", "knn20_top1/full")
+         "H@5/embedding", "pre/embedding", "linear_top1/full", "knn20_top1/full",
+         "top1/z_inv", "top1/z_equi", "rot_r2_pooled/z", "rot_r2_pooled/z_inv",
+         "rot_r2_pooled/z_equi")   # the last five: eval.py --features embeddings
 
 
 def read_eval_json(run_dir):
@@ -1208,6 +1218,10 @@ def parse_args(argv=None):
                    help="views per training object cached for --bn eval")
     p.add_argument("--workers", type=count(0), help="DataLoader workers")
     p.add_argument("--seed", type=count(0), help="view sampling and head init")
+    p.add_argument("--features", choices=("representation", "embeddings"), default="representation",
+                   help="what is probed: the backbone's representation (the papers' protocol), or "
+                        "the projector outputs z_inv / z_equi the loss acts on (sie.py; pass --out "
+                        "so the run's own eval.json is kept)")
     p.add_argument("--out", help="where eval.json / retrieval.png go (default: the run directory)")
     p.add_argument("--device", type=device_name,
                    help="default: cuda:LOCAL_RANK if available, else cpu")
@@ -1240,7 +1254,7 @@ def main(argv=None):
     path = args.path[0]
     device = torch.device(args.device or default_device())
     start_process_group(device)
-    probe, saved = load_probeable(path, device)
+    probe, saved = load_probeable(path, device, args.features)
     if args.preset:
         preset = args.preset
     elif getattr(saved, "preset", None) in PRESETS:

@@ -516,6 +516,7 @@ class SIE(nn.Module):
             self.proj_inv = projector(slice(0, inv_repr_dims), inv_widths)
             self.inv_emb_dims = inv_widths[-1]
         self.proj_equi = projector(slice(inv_repr_dims, REPR_DIM), equi_widths)
+        self.equi_emb_dims = equi_emb_dims                 # the equivariant embedding's width
         if args.predictor == "hypernet":
             self.predictor = HypernetPredictor(equi_emb_dims, g_dims, deep=args.hypernet == "deep",
                                                bias=args.pred_bias)
@@ -623,6 +624,30 @@ def probeable(model, args):
     and the predictor (for MRR, H@k and PRE), and the width of g."""
     return eval.Probeable(backbone=model.backbone, parts=representation_parts(args),
                           embed=model.proj_equi, predict=model.predictor,
+                          g_dim=6 if args.rot_color else 4)
+
+
+class EmbeddingsOf(nn.Module):
+    """images -> Z = [z_inv; z_equi] (B, D_inv + D_equi): the projector outputs, where the loss
+    acts directly, for `eval.py --features embeddings`."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model.embed(self.model.backbone(x))
+
+
+def embedding_probeable(model, args):
+    """The same probes on the embeddings instead of the representation: parts z (all of Z),
+    z_inv and z_equi. No predictor (the retrieval protocol needs the representation)."""
+    emb_dims = model.inv_emb_dims + model.equi_emb_dims
+    parts = {"z": slice(0, emb_dims)}
+    if model.inv_emb_dims:
+        parts["z_inv"] = slice(0, model.inv_emb_dims)
+        parts["z_equi"] = slice(model.inv_emb_dims, emb_dims)
+    return eval.Probeable(backbone=EmbeddingsOf(model), parts=parts,
                           g_dim=6 if args.rot_color else 4)
 
 

@@ -19,12 +19,26 @@ run() {   # run NAME SCRIPT FLAGS...: train + evaluate into runs/study/NAME, kee
     cp "runs/study/$name/eval.json" "runs/study/$name/log.jsonl" "$out/"
     echo "OMP_NUM_THREADS=$OMP_NUM_THREADS python $* --run-dir runs/study/$name" > "$out/command.txt"
 }
+embeddings() {   # embeddings NAME-s<seed>: the same probes on z_inv / z_equi -> NAME-z-s<seed>
+    local name=$1
+    local out=results/study/${name%-s*}-z-s${name##*-s}
+    if [ -f "$out/eval.json" ] || [ ! -f "results/study/$name/eval.json" ]; then return; fi
+    local cmd="python eval.py runs/study/$name --features embeddings --protocol classify rotation"
+    cmd="$cmd --out runs/study/$name/embeddings"   # the run's own eval.json stays
+    echo "run:  $name embeddings: $cmd"
+    $cmd > "runs/study/$name.embeddings.out" 2>&1 || {
+        echo "FAILED: $name embeddings (see runs/study/$name.embeddings.out)"; return; }
+    mkdir -p "$out"
+    cp "runs/study/$name/embeddings/eval.json" "$out/"
+    echo "OMP_NUM_THREADS=$OMP_NUM_THREADS $cmd" > "$out/command.txt"
+}
 mkdir -p runs/study
 
 # Question 1, SIE vs EquiMod-SimCLR on the painted toy set (the toy preset: 700 steps of batch 32),
 # then one factor at a time. Seeds 0 and 1 for every setting.
 for s in 0 1; do
     run sie-toy-s$s            sie.py --seed $s
+    embeddings sie-toy-s$s
     run equimod-toy-s$s        baselines.py --method equimod-simclr --seed $s
 done
 # the variance/covariance trade-off: coefficients as a sensitivity study (SIE only)

@@ -370,3 +370,26 @@ def test_readme_commands(workdir):
         assert "Traceback" not in proc.stderr and "mrr" in proc.stdout, cmd   # the evaluation table
         assert os.path.exists(workdir / args.run_dir / "checkpoint.pt"), cmd
         assert os.path.exists(workdir / args.run_dir / "eval.json"), cmd
+
+
+def test_eval_probes_the_embeddings_with_features_embeddings(toy_root, tmp_path):
+    """eval.py --features embeddings probes z_inv / z_equi (where the loss acts) instead of the
+    representation, into another folder; the run's own eval.json stays as it was."""
+    import eval as evaluation
+    run_dir = tmp_path / "run"
+    sie.main(TINY + ["--data-root", toy_root, "--epochs", "1", "--no-eval",
+                     "--run-dir", str(run_dir)])
+    out = tmp_path / "embeddings"
+    evaluation.main([str(run_dir), "--features", "embeddings", "--protocol", "classify",
+                     "rotation", "--out", str(out), "--epochs", "2"])
+    with open(out / "eval.json") as f:
+        summary = json.load(f)["summary"]
+    assert {"top1/z", "top1/z_inv", "top1/z_equi", "rot_r2_pooled/z_inv",
+            "rot_r2_pooled/z_equi"} <= set(summary)
+    assert not (run_dir / "eval.json").exists()
+    model = sie.build_model(sie.parse_args(TINY))
+    probe = sie.embedding_probeable(model.eval(), sie.parse_args(TINY))
+    images = torch.randn(4, 3, 32, 32)
+    embeddings = probe.backbone(images)
+    assert embeddings.shape == (4, model.inv_emb_dims + model.equi_emb_dims)
+    torch.testing.assert_close(embeddings, model.embed(model.backbone(images)))
