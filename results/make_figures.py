@@ -9,6 +9,7 @@
 - assets/study_ser_equivariance.png: SER's Δ-equivariance per block for each configuration, mean
   over seeds (results/ser-toy/*/eval.json).
 A run directory name ending in -s<seed> is one seed of the configuration named by the rest.
+`--loss-table` also prints, per SIE run, the unweighted loss terms averaged over its last 10 log lines.
 """
 import argparse
 import glob
@@ -178,13 +179,30 @@ def ser_equivariance(pattern, out_png):
     image.save(out_png)
 
 
+def loss_table(pattern, last=10, terms=("std", "cov", "equi", "inv", "pred_std")):
+    """A markdown row per SIE run: each loss term's mean over the run's last `last` train lines."""
+    print("| run | " + " | ".join(terms) + " |")
+    print("|---" * (len(terms) + 1) + "|")
+    for path in sorted(glob.glob(os.path.join(pattern, "log.jsonl"))):
+        train = [e for e in read_jsonl(path) if e["kind"] == "train"][-last:]
+        if not train or not all(t in train[0] for t in terms):
+            continue
+        means = [mean([e[t] for e in train]) for t in terms]
+        name = os.path.basename(os.path.dirname(path))
+        print(f"| {name} | " + " | ".join(f"{v:.3f}" for v in means) + " |")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--study", default="results/study", help="the quick study's result folder")
     p.add_argument("--ser", default="results/ser-toy", help="the SER sweep's result folder")
     p.add_argument("--curves-run", default="sie-toy-s1", help="the SIE run whose curves are drawn")
     p.add_argument("--out", default="assets", help="where the PNG files go")
+    p.add_argument("--loss-table", action="store_true",
+                   help="also print the SIE runs' loss terms at the end of training")
     args = p.parse_args(argv)
+    if args.loss_table:
+        loss_table(os.path.join(args.study, "sie-*"))
     os.makedirs(args.out, exist_ok=True)
     log = os.path.join(args.study, args.curves_run, "log.jsonl")
     if os.path.isfile(log):
