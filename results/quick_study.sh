@@ -52,3 +52,18 @@ for s in 0 1; do
     run sie-1400steps-s$s      sie.py --seed $s --epochs 280
     run equimod-1400steps-s$s  baselines.py --method equimod-simclr --seed $s --epochs 280
 done
+# global batch: 64 instead of 32 at the same 700 steps (160 training objects: 3 steps per epoch)
+for s in 0 1; do
+    run sie-batch64-s$s        sie.py --seed $s --batch-size 64 --epochs 234
+    run equimod-batch64-s$s    baselines.py --method equimod-simclr --seed $s --batch-size 64 --epochs 234
+done
+# objects per class: 100 instead of 20 (1,000 objects; 800 training objects = 25 steps per epoch)
+if [ ! -d data/3diebench-1k ]; then
+    python data.py make-3diebench data/3diebench-1k --classes 10 --objects-per-class 100 --size 32 \
+        --zoom 2 --paint axes
+fi
+for s in 0 1; do
+    run sie-1k-s$s             sie.py --seed $s --data-root data/3diebench-1k --epochs 28
+    run equimod-1k-s$s         baselines.py --method equimod-simclr --seed $s \
+        --data-root data/3diebench-1k --epochs 28
+done
