@@ -36,6 +36,7 @@ import warnings
 import torch
 
 import data
+from sie import nonnegative_int, positive_int   # the scripts' argparse types
 
 PRESETS = {  # sizes; every flag overrides
     "toy": dict(batch="16", ser_batch="32", resolution=32, ser_resolution=32, decode="pil,cpu",
@@ -44,20 +45,6 @@ PRESETS = {  # sizes; every flag overrides
                   decode="pil,cpu,gpu", steps=10, warmup=5, repeats=3, num_workers=16,
                   max_objects=16384),
 }
-
-
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def nonnegative_int(text):
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
-    return value
 
 
 def parse_args(argv=None):

@@ -578,7 +578,7 @@ def check_inputs(args):
     (start_up calls this on rank 0): the data set, the batch against it, the protocols."""
     root = data.ensure(args.data_root, DATA_KIND)   # generates the default toy set on first use
     data.preflight(root, DATA_KIND)                 # what the evaluation reads later, checked now
-    entries, _ = data.read_split(root, "train")
+    entries, _ = data.read_split(root, "train", check_folders=False)   # preflight checked them
     if args.batch_size > len(entries):
         raise ValueError(f"--batch-size {args.batch_size} is larger than the {len(entries)} "
                          f"training objects of {root} (one pair per object per step)")
