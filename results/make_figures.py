@@ -192,6 +192,342 @@ def loss_table(pattern, last=10, terms=("std", "cov", "equi", "inv", "pred_std")
         print(f"| {name} | " + " | ".join(f"{v:.3f}" for v in means) + " |")
 
 
+# ---- the README's tables: every number read from the result files ----
+def runs_of(folder, configuration_name):
+    """{seed: eval.json} of the runs folder/<configuration_name>-s<seed> (a run directory named
+    <configuration_name> alone is seed 0, as in results/ser-toy)."""
+    found = {}
+    for path in glob.glob(os.path.join(folder, f"{configuration_name}*", "eval.json")):
+        name = os.path.basename(os.path.dirname(path))
+        match = re.fullmatch(re.escape(configuration_name) + r"(-s(\d+))?", name)
+        if match:
+            with open(path) as f:
+                found[int(match.group(2) or 0)] = json.load(f)
+    return dict(sorted(found.items()))
+
+
+def value(result, key):
+    """A summary value ('rot_r2_pooled/full'), or a mean over several keys given as a prefix
+    ending in '*' ('robust_top1_*/full': the mean over the corruptions)."""
+    summary = result["summary"]
+    if "*" not in key:
+        return summary.get(key)
+    head, tail = key.split("*")
+    matches = [v for k, v in summary.items() if k.startswith(head) and k.endswith(tail)]
+    return mean(matches) if matches else None
+
+
+def chance(result, key):
+    """The chance level eval.py recorded for a metric (its best constant predictor)."""
+    name, part = key.split("/")
+    for r in result["metrics"]:
+        if r["name"] == name and r["part"] == part:
+            return r["chance"]
+    return None
+
+
+def seeds_of(folder, configuration_name, key):
+    """{seed: value} for one metric of one configuration, the seeds that have it."""
+    found = {s: value(r, key) for s, r in runs_of(folder, configuration_name).items()}
+    return {s: v for s, v in found.items() if v is not None}
+
+
+def spread(values):
+    """'0.601 ± 0.288 (n)': mean ± sample std over seeds."""
+    values = list(values)
+    if not values:
+        return "not run"
+    m = mean(values)
+    if len(values) == 1:
+        return f"{m:.3f} (1)"
+    std = (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return f"{m:.3f} ± {std:.3f} ({len(values)})"
+
+
+# A claim's verdict, by rules stated once (README, "How a verdict is drawn"):
+# - A above B, unpaired: holds if every seed of A is above every seed of B, does not hold if every
+#   seed of A is below every seed of B, inconclusive otherwise;
+# - paired (the same seed with and without a change): holds if every seed's difference exceeds
+#   TOLERANCE in the claimed direction, does not hold if none does, inconclusive otherwise.
+TOLERANCE = 0.01
+HOLDS, FAILS = "holds", "does not hold"
+
+
+def inconclusive(n):
+    return f"inconclusive at {n} seeds"
+
+
+def above(a, b):
+    """Unpaired verdict for 'a is above b' (lists of per-seed values)."""
+    if not a or not b:
+        return "not run"
+    if min(a) > max(b):
+        return HOLDS
+    if max(a) < min(b):
+        return FAILS
+    return inconclusive(min(len(a), len(b)))
+
+
+def paired(differences):
+    """Paired verdict from per-seed differences, positive = the claimed direction."""
+    if not differences:
+        return "not run"
+    if min(differences) > TOLERANCE:
+        return HOLDS
+    if max(differences) <= TOLERANCE:
+        return FAILS
+    return inconclusive(len(differences))
+
+
+def all_of(verdicts):
+    """One verdict for a claim made of several comparisons: holds if all hold, does not hold if
+    any does not, else the first inconclusive one."""
+    if all(v == HOLDS for v in verdicts):
+        return HOLDS
+    if any(v == FAILS for v in verdicts):
+        return FAILS
+    return next(v for v in verdicts if v != HOLDS)
+
+
+def per_seed_differences(folder, config_a, key_a, config_b, key_b):
+    """value(a) - value(b) for every seed both configurations (or both keys) have."""
+    a, b = seeds_of(folder, config_a, key_a), seeds_of(folder, config_b, key_b)
+    return [a[s] - b[s] for s in a if s in b]
+
+
+def fmt(values):
+    return ", ".join(f"{v:.3f}" for v in values)
+
+
+def values(folder, configuration_name, key):
+    return list(seeds_of(folder, configuration_name, key).values())
+
+
+def delta_eq(result, block):
+    """SER's Δ-equivariance at a block: the score minus its no-ρ reference (eval.py)."""
+    key = f"equivariance/block{block}"
+    return value(result, key) - chance(result, key)
+
+
+def delta_eq_values(folder, configuration_name, block):
+    return [delta_eq(r, block) for r in runs_of(folder, configuration_name).values()]
+
+
+def verdict_with_details(comparisons):
+    """comparisons: {label: verdict} -> 'overall (label: verdict; ...)'."""
+    overall = all_of(list(comparisons.values()))
+    if len(comparisons) == 1:
+        return overall
+    return overall + " (" + "; ".join(f"{k}: {v}" for k, v in comparisons.items()) + ")"
+
+
+R2, R2_INV, R2_EQUI = "rot_r2_pooled/full", "rot_r2_pooled/inv", "rot_r2_pooled/equi"
+TOY = "toy set, 700 steps"
+SEQ_JEPA_HIGH = "seq-JEPA Table 11 (official SIE scale)"
+SEQ_JEPA_LOW = "seq-JEPA Table 1 (128 px, batch 512, 1,000 epochs)"
+
+
+def sie_claims(study):
+    """The SIE paper's claims as rows: (claim, source, theirs, ours, verdict)."""
+    rows = []
+    baselines = {"VICReg": "vicreg", "SimCLR": "simclr", "EquiMod": "equimod"}
+    sie = values(study, "sie-toy", R2)
+    others = {label: values(study, f"{name}-toy", R2) for label, name in baselines.items()}
+    ours = f"{TOY}, R²: SIE {spread(sie)}; " + "; ".join(
+        f"{label} {spread(v)}" for label, v in others.items())
+    rows.append(("SIE's rotation R² is above VICReg's, SimCLR's and EquiMod's",
+                 "SIE Sec. 5, Table 1",
+                 f"SIE 0.721, EquiMod 0.492, SimCLR 0.473 ({SEQ_JEPA_HIGH}); SIE 0.58, EquiMod "
+                 f"0.32, SimCLR 0.35, VICReg 0.20 ({SEQ_JEPA_LOW})",
+                 ours,
+                 verdict_with_details({f"vs {k}": above(sie, v) for k, v in others.items()})))
+    sie_long, equimod_long = (values(study, f"{m}-1400steps", R2) for m in ("sie", "equimod"))
+    rows.append(("the same, at twice the steps (vs EquiMod)", "", "",
+                 f"toy set, 1,400 steps, R²: SIE {spread(sie_long)}; EquiMod {spread(equimod_long)}",
+                 above(sie_long, equimod_long)))
+    sie_real, equimod_real = (values(study, f"{m}-sh3d32", R2) for m in ("sie", "equimod"))
+    if sie_real or equimod_real:
+        rows.append(("the same, on real meshes (vs EquiMod)", "", "",
+                     f"Sweet Home 3D, 32 px, 702 steps, R²: SIE {spread(sie_real)}; EquiMod "
+                     f"{spread(equimod_real)}", above(sie_real, equimod_real)))
+    d = per_seed_differences(study, "sie-toy", R2_EQUI, "sie-toy", R2_INV)
+    rows.append(("the equivariant part's rotation R² is above the invariant part's",
+                 "SIE Sec. 5, Table 1", "",
+                 f"{TOY}, R² equi {spread(values(study, 'sie-toy', R2_EQUI))}, inv "
+                 f"{spread(values(study, 'sie-toy', R2_INV))}; equi − inv per seed {fmt(d)}",
+                 paired(d)))
+    d = per_seed_differences(study, "sie-toy", "top1/inv", "sie-toy", "top1/equi")
+    rows.append(("the invariant part's top-1 is above the equivariant part's",
+                 "SIE Sec. 5, Table 1", "",
+                 f"{TOY}, top-1 inv {spread(values(study, 'sie-toy', 'top1/inv'))}, equi "
+                 f"{spread(values(study, 'sie-toy', 'top1/equi'))}; inv − equi per seed {fmt(d)}",
+                 paired(d)))
+    runs = list(runs_of(study, "sie-toy").values())
+    mrr_chance = chance(runs[0], "mrr/embedding") if runs else 0.09
+    pre_chance = chance(runs[0], "pre/embedding") if runs else 0.62
+    margins = [min(value(r, "mrr/embedding") - 2 * mrr_chance,
+                   pre_chance - value(r, "pre/embedding")) for r in runs]
+    rows.append((f"SIE's MRR is far above chance ({mrr_chance:.3f}) and its PRE below chance "
+                 f"({pre_chance:.3f}); read as MRR > 2 × chance",
+                 "SIE Sec. 5 (predictor quality)",
+                 f"SIE MRR 0.411, H@1 0.287; EquiMod MRR 0.154 ({SEQ_JEPA_HIGH}); PRE: not "
+                 "reported by any later paper",
+                 f"{TOY}: MRR {spread(values(study, 'sie-toy', 'mrr/embedding'))}, PRE "
+                 f"{spread(values(study, 'sie-toy', 'pre/embedding'))}",
+                 paired(margins)))
+    d = per_seed_differences(study, "sie-toy", "mrr/embedding", "sie-nopredvar", "mrr/embedding")
+    rows.append(("dropping the predictor-variance term lowers MRR",
+                 "SIE Sec. 5, ablation table", "",
+                 f"{TOY}, MRR: SIE {spread(values(study, 'sie-toy', 'mrr/embedding'))}, no "
+                 f"pred-var {spread(values(study, 'sie-nopredvar', 'mrr/embedding'))}; "
+                 f"difference per seed {fmt(d)}", paired(d)))
+    d_r2 = per_seed_differences(study, "sie-toy", R2_EQUI, "sie-mlppred", R2_EQUI)
+    d_mrr = per_seed_differences(study, "sie-toy", "mrr/embedding", "sie-mlppred",
+                                 "mrr/embedding")
+    rows.append(("the hypernetwork predictor keeps the equivariant part equivariant where an MLP "
+                 "predictor on [g; z] drifts to invariance (lower equi R² and MRR)",
+                 "SIE Sec. 3-4", "",
+                 f"{TOY}: equi R² hypernet {spread(values(study, 'sie-toy', R2_EQUI))}, MLP "
+                 f"{spread(values(study, 'sie-mlppred', R2_EQUI))}; MRR hypernet "
+                 f"{spread(values(study, 'sie-toy', 'mrr/embedding'))}, MLP "
+                 f"{spread(values(study, 'sie-mlppred', 'mrr/embedding'))}",
+                 verdict_with_details({"R²": paired(d_r2), "MRR": paired(d_mrr)})))
+    colour = "color_r2_pooled/full"
+    d_colour = per_seed_differences(study, "sie-rotcolor", colour, "sie-toy", colour)
+    d_top1 = per_seed_differences(study, "sie-toy", "top1/full", "sie-rotcolor", "top1/full")
+    rows.append(("conditioning on rotation + colour raises colour R² and costs top-1",
+                 "SIE Sec. 5", "SIE rot+colour: colour R² 0.97, top-1 75.34 vs 77.49 "
+                 "(seq-JEPA Tables 7 and 1)",
+                 f"{TOY}: colour R² rot {spread(values(study, 'sie-toy', colour))}, rot+colour "
+                 f"{spread(values(study, 'sie-rotcolor', colour))}; top-1 rot "
+                 f"{spread(values(study, 'sie-toy', 'top1/full'))}, rot+colour "
+                 f"{spread(values(study, 'sie-rotcolor', 'top1/full'))}",
+                 verdict_with_details({"colour R²": paired(d_colour),
+                                       "top-1": paired(d_top1)})))
+    per_output = "rot_r2_per_output/full"
+    ood = {label: values(study, f"{name}-toy-ood", per_output)
+           for label, name in {"SIE": "sie", **baselines}.items()}
+    rows.append(("every method's rotation R² collapses on the OOD angles (beyond ±π/2): read as "
+                 "per-output R² below 0, i.e. worse than the mean",
+                 "seq-JEPA Table 9", "every method's R² negative (−0.25 to −0.71), SIE −0.63",
+                 "toy OOD set, probes fit and tested on it, per-output R²: " + "; ".join(
+                     f"{k} {spread(v)}" for k, v in ood.items()),
+                 verdict_with_details({k: paired([-x for x in v]) for k, v in ood.items()})))
+    return rows
+
+
+def ser_claims(study, ser):
+    """The SER paper's claims as rows (results/ser-toy: the L sweep; study: the robustness and
+    3DIEBench runs)."""
+    rows = []
+    names = {2: "ser-toy-moco", 4: "ser-toy-moco-L4", 6: "ser-toy-moco-L6"}
+    comparisons, ours = {}, []
+    for block, name in names.items():
+        reg = delta_eq_values(ser, name, block)
+        lam0 = delta_eq_values(ser, "ser-toy-moco-lam0", block)
+        vanilla = delta_eq_values(ser, "ser-toy-moco-vanilla", block)
+        comparisons[f"L={block} vs λ=0"] = above(reg, lam0)
+        comparisons[f"L={block} vs vanilla"] = above(reg, vanilla)
+        ours.append(f"block {block}: λ=1 {spread(reg)}, λ=0 {spread(lam0)}, vanilla "
+                    f"{spread(vanilla)}")
+    rows.append(("the regularised block's equivariance rises with λ > 0 over λ = 0 and vanilla",
+                 "SER Table 4", "rotation equivariance 0.840 (L = 3) vs 0.804 (MoCo-v3)",
+                 "toy ImageFolder, 150 steps, Δeq: " + "; ".join(ours),
+                 verdict_with_details(comparisons)))
+    last = {block: delta_eq_values(ser, name, 6) for block, name in names.items()}
+    rows.append(("the last block's equivariance rises with the regularised layer's depth",
+                 "SER Table 4", "0.840 / 0.888 / 0.924 for L = 3 / 9 / 12",
+                 "Δeq at block 6: " + ", ".join(f"L={b} {spread(v)}" for b, v in last.items()),
+                 verdict_with_details({"L=4 vs L=2": above(last[4], last[2]),
+                                       "L=6 vs L=4": above(last[6], last[4])})))
+    configs = {"SER": "ser-moco-L2", "λ=0": "ser-moco-lam0", "vanilla": "ser-moco-vanilla"}
+    for metric, label, theirs in (
+            ("linear_top1/full", "linear-probe top-1", "69.28 / 68.82 / 68.44 (one seed)"),
+            ("robust_top1_*/full", "robustness top-1 (mean over eval.py's shifts)",
+             "ImageNet-C +1.11, ImageNet-P +1.22 over MoCo-v3")):
+        got = {k: values(study, v, metric) for k, v in configs.items()}
+        rows.append((f"{label}: SER above λ = 0 above vanilla", "SER Tables 1, 4", theirs,
+                     "toy ImageFolder, 150 steps: " + "; ".join(
+                         f"{k} {spread(v)}" for k, v in got.items()),
+                     verdict_with_details({"SER vs λ=0": above(got["SER"], got["λ=0"]),
+                                           "λ=0 vs vanilla": above(got["λ=0"], got["vanilla"])})))
+    got = {k: values(study, f"{v}-3diebench", R2) for k, v in configs.items()}
+    top1 = {k: values(study, f"{v}-3diebench", "top1/full") for k, v in configs.items()}
+    rows.append(("on 3DIEBench (out of distribution), SER's ViT predicts rotation better than "
+                 "vanilla's", "SER Sec. 5 (3DIEBench)", "not retrieved",
+                 "ImageFolder-trained ViTs probed on the toy 3DIEBench set, R²: " + "; ".join(
+                     f"{k} {spread(v)}" for k, v in got.items()) + "; top-1: " + "; ".join(
+                     f"{k} {spread(v)}" for k, v in top1.items()),
+                 verdict_with_details({"vs vanilla": above(got["SER"], got["vanilla"]),
+                                       "vs λ=0": above(got["SER"], got["λ=0"])})))
+    return rows
+
+
+# Question 1: one factor at a time from the toy preset. (label, SIE run, EquiMod run)
+FACTORS = [
+    ("toy preset (700 steps, batch 32, 32 px, 20 objects per class, widths 64, α 0.45)",
+     "sie-toy", "equimod-toy"),
+    ("steps × 2 (1,400)", "sie-1400steps", "equimod-1400steps"),
+    ("batch × 2 (64), 700 steps", "sie-batch64", "equimod-batch64"),
+    ("objects per class × 5 (100)", "sie-1k", "equimod-1k"),
+    ("projector widths 16 (a quarter; width / batch 0.5)", "sie-mlp16", "equimod-mlp16"),
+    ("palette paint (two colours per object) instead of axis paint", "sie-palette",
+     "equimod-palette"),
+    ("real meshes (Sweet Home 3D, 702 steps)", "sie-sh3d32", "equimod-sh3d32"),
+    ("α = 2 (equivariance weight × 4.4)", "sie-alpha2", None),
+    ("λ_std = 25 (variance weight × 2.5)", "sie-std25", None),
+    ("λ_cov = 0.1 (covariance weight / 10)", "sie-cov0.1", None),
+    ("predictor: MLP on [g; z] instead of the hypernetwork", "sie-mlppred", None),
+    ("no predictor-variance term", "sie-nopredvar", None),
+]
+
+
+def learned(result):
+    """Off the plateau: the predictor retrieves the target view better than twice chance."""
+    return value(result, "mrr/embedding") > 2 * chance(result, "mrr/embedding")
+
+
+def question1_table(study):
+    print("| setting | SIE R² per seed | SIE MRR per seed | SIE seeds off the plateau | "
+          "EquiMod R² per seed | EquiMod MRR per seed | SIE above EquiMod (R²) |")
+    print("|---|---|---|---|---|---|---|")
+    for label, sie, equimod in FACTORS:
+        sie_runs = runs_of(study, sie)
+        if not sie_runs:
+            continue
+        off = sum(learned(r) for r in sie_runs.values())
+        equimod_r2 = values(study, equimod, R2) if equimod else []
+        cells = [label, fmt(values(study, sie, R2)), fmt(values(study, sie, "mrr/embedding")),
+                 f"{off} of {len(sie_runs)}",
+                 fmt(equimod_r2) if equimod else "(same as the toy preset)",
+                 fmt(values(study, equimod, "mrr/embedding")) if equimod else "",
+                 above(values(study, sie, R2), equimod_r2) if equimod else ""]
+        print("| " + " | ".join(cells) + " |")
+
+
+def question2_table(study):
+    """Rotation R² of each part, on the representation and on the projector outputs."""
+    print("| run | seed | off the plateau | R² inv (representation) | R² equi (representation) | "
+          "R² z_inv (projector output) | R² z_equi (projector output) |")
+    print("|---|---|---|---|---|---|---|")
+    for name in ("sie-toy", "sie-1400steps", "sie-batch64", "sie-1k", "sie-mlppred"):
+        z_runs = runs_of(study, f"{name}-z")
+        for seed, result in runs_of(study, name).items():
+            z = z_runs.get(seed)
+            cells = [name, str(seed), "yes" if learned(result) else "no",
+                     f"{value(result, R2_INV):.3f}", f"{value(result, R2_EQUI):.3f}",
+                     f"{value(z, 'rot_r2_pooled/z_inv'):.3f}" if z else "",
+                     f"{value(z, 'rot_r2_pooled/z_equi'):.3f}" if z else ""]
+            print("| " + " | ".join(cells) + " |")
+
+
+def claims_table(study, ser):
+    print("| claim | source | theirs (real data) | ours | verdict |")
+    print("|---|---|---|---|---|")
+    for row in sie_claims(study) + ser_claims(study, ser):
+        print("| " + " | ".join(row) + " |")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--study", default="results/study", help="the quick study's result folder")
@@ -200,7 +536,16 @@ def main(argv=None):
     p.add_argument("--out", default="assets", help="where the PNG files go")
     p.add_argument("--loss-table", action="store_true",
                    help="also print the SIE runs' loss terms at the end of training")
+    p.add_argument("--tables", action="store_true",
+                   help="print the README's study tables (claims, question 1, question 2) instead "
+                        "of drawing the figures")
     args = p.parse_args(argv)
+    if args.tables:
+        for title, table in (("claims", claims_table), ("question 1", question1_table),
+                             ("question 2", question2_table)):
+            print(f"\n{title}:\n")
+            table(args.study, args.ser) if table is claims_table else table(args.study)
+        return
     if args.loss_table:
         loss_table(os.path.join(args.study, "sie-*"))
     os.makedirs(args.out, exist_ok=True)

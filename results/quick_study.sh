@@ -1,38 +1,82 @@
 #!/usr/bin/env bash
-# The quick (CPU) reproduction study: one run per line below, one thread each, one after the other.
-# Rerunning this script skips the runs whose results/study/<name>/eval.json exists and resumes the
-# others from their run directory (runs/study/<name>), so the study can span several sittings.
-# Each finished run leaves its eval.json, log.jsonl and exact command in results/study/<name>/;
-# checkpoints stay in runs/ (not committed). The tables: python eval.py --table results/study/*
+# The quick (CPU) reproduction study: one run per line below, one thread each.
+#   bash results/quick_study.sh            # one lane: the runs one after the other
+#   LANES=2 bash results/quick_study.sh    # two lanes walk the same list (two cores: two lanes)
+# A lane takes a run by locking runs/study/<name>.lock (flock; the kernel frees it if the lane
+# dies) and skips runs another lane holds. Rerunning skips the runs whose results/study/<name>/
+# eval.json exists and resumes the others from their run directory (runs/study/<name>), so the study
+# can span several sittings. Each finished run leaves its eval.json, log.jsonl and exact command in
+# results/study/<name>/; checkpoints stay in runs/ (not committed).
+# The tables: python results/make_figures.py --tables (or python eval.py --table results/study/*).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+mkdir -p runs/study
+if [ "${LANES:-1}" -gt 1 ] && [ -z "${STUDY_LANE:-}" ]; then
+    for lane in $(seq "$LANES"); do
+        STUDY_LANE=$lane bash "$0" > "runs/study/lane$lane.out" 2>&1 &
+        sleep 2                                # lanes start on different runs
+    done
+    echo "$LANES lanes running: tail -f runs/study/lane*.out"
+    wait
+    exit
+fi
 
+take() {   # take NAME: lock NAME for this lane on fd 9 (false if another lane holds it)
+    exec 9>"runs/study/$1.lock"
+    flock -n 9 || { exec 9>&-; echo "busy: $1 (another lane)"; return 1; }
+}
+dataset() {   # dataset DIR ARGS...: python data.py make-3diebench DIR ARGS, once across lanes
+    [ -d "$1" ] && return
+    ( flock 8; [ -d "$1" ] || python data.py make-3diebench "$@" ) 8>runs/study/data.lock
+}
 run() {   # run NAME SCRIPT FLAGS...: train + evaluate into runs/study/NAME, keep the small files
     local name=$1; shift
     local out=results/study/$name
     if [ -f "$out/eval.json" ]; then echo "done: $name"; return; fi
-    echo "run:  $name: python $* --run-dir runs/study/$name"
-    python "$@" --run-dir "runs/study/$name" > "runs/study/$name.out" 2>&1 || {
-        echo "FAILED: $name (see runs/study/$name.out)"; return; }
-    mkdir -p "$out"
-    cp "runs/study/$name/eval.json" "runs/study/$name/log.jsonl" "$out/"
-    echo "OMP_NUM_THREADS=$OMP_NUM_THREADS python $* --run-dir runs/study/$name" > "$out/command.txt"
+    take "$name" || return 0
+    if [ ! -f "$out/eval.json" ]; then                   # (a lane may have finished it meanwhile)
+        echo "run:  $name: python $* --run-dir runs/study/$name"
+        if python "$@" --run-dir "runs/study/$name" > "runs/study/$name.out" 2>&1; then
+            mkdir -p "$out"
+            cp "runs/study/$name/eval.json" "runs/study/$name/log.jsonl" "$out/"
+            echo "OMP_NUM_THREADS=$OMP_NUM_THREADS python $* --run-dir runs/study/$name" \
+                > "$out/command.txt"
+        else
+            echo "FAILED: $name (see runs/study/$name.out)"
+        fi
+    fi
+    exec 9>&-
 }
-embeddings() {   # embeddings NAME-s<seed>: the same probes on z_inv / z_equi -> NAME-z-s<seed>
-    local name=$1
-    local out=results/study/${name%-s*}-z-s${name##*-s}
-    if [ -f "$out/eval.json" ] || [ ! -f "results/study/$name/eval.json" ]; then return; fi
-    local cmd="python eval.py runs/study/$name --features embeddings --protocol classify rotation"
-    cmd="$cmd --out runs/study/$name/embeddings"   # the run's own eval.json stays
-    echo "run:  $name embeddings: $cmd"
-    $cmd > "runs/study/$name.embeddings.out" 2>&1 || {
-        echo "FAILED: $name embeddings (see runs/study/$name.embeddings.out)"; return; }
-    mkdir -p "$out"
-    cp "runs/study/$name/embeddings/eval.json" "$out/"
-    echo "OMP_NUM_THREADS=$OMP_NUM_THREADS $cmd" > "$out/command.txt"
+probe() {   # probe NAME-s<seed> TAG EVAL_FLAGS...: eval.py on that run's checkpoint -> NAME-TAG-s<seed>
+    local name=$1 tag=$2; shift 2
+    local result=${name%-s*}-$tag-s${name##*-s}
+    local out=results/study/$result
+    if [ -f "$out/eval.json" ] || [ ! -f "runs/study/$name/checkpoint.pt" ]; then return; fi
+    take "$result" || return 0
+    if [ ! -f "$out/eval.json" ]; then
+        # --out: the run's own eval.json stays
+        local cmd="python eval.py runs/study/$name $* --out runs/study/$name/$tag"
+        echo "run:  $result: $cmd"
+        if $cmd > "runs/study/$result.out" 2>&1; then
+            mkdir -p "$out"
+            cp "runs/study/$name/$tag/eval.json" "$out/"
+            echo "OMP_NUM_THREADS=$OMP_NUM_THREADS $cmd" > "$out/command.txt"
+        else
+            echo "FAILED: $result (see runs/study/$result.out)"
+        fi
+    fi
+    exec 9>&-
 }
-mkdir -p runs/study
+embeddings() {   # embeddings NAME-s<seed>: the probes on z_inv / z_equi -> NAME-z-s<seed>
+    probe "$1" z --features embeddings --protocol classify rotation
+}
+ood() {   # ood NAME-s<seed>: rotation probe and retrieval on the OOD angles -> NAME-ood-s<seed>
+    probe "$1" ood --data-root data/3diebench-toy-ood --protocol rotation retrieval
+}
+TOY="--classes 10 --objects-per-class 20 --size 32 --zoom 2 --paint axes"   # data.py's toy set
+dataset data/3diebench-toy $TOY
+dataset data/3diebench-toy-ood $TOY --ood           # the same objects at angles |a| > pi/2
 
 # Question 1, SIE vs EquiMod-SimCLR on the painted toy set (the toy preset: 700 steps of batch 32),
 # then one factor at a time. Seeds 0 and 1 for every setting.
@@ -58,12 +102,71 @@ for s in 0 1; do
     run equimod-batch64-s$s    baselines.py --method equimod-simclr --seed $s --batch-size 64 --epochs 234
 done
 # objects per class: 100 instead of 20 (1,000 objects; 800 training objects = 25 steps per epoch)
-if [ ! -d data/3diebench-1k ]; then
-    python data.py make-3diebench data/3diebench-1k --classes 10 --objects-per-class 100 --size 32 \
-        --zoom 2 --paint axes
-fi
+dataset data/3diebench-1k --classes 10 --objects-per-class 100 --size 32 --zoom 2 --paint axes
 for s in 0 1; do
     run sie-1k-s$s             sie.py --seed $s --data-root data/3diebench-1k --epochs 28
     run equimod-1k-s$s         baselines.py --method equimod-simclr --seed $s \
         --data-root data/3diebench-1k --epochs 28
+done
+
+# The claim rows at the toy preset (700 steps): the other methods, more seeds, the ablations.
+for s in 0 1; do
+    run vicreg-toy-s$s         baselines.py --method vicreg --seed $s
+    run simclr-toy-s$s         baselines.py --method simclr --seed $s
+    ood vicreg-toy-s$s
+    ood simclr-toy-s$s
+done
+for s in 2 3; do
+    run sie-toy-s$s            sie.py --seed $s
+    embeddings sie-toy-s$s
+    ood sie-toy-s$s
+    run equimod-toy-s$s        baselines.py --method equimod-simclr --seed $s
+    ood equimod-toy-s$s
+done
+for s in 0 1; do
+    run sie-nopredvar-s$s      sie.py --seed $s --no-pred-var
+    run sie-mlppred-s$s        sie.py --seed $s --predictor mlp
+    embeddings sie-mlppred-s$s
+    run sie-rotcolor-s$s       sie.py --seed $s --rot-color
+done
+# Question 1, more factors: projector widths half the batch (16 vs 32), the palette (real-look) set
+for s in 0 1; do
+    run sie-mlp16-s$s          sie.py --seed $s --mlp 16-16-16
+    run equimod-mlp16-s$s      baselines.py --method equimod-simclr --seed $s --mlp 16-16-16
+done
+dataset data/3diebench-palette --classes 10 --objects-per-class 20 --size 32 --zoom 2 --paint palette
+for s in 0 1; do
+    run sie-palette-s$s        sie.py --seed $s --data-root data/3diebench-palette
+    run equimod-palette-s$s    baselines.py --method equimod-simclr --seed $s \
+        --data-root data/3diebench-palette
+done
+# Real meshes: Debian's sweethome3d-furniture (README, "Real 3-D models"), 352 models in 11 classes,
+# rendered like the toy set (32 px, zoom 2; the real textures, no painted faces). 281 training
+# objects = 9 steps per epoch: 78 epochs = 702 steps, the toy preset's budget.
+if [ -d data/sh3d-meshes ]; then
+    dataset data/3diebench-sh3d32 --meshes data/sh3d-meshes --size 32 --zoom 2
+    for s in 0 1; do
+        run equimod-sh3d32-s$s     baselines.py --method equimod-simclr --seed $s \
+            --data-root data/3diebench-sh3d32 --epochs 78
+        run sie-sh3d32-s$s         sie.py --seed $s --data-root data/3diebench-sh3d32 --epochs 78
+    done
+else
+    echo "skipped: the real-mesh runs (no data/sh3d-meshes; README, 'Real 3-D models', steps 1-3)"
+fi
+# SER (MoCo-v3 base, toy preset on data/imagefolder-toy): vanilla, the lambda = 0 control and SER
+# (lambda = 1 at block 2), 3 seeds, with the robustness protocol; then each frozen ViT on the 3DIEBench
+# toy set, the paper's out-of-distribution test (classification, rotation and colour probes).
+# The per-block sweep over L = 2, 4, 6 is results/ser-toy (README, "SER results on the toy data").
+for s in 0 1 2; do
+    run ser-moco-vanilla-s$s   ser.py --base moco --seed $s --ser off \
+        --eval-protocols linear,knn,equivariance,robustness
+    run ser-moco-lam0-s$s      ser.py --base moco --seed $s --ser-lambda 0 \
+        --eval-protocols linear,knn,equivariance,robustness
+    run ser-moco-L2-s$s        ser.py --base moco --seed $s \
+        --eval-protocols linear,knn,equivariance,robustness
+done
+for s in 0 1 2; do
+    for c in vanilla lam0 L2; do
+        probe ser-moco-$c-s$s 3diebench --data-root data/3diebench-toy --protocol classify rotation color
+    done
 done
