@@ -1,4 +1,4 @@
-"""The study's figures, drawn with PIL (it ships with torchvision) from the committed result files:
+"""The study's figures and tables, from the committed result files (PIL: it ships with torchvision)
 
     python results/make_figures.py                      # writes assets/study_*.png
 
@@ -9,7 +9,8 @@
 - assets/study_ser_equivariance.png: SER's Δ-equivariance per block for each configuration, mean
   over seeds (results/ser-toy/*/eval.json).
 A run directory name ending in -s<seed> is one seed of the configuration named by the rest.
-`--loss-table` also prints, per SIE run, the unweighted loss terms averaged over its last 10 log lines.
+`--table NAME` prints one of the README's study tables instead (claims, question1, question2,
+losses: per SIE run, the unweighted loss terms averaged over its last 10 log lines).
 """
 import argparse
 import glob
@@ -131,10 +132,16 @@ def sie_curves(log_path, out_png):
     image.save(out_png)
 
 
+# the configurations the per-method figure compares: every method at the toy preset, then SIE and
+# EquiMod at 2 and 4 times the steps
+METHOD_BARS = ("vicreg-toy", "simclr-toy", "equimod-toy", "sie-toy", "equimod-1400steps",
+               "sie-1400steps", "equimod-2800steps", "sie-2800steps")
+
+
 def method_bars(pattern, out_png, metrics=("top1/full", "rot_r2_pooled/full")):
     """One panel per metric: a bar per configuration, the mean over its seeds (dots: each seed)."""
     groups = summaries_by_configuration(pattern)
-    names = sorted(groups)
+    names = [name for name in METHOD_BARS if name in groups]
     image = Image.new("RGB", (460 * len(metrics), 380), "white")
     draw = ImageDraw.Draw(image)
     for m, metric in enumerate(metrics):
@@ -343,7 +350,8 @@ def sie_claims(study):
                  verdict_with_details({f"vs {k}": above(sie, v) for k, v in others.items()})))
     sie_long, equimod_long = (values(study, f"{m}-1400steps", R2) for m in ("sie", "equimod"))
     rows.append(("the same, at twice the steps (vs EquiMod)", "", "",
-                 f"toy set, 1,400 steps, R²: SIE {spread(sie_long)}; EquiMod {spread(equimod_long)}",
+                 f"toy set, 1,400 steps, R²: SIE {spread(sie_long)}; EquiMod "
+                 f"{spread(equimod_long)}",
                  above(sie_long, equimod_long)))
     sie_real, equimod_real = (values(study, f"{m}-sh3d32", R2) for m in ("sie", "equimod"))
     if sie_real or equimod_real:
@@ -409,7 +417,8 @@ def sie_claims(study):
            for label, name in {"SIE": "sie", **baselines}.items()}
     rows.append(("every method's rotation R² collapses on the OOD angles (beyond ±π/2): read as "
                  "per-output R² below 0, i.e. worse than the mean",
-                 "seq-JEPA Table 9", "every method's R² negative (−0.25 to −0.71), SIE −0.63",
+                 "seq-JEPA Table 9",
+                 "every method's R² negative (−0.25 to −0.71), SIE −0.63",
                  "toy OOD set, probes fit and tested on it, per-output R²: " + "; ".join(
                      f"{k} {spread(v)}" for k, v in ood.items()),
                  verdict_with_details({k: paired([-x for x in v]) for k, v in ood.items()})))
@@ -468,12 +477,14 @@ FACTORS = [
     ("toy preset (700 steps, batch 32, 32 px, 20 objects per class, widths 64, α 0.45)",
      "sie-toy", "equimod-toy"),
     ("steps × 2 (1,400)", "sie-1400steps", "equimod-1400steps"),
+    ("steps × 4 (2,800)", "sie-2800steps", "equimod-2800steps"),
     ("batch × 2 (64), 700 steps", "sie-batch64", "equimod-batch64"),
     ("objects per class × 5 (100)", "sie-1k", "equimod-1k"),
     ("projector widths 16 (a quarter; width / batch 0.5)", "sie-mlp16", "equimod-mlp16"),
     ("palette paint (two colours per object) instead of axis paint", "sie-palette",
      "equimod-palette"),
-    ("real meshes (Sweet Home 3D, 702 steps)", "sie-sh3d32", "equimod-sh3d32"),
+    ("real meshes (Sweet Home 3D, 32 px, 702 steps)", "sie-sh3d32", "equimod-sh3d32"),
+    ("real meshes, steps × 4 (2,808)", None, "equimod-sh3d32-2808steps"),
     ("α = 2 (equivariance weight × 4.4)", "sie-alpha2", None),
     ("λ_std = 25 (variance weight × 2.5)", "sie-std25", None),
     ("λ_cov = 0.1 (covariance weight / 10)", "sie-cov0.1", None),
@@ -492,16 +503,17 @@ def question1_table(study):
           "EquiMod R² per seed | EquiMod MRR per seed | SIE above EquiMod (R²) |")
     print("|---|---|---|---|---|---|---|")
     for label, sie, equimod in FACTORS:
-        sie_runs = runs_of(study, sie)
-        if not sie_runs:
+        sie_runs = runs_of(study, sie) if sie else {}
+        equimod_r2 = values(study, equimod, R2) if equimod else []
+        if not sie_runs and not equimod_r2:
             continue
         off = sum(learned(r) for r in sie_runs.values())
-        equimod_r2 = values(study, equimod, R2) if equimod else []
-        cells = [label, fmt(values(study, sie, R2)), fmt(values(study, sie, "mrr/embedding")),
-                 f"{off} of {len(sie_runs)}",
+        cells = [label, fmt(values(study, sie, R2)) if sie else "not run",
+                 fmt(values(study, sie, "mrr/embedding")) if sie else "",
+                 f"{off} of {len(sie_runs)}" if sie else "",
                  fmt(equimod_r2) if equimod else "(same as the toy preset)",
                  fmt(values(study, equimod, "mrr/embedding")) if equimod else "",
-                 above(values(study, sie, R2), equimod_r2) if equimod else ""]
+                 above(values(study, sie, R2), equimod_r2) if sie and equimod else ""]
         print("| " + " | ".join(cells) + " |")
 
 
@@ -510,7 +522,8 @@ def question2_table(study):
     print("| run | seed | off the plateau | R² inv (representation) | R² equi (representation) | "
           "R² z_inv (projector output) | R² z_equi (projector output) |")
     print("|---|---|---|---|---|---|---|")
-    for name in ("sie-toy", "sie-1400steps", "sie-batch64", "sie-1k", "sie-mlppred"):
+    for name in ("sie-toy", "sie-1400steps", "sie-2800steps", "sie-batch64", "sie-1k",
+                 "sie-mlppred"):
         z_runs = runs_of(study, f"{name}-z")
         for seed, result in runs_of(study, name).items():
             z = z_runs.get(seed)
@@ -534,20 +547,21 @@ def main(argv=None):
     p.add_argument("--ser", default="results/ser-toy", help="the SER sweep's result folder")
     p.add_argument("--curves-run", default="sie-toy-s1", help="the SIE run whose curves are drawn")
     p.add_argument("--out", default="assets", help="where the PNG files go")
-    p.add_argument("--loss-table", action="store_true",
-                   help="also print the SIE runs' loss terms at the end of training")
-    p.add_argument("--tables", action="store_true",
-                   help="print the README's study tables (claims, question 1, question 2) instead "
-                        "of drawing the figures")
+    p.add_argument("--table", choices=("claims", "question1", "question2", "losses"),
+                   help="print one of the README's study tables instead of drawing the figures")
     args = p.parse_args(argv)
-    if args.tables:
-        for title, table in (("claims", claims_table), ("question 1", question1_table),
-                             ("question 2", question2_table)):
-            print(f"\n{title}:\n")
-            table(args.study, args.ser) if table is claims_table else table(args.study)
+    if args.table == "claims":
+        claims_table(args.study, args.ser)
         return
-    if args.loss_table:
+    if args.table == "question1":
+        question1_table(args.study)
+        return
+    if args.table == "question2":
+        question2_table(args.study)
+        return
+    if args.table == "losses":
         loss_table(os.path.join(args.study, "sie-*"))
+        return
     os.makedirs(args.out, exist_ok=True)
     log = os.path.join(args.study, args.curves_run, "log.jsonl")
     if os.path.isfile(log):

@@ -170,3 +170,18 @@ for s in 0 1 2; do
         probe ser-moco-$c-s$s 3diebench --data-root data/3diebench-toy --protocol classify rotation color
     done
 done
+# Real meshes, 4 x the steps (2,808): does the pose become learnable with a longer run?
+if [ -d data/sh3d-meshes ]; then
+    for s in 0 1; do
+        run equimod-sh3d32-2808steps-s$s   baselines.py --method equimod-simclr --seed $s \
+            --data-root data/3diebench-sh3d32 --epochs 312
+    done
+fi
+# Question 1, steps again: 4 x the toy preset (2,800 steps), both methods
+for s in 0 1; do
+    run sie-2800steps-s$s      sie.py --seed $s --epochs 560
+    run equimod-2800steps-s$s  baselines.py --method equimod-simclr --seed $s --epochs 560
+done
+for s in 0 1; do
+    embeddings sie-2800steps-s$s
+done

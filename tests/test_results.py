@@ -42,3 +42,69 @@ def test_figures_are_drawn_from_result_files(tmp_path):
     for name in names:
         with Image.open(out / name) as image:
             assert image.size[0] > 400 and image.getextrema() != ((255, 255),) * 3
+
+
+def load_make_figures():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("make_figures",
+                                                  REPO / "results" / "make_figures.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_verdict_rules():
+    figures = load_make_figures()
+    # unpaired: every seed above every seed, every seed below, or overlapping
+    assert figures.above([0.8, 0.9], [0.5, 0.7]) == "holds"
+    assert figures.above([0.2, 0.6], [0.79, 0.8]) == "does not hold"
+    assert figures.above([0.2, 0.9], [0.5, 0.8]) == "inconclusive at 2 seeds"
+    assert figures.above([], [0.5]) == "not run"
+    # paired: every difference beyond the tolerance, none, or some
+    assert figures.paired([0.05, 0.02]) == "holds"
+    assert figures.paired([0.005, -0.3]) == "does not hold"
+    assert figures.paired([0.2, -0.1, 0.0]) == "inconclusive at 3 seeds"
+    assert figures.all_of(["holds", "holds"]) == "holds"
+    assert figures.all_of(["holds", "does not hold", "inconclusive at 2 seeds"]) == "does not hold"
+    assert figures.all_of(["holds", "inconclusive at 2 seeds"]) == "inconclusive at 2 seeds"
+
+
+def test_claims_table_reads_the_result_files(tmp_path):
+    study, ser = tmp_path / "study", tmp_path / "ser"
+    chance = [{"name": "mrr", "part": "embedding", "value": 0, "chance": 0.09},
+              {"name": "pre", "part": "embedding", "value": 0, "chance": 0.62}]
+    for seed, (sie_r2, equimod_r2) in enumerate([(0.60, 0.80), (0.20, 0.79)]):
+        write_run(study, f"sie-toy-s{seed}", {
+            "rot_r2_pooled/full": sie_r2, "rot_r2_pooled/inv": sie_r2 - 0.05,
+            "rot_r2_pooled/equi": sie_r2, "mrr/embedding": 0.3, "pre/embedding": 0.2,
+            "top1/inv": 0.2, "top1/equi": 0.2}, metrics=chance)
+        write_run(study, f"equimod-toy-s{seed}", {"rot_r2_pooled/full": equimod_r2})
+    script = REPO / "results" / "make_figures.py"
+    out = ""
+    for table in ("claims", "question1"):
+        out += subprocess.run([sys.executable, str(script), "--study", str(study), "--ser",
+                               str(ser), "--table", table],
+                              check=True, capture_output=True, text=True).stdout
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in out.splitlines()
+            if line.startswith("| ")}
+    ordering = rows["SIE's rotation R² is above VICReg's, SimCLR's and EquiMod's"]
+    assert "EquiMod 0.795 ± 0.007 (2)" in ordering
+    assert ordering.endswith("vs EquiMod: does not hold) |")          # 0.60 < 0.79: every seed
+    split = rows["the equivariant part's rotation R² is above the invariant part's"]
+    assert "equi − inv per seed 0.050, 0.050" in split and split.endswith("| holds |")
+    assert rows["the invariant part's top-1 is above the equivariant part's"].endswith(
+        "| does not hold |")                                             # no difference
+    assert "0 of 2" not in out and "| 2 of 2 |" in out                    # both off the plateau
+
+
+def test_readme_tables_are_the_generated_ones():
+    """The README's study tables are make_figures.py --table's output on the committed files."""
+    readme = (REPO / "README.md").read_text()
+    for table in ("claims", "question1", "question2"):
+        start = f"<!-- table: python results/make_figures.py --table {table} -->"
+        assert start in readme, table
+        committed = readme.split(start)[1].split("<!-- end of table -->")[0].strip()
+        generated = subprocess.run([sys.executable, str(REPO / "results" / "make_figures.py"),
+                                    "--table", table], check=True, capture_output=True,
+                                   text=True, cwd=REPO).stdout.strip()
+        assert committed == generated, table
