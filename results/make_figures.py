@@ -10,10 +10,13 @@
   over seeds (results/ser-toy/*/eval.json).
 A run directory name ending in -s<seed> is one seed of the configuration named by the rest.
 `--table NAME` prints one of the README's study tables instead (claims, question1, question2,
-losses: per SIE run, the unweighted loss terms averaged over its last 10 log lines).
+losses: per SIE run, the unweighted loss terms averaged over its last 10 log lines);
+`--readme README.md` rewrites those tables in the README, between their marker lines.
 """
 import argparse
+import contextlib
 import glob
+import io
 import json
 import os
 import re
@@ -541,26 +544,56 @@ def claims_table(study, ser):
         print("| " + " | ".join(row) + " |")
 
 
+TABLES = ("claims", "question1", "question2", "losses")
+TABLE_START = "<!-- table: python results/make_figures.py --table {} -->"
+TABLE_END = "<!-- end of table -->"
+
+
+def print_table(name, study, ser):
+    if name == "claims":
+        claims_table(study, ser)
+    elif name == "question1":
+        question1_table(study)
+    elif name == "question2":
+        question2_table(study)
+    else:
+        loss_table(os.path.join(study, "sie-*"))
+
+
+def update_readme(readme, study, ser):
+    """Replace each marked table of the README by the one generated now."""
+    with open(readme) as f:
+        text = f.read()
+    for name in TABLES:
+        start = TABLE_START.format(name)
+        if start not in text:
+            continue
+        before, rest = text.split(start, 1)
+        _, after = rest.split(TABLE_END, 1)
+        table = io.StringIO()
+        with contextlib.redirect_stdout(table):
+            print_table(name, study, ser)
+        text = before + start + "\n" + table.getvalue() + TABLE_END + after
+    with open(readme, "w") as f:
+        f.write(text)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--study", default="results/study", help="the quick study's result folder")
     p.add_argument("--ser", default="results/ser-toy", help="the SER sweep's result folder")
     p.add_argument("--curves-run", default="sie-toy-s1", help="the SIE run whose curves are drawn")
     p.add_argument("--out", default="assets", help="where the PNG files go")
-    p.add_argument("--table", choices=("claims", "question1", "question2", "losses"),
+    p.add_argument("--table", choices=TABLES,
                    help="print one of the README's study tables instead of drawing the figures")
+    p.add_argument("--readme", help="rewrite every table of this README between its '<!-- table: "
+                                    "... --table NAME -->' and '<!-- end of table -->' lines")
     args = p.parse_args(argv)
-    if args.table == "claims":
-        claims_table(args.study, args.ser)
+    if args.readme:
+        update_readme(args.readme, args.study, args.ser)
         return
-    if args.table == "question1":
-        question1_table(args.study)
-        return
-    if args.table == "question2":
-        question2_table(args.study)
-        return
-    if args.table == "losses":
-        loss_table(os.path.join(args.study, "sie-*"))
+    if args.table:
+        print_table(args.table, args.study, args.ser)
         return
     os.makedirs(args.out, exist_ok=True)
     log = os.path.join(args.study, args.curves_run, "log.jsonl")
