@@ -185,3 +185,18 @@ done
 for s in 0 1; do
     embeddings sie-2800steps-s$s
 done
+# SER on the other two bases (DINO, Barlow Twins): vanilla vs SER (the base's lambda and tau), 3 seeds
+for base in dino bt; do
+    for s in 0 1 2; do
+        run ser-$base-vanilla-s$s  ser.py --base $base --seed $s --ser off \
+            --eval-protocols linear,knn,equivariance
+        run ser-$base-L2-s$s       ser.py --base $base --seed $s --eval-protocols linear,knn,equivariance
+    done
+done
+# Question 1, resolution: the toy set rendered at 48 px (2.25 x the pixels), both methods
+dataset data/3diebench-toy48 --classes 10 --objects-per-class 20 --size 48 --zoom 2 --paint axes
+for s in 0 1; do
+    run sie-48px-s$s           sie.py --seed $s --data-root data/3diebench-toy48 --resolution 48
+    run equimod-48px-s$s       baselines.py --method equimod-simclr --seed $s \
+        --data-root data/3diebench-toy48 --resolution 48
+done
