@@ -1173,11 +1173,24 @@ def object_mesh(c, rng, paint="palette"):
     faces = torch.cat(faces)
     colors = torch.cat(colors)
     if paint == "axes":
-        n = face_normals(verts, faces)
-        axis = n.abs().argmax(1)
-        negative = (n.gather(1, axis[:, None])[:, 0] < 0).long()
-        colors = AXIS_COLOURS[2 * axis + negative]
+        colors = axis_paint(verts, faces)
     return verts, faces, colors
+
+
+def axis_paint(verts, faces):
+    """Every face coloured by its normal in the object's frame, one AXIS_COLOURS entry per
+    +-axis -> colors (F, 3)."""
+    n = face_normals(verts, faces)
+    axis = n.abs().argmax(1)
+    negative = (n.gather(1, axis[:, None])[:, 0] < 0).long()
+    return AXIS_COLOURS[2 * axis + negative]
+
+
+def painted_by_axes(mesh):
+    """A mesh function's model with its materials replaced by axis_paint (--meshes --paint axes:
+    the real shapes, with the toy set's pose cue)."""
+    verts, faces, _ = mesh()
+    return verts, faces, axis_paint(verts, faces)
 
 
 def centre_and_scale(v):
@@ -1394,10 +1407,11 @@ def make_3diebench(out, classes=55, objects_per_class=6, views=50, size=64, seed
     """Write a procedural look-alike in the exact 3DIEBench layout, deterministic for a seed: the
     first `classes` of the 55 real synset ids, random object ids, class c from shape family c;
     ood=True: the same objects at OOD angles. meshes=DIR: render DIR/<class>/<model>[.obj]
-    meshes instead (ShapeNetCore v2: a 3DIEBench re-render, the ids kept)."""
+    meshes instead (ShapeNetCore v2: a 3DIEBench re-render, the ids kept), with their own
+    materials, or paint="axes" by axis_paint."""
     if meshes:
         return make_3diebench_from_meshes(out, meshes, views, size, seed, ood, device, progress,
-                                          zoom)
+                                          zoom, paint)
     if objects_per_class < 2:
         raise DataError(f"--objects-per-class {objects_per_class}: make-3diebench needs at least "
                         "2 (train and val)")
@@ -1419,8 +1433,10 @@ def make_3diebench(out, classes=55, objects_per_class=6, views=50, size=64, seed
     return write_3diebench(out, objects, views, size, seed, ood, device, progress, zoom)
 
 
-def make_3diebench_from_meshes(out, meshes, views, size, seed, ood, device, progress, zoom):
-    """make_3diebench(meshes=DIR): DIR/<class>/<model>.obj or DIR/<class>/<model>/**/*.obj."""
+def make_3diebench_from_meshes(out, meshes, views, size, seed, ood, device, progress, zoom,
+                               paint="palette"):
+    """make_3diebench(meshes=DIR): DIR/<class>/<model>.obj or DIR/<class>/<model>/**/*.obj;
+    paint="axes": axis_paint instead of the models' materials."""
     models = sorted(glob.glob(os.path.join(meshes, "*", "*.obj"))
                     + glob.glob(os.path.join(meshes, "*", "*", "")))
     if not models:
@@ -1435,6 +1451,8 @@ def make_3diebench_from_meshes(out, meshes, views, size, seed, ood, device, prog
     for model in models:
         synset, obj_id = re.sub(r"\.obj$", "", model.rstrip(os.sep)).split(os.sep)[-2:]
         mesh = functools.partial(read_obj, first_obj_file(model), fallbacks=fallbacks)
+        if paint == "axes":
+            mesh = functools.partial(painted_by_axes, mesh)
         objects.append((synset, obj_id, mesh))
     write_3diebench(out, objects, views, size, seed, ood, device, progress, zoom, source=meshes)
     if fallbacks:                  # one line for the whole import; the paths in check's style
@@ -1661,8 +1679,9 @@ def parse_args(argv=None):
     g.add_argument("--zoom", type=float, default=1.0,
                    help="focal length x zoom: objects larger in frame (real: 1)")
     g.add_argument("--paint", choices=("palette", "axes"), default="palette",
-                   help="face colours: two random ones per object, or by object-frame normal, one "
-                        "colour per +-axis (the toy set: pose visible)")
+                   help="face colours: two random ones per object (--meshes: the models' own "
+                        "materials), or by object-frame normal, one colour per +-axis (the toy "
+                        "set: pose visible)")
     g.add_argument("--device", default="cpu", help="torch device for the renderer (cpu, cuda)")
     g.add_argument("--meshes", help="render DIR/<class>/<model>.obj or <class>/<model>/**/*.obj "
                                     "(ShapeNet v2) instead")

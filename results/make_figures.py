@@ -10,7 +10,8 @@
   over seeds (results/ser-toy/*/eval.json).
 A run directory name ending in -s<seed> is one seed of the configuration named by the rest.
 `--table NAME` prints one of the README's study tables instead (claims, question1, question2,
-losses: per SIE run, the unweighted loss terms averaged over its last 10 log lines);
+losses: per SIE run, the unweighted loss terms averaged over its last 10 log lines; time: the
+training time the result folders hold);
 `--readme README.md` rewrites those tables in the README, between their marker lines.
 """
 import argparse
@@ -362,6 +363,11 @@ def sie_claims(study):
         rows.append(("the same, on real meshes (vs EquiMod)", "", "",
                      f"Sweet Home 3D, 32 px, 702 steps, R²: SIE {spread(sie_real)}; EquiMod "
                      f"{spread(equimod_real)}", above(sie_real, equimod_real)))
+    sie_real, equimod_real = (values(study, f"{m}-sh3d32axes", R2) for m in ("sie", "equimod"))
+    if sie_real or equimod_real:
+        rows.append(("the same, on the real shapes painted by face normal (vs EquiMod)", "", "",
+                     f"Sweet Home 3D, --paint axes, 32 px, 702 steps, R²: SIE {spread(sie_real)}; "
+                     f"EquiMod {spread(equimod_real)}", above(sie_real, equimod_real)))
     d = per_seed_differences(study, "sie-toy", R2_EQUI, "sie-toy", R2_INV)
     rows.append(("the equivariant part's rotation R² is above the invariant part's",
                  "SIE Sec. 5, Table 1", "",
@@ -503,6 +509,8 @@ FACTORS = [
      "equimod-palette"),
     ("real meshes (Sweet Home 3D, 32 px, 702 steps)", "sie-sh3d32", "equimod-sh3d32"),
     ("real meshes, steps × 4 (2,808)", None, "equimod-sh3d32-2808steps"),
+    ("real shapes painted by face normal (Sweet Home 3D, --paint axes)", "sie-sh3d32axes",
+     "equimod-sh3d32axes"),
     ("α = 2 (equivariance weight × 4.4)", "sie-alpha2", None),
     ("λ_std = 25 (variance weight × 2.5)", "sie-std25", None),
     ("λ_cov = 0.1 (covariance weight / 10)", "sie-cov0.1", None),
@@ -559,7 +567,32 @@ def claims_table(study, ser):
         print("| " + " | ".join(row) + " |")
 
 
-TABLES = ("claims", "question1", "question2", "losses")
+def training_seconds(log_path):
+    """A run's training time from its log: each train line's steps × batch / logged throughput
+    (evaluation not included)."""
+    log = read_jsonl(log_path)
+    batch = log[0]["config"]["batch_size"]
+    seconds, last_step = 0.0, 0
+    for e in log:
+        if e["kind"] != "train":
+            continue
+        rate = e.get("pairs_per_s") or e.get("img_per_s")       # batch rows per second
+        if rate:
+            seconds += (e["step"] - last_step) * batch / rate
+            last_step = e["step"]
+    return seconds
+
+
+def time_table(study, ser):
+    print("| result folder | runs | training time, one thread each (h) |")
+    print("|---|---|---|")
+    for folder in (study, ser):
+        logs = sorted(glob.glob(os.path.join(folder, "*", "log.jsonl")))
+        hours = sum(training_seconds(path) for path in logs) / 3600
+        print(f"| {folder} | {len(logs)} | {hours:.1f} |")
+
+
+TABLES = ("claims", "question1", "question2", "losses", "time")
 TABLE_START = "<!-- table: python results/make_figures.py --table {} -->"
 TABLE_END = "<!-- end of table -->"
 
@@ -571,6 +604,8 @@ def print_table(name, study, ser):
         question1_table(study)
     elif name == "question2":
         question2_table(study)
+    elif name == "time":
+        time_table(study, ser)
     else:
         loss_table(os.path.join(study, "sie-*"))
 

@@ -581,6 +581,26 @@ def test_obj_tetrahedron_silhouette_colour_and_rotation(tmp_path):
     assert all((masks[0] ^ m).sum() > 100 for m in masks[1:])
 
 
+def test_meshes_painted_by_axes_replace_their_materials(tmp_path):
+    # --meshes --paint axes: the real shapes with the toy set's pose cue, every face coloured by
+    # its normal (axis_paint) instead of its Kd; without --paint the materials stay
+    meshes = tmp_path / "meshes"
+    write_mesh(meshes / "chair", "tetra", TETRA, mtl="Kd 1 0 0")
+    write_mesh(meshes / "chair", "tetra2", TETRA, mtl="Kd 1 0 0")    # train and val
+    verts, faces, look = data.read_obj(str(meshes / "chair" / "tetra.obj"))
+    v2, f2, painted = data.painted_by_axes(lambda: (verts, faces, look))
+    assert torch.equal(v2, verts) and torch.equal(painted, data.axis_paint(verts, faces))
+    assert painted.shape == (4, 3) and len(set(map(tuple, painted.tolist()))) >= 3
+    common = ["--views", "2", "--size", "16", "--meshes", str(meshes)]
+    data.main(["make-3diebench", str(tmp_path / "plain"), *common])
+    data.main(["make-3diebench", str(tmp_path / "axes"), *common, "--paint", "axes"])
+    image = {}
+    for name in ("plain", "axes"):
+        view = glob.glob(str(tmp_path / name / "*" / "*" / "image_0.jpg"))[0]
+        image[name] = np.asarray(Image.open(view)).astype(float)
+    assert np.abs(image["plain"] - image["axes"]).max() > 50       # another colour on the faces
+
+
 def test_obj_textured_quad_maps_uv_to_image(tmp_path):
     # texture: red | green (top half), blue | white (bottom half); v = 1 is the image's top row
     texture = np.zeros((8, 8, 3), np.uint8)
