@@ -427,8 +427,8 @@ def sie_claims(study):
            for label, name in {"SIE": "sie", **baselines}.items()}
     in_distribution = {label: values(study, f"{name}-toy", per_output)
                        for label, name in {"SIE": "sie", **baselines}.items()}
-    rows.append((f"every method's rotation R² collapses on the OOD angles (beyond ±π/2): read as "
-                 f"per-output R² below {COLLAPSED} (the mean predictor scores 0)",
+    rows.append(("every method's rotation R² collapses on the OOD angles (beyond ±π/2): read "
+                 f"as per-output R² below {COLLAPSED} (the mean predictor scores 0)",
                  "seq-JEPA Table 9",
                  "every method's R² negative (−0.25 to −0.71), SIE −0.63",
                  "toy OOD set (the same objects), probes fit and tested on it, per-output R²: "
