@@ -129,68 +129,79 @@ for s in 0 1; do
     embeddings sie-mlppred-s$s
     run sie-rotcolor-s$s       sie.py --seed $s --rot-color
 done
+# The ablations with seeds 2 and 3 (SIE leaves its plateau for some seeds only: the paired
+# comparisons need the seeds that do)
+for s in 2 3; do
+    run sie-nopredvar-s$s      sie.py --seed $s --no-pred-var
+    run sie-mlppred-s$s        sie.py --seed $s --predictor mlp
+    embeddings sie-mlppred-s$s
+    run sie-rotcolor-s$s       sie.py --seed $s --rot-color
+done
 # Question 1, more factors: projector widths half the batch (16 vs 32), the palette (real-look) set
 for s in 0 1; do
     run sie-mlp16-s$s          sie.py --seed $s --mlp 16-16-16
     run equimod-mlp16-s$s      baselines.py --method equimod-simclr --seed $s --mlp 16-16-16
 done
-dataset data/3diebench-palette --classes 10 --objects-per-class 20 --size 32 --zoom 2 --paint palette
+dataset data/3diebench-palette --classes 10 --objects-per-class 20 --size 32 --zoom 2 \
+    --paint palette
 for s in 0 1; do
     run sie-palette-s$s        sie.py --seed $s --data-root data/3diebench-palette
     run equimod-palette-s$s    baselines.py --method equimod-simclr --seed $s \
         --data-root data/3diebench-palette
 done
-# Real meshes: Debian's sweethome3d-furniture (README, "Real 3-D models"), 352 models in 11 classes,
-# rendered like the toy set (32 px, zoom 2; the real textures, no painted faces). 281 training
-# objects = 9 steps per epoch: 78 epochs = 702 steps, the toy preset's budget.
+# SER (MoCo-v3 base, toy preset on data/imagefolder-toy): vanilla, the lambda = 0 control and SER
+# (lambda = 1 at block 2), 3 seeds, with the robustness protocol; then each frozen ViT on the
+# 3DIEBench toy set, the paper's out-of-distribution test (classification, rotation, colour).
+# The per-block sweep over L = 2, 4, 6 is results/ser-toy (README, "SER results on the toy data").
+for s in 0 1 2; do
+    for c in vanilla lam0 L2; do
+        case $c in
+            vanilla) flags="--ser off" ;;
+            lam0)    flags="--ser-lambda 0" ;;
+            L2)      flags="" ;;
+        esac
+        run ser-moco-$c-s$s    ser.py --base moco --seed $s $flags \
+            --eval-protocols linear,knn,equivariance,robustness
+        probe ser-moco-$c-s$s 3diebench --data-root data/3diebench-toy \
+            --protocol classify rotation color
+    done
+done
+# Question 1, steps again: 4 x the toy preset (2,800 steps), both methods
+for s in 0 1; do
+    run sie-2800steps-s$s      sie.py --seed $s --epochs 560
+    embeddings sie-2800steps-s$s
+    run equimod-2800steps-s$s  baselines.py --method equimod-simclr --seed $s --epochs 560
+done
+# Real meshes: Debian's sweethome3d-furniture (README, "Real 3-D models"), 352 models in 11
+# classes, rendered like the toy set (32 px, zoom 2) with the models' own materials, then painted
+# by face normal (--paint axes) instead: the real shapes with the toy set's pose cue. 281 training
+# objects = 9 steps per epoch: 78 epochs = 702 steps, the toy preset's budget; 312 = 4 x that.
 if [ -d data/sh3d-meshes ]; then
     dataset data/3diebench-sh3d32 --meshes data/sh3d-meshes --size 32 --zoom 2
+    dataset data/3diebench-sh3d32-axes --meshes data/sh3d-meshes --size 32 --zoom 2 --paint axes
     for s in 0 1; do
         run equimod-sh3d32-s$s     baselines.py --method equimod-simclr --seed $s \
             --data-root data/3diebench-sh3d32 --epochs 78
         run sie-sh3d32-s$s         sie.py --seed $s --data-root data/3diebench-sh3d32 --epochs 78
+        run equimod-sh3d32axes-s$s baselines.py --method equimod-simclr --seed $s \
+            --data-root data/3diebench-sh3d32-axes --epochs 78
+        run sie-sh3d32axes-s$s     sie.py --seed $s --data-root data/3diebench-sh3d32-axes \
+            --epochs 78
     done
-else
-    echo "skipped: the real-mesh runs (no data/sh3d-meshes; README, 'Real 3-D models', steps 1-3)"
-fi
-# SER (MoCo-v3 base, toy preset on data/imagefolder-toy): vanilla, the lambda = 0 control and SER
-# (lambda = 1 at block 2), 3 seeds, with the robustness protocol; then each frozen ViT on the 3DIEBench
-# toy set, the paper's out-of-distribution test (classification, rotation and colour probes).
-# The per-block sweep over L = 2, 4, 6 is results/ser-toy (README, "SER results on the toy data").
-for s in 0 1 2; do
-    run ser-moco-vanilla-s$s   ser.py --base moco --seed $s --ser off \
-        --eval-protocols linear,knn,equivariance,robustness
-    run ser-moco-lam0-s$s      ser.py --base moco --seed $s --ser-lambda 0 \
-        --eval-protocols linear,knn,equivariance,robustness
-    run ser-moco-L2-s$s        ser.py --base moco --seed $s \
-        --eval-protocols linear,knn,equivariance,robustness
-done
-for s in 0 1 2; do
-    for c in vanilla lam0 L2; do
-        probe ser-moco-$c-s$s 3diebench --data-root data/3diebench-toy --protocol classify rotation color
-    done
-done
-# Real meshes, 4 x the steps (2,808): does the pose become learnable with a longer run?
-if [ -d data/sh3d-meshes ]; then
     for s in 0 1; do
         run equimod-sh3d32-2808steps-s$s   baselines.py --method equimod-simclr --seed $s \
             --data-root data/3diebench-sh3d32 --epochs 312
     done
+else
+    echo "skipped: the real-mesh runs (no data/sh3d-meshes; README, 'Real 3-D models', steps 1-3)"
 fi
-# Question 1, steps again: 4 x the toy preset (2,800 steps), both methods
-for s in 0 1; do
-    run sie-2800steps-s$s      sie.py --seed $s --epochs 560
-    run equimod-2800steps-s$s  baselines.py --method equimod-simclr --seed $s --epochs 560
-done
-for s in 0 1; do
-    embeddings sie-2800steps-s$s
-done
-# SER on the other two bases (DINO, Barlow Twins): vanilla vs SER (the base's lambda and tau), 3 seeds
+# SER on the other two bases (DINO, Barlow Twins): vanilla vs SER (the base's lambda and tau)
 for base in dino bt; do
     for s in 0 1 2; do
         run ser-$base-vanilla-s$s  ser.py --base $base --seed $s --ser off \
             --eval-protocols linear,knn,equivariance
-        run ser-$base-L2-s$s       ser.py --base $base --seed $s --eval-protocols linear,knn,equivariance
+        run ser-$base-L2-s$s       ser.py --base $base --seed $s \
+            --eval-protocols linear,knn,equivariance
     done
 done
 # Question 1, resolution: the toy set rendered at 48 px (2.25 x the pixels), both methods
@@ -200,14 +211,3 @@ for s in 0 1; do
     run equimod-48px-s$s       baselines.py --method equimod-simclr --seed $s \
         --data-root data/3diebench-toy48 --resolution 48
 done
-# Real shapes with the toy set's pose cue: the Sweet Home 3D meshes painted by face normal
-# (--paint axes) instead of their materials. Pose learnable here but not with the materials =
-# the cue, not the shapes, is what the short runs need.
-if [ -d data/sh3d-meshes ]; then
-    dataset data/3diebench-sh3d32-axes --meshes data/sh3d-meshes --size 32 --zoom 2 --paint axes
-    for s in 0 1; do
-        run equimod-sh3d32axes-s$s baselines.py --method equimod-simclr --seed $s \
-            --data-root data/3diebench-sh3d32-axes --epochs 78
-        run sie-sh3d32axes-s$s     sie.py --seed $s --data-root data/3diebench-sh3d32-axes --epochs 78
-    done
-fi
