@@ -540,10 +540,30 @@ FACTORS = [
 ]
 
 
+ONSET_R2 = 0.35     # the online monitor's rotation R² (training pairs; constant level about 0.22)
+
+
+def onset(log_path, window=5):
+    """The first step at which the online monitor's rotation R² (equivariant part for SIE),
+    averaged over `window` consecutive monitor lines, reaches ONSET_R2; '>N' if it never does."""
+    online = [e for e in read_jsonl(log_path) if e["kind"] == "online"]
+    r2 = [e.get("rot_r2_equi", e.get("rot_r2_full")) for e in online]
+    for i in range(window, len(online) + 1):
+        if mean(r2[i - window:i]) >= ONSET_R2:
+            return str(online[i - 1]["step"])
+    return f">{online[-1]['step']}" if online else "?"
+
+
+def onsets(study, configuration_name):
+    paths = sorted(glob.glob(os.path.join(study, f"{configuration_name}-s*", "log.jsonl")))
+    return ", ".join(onset(path) for path in paths)
+
+
 def question1_table(study):
     print("| setting | SIE R² per seed | SIE MRR per seed | SIE seeds off the plateau | "
-          "EquiMod R² per seed | EquiMod MRR per seed | SIE above EquiMod (R²) |")
-    print("|---|---|---|---|---|---|---|")
+          "SIE onset step | EquiMod R² per seed | EquiMod MRR per seed | EquiMod onset step | "
+          "SIE above EquiMod (R²) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for label, sie, equimod in FACTORS:
         sie_runs = runs_of(study, sie) if sie else {}
         equimod_r2 = values(study, equimod, R2) if equimod else []
@@ -552,9 +572,10 @@ def question1_table(study):
         off = sum(learned(r) for r in sie_runs.values())
         cells = [label, fmt(values(study, sie, R2)) if sie else "not run",
                  fmt(values(study, sie, "mrr/embedding")) if sie else "",
-                 f"{off} of {len(sie_runs)}" if sie else "",
+                 f"{off} of {len(sie_runs)}" if sie else "", onsets(study, sie) if sie else "",
                  fmt(equimod_r2) if equimod else "(same as the toy preset)",
                  fmt(values(study, equimod, "mrr/embedding")) if equimod else "",
+                 onsets(study, equimod) if equimod else "",
                  above(values(study, sie, R2), equimod_r2) if sie and equimod else ""]
         print("| " + " | ".join(cells) + " |")
 
