@@ -4,6 +4,8 @@
 
 - assets/study_sie_curves.png: one SIE run's loss terms and the online monitor's rotation R² per
   part over training (results/study/<run>/log.jsonl);
+- assets/study_onset.png: the online monitor's rotation R² over training for every seed of SIE
+  and EquiMod-SimCLR at 700 and 2,800 steps (results/study/<run>/log.jsonl);
 - assets/study_methods.png: per-method bars of top-1 and pooled rotation R², mean over seeds
   (results/study/*/eval.json);
 - assets/study_ser_equivariance.png: SER's Δ-equivariance per block for each configuration, mean
@@ -133,6 +135,33 @@ def sie_curves(log_path, out_png):
     for i, part in enumerate(parts):
         right.line(online_steps, [e[f"rot_r2_{part}"] for e in online], COLOURS[i])
     right.legend(parts)
+    image.save(out_png)
+
+
+def onset_curves(study, out_png, configurations=("sie-toy", "equimod-toy", "sie-2800steps",
+                                                 "equimod-2800steps")):
+    """The online monitor's rotation R² over training, one line per run (SIE: its equivariant
+    part), coloured by configuration: when each run leaves the constant level."""
+    curves = {}
+    for name in configurations:
+        for path in sorted(glob.glob(os.path.join(study, f"{name}-s*", "log.jsonl"))):
+            online = [e for e in read_jsonl(path) if e["kind"] == "online"]
+            curves.setdefault(name, []).append(
+                ([e["step"] for e in online],
+                 [e.get("rot_r2_equi", e.get("rot_r2_full")) for e in online]))
+    if not curves:
+        return
+    last = max(max(steps) for runs in curves.values() for steps, _ in runs)
+    image = Image.new("RGB", (700, 360), "white")
+    draw = ImageDraw.Draw(image)
+    plot = Plot(draw, (60, 30, 680, 320), (0, last), (0, 1),
+                "online rotation R2 (training pairs; SIE: equivariant part), one line per seed",
+                "step", "")
+    names = list(curves)
+    for i, name in enumerate(names):
+        for steps, r2 in curves[name]:
+            plot.line(steps, [max(0.0, v) for v in r2], COLOURS[i])
+    plot.legend(names)
     image.save(out_png)
 
 
@@ -686,6 +715,7 @@ def main(argv=None):
     log = os.path.join(args.study, args.curves_run, "log.jsonl")
     if os.path.isfile(log):
         sie_curves(log, os.path.join(args.out, "study_sie_curves.png"))
+    onset_curves(args.study, os.path.join(args.out, "study_onset.png"))
     if glob.glob(os.path.join(args.study, "*", "eval.json")):
         method_bars(os.path.join(args.study, "*"), os.path.join(args.out, "study_methods.png"))
     if glob.glob(os.path.join(args.ser, "*", "eval.json")):
