@@ -377,8 +377,8 @@ def verdict_with_details(comparisons):
 
 R2, R2_INV, R2_EQUI = "rot_r2_pooled/full", "rot_r2_pooled/inv", "rot_r2_pooled/equi"
 TOY = "toy set, 700 steps"
-SEQ_JEPA_HIGH = "seq-JEPA Table 11 (official SIE scale)"
-SEQ_JEPA_LOW = "seq-JEPA Table 1 (128 px, batch 512, 1,000 epochs)"
+SEQ_JEPA_HIGH = "seq-JEPA Table 11: official SIE scale"
+SEQ_JEPA_LOW = "seq-JEPA Table 1: 128 px, batch 512, 1,000 epochs"
 
 
 def sie_claims(study):
