@@ -288,46 +288,50 @@ def spread(values):
 # - A above B, unpaired: holds if every seed of A is above every seed of B, does not hold if every
 #   seed of A is below every seed of B, inconclusive otherwise;
 # - paired (the same seed with and without a change): holds if every seed's difference exceeds
-#   TOLERANCE in the claimed direction, does not hold if none does, inconclusive otherwise.
+#   TOLERANCE in the claimed direction, does not hold if none does, inconclusive otherwise;
+# - one seed is never enough: inconclusive at 1 seed. A verdict says how many seeds it rests on.
 TOLERANCE = 0.01
 COLLAPSED = 0.05     # a per-output rotation R² below this is read as no better than the mean
 HOLDS, FAILS = "holds", "does not hold"
 
 
 def inconclusive(n):
-    return f"inconclusive at {n} seeds"
+    return f"inconclusive at {n} seed{'s' if n != 1 else ''}"
 
 
 def above(a, b):
     """Unpaired verdict for 'a is above b' (lists of per-seed values)."""
     if not a or not b:
         return "not run"
-    if min(a) > max(b):
-        return HOLDS
-    if max(a) < min(b):
-        return FAILS
-    return inconclusive(min(len(a), len(b)))
+    n = min(len(a), len(b))
+    if n >= 2 and min(a) > max(b):
+        return f"{HOLDS} at {n} seeds"
+    if n >= 2 and max(a) < min(b):
+        return f"{FAILS} at {n} seeds"
+    return inconclusive(n)
 
 
 def paired(differences):
     """Paired verdict from per-seed differences, positive = the claimed direction."""
-    if not differences:
+    n = len(differences)
+    if not n:
         return "not run"
-    if min(differences) > TOLERANCE:
-        return HOLDS
-    if max(differences) <= TOLERANCE:
-        return FAILS
-    return inconclusive(len(differences))
+    if n >= 2 and min(differences) > TOLERANCE:
+        return f"{HOLDS} at {n} seeds"
+    if n >= 2 and max(differences) <= TOLERANCE:
+        return f"{FAILS} at {n} seeds"
+    return inconclusive(n)
 
 
 def all_of(verdicts):
     """One verdict for a claim made of several comparisons: holds if all hold, does not hold if
     any does not, else the first inconclusive one."""
-    if all(v == HOLDS for v in verdicts):
-        return HOLDS
-    if any(v == FAILS for v in verdicts):
-        return FAILS
-    return next(v for v in verdicts if v != HOLDS)
+    if all(v.startswith(HOLDS) for v in verdicts):           # "holds at n seeds": the least n
+        return f"{HOLDS} at {min(int(v.split()[2]) for v in verdicts)} seeds"
+    failing = [v for v in verdicts if v.startswith(FAILS)]
+    if failing:
+        return failing[0]
+    return next(v for v in verdicts if not v.startswith(HOLDS))
 
 
 OFF_PLATEAU = 1.5    # an SIE run is off its plateau when its MRR exceeds 1.5 x chance
