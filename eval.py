@@ -1109,16 +1109,15 @@ def table_values(result):
     return values
 
 
-def group_runs(run_dirs):
-    """-> ({group: [(run name, step, table_values)]}, the last run's data root). Runs whose names
+def group_runs(results):
+    """[(run dir, eval.json)] -> {group: [(run name, step, table_values)]}. Runs whose names
     differ only by a trailing -s<seed> form one group."""
     groups = {}
-    for run_dir in run_dirs:
-        result = read_eval_json(run_dir)
+    for run_dir, result in results:
         name = os.path.basename(os.path.normpath(run_dir))
         group = re.sub(r"-s\d+$", "", name)
         groups.setdefault(group, []).append((name, result["step"], table_values(result)))
-    return groups, result["data_root"]
+    return groups
 
 
 def table_column_position(column):
@@ -1141,9 +1140,17 @@ def table_row(name, step, runs_values, columns):
 
 
 def print_runs_table(run_dirs):
-    """A markdown row per run dir (its eval.json), and a 'mean ± std (n)' row per group of runs
-    whose names differ only by a trailing -s<seed>."""
-    groups, data_root = group_runs(run_dirs)
+    """Per data root, a markdown row per run dir (its eval.json), and a 'mean ± std (n)' row per
+    group of runs whose names differ only by a trailing -s<seed>."""
+    by_root = {}                                # runs on different data sets: separate tables
+    for run_dir in run_dirs:
+        result = read_eval_json(run_dir)
+        by_root.setdefault(result["data_root"], []).append((run_dir, result))
+    print("\n\n".join(runs_table(root, results) for root, results in by_root.items()))
+
+
+def runs_table(data_root, results):
+    groups = group_runs(results)
     seen = {}                                   # every column of any run, in order of appearance
     for runs in groups.values():
         for _, _, values in runs:
@@ -1159,7 +1166,7 @@ def print_runs_table(run_dirs):
             all_values = [values for _, _, values in runs]
             lines.append(table_row(f"{group}[-s*] mean ± std ({len(runs)})", "", all_values,
                                    columns))
-    print("\n".join(lines))
+    return "\n".join(lines)
 
 
 # ================================================================================== command line

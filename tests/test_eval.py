@@ -493,6 +493,20 @@ def test_equivariance_score_leaves_out_rescale(toy_imagefolder):
 
 
 # ------------------------------------------------------------------ CLI
+def test_table_prints_one_table_per_data_root(tmp_path, capsys):
+    # runs on different data sets are never averaged or headed together
+    for name, root, top1 in (("a-s0", "data/x", 0.2), ("a-s1", "data/x", 0.4),
+                             ("b-s0", "data/y", 0.9)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "eval.json").write_text(json.dumps(dict(
+            step=5, data_root=root, summary={"top1/full": top1}, metrics=[])))
+    ev.main(["--table", *(str(tmp_path / n) for n in ("a-s0", "b-s0", "a-s1"))])
+    out = capsys.readouterr().out
+    x, y = out.split("\n\n")
+    assert x.startswith("data: data/x") and "| a[-s*] mean ± std (2) |  | 0.300 ± 0.141 |" in x
+    assert y.startswith("data: data/y") and "| b-s0 | 5 | 0.900 |" in y and "a-s" not in y
+
+
 def test_cli_runs_a_checkpoint_and_reports_clear_errors(tiny_ckpt, tmp_path, capsys):
     ev.main([str(tiny_ckpt), "--protocol", "classify", "retrieval", "--epochs", "1"])
     saved = json.loads((tiny_ckpt / "eval.json").read_text())
