@@ -52,7 +52,7 @@ probe() {   # probe NAME-s<seed> TAG EVAL_FLAGS...: eval.py on that run's checkp
     local name=$1 tag=$2; shift 2
     local result=${name%-s*}-$tag-s${name##*-s}
     local out=results/study/$result
-    if [ -f "$out/eval.json" ] || [ ! -f "runs/study/$name/checkpoint.pt" ]; then return; fi
+    if [ -f "$out/eval.json" ] ||  [ ! -f "results/study/$name/eval.json" ]; then return; fi
     take "$result" || return 0
     if [ ! -f "$out/eval.json" ]; then
         # --out: the run's own eval.json stays
