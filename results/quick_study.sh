@@ -48,11 +48,13 @@ run() {   # run NAME SCRIPT FLAGS...: train + evaluate into runs/study/NAME, kee
     fi
     exec 9>&-
 }
-probe() {   # probe NAME-s<seed> TAG EVAL_FLAGS...: eval.py on that run's checkpoint -> NAME-TAG-s<seed>
+# probe NAME-s<seed> TAG EVAL_FLAGS...: eval.py on that run's final checkpoint -> NAME-TAG-s<seed>
+# (only once the run has finished: another lane may still be training it)
+probe() {
     local name=$1 tag=$2; shift 2
     local result=${name%-s*}-$tag-s${name##*-s}
     local out=results/study/$result
-    if [ -f "$out/eval.json" ] ||  [ ! -f "results/study/$name/eval.json" ]; then return; fi
+    if [ -f "$out/eval.json" ] || [ ! -f "results/study/$name/eval.json" ]; then return; fi
     take "$result" || return 0
     if [ ! -f "$out/eval.json" ]; then
         # --out: the run's own eval.json stays
@@ -99,7 +101,8 @@ done
 # global batch: 64 instead of 32 at the same 700 steps (160 training objects: 3 steps per epoch)
 for s in 0 1; do
     run sie-batch64-s$s        sie.py --seed $s --batch-size 64 --epochs 234
-    run equimod-batch64-s$s    baselines.py --method equimod-simclr --seed $s --batch-size 64 --epochs 234
+    run equimod-batch64-s$s    baselines.py --method equimod-simclr --seed $s --batch-size 64 \
+        --epochs 234
 done
 # objects per class: 100 instead of 20 (1,000 objects; 800 training objects = 25 steps per epoch)
 dataset data/3diebench-1k --classes 10 --objects-per-class 100 --size 32 --zoom 2 --paint axes
