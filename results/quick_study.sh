@@ -93,6 +93,11 @@ for s in 0 1; do
     run sie-cov0.1-s$s         sie.py --seed $s --cov-coeff 0.1
     run sie-alpha2-s$s         sie.py --seed $s --equi-factor 2
 done
+# the predictor's init: H from N(0, 1/d), so |W(g) z| = |z| at the start, instead of PyTorch's
+# default (|W(g) z| = 1.6 |z| at d = 32); the toy preset's 4 seeds, as in the ablations below
+for s in 0 1 2 3; do
+    run sie-unitgain-s$s       sie.py --seed $s --hypernet-init unit-gain
+done
 # steps: twice as long, both methods
 for s in 0 1; do
     run sie-1400steps-s$s      sie.py --seed $s --epochs 280
