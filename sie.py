@@ -172,10 +172,10 @@ def parse_args(argv=None):
     g.add_argument("--hypernet", choices=("linear", "deep"), default="linear",
                    help="g -> W(g): one bias-free Linear (paper) or 3 bias-free Linears of width 4 "
                         "with ReLUs")
-    g.add_argument("--hypernet-init", choices=("default", "unit-gain"), default="default",
-                   help="H's init: default = PyTorch's Linear init (official code), W(g) scales "
-                        "|z| by ~0.29 sqrt(d); unit-gain = N(0, 1/d), W(g) keeps |z| for a unit "
-                        "g (experiment, not in the paper)")
+    g.add_argument("--hypernet-gain", type=nonnegative_float, metavar="G",
+                   help="draw H from N(0, G^2 / d), so |W(g) z| ~ G |z| at the start for a unit g "
+                        "(experiment, not in the paper); default: PyTorch's Linear init, as in the "
+                        "official code, whose G is ~0.29 sqrt(d)")
     g.add_argument("--pred-bias", action="store_true",
                    help="also generate a bias b(g) (paper figure; off in code)")
     g.add_argument("--rot-color", action="store_true",
@@ -229,8 +229,8 @@ def parse_args(argv=None):
     elif not 0 < args.equi_dims < REPR_DIM:
         p.error(f"argument --equi-dims: must be in 1..{REPR_DIM - 1}, got {args.equi_dims} "
                 f"(--equi-only: no invariant part)")
-    if args.predictor == "mlp" and (args.hypernet != "linear" or args.hypernet_init != "default"):
-        p.error("argument --hypernet/--hypernet-init: they shape the hypernetwork predictor; "
+    if args.predictor == "mlp" and (args.hypernet != "linear" or args.hypernet_gain is not None):
+        p.error("argument --hypernet/--hypernet-gain: they shape the hypernetwork predictor; "
                 "--predictor mlp has none")
     inv_repr_dims = REPR_DIM - args.equi_dims
     for part, repr_dims in (("invariant", inv_repr_dims), ("equivariant", args.equi_dims)):
@@ -267,8 +267,8 @@ def run_tags(args):
         tags.append("mlppred")
     elif args.hypernet == "deep":
         tags.append("deephyper")
-    if args.predictor == "hypernet" and args.hypernet_init == "unit-gain":
-        tags.append("unitgain")
+    if args.predictor == "hypernet" and args.hypernet_gain is not None:
+        tags.append(f"gain{args.hypernet_gain:g}")
     return tags
 
 
@@ -376,7 +376,7 @@ class HypernetPredictor(nn.Module):
     computes that sum, so the (B, d, d) tensor of weights is never built (1.07 G floats at
     B = 1024). The value and the gradients are those of the materialised form (a test checks)."""
 
-    def __init__(self, d, g_dim=4, deep=False, bias=False, init="default"):
+    def __init__(self, d, g_dim=4, deep=False, bias=False, gain=None):
         super().__init__()
         self.d = d
         self.hyper_in = nn.Identity()
@@ -386,10 +386,10 @@ class HypernetPredictor(nn.Module):
         self.hyper = nn.Linear(g_dim, d * d, bias=False)             # H, weight (d * d, k)
         # PyTorch's Linear init (the official code's) draws H from U(-1/2, 1/2) for k = 4, so for
         # a unit g every W(g)[o, i] has variance 1/12 and |W(g) z| is about 0.29 sqrt(d) |z|:
-        # 1.6 x at the toy's d = 32, 9.2 x at the paper's d = 1024. --hypernet-init unit-gain
-        # (an experiment, not in the paper) draws H from N(0, 1/d): |W(g) z| is about |z|.
-        if init == "unit-gain":
-            nn.init.normal_(self.hyper.weight, std=d ** -0.5)
+        # 1.6 x at the toy's d = 32, 9.2 x at the paper's d = 1024. --hypernet-gain G (an
+        # experiment, not in the paper) draws H from N(0, G^2 / d): |W(g) z| is about G |z|.
+        if gain is not None:
+            nn.init.normal_(self.hyper.weight, std=gain * d ** -0.5)
         self.hyper_bias = None                                       # --pred-bias: b(g) = B g
         if bias:
             self.hyper_bias = nn.Linear(g_dim, d, bias=False)
@@ -534,7 +534,7 @@ class SIE(nn.Module):
         self.equi_emb_dims = equi_emb_dims                 # the equivariant embedding's width
         if args.predictor == "hypernet":
             self.predictor = HypernetPredictor(equi_emb_dims, g_dims, deep=args.hypernet == "deep",
-                                               bias=args.pred_bias, init=args.hypernet_init)
+                                               bias=args.pred_bias, gain=args.hypernet_gain)
         else:
             self.predictor = MLPPredictor(equi_emb_dims, g_dims)
         self.online = OnlineEvaluator(representation_parts(args))

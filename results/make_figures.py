@@ -602,6 +602,12 @@ FACTORS = [
     ("α = 2 (equivariance weight × 4.4)", "sie-alpha2", None),
     ("λ_std = 25 (variance weight × 2.5)", "sie-std25", None),
     ("λ_cov = 0.1 (covariance weight / 10)", "sie-cov0.1", None),
+    ("predictor init: H from N(0, G²/d), G = 1, so ‖W(g)z‖ ≈ ‖z‖ at the start (the default "
+     "U(−½, ½) gives 1.6 ‖z‖)", "sie-gain1", None),
+    ("predictor init G = 1.6 (the default's gain, from a normal)", "sie-gain1.6", None),
+    ("predictor init G = 0.5", "sie-gain0.5", None),
+    ("predictor init G = 1, steps × 2 (1,400)", "sie-gain1-1400steps", "equimod-1400steps"),
+    ("predictor init G = 1, steps × 4 (2,800)", "sie-gain1-2800steps", "equimod-2800steps"),
     ("predictor: MLP on [g; z] instead of the hypernetwork", "sie-mlppred", None),
     ("no predictor-variance term", "sie-nopredvar", None),
 ]

@@ -93,10 +93,18 @@ for s in 0 1; do
     run sie-cov0.1-s$s         sie.py --seed $s --cov-coeff 0.1
     run sie-alpha2-s$s         sie.py --seed $s --equi-factor 2
 done
-# the predictor's init: H from N(0, 1/d), so |W(g) z| = |z| at the start, instead of PyTorch's
-# default (|W(g) z| = 1.6 |z| at d = 32); the toy preset's 4 seeds, as in the ablations below
-for s in 0 1 2 3; do
-    run sie-unitgain-s$s       sie.py --seed $s --hypernet-init unit-gain
+# the predictor's init: H from N(0, G^2 / d), so |W(g) z| = G |z| at the start (PyTorch's default,
+# the official code's, gives 1.6 |z| at d = 32); G = 1 first, then 1.6 (the default's gain, drawn
+# from a normal) and 0.5; the toy preset's 4 seeds, as in the ablations below
+for gain in 1 1.6 0.5; do
+    for s in 0 1 2 3; do
+        run sie-gain$gain-s$s      sie.py --seed $s --hypernet-gain $gain
+    done
+done
+# G = 1 for longer: does SIE then pass EquiMod at 1,400 or 2,800 steps?
+for s in 0 1; do
+    run sie-gain1-1400steps-s$s    sie.py --seed $s --hypernet-gain 1 --epochs 280
+    run sie-gain1-2800steps-s$s    sie.py --seed $s --hypernet-gain 1 --epochs 560
 done
 # steps: twice as long, both methods
 for s in 0 1; do

@@ -115,29 +115,28 @@ def test_predictor_is_linear_in_g():
 
 
 @pytest.mark.parametrize("d,default_gain", [(32, 1.63), (1024, 9.24)])
-def test_hypernet_init_sets_the_predictors_gain(d, default_gain):
+def test_hypernet_gain_sets_the_predictors_gain(d, default_gain):
     """|W(g) z| / |z| for unit g: ~0.29 sqrt(d) with PyTorch's init (the official code's),
-    ~1 with --hypernet-init unit-gain, whatever d."""
+    ~G with --hypernet-gain G, whatever d."""
     z = torch.randn(256, d)
     g = torch.nn.functional.normalize(torch.randn(256, 4), dim=1)
-    for init, gain in (("default", default_gain), ("unit-gain", 1.0)):
+    for gain, expected in ((None, default_gain), (1.0, 1.0), (0.5, 0.5)):
         torch.manual_seed(0)
-        pred = sie.HypernetPredictor(d, init=init)
+        pred = sie.HypernetPredictor(d, gain=gain)
         ratio = (pred(z, g).norm(dim=1) / z.norm(dim=1)).mean().item()
-        assert abs(ratio - gain) < 0.05 * gain, (init, ratio)
+        assert abs(ratio - expected) < 0.05 * expected, (gain, ratio)
 
 
-def test_hypernet_init_flag_reaches_the_model():
+def test_hypernet_gain_flag_reaches_the_model():
     def predictor_std(*flags):
         return sie.build_model(sie.parse_args(list(flags))).predictor.hyper.weight.std().item()
     d = 32                                                       # the toy's equivariant width
     assert abs(predictor_std() - 12 ** -0.5) < 0.02               # U(-1/2, 1/2)
-    assert abs(predictor_std("--hypernet-init", "unit-gain") - d ** -0.5) < 0.02
-    args = sie.parse_args(["--hypernet-init", "unit-gain"])
-    assert args.run_dir == "runs/sie-toy-unitgain"
+    assert abs(predictor_std("--hypernet-gain", "1.6") - 1.6 * d ** -0.5) < 0.02
+    assert sie.parse_args(["--hypernet-gain", "1"]).run_dir == "runs/sie-toy-gain1"
 
 
-@pytest.mark.parametrize("flags", [["--hypernet-init", "unit-gain"], ["--hypernet", "deep"]])
+@pytest.mark.parametrize("flags", [["--hypernet-gain", "1"], ["--hypernet", "deep"]])
 def test_hypernet_flags_with_the_mlp_predictor_are_refused(flags, capsys):
     """They would be silently ignored: the MLP predictor has no hypernetwork."""
     with pytest.raises(SystemExit) as e:
@@ -367,7 +366,7 @@ def test_missing_data_root_is_one_message(tmp_path):
 @pytest.mark.parametrize("flags", [[], ["--no-pred-var"], ["--equi-only"], ["--rot-color"],
                                    ["--equi-dims", "128"], ["--predictor", "mlp"],
                                    ["--hypernet", "deep"], ["--pred-bias"],
-                                   ["--hypernet-init", "unit-gain"]])
+                                   ["--hypernet-gain", "1"]])
 def test_every_ablation_trains(flags):
     args = sie.parse_args(TINY + flags)
     torch.manual_seed(0)
