@@ -640,7 +640,7 @@ def question1_table(study):
     for label, sie, equimod in FACTORS:
         sie_runs = runs_of(study, sie) if sie else {}
         equimod_r2 = values(study, equimod, R2) if equimod else []
-        if not sie_runs and not equimod_r2:
+        if (sie and not sie_runs) or (not sie and not equimod_r2):    # not run (yet)
             continue
         off = sum(learned(r) for r in sie_runs.values())
         cells = [label, fmt(values(study, sie, R2)) if sie else "not run",
