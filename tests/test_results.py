@@ -38,8 +38,8 @@ def test_figures_are_drawn_from_result_files(tmp_path):
     subprocess.run([sys.executable, str(script), "--study", str(study), "--ser", str(ser),
                     "--out", str(out)], check=True)
     names = sorted(os.listdir(out))
-    assert names == ["study_methods.png", "study_onset.png", "study_ser_equivariance.png",
-                     "study_sie_curves.png"]
+    assert names == ["study_methods.png", "study_onset.png", "study_predictor_gain.png",
+                     "study_ser_equivariance.png", "study_sie_curves.png"]
     for name in names:
         with Image.open(out / name) as image:
             assert image.size[0] > 400 and image.getextrema() != ((255, 255),) * 3
