@@ -14,7 +14,8 @@
   over seeds (results/ser-toy/*/eval.json).
 A run directory name ending in -s<seed> is one seed of the configuration named by the rest.
 `--table NAME` prints one of the README's study tables instead (claims, question1, question2,
-losses: per SIE run, the unweighted loss terms averaged over its last 10 log lines; time: the
+losses: per SIE run, the unweighted loss terms averaged over its last 10 log lines; drift: how
+far the hypernetwork moves from its initialisation, from results/predictor_drift.py; time: the
 training time the result folders hold);
 `--readme README.md` rewrites those tables in the README, between their marker lines.
 """
@@ -674,6 +675,23 @@ def question2_table(study):
             print("| " + " | ".join(cells) + " |")
 
 
+def drift_table(study):
+    """Per drift run (results/predictor_drift.py): after each piece, how far H has moved from its
+    initialisation relative to the initialisation's size, with the online rotation R²."""
+    runs = {}
+    for path in sorted(glob.glob(os.path.join(study, "*-drift-s*", "drift.jsonl"))):
+        runs[os.path.basename(os.path.dirname(path))] = read_jsonl(path)
+    if not runs:
+        return
+    steps = [row["step"] for row in max(runs.values(), key=len)]
+    print("| run | RMS of H0 | " + " | ".join(f"step {s}" for s in steps) + " |")
+    print("|---" * (len(steps) + 2) + "|")
+    for name, rows in runs.items():
+        cells = [f"{row['rms_drift'] / row['rms_h0']:.2f} ({row['online_r2']:.2f})"
+                 for row in rows]
+        print(f"| {name} | {rows[0]['rms_h0']:.3f} | " + " | ".join(cells) + " |")
+
+
 def claims_table(study, ser):
     print("| claim | source | theirs (real data) | ours | verdict |")
     print("|---|---|---|---|---|")
@@ -706,7 +724,7 @@ def time_table(study, ser):
         print(f"| {folder} | {len(logs)} | {hours:.1f} |")
 
 
-TABLES = ("claims", "question1", "question2", "losses", "time")
+TABLES = ("claims", "question1", "question2", "losses", "drift", "time")
 TABLE_START = "<!-- table: python results/make_figures.py --table {} -->"
 TABLE_END = "<!-- end of table -->"
 
@@ -718,6 +736,8 @@ def print_table(name, study, ser):
         question1_table(study)
     elif name == "question2":
         question2_table(study)
+    elif name == "drift":
+        drift_table(study)
     elif name == "time":
         time_table(study, ser)
     else:

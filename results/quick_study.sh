@@ -222,7 +222,7 @@ for s in 0 1; do
         --data-root data/3diebench-toy48 --resolution 48
 done
 # the predictor's init, smaller gains (G = 0: W(g) = 0 at the start)
-for gain in 0.25 0; do
+for gain in 0     ; do
     for s in 0 1 2 3; do
         run sie-gain$gain-s$s      sie.py --seed $s --hypernet-gain $gain
     done

@@ -1,0 +1,89 @@
+"""How far SIE's hypernetwork H moves from its initialisation H0 while SIE sits on its plateau and
+when it leaves it (question 1 of the README's study). Trains one sie.py run in pieces of --every
+epochs (--stop-after-epochs: each piece resumes the last exactly, so the run is the one without
+pieces) and after each piece appends one JSON line to <out>/drift.jsonl:
+
+    step, rms_h (RMS of H's entries), rms_h0 (of H0's), rms_drift (of H - H0), online_r2 (the
+    online monitor's rotation R² of the equivariant part at that step, from the run's log)
+
+    python results/predictor_drift.py runs/study/sie-toy-drift-s0 results/study/sie-toy-drift-s0 \
+        -- --seed 0
+
+Rerunning the command resumes: pieces already in drift.jsonl are skipped. H0 is rebuilt here the
+way sie.py builds it (torch.manual_seed(seed), then the model); the first piece checks that: an
+Adam step moves an entry by at most 3.2 lr, so max |H - H0| after n steps is below 3.2 n lr.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+import sie  # noqa: E402  (the repository's sie.py, whichever folder this runs from)
+
+
+def initial_h(sie_flags):
+    args = sie.parse_args(sie_flags)
+    torch.manual_seed(args.seed)
+    return sie.build_model(args).predictor.hyper.weight.detach()
+
+
+def rms(tensor):
+    return tensor.pow(2).mean().sqrt().item()
+
+
+def online_r2_at(log_path, step):
+    for line in open(log_path):
+        entry = json.loads(line)
+        if entry["kind"] == "online" and entry["step"] == step:
+            return entry["rot_r2_equi"]
+    return None
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("run_dir", help="sie.py's --run-dir for this run (checkpoints stay there)")
+    p.add_argument("out", help="folder for drift.jsonl and the command (committed)")
+    p.add_argument("--every", type=int, default=20,
+                   help="epochs per piece (a toy-preset epoch is 5 steps)")
+    p.add_argument("sie_flags", nargs=argparse.REMAINDER, help="-- then sie.py's flags")
+    args = p.parse_args(argv)
+    sie_flags = [f for f in args.sie_flags if f != "--"] + ["--run-dir", args.run_dir]
+    run_args = sie.parse_args(sie_flags)
+    h0 = initial_h(sie_flags)
+    os.makedirs(args.out, exist_ok=True)
+    out = os.path.join(args.out, "drift.jsonl")
+    done = [json.loads(line)["epoch"] for line in open(out)] if os.path.isfile(out) else []
+    for epoch in range(args.every, run_args.epochs + 1, args.every):
+        if epoch in done:
+            continue
+        subprocess.run([sys.executable, os.path.join(REPO, "sie.py"), *sie_flags,
+                        "--stop-after-epochs", str(args.every), "--no-eval"], check=True)
+        checkpoint = torch.load(os.path.join(args.run_dir, "checkpoint.pt"), weights_only=True,
+                                map_location="cpu")
+        if checkpoint["epoch"] != epoch:
+            sys.exit(f"{args.run_dir}: the checkpoint is at epoch {checkpoint['epoch']}, expected "
+                     f"{epoch}; remove {out} and the run dir to start again")
+        h = checkpoint["model"]["predictor.hyper.weight"]
+        step = checkpoint["step"]
+        # Adam moves an entry by at most (1 - beta1) / sqrt(1 - beta2) = 3.2 lr per step (its
+        # worst case); a wrong H0 is off by ~0.9 somewhere among H's entries.
+        if epoch == args.every and (h - h0).abs().max().item() > 3.2 * step * run_args.lr:
+            sys.exit(f"H0 rebuilt here is not the run's initial H (an entry moved more than "
+                     f"3.2 x {step} x lr)")
+        row = dict(epoch=epoch, step=step, rms_h=rms(h), rms_h0=rms(h0), rms_drift=rms(h - h0),
+                   online_r2=online_r2_at(os.path.join(args.run_dir, "log.jsonl"), step))
+        with open(out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row))
+    with open(os.path.join(args.out, "command.txt"), "w") as f:
+        f.write("OMP_NUM_THREADS=1 python results/predictor_drift.py "
+                + " ".join([args.run_dir, args.out, "--", *sie_flags[:-2]]) + "\n")
+
+
+if __name__ == "__main__":
+    main()
