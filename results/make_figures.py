@@ -664,7 +664,7 @@ def question2_table(study):
           "R² z_inv (projector output) | R² z_equi (projector output) |")
     print("|---|---|---|---|---|---|---|")
     for name in ("sie-toy", "sie-1400steps", "sie-2800steps", "sie-batch64", "sie-1k",
-                 "sie-mlppred"):
+                 "sie-mlppred", "sie-gain1", "sie-gain1-2800steps"):
         z_runs = runs_of(study, f"{name}-z")
         for seed, result in runs_of(study, name).items():
             z = z_runs.get(seed)
