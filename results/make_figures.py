@@ -7,7 +7,7 @@
 - assets/study_onset.png: the online monitor's rotation R² over training for every seed of SIE
   and EquiMod-SimCLR at 700 and 2,800 steps (results/study/<run>/log.jsonl);
 - assets/study_predictor_gain.png: the same for SIE at 700 steps with PyTorch's init of the
-  hypernetwork (sie-toy) and with H drawn from N(0, G^2 / d), G = 1, 1.6, 0.5 (sie-gain<G>);
+  hypernetwork (sie-toy) and with H drawn from N(0, G^2 / d), G = 1.6, 1, 0.5, 0 (sie-gain<G>);
 - assets/study_methods.png: per-method bars of top-1 and pooled rotation R², mean over seeds
   (results/study/*/eval.json);
 - assets/study_ser_equivariance.png: SER's Δ-equivariance per block for each configuration, mean
@@ -609,7 +609,6 @@ FACTORS = [
      "U(−½, ½) gives 1.6 ‖z‖)", "sie-gain1", None),
     ("predictor init G = 1.6 (the default's gain, from a normal)", "sie-gain1.6", None),
     ("predictor init G = 0.5", "sie-gain0.5", None),
-    ("predictor init G = 0.25", "sie-gain0.25", None),
     ("predictor init G = 0 (W(g) = 0 at the start)", "sie-gain0", None),
     ("predictor init G = 1, steps × 2 (1,400)", "sie-gain1-1400steps", "equimod-1400steps"),
     ("predictor init G = 1, steps × 4 (2,800)", "sie-gain1-2800steps", "equimod-2800steps"),
@@ -785,7 +784,7 @@ def main(argv=None):
         sie_curves(log, os.path.join(args.out, "study_sie_curves.png"))
     onset_curves(args.study, os.path.join(args.out, "study_onset.png"))
     onset_curves(args.study, os.path.join(args.out, "study_predictor_gain.png"),
-                 configurations=("sie-toy", "sie-gain1", "sie-gain1.6", "sie-gain0.5"))
+                 configurations=("sie-toy", "sie-gain1.6", "sie-gain1", "sie-gain0.5", "sie-gain0"))
     if glob.glob(os.path.join(args.study, "*", "eval.json")):
         method_bars(os.path.join(args.study, "*"), os.path.join(args.out, "study_methods.png"))
     if glob.glob(os.path.join(args.ser, "*", "eval.json")):
