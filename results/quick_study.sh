@@ -76,6 +76,15 @@ embeddings() {   # embeddings NAME-s<seed>: the probes on z_inv / z_equi -> NAME
 ood() {   # ood NAME-s<seed>: rotation probe and retrieval on the OOD angles -> NAME-ood-s<seed>
     probe "$1" ood --data-root data/3diebench-toy-ood --protocol rotation retrieval
 }
+drift() {   # drift NAME FLAGS...: results/predictor_drift.py, sie.py FLAGS -> results/study/NAME
+    local name=$1; shift
+    if [ -f "results/study/$name/command.txt" ]; then echo "done: $name"; return; fi
+    take "$name" || return 0
+    echo "run:  $name: python results/predictor_drift.py runs/study/$name results/study/$name -- $*"
+    python results/predictor_drift.py "runs/study/$name" "results/study/$name" -- "$@" \
+        > "runs/study/$name.out" 2>&1 || echo "FAILED: $name (see runs/study/$name.out)"
+    exec 9>&-
+}
 TOY="--classes 10 --objects-per-class 20 --size 32 --zoom 2 --paint axes"   # data.py's toy set
 dataset data/3diebench-toy $TOY
 dataset data/3diebench-toy-ood $TOY --ood           # the same objects at angles |a| > pi/2
@@ -95,17 +104,27 @@ for s in 0 1; do
 done
 # the predictor's init: H from N(0, G^2 / d), so |W(g) z| = G |z| at the start (PyTorch's default,
 # the official code's, gives 1.6 |z| at d = 32); G = 1 first, then 1.6 (the default's gain, drawn
-# from a normal) and 0.5; the toy preset's 4 seeds, as in the ablations below
-for gain in 1 1.6 0.5; do
+# from a normal), 0.5 and 0 (W(g) = 0 at the start); the toy preset's 4 seeds, as in the ablations
+for gain in 1 1.6 0.5 0; do
     for s in 0 1 2 3; do
         run sie-gain$gain-s$s      sie.py --seed $s --hypernet-gain $gain
     done
 done
-# G = 1 for longer: does SIE then pass EquiMod at 1,400 or 2,800 steps?
+for s in 0 1 2 3; do
+    embeddings sie-gain1-s$s
+done
+# G = 1 and G = 0 for longer: does SIE then pass EquiMod at 1,400 or 2,800 steps?
 for s in 0 1; do
     run sie-gain1-1400steps-s$s    sie.py --seed $s --hypernet-gain 1 --epochs 280
     run sie-gain1-2800steps-s$s    sie.py --seed $s --hypernet-gain 1 --epochs 560
+    embeddings sie-gain1-2800steps-s$s
+    run sie-gain0-1400steps-s$s    sie.py --seed $s --hypernet-gain 0 --epochs 280
 done
+# how far H moves from its init: the default on a plateau seed (0) and a seed that leaves it (1),
+# and G = 0.5 (results/predictor_drift.py; each run trained again, in 100-step pieces)
+drift sie-toy-drift-s0         --seed 0
+drift sie-toy-drift-s1         --seed 1
+drift sie-gain0.5-drift-s0     --seed 0 --hypernet-gain 0.5
 # steps: twice as long, both methods
 for s in 0 1; do
     run sie-1400steps-s$s      sie.py --seed $s --epochs 280
@@ -220,10 +239,4 @@ for s in 0 1; do
     run sie-48px-s$s           sie.py --seed $s --data-root data/3diebench-toy48 --resolution 48
     run equimod-48px-s$s       baselines.py --method equimod-simclr --seed $s \
         --data-root data/3diebench-toy48 --resolution 48
-done
-# the predictor's init, smaller gains (G = 0: W(g) = 0 at the start)
-for gain in 0     ; do
-    for s in 0 1 2 3; do
-        run sie-gain$gain-s$s      sie.py --seed $s --hypernet-gain $gain
-    done
 done
