@@ -613,6 +613,7 @@ FACTORS = [
     ("predictor init G = 1, steps × 2 (1,400)", "sie-gain1-1400steps", "equimod-1400steps"),
     ("predictor init G = 1, steps × 4 (2,800)", "sie-gain1-2800steps", "equimod-2800steps"),
     ("predictor init G = 0, steps × 2 (1,400)", "sie-gain0-1400steps", "equimod-1400steps"),
+    ("predictor init G = 0, steps × 4 (2,800)", "sie-gain0-2800steps", "equimod-2800steps"),
     ("predictor: MLP on [g; z] instead of the hypernetwork", "sie-mlppred", None),
     ("no predictor-variance term", "sie-nopredvar", None),
 ]

@@ -119,6 +119,7 @@ for s in 0 1; do
     run sie-gain1-2800steps-s$s    sie.py --seed $s --hypernet-gain 1 --epochs 560
     embeddings sie-gain1-2800steps-s$s
     run sie-gain0-1400steps-s$s    sie.py --seed $s --hypernet-gain 0 --epochs 280
+    run sie-gain0-2800steps-s$s    sie.py --seed $s --hypernet-gain 0 --epochs 560
 done
 # how far H moves from its init: the default on a plateau seed (0) and a seed that leaves it (1),
 # and G = 0.5 (results/predictor_drift.py; each run trained again, in 100-step pieces)
