@@ -689,7 +689,7 @@ def drift_table(study):
     print("|---" * (len(steps) + 2) + "|")
     for name, rows in runs.items():
         cells = [f"{row['rms_drift'] / row['rms_h0']:.2f} ({row['online_r2']:.2f})"
-                 for row in rows]
+                 if row["rms_h0"] else f"H0 = 0 ({row['online_r2']:.2f})" for row in rows]
         print(f"| {name} | {rows[0]['rms_h0']:.3f} | " + " | ".join(cells) + " |")
 
 

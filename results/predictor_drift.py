@@ -11,7 +11,7 @@ pieces) and after each piece appends one JSON line to <out>/drift.jsonl:
 
 Rerunning the command resumes: pieces already in drift.jsonl are skipped. H0 is rebuilt here the
 way sie.py builds it (torch.manual_seed(seed), then the model); the first piece checks that: an
-Adam step moves an entry by at most 3.2 lr, so max |H - H0| after n steps is below 3.2 n lr.
+Adam step moves an entry by a few lr at most, so max |H - H0| after n steps stays below 3.2 n lr.
 """
 import argparse
 import json
@@ -26,10 +26,14 @@ sys.path.insert(0, REPO)
 import sie  # noqa: E402  (the repository's sie.py, whichever folder this runs from)
 
 
-def initial_h(sie_flags):
-    args = sie.parse_args(sie_flags)
-    torch.manual_seed(args.seed)
-    return sie.build_model(args).predictor.hyper.weight.detach()
+def initial_h(sie_args):
+    torch.manual_seed(sie_args.seed)
+    return sie.build_model(sie_args).predictor.hyper.weight.detach()
+
+
+def fail(message):
+    print(f"predictor_drift.py: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def rms(tensor):
@@ -45,44 +49,48 @@ def online_r2_at(log_path, step):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog="after --: sie.py's flags for the run")
     p.add_argument("run_dir", help="sie.py's --run-dir for this run (checkpoints stay there)")
     p.add_argument("out", help="folder for drift.jsonl and the command (committed)")
     p.add_argument("--every", type=int, default=20,
                    help="epochs per piece (a toy-preset epoch is 5 steps)")
-    p.add_argument("sie_flags", nargs=argparse.REMAINDER, help="-- then sie.py's flags")
-    args = p.parse_args(argv)
-    sie_flags = [f for f in args.sie_flags if f != "--"] + ["--run-dir", args.run_dir]
+    argv = sys.argv[1:] if argv is None else argv
+    split = argv.index("--") if "--" in argv else len(argv)      # ours -- sie.py's
+    args = p.parse_args(argv[:split])
+    sie_flags = argv[split + 1:] + ["--run-dir", args.run_dir]
     run_args = sie.parse_args(sie_flags)
-    h0 = initial_h(sie_flags)
+    h0 = initial_h(run_args)
     os.makedirs(args.out, exist_ok=True)
     out = os.path.join(args.out, "drift.jsonl")
     done = [json.loads(line)["epoch"] for line in open(out)] if os.path.isfile(out) else []
     for epoch in range(args.every, run_args.epochs + 1, args.every):
         if epoch in done:
             continue
-        subprocess.run([sys.executable, os.path.join(REPO, "sie.py"), *sie_flags,
-                        "--stop-after-epochs", str(args.every), "--no-eval"], check=True)
+        piece = subprocess.run([sys.executable, os.path.join(REPO, "sie.py"), *sie_flags,
+                                "--stop-after-epochs", str(args.every), "--no-eval"])
+        if piece.returncode:                 # sie.py has said why (bad data, a locked run dir)
+            sys.exit(piece.returncode)
         checkpoint = torch.load(os.path.join(args.run_dir, "checkpoint.pt"), weights_only=True,
                                 map_location="cpu")
         if checkpoint["epoch"] != epoch:
-            sys.exit(f"{args.run_dir}: the checkpoint is at epoch {checkpoint['epoch']}, expected "
-                     f"{epoch}; remove {out} and the run dir to start again")
+            fail(f"{args.run_dir}: the checkpoint is at epoch {checkpoint['epoch']}, expected "
+                 f"{epoch}; remove {out} and the run dir to start again")
         h = checkpoint["model"]["predictor.hyper.weight"]
         step = checkpoint["step"]
-        # Adam moves an entry by at most (1 - beta1) / sqrt(1 - beta2) = 3.2 lr per step (its
-        # worst case); a wrong H0 is off by ~0.9 somewhere among H's entries.
+        # An Adam step moves an entry by lr x m/sqrt(v), rarely more than a few lr: 3.2 lr per
+        # step is a generous bound, while a wrong H0 is off by ~0.9 somewhere among H's entries.
         if epoch == args.every and (h - h0).abs().max().item() > 3.2 * step * run_args.lr:
-            sys.exit(f"H0 rebuilt here is not the run's initial H (an entry moved more than "
-                     f"3.2 x {step} x lr)")
+            fail(f"H0 rebuilt here is not the run's initial H (an entry moved more than "
+                 f"3.2 x {step} x lr)")
         row = dict(epoch=epoch, step=step, rms_h=rms(h), rms_h0=rms(h0), rms_drift=rms(h - h0),
                    online_r2=online_r2_at(os.path.join(args.run_dir, "log.jsonl"), step))
         with open(out, "a") as f:
             f.write(json.dumps(row) + "\n")
         print(json.dumps(row))
     with open(os.path.join(args.out, "command.txt"), "w") as f:
-        f.write("OMP_NUM_THREADS=1 python results/predictor_drift.py "
-                + " ".join([args.run_dir, args.out, "--", *sie_flags[:-2]]) + "\n")
+        f.write("OMP_NUM_THREADS=1 python results/predictor_drift.py " + " ".join(
+            [args.run_dir, args.out, "--every", str(args.every), "--", *sie_flags[:-2]]) + "\n")
 
 
 if __name__ == "__main__":

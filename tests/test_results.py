@@ -120,3 +120,20 @@ def test_readme_tables_are_the_generated_ones():
                                     "--table", table], check=True, capture_output=True,
                                    text=True, cwd=REPO).stdout.strip()
         assert committed == generated, table
+
+
+def test_predictor_drift_pieces_resume_and_measure_from_the_init(toy_root, tmp_path):
+    """Two 1-epoch pieces: one line each, H0 rebuilt as sie.py builds it (the script checks the
+    first piece against it), and a rerun adds nothing."""
+    script = REPO / "results" / "predictor_drift.py"
+    command = [sys.executable, str(script), str(tmp_path / "run"), str(tmp_path / "out"),
+               "--every", "1", "--", "--data-root", toy_root, "--epochs", "2", "--batch-size", "8",
+               "--mlp", "64-64-64", "--log-every", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for _ in range(2):
+        subprocess.run(command, check=True, capture_output=True, env=env)
+        rows = [json.loads(line) for line in open(tmp_path / "out" / "drift.jsonl")]
+        assert [row["step"] for row in rows] == [2, 4]         # 16 training objects / batch 8
+    assert rows[0]["rms_h0"] == rows[1]["rms_h0"]
+    assert 0 < rows[0]["rms_drift"] < rows[1]["rms_drift"]
+    assert "--every 1 -- --data-root" in (tmp_path / "out" / "command.txt").read_text()
