@@ -13,11 +13,13 @@
 - assets/study_ser_equivariance.png: SER's Δ-equivariance per block for each configuration, mean
   over seeds (results/ser-toy/*/eval.json).
 A run directory name ending in -s<seed> is one seed of the configuration named by the rest.
-`--table NAME` prints one of the README's study tables instead (claims, question1, question2,
+`--table NAME` prints one of the study's tables instead (claims, question1, question2,
 losses: per SIE run, the unweighted loss terms averaged over its last 10 log lines; drift: how
 far the hypernetwork moves from its initialisation, from results/predictor_drift.py; time: the
-training time the result folders hold);
-`--readme README.md` rewrites those tables in the README, between their marker lines.
+training time the result folders hold, from each log's throughput: pairs_per_s or images_per_s);
+`--readme results/README.md` rewrites those tables in the study's README, between their marker
+lines. A missing or empty result folder, or a result file that cannot be read, is one message
+naming it and exit code 2; the README is then left as it was.
 """
 import argparse
 import contextlib
@@ -26,6 +28,8 @@ import io
 import json
 import os
 import re
+import shutil
+import tempfile
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -34,10 +38,61 @@ COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
 FONT = ImageFont.load_default()
 
 
-# ---- reading the result files ----
-def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
+# ---- reading the result files: a file that cannot be used is one message naming it ----
+class BadInput(Exception):
+    """A flag or result file this script cannot use; main() prints it as one line, exit 2."""
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except OSError as e:
+        raise BadInput(f"{path}: cannot read it ({e.strerror})") from None
+    except ValueError:
+        raise BadInput(f"{path}: not valid JSON (truncated by a kill or a full disk?); rerun "
+                       "that run or remove its folder") from None
+
+
+def read_eval(path):
+    """An eval.json, checked for what the tables read: a summary of numbers, and metric records
+    with a name, a part, a value and a chance level."""
+    result = read_json(path)
+    summary = result.get("summary") if isinstance(result, dict) else None
+    metrics = result.get("metrics") if isinstance(result, dict) else None
+    good = (isinstance(summary, dict) and isinstance(metrics, list)
+            and all(isinstance(v, (int, float)) for v in summary.values())
+            and all(isinstance(r, dict) and isinstance(r.get("name"), str)
+                    and isinstance(r.get("part"), str) and isinstance(r.get("value"), (int, float))
+                    and isinstance(r.get("chance"), (int, float, type(None))) for r in metrics))
+    if not good:
+        raise BadInput(f"{path}: not an eval.json of eval.py (no 'summary' of numbers and "
+                       "'metrics' records)")
+    return result
+
+
+def read_jsonl(path, kind_required=True):
+    """One JSON object per line. log.jsonl lines carry a 'kind' (and train/online lines a
+    step); a line torn by a kill is named, not skipped, so no table silently loses it."""
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise BadInput(f"{path}: cannot read it ({e.strerror})") from None
+    entries = []
+    for number, line in enumerate(lines, 1):
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            entry = None
+        good = isinstance(entry, dict) and (not kind_required or (
+            isinstance(entry.get("kind"), str) and (entry["kind"] not in ("train", "online")
+                                                    or isinstance(entry.get("step"), int))))
+        if not good:
+            raise BadInput(f"{path}, line {number}: not a complete JSON record (torn by a kill?); "
+                           "remove that line or rerun the run")
+        entries.append(entry)
+    return entries
 
 
 def configuration(run_dir):
@@ -53,8 +108,7 @@ def summaries_by_configuration(pattern):
     """{configuration: [eval.json summary of each seed]} for the run dirs matching pattern."""
     groups = {}
     for path in sorted(glob.glob(os.path.join(pattern, "eval.json"))):
-        with open(path) as f:
-            result = json.load(f)
+        result = read_eval(path)
         groups.setdefault(configuration(os.path.dirname(path)), []).append(result)
     return groups
 
@@ -121,6 +175,10 @@ def sie_curves(log_path, out_png):
     train = [e for e in log if e["kind"] == "train"]
     online = [e for e in log if e["kind"] == "online"]
     terms = ["inv", "equi", "std", "pred_std", "cov"]
+    if not online or not train or not all(t in e for e in train for t in terms):
+        raise BadInput(f"{log_path}: no SIE 'train' lines with {', '.join(terms)} and 'online' "
+                       "lines to draw (a run of sie.py that finished an epoch); pick another "
+                       "with --curves-run")
     parts = [k[len("rot_r2_"):] for k in online[0] if k.startswith("rot_r2_")]
     image = Image.new("RGB", (900, 340), "white")
     draw = ImageDraw.Draw(image)
@@ -149,6 +207,8 @@ def onset_curves(study, out_png, configurations=("sie-toy", "equimod-toy", "sie-
     for name in configurations:
         for path in sorted(glob.glob(os.path.join(study, f"{name}-s*", "log.jsonl"))):
             online = [e for e in read_jsonl(path) if e["kind"] == "online"]
+            if not online:                         # not one epoch finished yet: nothing to draw
+                continue
             curves.setdefault(name, []).append(
                 ([e["step"] for e in online],
                  [e.get("rot_r2_equi", e.get("rot_r2_full")) for e in online]))
@@ -208,7 +268,10 @@ def ser_equivariance(pattern, out_png):
             blocks = {int(r["part"][len("block"):]): r["value"] - r["chance"]
                       for r in result["metrics"] if r["name"] == "equivariance"}
             per_seed.append([blocks[b] for b in sorted(blocks)])
-        curves[name] = [mean(values) for values in zip(*per_seed)]
+        if all(per_seed):                           # a run without the protocol: not drawn
+            curves[name] = [mean(values) for values in zip(*per_seed)]
+    if not curves:
+        return
     depth = max(len(c) for c in curves.values())
     image = Image.new("RGB", (560, 340), "white")
     draw = ImageDraw.Draw(image)
@@ -244,8 +307,7 @@ def runs_of(folder, configuration_name):
         name = os.path.basename(os.path.dirname(path))
         match = re.fullmatch(re.escape(configuration_name) + r"(-s(\d+))?", name)
         if match:
-            with open(path) as f:
-                found[int(match.group(2) or 0)] = json.load(f)
+            found[int(match.group(2) or 0)] = read_eval(path)
     return dict(sorted(found.items()))
 
 
@@ -287,7 +349,7 @@ def spread(values):
     return f"{m:.3f} ± {std:.3f} ({len(values)})"
 
 
-# A claim's verdict, by rules stated once (README, "How a verdict is drawn"):
+# A claim's verdict, by rules stated once (results/README.md, "How a verdict is drawn"):
 # - A above B, unpaired: holds if every seed of A is above every seed of B, does not hold if every
 #   seed of A is below every seed of B, inconclusive otherwise;
 # - paired (the same seed with and without a change): holds if every seed's difference exceeds
@@ -681,7 +743,13 @@ def drift_table(study):
     initialisation relative to the initialisation's size, with the online rotation R²."""
     runs = {}
     for path in sorted(glob.glob(os.path.join(study, "*-drift-s*", "drift.jsonl"))):
-        runs[os.path.basename(os.path.dirname(path))] = read_jsonl(path)
+        rows = read_jsonl(path, kind_required=False)
+        for number, row in enumerate(rows, 1):
+            if not all(isinstance(row.get(k), (int, float))
+                       for k in ("step", "rms_h0", "rms_drift", "online_r2")):
+                raise BadInput(f"{path}, line {number}: step, rms_h0, rms_drift and online_r2 "
+                               "must be numbers (written by results/predictor_drift.py)")
+        runs[os.path.basename(os.path.dirname(path))] = rows
     if not runs:
         return
     steps = [row["step"] for row in max(runs.values(), key=len)]
@@ -704,12 +772,17 @@ def training_seconds(log_path):
     """A run's training time from its log: each train line's steps × batch / logged throughput
     (evaluation not included)."""
     log = read_jsonl(log_path)
-    batch = log[0]["config"]["batch_size"]
+    config = log[0].get("config") if log and log[0]["kind"] == "config" else None
+    if not isinstance(config, dict) or not isinstance(config.get("batch_size"), int):
+        raise BadInput(f"{log_path}: its first line is not the run's config line")
+    batch = config["batch_size"]
     seconds, last_step = 0.0, 0
     for e in log:
         if e["kind"] != "train":
             continue
-        rate = e.get("pairs_per_s") or e.get("img_per_s")       # batch rows per second
+        # batch rows per second: pairs_per_s (sie.py, baselines.py), images_per_s (ser.py;
+        # img_per_s in the older logs of results/ser-toy)
+        rate = next((v for k, v in e.items() if k.endswith("_per_s")), None)
         if rate:
             seconds += (e["step"] - last_step) * batch / rate
             last_step = e["step"]
@@ -746,21 +819,47 @@ def print_table(name, study, ser):
 
 
 def update_readme(readme, study, ser):
-    """Replace each marked table of the README by the one generated now."""
-    with open(readme) as f:
-        text = f.read()
+    """Replace each marked table of the README by the one generated now. Every table is made
+    before the file is touched, and the file is replaced in one rename: a failure leaves it as
+    it was."""
+    try:
+        with open(readme) as f:
+            text = f.read()
+    except OSError as e:
+        raise BadInput(f"--readme {readme}: cannot read it ({e.strerror})") from None
+    found = 0
     for name in TABLES:
         start = TABLE_START.format(name)
         if start not in text:
             continue
         before, rest = text.split(start, 1)
+        if TABLE_END not in rest:
+            raise BadInput(f"{readme}: '{start}' has no '{TABLE_END}' line after it")
         _, after = rest.split(TABLE_END, 1)
         table = io.StringIO()
         with contextlib.redirect_stdout(table):
             print_table(name, study, ser)
         text = before + start + "\n" + table.getvalue() + TABLE_END + after
-    with open(readme, "w") as f:
+        found += 1
+    if not found:
+        raise BadInput(f"{readme}: no '{TABLE_START.format('NAME')}' line: no table to rewrite")
+    handle, partial = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(readme)),
+                                       prefix=".make_figures-")
+    with os.fdopen(handle, "w") as f:
         f.write(text)
+    shutil.copymode(readme, partial)
+    os.replace(partial, readme)
+
+
+def check_results(folder, flag):
+    """A result folder must exist and hold runs: a typo must not turn every table into 'not
+    run'."""
+    if not os.path.isdir(folder):
+        raise BadInput(f"{flag} {folder}: no such folder")
+    if not any(glob.glob(os.path.join(folder, "*", name))
+               for name in ("eval.json", "log.jsonl", "drift.jsonl")):
+        raise BadInput(f"{flag} {folder}: holds no runs (no <run>/eval.json, log.jsonl or "
+                       "drift.jsonl)")
 
 
 def main(argv=None):
@@ -774,13 +873,31 @@ def main(argv=None):
     p.add_argument("--readme", help="rewrite every table of this README between its '<!-- table: "
                                     "... --table NAME -->' and '<!-- end of table -->' lines")
     args = p.parse_args(argv)
+    try:
+        draw(args)
+    except BadInput as e:
+        p.exit(2, f"make_figures.py: error: {e}\n")
+    except (KeyError, TypeError, ValueError, IndexError, ZeroDivisionError) as e:
+        p.exit(2, f"make_figures.py: error: a result file under {args.study} or {args.ser} "
+                  f"lacks what the tables need ({type(e).__name__}: {e})\n")
+
+
+def draw(args):
+    check_results(args.study, "--study")
+    if not args.table or args.table in ("claims", "time"):          # the tables that read --ser
+        check_results(args.ser, "--ser")
     if args.readme:
         update_readme(args.readme, args.study, args.ser)
         return
     if args.table:
         print_table(args.table, args.study, args.ser)
         return
-    os.makedirs(args.out, exist_ok=True)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise BadInput(f"--out {args.out}: a file, not a folder")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        raise BadInput(f"--out {args.out}: cannot create it ({e.strerror})") from None
     log = os.path.join(args.study, args.curves_run, "log.jsonl")
     if os.path.isfile(log):
         sie_curves(log, os.path.join(args.out, "study_sie_curves.png"))

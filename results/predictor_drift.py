@@ -32,12 +32,38 @@ def initial_h(sie_args):
 
 
 def fail(message):
-    print(f"predictor_drift.py: {message}", file=sys.stderr)
+    print(f"predictor_drift.py: error: {message}", file=sys.stderr)
     sys.exit(2)
 
 
 def rms(tensor):
     return tensor.pow(2).mean().sqrt().item()
+
+
+def positive_int(text):
+    """argparse type of --every: a piece of at least one epoch."""
+    try:
+        number = int(text)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number of epochs")
+    return number
+
+
+def pieces_done(path):
+    """The epochs drift.jsonl already holds (a rerun skips them)."""
+    if not os.path.exists(path):
+        return []
+    epochs = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            try:
+                epochs.append(json.loads(line)["epoch"])
+            except (ValueError, TypeError, KeyError):
+                fail(f"{path}, line {number}: not a complete drift record (torn by a kill?); "
+                     "remove that line and rerun to resume")
+    return epochs
 
 
 def online_r2_at(log_path, step):
@@ -53,17 +79,29 @@ def main(argv=None):
                                 epilog="after --: sie.py's flags for the run")
     p.add_argument("run_dir", help="sie.py's --run-dir for this run (checkpoints stay there)")
     p.add_argument("out", help="folder for drift.jsonl and the command (committed)")
-    p.add_argument("--every", type=int, default=20,
-                   help="epochs per piece (a toy-preset epoch is 5 steps)")
+    p.add_argument("--every", type=positive_int, default=20,
+                   help="epochs per piece, a divisor of sie.py's --epochs (a toy-preset epoch is "
+                        "5 steps)")
     argv = sys.argv[1:] if argv is None else argv
     split = argv.index("--") if "--" in argv else len(argv)      # ours -- sie.py's
     args = p.parse_args(argv[:split])
     sie_flags = argv[split + 1:] + ["--run-dir", args.run_dir]
     run_args = sie.parse_args(sie_flags)
-    h0 = initial_h(run_args)
-    os.makedirs(args.out, exist_ok=True)
+    # every check before the first piece trains
+    if args.every > run_args.epochs or run_args.epochs % args.every:
+        p.error(f"--every {args.every} does not divide sie.py's --epochs {run_args.epochs}: "
+                "the pieces must end where the run ends")
+    if run_args.predictor != "hypernet":
+        p.error(f"sie.py --predictor {run_args.predictor} has no hypernetwork H to measure")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        p.error(f"{args.out}: a file, not a folder for drift.jsonl")
     out = os.path.join(args.out, "drift.jsonl")
-    done = [json.loads(line)["epoch"] for line in open(out)] if os.path.isfile(out) else []
+    done = pieces_done(out)
+    h0 = initial_h(run_args)
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        p.error(f"{args.out}: cannot create it ({e.strerror})")
     for epoch in range(args.every, run_args.epochs + 1, args.every):
         if epoch in done:
             continue

@@ -4,46 +4,92 @@
 #   LANES=2 bash results/quick_study.sh    # two lanes walk the same list (two cores: two lanes)
 # A lane takes a run by locking runs/study/<name>.lock (flock; the kernel frees it if the lane
 # dies) and skips runs another lane holds. Rerunning skips the runs whose results/study/<name>/
-# eval.json exists and resumes the others from their run directory (runs/study/<name>), so the study
-# can span several sittings. Each finished run leaves its eval.json, log.jsonl and exact command in
-# results/study/<name>/; checkpoints stay in runs/ (not committed).
-# The tables: python results/make_figures.py --tables (or python eval.py --table results/study/*).
+# eval.json exists and reads as JSON, and resumes the others from their run directory
+# (runs/study/<name>), so the study can span several sittings. A data set is generated when the
+# first run that reads it starts, so a rerun of a finished study generates nothing. Each finished
+# run leaves its log.jsonl, exact command and eval.json in results/study/<name>/ (eval.json last,
+# by a rename: it marks the run done); checkpoints stay in runs/ (not committed). A run that
+# fails is named at the end, and the script then exits 1.
+# The tables: python results/make_figures.py --readme results/README.md (or python eval.py
+# --table results/study/*).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+LANES=${LANES:-1}
+case $LANES in
+    *[!0-9]* | "" | 0*) echo "quick_study.sh: LANES=$LANES: not a whole number >= 1" >&2; exit 2 ;;
+esac
 mkdir -p runs/study
-if [ "${LANES:-1}" -gt 1 ] && [ -z "${STUDY_LANE:-}" ]; then
+if [ "$LANES" -gt 1 ] && [ -z "${STUDY_LANE:-}" ]; then
+    pids=()
+    rm -f runs/study/lane*.failed
     for lane in $(seq "$LANES"); do
         STUDY_LANE=$lane bash "$0" > "runs/study/lane$lane.out" 2>&1 &
+        pids+=($!)
         sleep 2                                # lanes start on different runs
     done
     echo "$LANES lanes running: tail -f runs/study/lane*.out"
-    wait
-    exit
+    status=0
+    for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+    if [ "$status" != 0 ]; then
+        failed=$(cat runs/study/lane*.failed 2>/dev/null | tr '\n' ' ')
+        echo "quick_study.sh: failed: ${failed:-a lane (see runs/study/lane*.out)}" >&2
+    fi
+    exit $status
 fi
+FAILED=runs/study/lane${STUDY_LANE:-}.failed       # this lane's failed runs, one name a line
+: > "$FAILED"
+failed() {   # failed NAME [WHY]: say so now, and name it again at the end
+    echo "FAILED: $1 (${2:-see runs/study/$1.out})"
+    echo "$1" >> "$FAILED"
+}
+finished() {   # finished FILE: the result file exists and is complete JSON
+    [ -f "$1" ] && python -c 'import json, sys; json.load(open(sys.argv[1]))' "$1" 2>/dev/null
+}
+keep() {   # keep SRC DIR: copy SRC into DIR by a rename, so DIR never holds half a file
+    local partial=$2/.$(basename "$1").partial
+    cp "$1" "$partial" && mv "$partial" "$2/$(basename "$1")"
+}
 
 take() {   # take NAME: lock NAME for this lane on fd 9 (false if another lane holds it)
     exec 9>"runs/study/$1.lock"
     flock -n 9 || { exec 9>&-; echo "busy: $1 (another lane)"; return 1; }
 }
-dataset() {   # dataset DIR ARGS...: python data.py make-3diebench DIR ARGS, once across lanes
-    [ -d "$1" ] && return
-    ( flock 8; [ -d "$1" ] || python data.py make-3diebench "$@" ) 8>runs/study/data.lock
+declare -A DATA=()   # data set folder -> python data.py make-3diebench flags (generated on demand)
+dataset() {   # dataset DIR ARGS...: what `python data.py make-3diebench DIR ARGS` generates
+    DATA[$1]="$*"
+}
+need_data() {   # need_data SCRIPT FLAGS...: generate the data set the run reads, once across lanes
+    local script=$1 root=""
+    shift
+    while [ $# -gt 0 ]; do
+        [ "$1" = --data-root ] && root=${2:-}
+        shift
+    done
+    if [ -z "$root" ] && [ "$script" != ser.py ]; then root=data/3diebench-toy; fi
+    if [ -z "$root" ] || [ -z "${DATA[$root]:-}" ] || [ -d "$root" ]; then return 0; fi
+    # shellcheck disable=SC2086  # the flags are words
+    ( flock 8; [ -d "$root" ] || python data.py make-3diebench ${DATA[$root]} ) \
+        8>runs/study/data.lock
 }
 run() {   # run NAME SCRIPT FLAGS...: train + evaluate into runs/study/NAME, keep the small files
     local name=$1; shift
     local out=results/study/$name
-    if [ -f "$out/eval.json" ]; then echo "done: $name"; return; fi
+    if finished "$out/eval.json"; then echo "done: $name"; return; fi
     take "$name" || return 0
-    if [ ! -f "$out/eval.json" ]; then                   # (a lane may have finished it meanwhile)
+    if ! finished "$out/eval.json"; then                 # (a lane may have finished it meanwhile)
+        if ! need_data "$@"; then
+            failed "$name" "its data set could not be made"; exec 9>&-; return
+        fi
         echo "run:  $name: python $* --run-dir runs/study/$name"
         if python "$@" --run-dir "runs/study/$name" > "runs/study/$name.out" 2>&1; then
             mkdir -p "$out"
-            cp "runs/study/$name/eval.json" "runs/study/$name/log.jsonl" "$out/"
+            keep "runs/study/$name/log.jsonl" "$out"
             echo "OMP_NUM_THREADS=$OMP_NUM_THREADS python $* --run-dir runs/study/$name" \
                 > "$out/command.txt"
+            keep "runs/study/$name/eval.json" "$out"
         else
-            echo "FAILED: $name (see runs/study/$name.out)"
+            failed "$name"
         fi
     fi
     exec 9>&-
@@ -54,18 +100,21 @@ probe() {
     local name=$1 tag=$2; shift 2
     local result=${name%-s*}-$tag-s${name##*-s}
     local out=results/study/$result
-    if [ -f "$out/eval.json" ] || [ ! -f "results/study/$name/eval.json" ]; then return; fi
+    if finished "$out/eval.json" || ! finished "results/study/$name/eval.json"; then return; fi
     take "$result" || return 0
-    if [ ! -f "$out/eval.json" ]; then
+    if ! finished "$out/eval.json"; then
+        if ! need_data eval.py "$@"; then
+            failed "$result" "its data set could not be made"; exec 9>&-; return
+        fi
         # --out: the run's own eval.json stays
         local cmd="python eval.py runs/study/$name $* --out runs/study/$name/$tag"
         echo "run:  $result: $cmd"
         if $cmd > "runs/study/$result.out" 2>&1; then
             mkdir -p "$out"
-            cp "runs/study/$name/$tag/eval.json" "$out/"
             echo "OMP_NUM_THREADS=$OMP_NUM_THREADS $cmd" > "$out/command.txt"
+            keep "runs/study/$name/$tag/eval.json" "$out"
         else
-            echo "FAILED: $result (see runs/study/$result.out)"
+            failed "$result"
         fi
     fi
     exec 9>&-
@@ -80,15 +129,27 @@ drift() {   # drift NAME FLAGS...: results/predictor_drift.py, sie.py FLAGS -> r
     local name=$1; shift
     if [ -f "results/study/$name/command.txt" ]; then echo "done: $name"; return; fi
     take "$name" || return 0
+    if ! need_data sie.py "$@"; then
+        failed "$name" "its data set could not be made"; exec 9>&-; return
+    fi
     echo "run:  $name: python results/predictor_drift.py runs/study/$name results/study/$name -- $*"
     python results/predictor_drift.py "runs/study/$name" "results/study/$name" -- "$@" \
-        > "runs/study/$name.out" 2>&1 || echo "FAILED: $name (see runs/study/$name.out)"
+        > "runs/study/$name.out" 2>&1 || failed "$name"
     exec 9>&-
 }
+report() {   # the end of a lane: name the failed runs, exit 1 if any
+    if [ -s "$FAILED" ]; then
+        echo "quick_study.sh: failed: $(tr '\n' ' ' < "$FAILED")(output: runs/study/<name>.out)" >&2
+        exit 1
+    fi
+}
 TOY="--classes 10 --objects-per-class 20 --size 32 --zoom 2 --paint axes"   # data.py's toy set
+# shellcheck disable=SC2086
 dataset data/3diebench-toy $TOY
+# shellcheck disable=SC2086
 dataset data/3diebench-toy-ood $TOY --ood           # the same objects at angles |a| > pi/2
 
+# ---------------------------------------------------------------- the runs
 # Question 1, SIE vs EquiMod-SimCLR on the painted toy set (the toy preset: 700 steps of batch 32),
 # then one factor at a time. Seeds 0 and 1 for every setting.
 for s in 0 1; do
@@ -182,7 +243,7 @@ done
 # SER (MoCo-v3 base, toy preset on data/imagefolder-toy): vanilla, the lambda = 0 control and SER
 # (lambda = 1 at block 2), 3 seeds, with the robustness protocol; then each frozen ViT on the
 # 3DIEBench toy set, the paper's out-of-distribution test (classification, rotation, colour).
-# The per-block sweep over L = 2, 4, 6 is results/ser-toy (README, "SER results on the toy data").
+# The per-block sweep over L = 2, 4, 6 is results/ser-toy (results/README.md, "SER").
 for s in 0 1 2; do
     for c in vanilla lam0 L2; do
         case $c in
@@ -202,10 +263,11 @@ for s in 0 1; do
     embeddings sie-2800steps-s$s
     run equimod-2800steps-s$s  baselines.py --method equimod-simclr --seed $s --epochs 560
 done
-# Real meshes: Debian's sweethome3d-furniture (README, "Real 3-D models"), 352 models in 11
-# classes, rendered like the toy set (32 px, zoom 2) with the models' own materials, then painted
-# by face normal (--paint axes) instead: the real shapes with the toy set's pose cue. 281 training
-# objects = 9 steps per epoch: 78 epochs = 702 steps, the toy preset's budget; 312 = 4 x that.
+# Real meshes: Debian's sweethome3d-furniture (results/README.md, "Real 3-D models"), 352
+# models in 11 classes, rendered like the toy set (32 px, zoom 2) with the models' own
+# materials, then painted by face normal (--paint axes) instead: the real shapes with the toy
+# set's pose cue. 281 training objects = 9 steps per epoch: 78 epochs = 702 steps, the toy
+# preset's budget; 312 = 4 x that.
 if [ -d data/sh3d-meshes ]; then
     dataset data/3diebench-sh3d32 --meshes data/sh3d-meshes --size 32 --zoom 2
     dataset data/3diebench-sh3d32-axes --meshes data/sh3d-meshes --size 32 --zoom 2 --paint axes
@@ -223,7 +285,8 @@ if [ -d data/sh3d-meshes ]; then
             --data-root data/3diebench-sh3d32 --epochs 312
     done
 else
-    echo "skipped: the real-mesh runs (no data/sh3d-meshes; README, 'Real 3-D models', steps 1-3)"
+    echo "skipped: the real-mesh runs (no data/sh3d-meshes; results/README.md, 'Real 3-D" \
+        "models', steps 1-3)"
 fi
 # SER on the other two bases (DINO, Barlow Twins): vanilla vs SER (the base's lambda and tau)
 for base in dino bt; do
@@ -241,3 +304,4 @@ for s in 0 1; do
     run equimod-48px-s$s       baselines.py --method equimod-simclr --seed $s \
         --data-root data/3diebench-toy48 --resolution 48
 done
+report

@@ -89,6 +89,10 @@ def test_claims_table_reads_the_result_files(tmp_path):
             "top1/inv": 0.2, "top1/equi": 0.2}, metrics=chance)
         write_run(study, f"equimod-toy-s{seed}", {"rot_r2_pooled/full": equimod_r2},
                   metrics=chance[2:])
+    blocks = [{"name": "equivariance", "part": f"block{b}", "value": 0.9, "chance": 0.8}
+              for b in range(1, 7)]
+    write_run(ser, "ser-toy-moco", {f"equivariance/block{b}": 0.9 for b in range(1, 7)},
+              metrics=blocks)
     script = REPO / "results" / "make_figures.py"
     out = ""
     for table in ("claims", "question1"):
@@ -137,3 +141,274 @@ def test_predictor_drift_pieces_resume_and_measure_from_the_init(toy_root, tmp_p
     assert rows[0]["rms_h0"] == rows[1]["rms_h0"]
     assert 0 < rows[0]["rms_drift"] < rows[1]["rms_drift"]
     assert "--every 1 -- --data-root" in (tmp_path / "out" / "command.txt").read_text()
+
+
+# ---------------------------------------------------------------- bad input: one message, exit 2
+def figures_error(argv, capsys):
+    """make_figures.main(argv) must end in one 'make_figures.py: error:' line and exit code 2."""
+    import pytest
+    figures = load_make_figures()
+    with pytest.raises(SystemExit) as e:
+        figures.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err, err
+    assert err.startswith("make_figures.py: error:") and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def small_study(tmp_path):
+    """A study folder with one SIE run (log with train and online lines) and a SER folder."""
+    study, ser = tmp_path / "study", tmp_path / "ser"
+    log = [{"kind": "config", "config": {"batch_size": 4}}]
+    log += [{"kind": "train", "step": s, "inv": 0.1, "equi": 0.5, "std": 0.7, "pred_std": 0.2,
+             "cov": 0.1, "pairs_per_s": 8.0} for s in (10, 20)]
+    log += [{"kind": "online", "step": 20, "rot_r2_full": 0.3, "rot_r2_inv": 0.3,
+             "rot_r2_equi": 0.3}]
+    write_run(study, "sie-toy-s0", {"rot_r2_pooled/full": 0.5}, log)
+    ser_log = [{"kind": "config", "config": {"batch_size": 8}},
+               {"kind": "train", "step": 10, "images_per_s": 4.0},
+               {"kind": "train", "step": 30, "images_per_s": 4.0}]
+    write_run(ser, "ser-toy-moco", {}, ser_log)
+    return study, ser
+
+
+def test_make_figures_refuses_a_missing_or_empty_study_and_leaves_the_readme(tmp_path, capsys):
+    """A --study typo used to turn every README table into 'not run' and exit 0."""
+    study, ser = small_study(tmp_path)
+    readme = tmp_path / "README.md"
+    text = ("x\n<!-- table: python results/make_figures.py --table losses -->\nold\n"
+            "<!-- end of table -->\ny\n")
+    readme.write_text(text)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for folder in (tmp_path / "typo", empty):
+        err = figures_error(["--readme", readme, "--study", folder, "--ser", ser], capsys)
+        assert f"--study {folder}" in err
+        err = figures_error(["--table", "claims", "--study", study, "--ser", folder], capsys)
+        assert f"--ser {folder}" in err
+        assert f"--study {folder}" in figures_error(["--table", "losses", "--study", folder],
+                                                      capsys)
+    assert readme.read_text() == text
+    load_make_figures().main(["--readme", str(readme), "--study", str(study), "--ser", str(ser)])
+    assert "| sie-toy-s0 | 0.700 |" in readme.read_text()           # a good study rewrites it
+
+
+def test_make_figures_names_the_bad_file(tmp_path, capsys):
+    """Truncated eval.json, torn log line, a curves run with no online lines, a start marker
+    without its end, a missing --readme, an --out that is a file, a null online_r2."""
+    study, ser = small_study(tmp_path)
+    run = study / "sie-toy-s0"
+    good_eval, good_log = (run / "eval.json").read_text(), (run / "log.jsonl").read_text()
+    (run / "eval.json").write_text(good_eval[:20])
+    assert str(run / "eval.json") in figures_error(
+        ["--table", "question1", "--study", study], capsys)
+    (run / "eval.json").write_text(good_eval)
+    (run / "log.jsonl").write_text(good_log + '{"kind": "tra')
+    assert f"{run / 'log.jsonl'}, line 5" in figures_error(
+        ["--table", "losses", "--study", study], capsys)
+    (run / "log.jsonl").write_text("".join(line + "\n" for line in good_log.splitlines()
+                                           if '"online"' not in line))
+    assert str(run / "log.jsonl") in figures_error(
+        ["--study", study, "--ser", ser, "--curves-run", "sie-toy-s0", "--out",
+         tmp_path / "png"], capsys)
+    (run / "log.jsonl").write_text(good_log)
+    readme = tmp_path / "README.md"
+    text = "<!-- table: python results/make_figures.py --table losses -->\nold\n"
+    readme.write_text(text)
+    assert str(readme) in figures_error(["--readme", readme, "--study", study, "--ser", ser],
+                                        capsys)
+    assert readme.read_text() == text
+    missing = tmp_path / "no-such-README.md"
+    assert str(missing) in figures_error(["--readme", missing, "--study", study, "--ser", ser],
+                                         capsys)
+    assert not missing.exists()
+    a_file = tmp_path / "a-file"
+    a_file.write_text("mine\n")
+    assert f"--out {a_file}" in figures_error(["--study", study, "--ser", ser, "--out", a_file],
+                                              capsys)
+    assert a_file.read_text() == "mine\n"
+    drift = study / "sie-toy-drift-s0"
+    drift.mkdir()
+    (drift / "drift.jsonl").write_text(json.dumps(
+        {"epoch": 20, "step": 100, "rms_h0": 0.3, "rms_drift": 0.01, "online_r2": None}) + "\n")
+    assert f"{drift / 'drift.jsonl'}, line 1" in figures_error(
+        ["--table", "drift", "--study", study], capsys)
+
+
+def test_time_table_counts_ser_runs(tmp_path, capsys):
+    """SER logs images_per_s (older logs: img_per_s), not pairs_per_s; each counted."""
+    study, ser = small_study(tmp_path)
+    write_run(ser, "ser-toy-moco-s1", {}, [{"kind": "config", "config": {"batch_size": 8}},
+                                           {"kind": "train", "step": 45, "img_per_s": 4.0}])
+    load_make_figures().main(["--table", "time", "--study", str(study), "--ser", str(ser)])
+    rows = capsys.readouterr().out.splitlines()
+    # sie: 20 steps x 4 / 8 per s = 10 s; ser: 30 x 8 / 4 = 60 s and 45 x 8 / 4 = 90 s
+    hours = {row.split(" | ")[0].lstrip("| "): row.split(" | ")[2].rstrip(" |") for row in rows[2:]}
+    assert hours == {str(study): f"{10 / 3600:.1f}", str(ser): f"{150 / 3600:.1f}"}
+    figures = load_make_figures()
+    assert figures.training_seconds(str(ser / "ser-toy-moco" / "log.jsonl")) == 60.0
+    assert figures.training_seconds(str(ser / "ser-toy-moco-s1" / "log.jsonl")) == 90.0
+
+
+# ---------------------------------------------------------------- quick_study.sh, with stubs
+STUB = '''import json, os, sys
+name = os.path.basename(sys.argv[0])
+argv = sys.argv[1:]
+with open(os.path.join(os.environ["STUB_LOG"]), "a") as f:
+    f.write(name + " " + " ".join(argv) + "\\n")
+def after(flag):
+    return argv[argv.index(flag) + 1]
+if name == "data.py":
+    if os.environ.get("STUB_FAIL_DATA"):
+        sys.exit("data.py: error: no space left")
+    os.makedirs(argv[1])
+elif name == "predictor_drift.py":
+    os.makedirs(argv[1], exist_ok=True)
+    open(os.path.join(argv[1], "command.txt"), "w").write("drift\\n")
+elif name == "eval.py":
+    os.makedirs(after("--out"), exist_ok=True)
+    open(os.path.join(after("--out"), "eval.json"), "w").write('{"summary": {}}')
+else:
+    if os.environ.get("STUB_FAIL"):
+        sys.exit(name + ": error: something broke")
+    run = after("--run-dir")
+    os.makedirs(run, exist_ok=True)
+    open(os.path.join(run, "log.jsonl"), "w").write('{"kind": "config"}\\n')
+    open(os.path.join(run, "eval.json"), "w").write('{"summary": {}}')
+'''
+# the run list of the tests: every kind of step, two data sets made on demand
+MINI_STUDY = '''
+dataset data/3diebench-1k --classes 10 --objects-per-class 100
+run sie-toy-s0          sie.py --seed 0
+embeddings sie-toy-s0
+ood sie-toy-s0
+run sie-1k-s0           sie.py --seed 0 --data-root data/3diebench-1k
+run ser-moco-s0         ser.py --base moco
+drift sie-toy-drift-s0  --seed 0
+report
+'''
+RUNS_MARKER = "# ---------------------------------------------------------------- the runs"
+
+
+def stub_study(tmp_path):
+    """A checkout whose scripts are stubs (each logs its command to calls.log) and whose
+    quick_study.sh has the real functions and MINI_STUDY as its run list."""
+    root = tmp_path / "checkout"
+    (root / "results").mkdir(parents=True)
+    (root / "bin").mkdir()
+    script = (REPO / "results" / "quick_study.sh").read_text()
+    assert RUNS_MARKER in script
+    (root / "results" / "quick_study.sh").write_text(script.split(RUNS_MARKER)[0] + MINI_STUDY)
+    for name in ("sie.py", "baselines.py", "ser.py", "eval.py", "data.py",
+                 "results/predictor_drift.py"):
+        (root / name).write_text(STUB)
+    python = root / "bin" / "python"
+    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
+    env = dict(os.environ, PATH=f"{root / 'bin'}:{os.environ['PATH']}",
+               STUB_LOG=str(root / "calls.log"))
+    env.pop("LANES", None)
+    return root, env
+
+
+def study(root, env, **extra):
+    return subprocess.run(["bash", str(root / "results" / "quick_study.sh")], cwd=root,
+                          env=dict(env, **extra), capture_output=True, text=True, timeout=60)
+
+
+def calls(root):
+    path = root / "calls.log"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_quick_study_names_failed_runs_and_exits_nonzero(tmp_path):
+    root, env = stub_study(tmp_path)
+    for lanes in ("1", "2"):
+        proc = study(root, env, STUB_FAIL="1", LANES=lanes)
+        assert proc.returncode == 1, proc.stderr
+        for name in ("sie-toy-s0", "sie-1k-s0", "ser-moco-s0"):
+            assert name in proc.stderr, (lanes, proc.stderr)
+        assert not (root / "results" / "study" / "sie-toy-s0").exists()
+    root, env = stub_study(tmp_path / "fresh")
+    proc = study(root, env, STUB_FAIL_DATA="1")              # no data set can be made
+    assert proc.returncode == 1, proc.stderr
+    for name in ("sie-toy-s0", "sie-1k-s0", "sie-toy-drift-s0"):
+        assert name in proc.stderr, proc.stderr
+    assert not [c for c in calls(root) if c.startswith("sie.py")]     # nothing trained
+
+
+def test_quick_study_rerun_of_a_finished_study_generates_nothing(tmp_path):
+    root, env = stub_study(tmp_path)
+    proc = study(root, env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    made = [c for c in calls(root) if c.startswith("data.py")]
+    assert sorted(c.split()[2] for c in made) == ["data/3diebench-1k", "data/3diebench-toy",
+                                                  "data/3diebench-toy-ood"]
+    results = root / "results" / "study"
+    assert sorted(os.listdir(results / "sie-toy-s0")) == ["command.txt", "eval.json",
+                                                          "log.jsonl"]
+    assert (results / "sie-toy-z-s0" / "eval.json").exists()
+    assert (results / "sie-toy-drift-s0" / "command.txt").exists()
+    for folder in ("data/3diebench-toy", "data/3diebench-toy-ood", "data/3diebench-1k"):
+        os.rmdir(root / folder)                       # a fresh clone: results, but no data sets
+    before = calls(root)
+    proc = study(root, env)
+    assert proc.returncode == 0 and calls(root) == before, calls(root)[len(before):]
+
+
+def test_quick_study_reruns_a_run_whose_eval_json_is_truncated(tmp_path):
+    root, env = stub_study(tmp_path)
+    assert study(root, env).returncode == 0
+    result = root / "results" / "study" / "sie-toy-s0" / "eval.json"
+    result.write_text('{"summ')
+    before = len(calls(root))
+    proc = study(root, env)
+    assert proc.returncode == 0, proc.stderr
+    again = calls(root)[before:]
+    assert again == ["sie.py --seed 0 --run-dir runs/study/sie-toy-s0"], again
+    assert json.loads(result.read_text()) == {"summary": {}}
+    assert not [p for p in (root / "results").rglob("*.partial")]
+
+
+def test_quick_study_refuses_a_lanes_that_is_not_a_count(tmp_path):
+    root, env = stub_study(tmp_path)
+    for lanes in ("abc", "0", "-1", "2 3", "1.5"):
+        proc = study(root, env, LANES=lanes)
+        assert proc.returncode == 2 and f"LANES={lanes}" in proc.stderr, (lanes, proc.stderr)
+        assert len(proc.stderr.splitlines()) == 1 and not calls(root), proc.stderr
+
+
+# ---------------------------------------------------------------- predictor_drift.py, bad input
+def drift_error(argv, capsys):
+    import importlib.util
+    import pytest
+    spec = importlib.util.spec_from_file_location("predictor_drift",
+                                                  REPO / "results" / "predictor_drift.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(SystemExit) as e:
+        module.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err, err
+    assert len([line for line in err.splitlines() if "error" in line]) == 1, err
+    return err
+
+
+def test_predictor_drift_bad_input_is_one_message_before_any_training(tmp_path, capsys):
+    run, out = tmp_path / "run", tmp_path / "out"
+    sie = ["--", "--epochs", "4"]
+    for every in ("0", "-1", "x"):
+        assert "--every" in drift_error([run, out, "--every", every, *sie], capsys)
+    assert "--every 5" in drift_error([run, out, "--every", "5", *sie], capsys)  # > --epochs
+    assert "--every 3" in drift_error([run, out, "--every", "3", *sie], capsys)  # 4 % 3
+    assert "--predictor mlp" in drift_error([run, out, "--every", "2", *sie, "--predictor",
+                                             "mlp"], capsys)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("mine\n")
+    assert str(a_file) in drift_error([run, a_file, "--every", "2", *sie], capsys)
+    assert a_file.read_text() == "mine\n"
+    out.mkdir()
+    (out / "drift.jsonl").write_text('{"epoch": 2, "step": 10, "rms_h": 0.2}\n{"epoch": 4, "st')
+    assert f"{out / 'drift.jsonl'}, line 2" in drift_error([run, out, "--every", "2", *sie],
+                                                            capsys)
+    assert not run.exists() and not (out / "command.txt").exists()
