@@ -54,14 +54,10 @@ ser.py. Nothing runs at import (`from baselines import nt_xent, vicreg_loss` is 
         --data-root /data/3DIEBench
 """
 import argparse
-import fcntl
-import gc
 import json
 import os
-import platform
 import random
 import shutil
-import subprocess
 import sys
 import time
 
@@ -723,19 +719,6 @@ def monitor_metrics(sums):
 
 
 # ---- what the harness needs from this method ----
-def check_inputs(args):
-    """What training and the evaluation at its end read, checked cheaply before the first step
-    (start_up calls this on rank 0): the data set, the batch against it, the protocols."""
-    root = data.ensure(args.data_root, DATA_KIND)   # generates the default toy set on first use
-    data.preflight(root, DATA_KIND)                 # what the evaluation reads later, checked now
-    entries, _ = data.read_split(root, "train", check_folders=False)   # preflight checked them
-    if args.batch_size > len(entries):
-        raise ValueError(f"--batch-size {args.batch_size} is larger than the {len(entries)} "
-                         f"training objects of {root} (one pair per object per step)")
-    if not args.no_eval:
-        eval.check_protocols(args.eval_protocols, root)
-
-
 def make_dataset(args, root):
     """One item per training OBJECT: two distinct views, their relative rotation g (with
     --rot-color also the two hue differences) and the label. -> (dataset, collate_fn)."""
@@ -774,40 +757,16 @@ def probeable(model, args):
 
 
 # ============ harness: the same text in sie.py, baselines.py and ser.py ============
-# Everything below is the training machinery, word for word the same in the three scripts (a
-# test compares them): processes, the all-gather, the data loader, checkpoints, start-up checks,
-# logging, the train loop, the evaluation call and main(). What it needs from the method above:
-# parse_args, build_model, probeable, make_optimizer, schedule, train_step, monitor_metrics,
-# check_inputs, make_dataset, to_device, and the constants SCRIPT, DATA_KIND, ITEM, DROP_LAST,
-# MEMORY_FORMAT and RUN_LENGTH_FLAGS.
+# The training machinery, word for word the same in the three scripts (a test compares them).
+# eval.py owns the checkpoint format and the run-dir lock; data.py checks the data. From the
+# method above it takes parse_args, build_model, probeable, make_optimizer, schedule, train_step,
+# monitor_metrics, make_dataset, to_device and SCRIPT, DATA_KIND, ITEM, DROP_LAST,
+# MEMORY_FORMAT, RUN_LENGTH_FLAGS.
 
-# ---- processes ----
-def setup_distributed():
-    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK (NCCL on GPUs, gloo on CPU); without them,
-    one plain process and no process group. The same code path either way."""
-    cuda = torch.cuda.is_available()
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if cuda else "cpu")
-    rank = int(os.environ["RANK"])
-    world = int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if cuda:
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)     # before init, so NCCL binds this rank to its own GPU
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")
-    return rank, world, device
-
-
-def is_main():
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def print0(*msg):
-    if is_main():
-        print(*msg, flush=True)
+# ---- processes (eval.py starts and ends the process group, for evaluation too) ----
+def print0(*msg, file=sys.stdout):
+    if eval.main_process():
+        print(*msg, file=file, flush=True)
 
 
 class FullGather(torch.autograd.Function):
@@ -842,187 +801,30 @@ def autocast(args, device):
     return torch.autocast(device.type, dtype=dtype, enabled=enabled)
 
 
-# ---- the data loader ----
-def make_loader(args, rank, world):
-    """The method's training set, sharded over the processes. The global order of the items
-    depends only on (seed, epoch), so 1 and N processes see the same global batches."""
-    root = data.ensure(args.data_root, DATA_KIND)
-    dataset, collate_fn = make_dataset(args, root)
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
-                                 seed=args.seed, drop_last=DROP_LAST)
-    loader = DataLoader(dataset, batch_size=args.batch_size // world, sampler=sampler,
-                        drop_last=DROP_LAST, num_workers=args.num_workers,
-                        pin_memory=torch.cuda.is_available(), collate_fn=collate_fn)
-    return loader, root
-
-
-def epoch_seed(args, epoch, rank):
-    """torch's RNG is re-seeded with this at the start of every epoch, so every random draw of an
-    epoch (augmentations, loader workers) repeats exactly after a resume; ranks differ."""
-    return (args.seed * 100_003 + epoch) * 1_009 + rank
-
-
-# ---- checkpoints ----
-class RunError(Exception):
-    """Bad input or a broken environment (flag, data, run dir, checkpoint, disk): the message is
-    printed alone, without a traceback, and the run exits with code 2."""
-
-
-def rng_state():
-    """All RNG states as plain Python and tensor values: the checkpoint loads with
-    weights_only=True."""
-    np_state = np.random.get_state()
-    numpy_state = [np_state[0], np_state[1].tolist(), *np_state[2:]]
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    return {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state(),
-            "cuda": cuda}
-
-
-def set_rng_state(state):
-    random.setstate(state["python"])
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def atomic_save(obj, path):
-    """Write path.tmp, then rename it over path: a kill mid-write leaves the old file intact. A
-    failed write (a full disk) removes its .tmp and says which file could not be written."""
-    tmp = path + ".tmp"
-    try:
-        torch.save(obj, tmp)
-    except (OSError, RuntimeError) as e:      # torch's zip writer reports ENOSPC as RuntimeError
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise RunError(f"cannot write {path}: {str(e).splitlines()[0]}; the previous "
-                       f"{os.path.basename(path)} is intact (free some space and rerun the same "
-                       f"command to resume from it)") from None
-    os.replace(tmp, path)
-
-
-def previous_checkpoint(path):
-    return path[:-len(".pt")] + ".prev.pt" if path.endswith(".pt") else path + ".prev"
-
-
-def keep_previous(path):
-    """path -> path's .prev.pt twin, atomically, while path itself stays in place: a hard link
-    (a copy where links are not supported) renamed over the old .prev.pt."""
-    prev = previous_checkpoint(path)
-    try:
-        os.link(path, prev + ".tmp")
-    except OSError:
-        shutil.copyfile(path, prev + ".tmp")
-    os.replace(prev + ".tmp", prev)
-
-
-def save_checkpoint(path, model, optimizer, scaler, epoch, step, args):
-    if os.path.exists(path):                 # the last good checkpoint survives a damaged new one
-        keep_previous(path)
-    atomic_save({"script": SCRIPT, "args": vars(args), "model": model.state_dict(),
-                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                 "epoch": epoch, "step": step, "rng": rng_state()}, path)
-
-
-def read_checkpoint(path, args):
-    """torch.load with weights_only=True, and the checks that make resuming safe: the file is
-    whole, written by this script, with the same training flags. Any fault is one RunError."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:                   # truncated zip, foreign pickle, not a file: many types
-        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        prev = previous_checkpoint(path)
-        fallback = ""
-        if os.path.isfile(prev):
-            fallback = (f"; the previous checkpoint {prev} is kept: resume from it with "
-                        f"--resume {prev}")
-        raise RunError(f"{path} is damaged or not a checkpoint ({reason}){fallback}; or move it "
-                       f"away to start afresh") from None
-    keys = ("script", "args", "model", "optimizer", "scaler", "epoch", "step", "rng")
-    if not isinstance(ckpt, dict) or any(k not in ckpt for k in keys) or ckpt["script"] != SCRIPT:
-        raise RunError(f"{path} is not a {SCRIPT}.py checkpoint; pass another --run-dir")
-    for key, old in ckpt["args"].items():
-        new = getattr(args, key, None)
-        if key not in RUN_LENGTH_FLAGS and old != new:
-            raise RunError(f"{path} was trained with --{key.replace('_', '-')} {old}, this command "
-                           f"has {new}; pass the same flags to resume, or another --run-dir to "
-                           f"start afresh")
-    return ckpt
-
-
-def load_checkpoint(path, model, optimizer, scaler, args):
-    """Restores everything save_checkpoint wrote; returns (epochs done, step)."""
-    ckpt = read_checkpoint(path, args)
-    model.load_state_dict(ckpt["model"], strict=True)
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"])
-    return ckpt["epoch"], ckpt["step"]
-
-
-def resume_path(args):
-    """--resume, else the run dir's checkpoint.pt when there is one, else None (a fresh run)."""
-    ckpt = os.path.join(args.run_dir, "checkpoint.pt")
-    return args.resume or (ckpt if os.path.exists(ckpt) else None)
-
-
-# ---- start-up: every cheap check before the first step ----
-RUN_DIR_LOCK = []          # rank 0 keeps its locked file here for the whole run
-
-
-def lock_run_dir(run_dir):
-    """Create the run dir, check it is writable and lock it: a second run on the same dir is
-    refused, naming the process that holds it (the kernel drops the lock when that one dies,
-    kill -9 included). Left-over .tmp files of a run killed while saving are removed."""
-    try:
-        os.makedirs(run_dir, exist_ok=True)
-        lock = open(os.path.join(run_dir, "lock"), "a+")
-    except OSError as e:
-        raise RunError(f"cannot write the run dir {run_dir} ({e.strerror}); "
-                       f"pass a writable --run-dir") from None
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        holder = lock.read().strip() or "another process"
-        raise RunError(f"{run_dir} is in use by {holder}; wait for it to end, or pass "
-                       f"another --run-dir") from None
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"process {os.getpid()} on {platform.node()}\n")
-    lock.flush()
-    RUN_DIR_LOCK.append(lock)
-    for name in os.listdir(run_dir):
-        if name.endswith(".tmp"):
-            os.remove(os.path.join(run_dir, name))
-
-
-def unlock_run_dir():
-    while RUN_DIR_LOCK:
-        RUN_DIR_LOCK.pop().close()          # closing the file releases its flock
-
-
+# ---- start-up: rank 0 does the one-time work and every cheap check before the first step ----
 def start_up(args):
-    """Rank 0 does the one-time work and every cheap check before anybody trains: it generates
-    the default data, validates the data and the eval protocols (check_inputs), locks the run
-    dir and reads the checkpoint to resume. The others wait, then all stop together on a
-    problem (exit 2), which rank 0 alone prints."""
+    """Rank 0 generates the default data set if missing, checks the data (data.py), the eval
+    protocols, the run dir (locked) and the checkpoint to resume (eval.py). The others wait;
+    then all stop together on a problem (exit 2), which rank 0 alone prints."""
     problem = None
-    if is_main():
+    if eval.main_process():
         try:
-            check_inputs(args)
-            lock_run_dir(args.run_dir)
-            if resume_path(args):
-                read_checkpoint(resume_path(args), args)
-        except (RunError, data.DataError, ValueError) as e:
+            root = data.ensure(args.data_root, DATA_KIND)
+            data.preflight(root, DATA_KIND)             # what the evaluation reads later, too
+            data.check_batch(root, DATA_KIND, args.batch_size)
+            if not args.no_eval:
+                eval.check_protocols(args.eval_protocols, root, kind=DATA_KIND)
+            eval.lock_run_dir(args.run_dir)
+            if eval.resume_path(args):
+                eval.read_checkpoint(eval.resume_path(args), SCRIPT, args, RUN_LENGTH_FLAGS)
+        except (data.DataError, eval.RunError, ValueError) as e:
             problem = str(e)
     if dist.is_initialized():
         message = [problem]
         dist.broadcast_object_list(message, src=0)
         problem = message[0]
     if problem:
-        raise RunError(problem)
+        raise eval.RunError(problem)
 
 
 # ---- logging ----
@@ -1036,20 +838,13 @@ def reduce_sums(sums):
 
 
 def log_event(args, kind, **fields):
-    """One JSON object per line in <run-dir>/log.jsonl, written by rank 0."""
-    if is_main():
+    """One JSON object per line in <run-dir>/log.jsonl, written by rank 0. The kinds: config
+    (flags, argv, versions), resume, train (each loss term averaged over --log-every steps, the
+    schedule, items/s, data_frac = the share of time spent waiting for data), online (the
+    monitor, once per epoch), error (a non-finite loss) and eval (the summary)."""
+    if eval.main_process():
         with open(os.path.join(args.run_dir, "log.jsonl"), "a") as f:
             f.write(json.dumps({"kind": kind, **fields}) + "\n")
-
-
-def versions(device):
-    git = subprocess.run("git describe --always --dirty", shell=True, capture_output=True,
-                         text=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    device_name = platform.machine()
-    if device.type == "cuda":
-        device_name = torch.cuda.get_device_name(device)
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "numpy": np.__version__, "cuda": torch.version.cuda, "git": git, "device": device_name}
 
 
 # ---- the train loop ----
@@ -1062,7 +857,13 @@ def setup_run(args, rank, world, device):
     torch.manual_seed(args.seed)                 # the same initial weights on every rank
     random.seed(args.seed)
     np.random.seed(args.seed)
-    loader, root = make_loader(args, rank, world)
+    root = data.ensure(args.data_root, DATA_KIND)
+    dataset, collate_fn = make_dataset(args, root)
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
+                                 seed=args.seed, drop_last=DROP_LAST)    # order = f(seed, epoch)
+    loader = DataLoader(dataset, batch_size=args.batch_size // world, sampler=sampler,
+                        drop_last=DROP_LAST, num_workers=args.num_workers,
+                        pin_memory=torch.cuda.is_available(), collate_fn=collate_fn)
     model = build_model(args).to(device, memory_format=MEMORY_FORMAT)
     if device.type == "cuda" and world > 1:      # BN statistics over the global batch
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -1070,16 +871,17 @@ def setup_run(args, rank, world, device):
         model.compile()
     optimizer = make_optimizer(model, args)
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and args.amp == "fp16")
-    resume = resume_path(args)
     epoch, step = 0, 0
+    resume = eval.resume_path(args)
     if resume:
-        epoch, step = load_checkpoint(resume, model, optimizer, scaler, args)
+        ckpt = eval.read_checkpoint(resume, SCRIPT, args, RUN_LENGTH_FLAGS)
+        epoch, step = eval.restore(ckpt, model, optimizer, scaler)
         print0(f"resumed from {resume}: {epoch} epochs done, step {step}")
         log_event(args, "resume", checkpoint=resume, epoch=epoch, step=step, world_size=world)
     else:
-        log_event(args, "config", config=vars(args), argv=sys.argv, versions=versions(device),
-                  world_size=world)
-        if is_main():                            # the run dir carries the code that produced it
+        log_event(args, "config", config=vars(args), argv=sys.argv,
+                  versions=eval.versions(device, __file__), world_size=world)
+        if eval.main_process():                  # the run dir keeps the code that produced it
             code_copy = os.path.join(args.run_dir, f"{SCRIPT}.py.txt")
             shutil.copyfile(os.path.abspath(__file__), code_copy)
     return loader, root, model, optimizer, scaler, epoch, step
@@ -1092,18 +894,18 @@ def train(args, rank, world, device):
     ddp = model
     if world > 1:
         ddp = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    ckpt = os.path.join(args.run_dir, "checkpoint.pt")
-    steps_per_epoch = len(loader)
     end = args.epochs
     if args.stop_after_epochs:
         end = min(args.epochs, first_epoch + args.stop_after_epochs)
-    bar = tqdm(total=args.epochs * steps_per_epoch, initial=step, disable=not is_main(),
-               unit="step", dynamic_ncols=True)
+    bar = tqdm(total=args.epochs * len(loader), initial=step, unit="step", dynamic_ncols=True,
+               disable=not eval.main_process())
     for epoch in range(first_epoch, end):
         loader.sampler.set_epoch(epoch)                  # data order = f(seed, epoch)
         if hasattr(loader.dataset, "set_epoch"):
             loader.dataset.set_epoch(epoch)              # its draws = f(seed, epoch, item)
-        torch.manual_seed(epoch_seed(args, epoch, rank))  # other draws = f(seed, epoch, rank)
+        # Every other random draw of the epoch (augmentations, workers) = f(seed, epoch, rank), so
+        # a resumed epoch repeats exactly.
+        torch.manual_seed((args.seed * 100_003 + epoch) * 1_009 + rank)
         ddp.train()
         window, epoch_sums, n_window, items = {}, {}, 0, 0
         bad_step = torch.full((), -1, device=device)
@@ -1111,41 +913,39 @@ def train(args, rank, world, device):
         t_data = 0.0
         for i, batch in enumerate(loader):
             t_data += time.perf_counter() - t_wait
-            batch_on_device = to_device(batch, device, args)
-            terms, sums = train_step(ddp, batch_on_device, optimizer, scaler, args, step,
-                                     steps_per_epoch)
+            terms, sums = train_step(ddp, to_device(batch, device, args), optimizer, scaler, args,
+                                     step, len(loader))
             # Device-side bookkeeping only: no .item() in the step, one sync per log line.
             finite = torch.isfinite(terms["total"])
             bad_step = torch.where(finite | (bad_step >= 0), bad_step, step + 1)
             window = {k: window.get(k, 0) + v for k, v in terms.items()}
             epoch_sums = {k: epoch_sums.get(k, 0) + v for k, v in sums.items()}
-            step, n_window = step + 1, n_window + 1
-            items += len(batch[-1]) * world
+            step, n_window, items = step + 1, n_window + 1, items + len(batch[-1]) * world
             bar.update()
             t_wait = time.perf_counter()
             if step % args.log_every and i < len(loader) - 1:
                 continue
             if dist.is_initialized():
                 dist.all_reduce(bad_step, op=dist.ReduceOp.MAX)   # first bad step on any rank
-            bad = int(bad_step.tolist())
+            bad = int(bad_step.item())
             means = {k: v / (n_window * world) for k, v in reduce_sums(window).items()}
             if bad >= 0:
                 log_event(args, "error", epoch=epoch, step=bad, terms=means)
                 raise NonFiniteLoss(f"non-finite loss at step {bad} (epoch {epoch}); loss terms "
                                     f"averaged over steps {step - n_window + 1}-{step}: {means}; "
-                                    f"{ckpt} keeps the last good state")
+                                    f"{args.run_dir}/checkpoint.pt keeps the last good state")
             elapsed = time.perf_counter() - t_start
             rates = {f"{ITEM}_per_s": items / elapsed, "data_frac": t_data / elapsed}
             log_event(args, "train", epoch=epoch, step=step,
-                      **schedule(step - 1, args, steps_per_epoch), **means, **rates)
+                      **schedule(step - 1, args, len(loader)), **means, **rates)
             bar.set_postfix(ep=epoch, **{k: f"{v:.3f}" for k, v in means.items()})
-            window, n_window, items = {}, 0, 0
-            t_start, t_data = time.perf_counter(), 0.0
+            window, n_window, items, t_start, t_data = {}, 0, 0, time.perf_counter(), 0.0
         if epoch_sums:                                   # the online monitor, once per epoch
             log_event(args, "online", epoch=epoch, step=step,
                       **monitor_metrics(reduce_sums(epoch_sums)))
-        if is_main():
-            save_checkpoint(ckpt, model, optimizer, scaler, epoch + 1, step, args)
+        if eval.main_process():
+            eval.save_checkpoint(os.path.join(args.run_dir, "checkpoint.pt"), SCRIPT, args, model,
+                                 optimizer, scaler, epoch + 1, step)
         if dist.is_initialized():
             dist.barrier()                               # nobody runs ahead of a checkpoint write
     bar.close()
@@ -1157,42 +957,25 @@ def run_evaluation(model, args, root, step, device):
     """Exports the backbone (backbone.pt), then runs eval.py's protocols on the frozen model,
     in-process, at the training resolution. Every rank calls it (eval.py shards the feature
     extraction); rank 0 prints the table and writes eval.json."""
-    if is_main():
-        atomic_save(model.backbone.state_dict(), os.path.join(args.run_dir, "backbone.pt"))
+    if eval.main_process():
+        eval.atomic_save(model.backbone.state_dict(), os.path.join(args.run_dir, "backbone.pt"))
     if args.no_eval:
-        return None
+        return
     model.eval()
     probe = probeable(model, args)
     probe.step = step
-    result = eval.evaluate(probe, root, protocols=args.eval_protocols.split(","),
+    result = eval.evaluate(probe, root, protocols=args.eval_protocols.split(","), kind=DATA_KIND,
                            out_dir=args.run_dir, device=device, preset=args.preset,
                            size=args.resolution)
     log_event(args, "eval", step=step, summary=result["summary"])
-    return result
 
 
 # ---- main ----
-def finish_distributed(clean):
-    """Leave the process group for good. The DDP wrapper's reducer keeps the group alive past
-    destroy_process_group, so it is collected first; otherwise the gloo context lives on until
-    the interpreter exits, and a peer that exits earlier closes its sockets under it: SIGABRT,
-    'terminate called without an active exception'. After a clean run the ranks then meet at a
-    barrier, so none leaves while another is still talking; after a failure there is no barrier,
-    which could wait forever for a rank that is gone."""
-    if not dist.is_initialized():
-        return
-    gc.collect()
-    if clean:
-        dist.barrier()
-    dist.destroy_process_group()
-
-
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = setup_distributed()
-    if world == 1 and torch.cuda.device_count() > 1:
-        print0(f"one process; for all GPUs: torchrun --standalone "
-               f"--nproc_per_node={torch.cuda.device_count()} {SCRIPT}.py")
+    device = eval.default_device()              # cuda:LOCAL_RANK, or the CPU
+    eval.start_process_group(device)            # torchrun's NCCL / gloo group; none without it
+    rank, world = eval.world()
     clean = False
     try:
         start_up(args)
@@ -1200,9 +983,8 @@ def main(argv=None):
         if done:
             run_evaluation(model, args, root, step, device)
         clean = True
-    except RunError as e:                    # one message from rank 0, no traceback
-        if is_main():
-            print(f"error: {e}", file=sys.stderr)
+    except eval.RunError as e:               # one message from rank 0, no traceback
+        print0(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except data.DataError as e:              # found by whichever rank read the bad file
         print(f"error: {e}", file=sys.stderr)
@@ -1214,8 +996,8 @@ def main(argv=None):
         print0(f"\ninterrupted; rerun the same command to resume from {args.run_dir}/checkpoint.pt")
         sys.exit(130)
     finally:
-        finish_distributed(clean)
-        unlock_run_dir()
+        eval.end_process_group(clean)
+        eval.unlock_run_dirs()
 
 
 if __name__ == "__main__":

@@ -862,6 +862,18 @@ def preflight_imagefolder(root, workers=None):
     return root
 
 
+def check_batch(root, kind, batch_size):
+    """A DataError unless the training split holds one global batch: one pair per object per
+    step on 3DIEBench, images on an ImageFolder (whose loader drops a last, smaller batch)."""
+    if kind == "ImageFolder":
+        n_items, what = len(ImageFolder(root, "train").samples), "training images"
+    else:
+        n_items, what = len(read_split(root, "train", check_folders=False)[0]), "training objects"
+    if batch_size > n_items:
+        raise DataError(f"--batch-size {batch_size} is larger than the {n_items} {what} of "
+                        f"{root} (one full batch is needed; lower --batch-size)")
+
+
 # ===== generation tool: training never calls what follows, except through ensure() ===========
 # A look-alike of 3DIEBench in its exact on-disk format, rendered here (the official data was
 # rendered with BlenderProc by data/main.py of the SIE code), and an ImageFolder look-alike.

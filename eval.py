@@ -30,17 +30,26 @@ The checkpoint contract, what eval.py needs from a training script:
       "args"    vars() of the script's argparse namespace (a dict with str keys)
       "model"   the model's state_dict, loaded strictly
       "step"    the optimizer step (an int), reported with every metric
-    and, for resuming training only (eval.py does not read them): "optimizer", "scaler",
-    "epoch", "rng". It is loaded weights_only: tensors, numbers, strings, lists and dicts only.
+    and, for resuming training (save_checkpoint / read_checkpoint / restore below, which the
+    scripts call): "optimizer", "scaler", "epoch", "rng". It is loaded weights_only: tensors,
+    numbers, strings, lists and dicts only.
 """
 import argparse
 import copy
+import ctypes
+import fcntl
 import functools
+import gc
 import importlib
 import json
 import math
 import os
+import platform
+import random
 import re
+import shutil
+import signal
+import subprocess
 import sys
 import warnings
 from argparse import Namespace
@@ -145,19 +154,41 @@ def main_process():
     return rank == 0
 
 
+def default_device():
+    """cuda:LOCAL_RANK where there is a GPU (LOCAL_RANK: torchrun's, else 0), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
 def start_process_group(device):
     """Join the process group that torchrun describes in the environment (RANK, WORLD_SIZE, ...),
-    unless there is none or it is joined already: NCCL on GPU, gloo on CPU."""
+    unless there is none or it is joined already: NCCL on GPU, bound to this rank's device;
+    gloo on CPU. The training scripts and eval.py's command line both start here."""
     if "RANK" not in os.environ or dist.is_initialized():
         return
+    if sys.platform == "linux":
+        # A kill -9 of torchrun's agent would leave its workers running unsupervised: ask Linux
+        # to send this worker SIGTERM when its parent, the agent, dies (1 = PR_SET_PDEATHSIG).
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)
     if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        torch.cuda.set_device(device)      # before init, so NCCL binds this rank to its own GPU
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
 
 
-def end_process_group():
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def end_process_group(clean=True):
+    """Leave the process group for good. DDP's reducer keeps the gloo context alive past
+    destroy_process_group, and a peer that exits first would close its sockets under it
+    (SIGABRT, 'terminate called without an active exception'): it is collected first. The ranks
+    meet at a barrier after a clean run only; after a failure a peer may be gone already."""
+    if not dist.is_initialized():
+        return
+    gc.collect()
+    if clean:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 # ====================================================================================== features
@@ -912,7 +943,7 @@ def expand_protocols(protocols, kind):
     return tuple(dict.fromkeys(names))
 
 
-def check_protocols(protocols, data_root, flag="--eval-protocols"):
+def check_protocols(protocols, data_root, flag="--eval-protocols", kind=None):
     """The protocols that evaluate(probe, data_root, protocols) will run, checked now: for the
     training scripts to call at start-up, so that a typo is an error before training, not after
     it. protocols: a comma-separated string (the scripts' flag) or a sequence of names. The data
@@ -920,7 +951,7 @@ def check_protocols(protocols, data_root, flag="--eval-protocols"):
     -> a tuple of names; a ValueError with a one-line message naming `flag` and the choices."""
     names = protocols.split(",") if isinstance(protocols, str) else list(protocols)
     try:
-        return expand_protocols(names, dataset_kind(data_root))
+        return expand_protocols(names, kind.lower() if kind else dataset_kind(data_root))
     except ValueError as e:
         raise ValueError(f"{flag}: {e} (comma-separated)") from None
 
@@ -942,15 +973,17 @@ def model_device(probe):
     return next(probe.backbone.parameters(), torch.empty(0)).device
 
 
-def evaluate(probe, data_root, protocols=("all",), out_dir=None, device=None, preset="toy", **opts):
+def evaluate(probe, data_root, protocols=("all",), out_dir=None, device=None, preset="toy",
+             kind=None, **opts):
     """Run the protocols on the frozen model, print a table, write out_dir/eval.json (rank 0) and
     return the result dict: {"metrics": [one record per metric, with its definition, split, n,
     representation, chance level and the checkpoint step], "summary": {"name/part": value},
     "settings", "notes", ...}. opts override the preset (PRESETS' keys, plus size: the image side,
-    None = native; batch_size_extract). The data root's layout picks the protocols (PROTOCOLS).
+    None = native; batch_size_extract). kind ("3DIEBench" or "ImageFolder", the training script's
+    DATA_KIND) picks the protocols (PROTOCOLS); None: guessed from the root's layout.
     Under torchrun every rank must call it."""
     cfg = resolve(preset, opts)
-    kind = dataset_kind(data_root)
+    kind = kind.lower() if kind else dataset_kind(data_root)
     protos = expand_protocols(protocols, kind)
     if device is None:
         device = model_device(probe)
@@ -990,15 +1023,80 @@ def evaluate(probe, data_root, protocols=("all",), out_dir=None, device=None, pr
     return result
 
 
-# =================================================================================== checkpoints
+# ============================================================== checkpoints and the run directory
+# eval.py owns the checkpoint format (the contract in the module docstring): the training scripts
+# write, read and resume through these functions, and `python eval.py RUN` reads the same files.
+# The only modules a checkpoint's "script" field may name: eval.py imports it to rebuild the
+# model, so any other name (a checkpoint from elsewhere, "os", ...) is refused before importing.
+SCRIPTS = ("sie", "baselines", "ser")
+RESUME_KEYS = ("optimizer", "scaler", "epoch", "step", "rng")   # what resuming needs too
+# The files a run writes through a temporary twin; start-up removes a twin left by a kill while
+# saving, and nothing else in the run directory.
+TEMPORARY_FILES = ("checkpoint.pt.tmp", "checkpoint.prev.pt.tmp", "backbone.pt.tmp",
+                   "eval.json.tmp")
+
+
+class RunError(Exception):
+    """A bad run directory or checkpoint, or one that cannot be written: the training scripts and
+    eval.py print the message alone, without a traceback, and exit with code 2."""
+
+
 def fail(msg):
     print(f"eval.py: error: {msg}", file=sys.stderr)
     sys.exit(2)
 
 
-# The only modules a checkpoint's "script" field may name: eval.py imports it to rebuild the
-# model, so any other name (a checkpoint from elsewhere, "os", ...) is refused before importing.
-SCRIPTS = ("sie", "baselines", "ser")
+def rng_state():
+    """Every RNG state as plain Python values and tensors, so the checkpoint loads weights-only."""
+    np_state = np.random.get_state()
+    numpy_state = [np_state[0], np_state[1].tolist(), *np_state[2:]]
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state(),
+            "cuda": cuda}
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_save(obj, path):
+    """Write path.tmp, then rename it over path: a kill mid-write leaves the old file intact. A
+    failed write (a full disk) removes its .tmp and is a RunError naming the file."""
+    tmp = path + ".tmp"
+    try:
+        torch.save(obj, tmp)
+    except (OSError, RuntimeError) as e:      # torch's zip writer reports ENOSPC as RuntimeError
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise RunError(f"cannot write {path}: {str(e).splitlines()[0]}; the previous "
+                       f"{os.path.basename(path)} is intact (free some space and rerun the same "
+                       f"command to resume from it)") from None
+    os.replace(tmp, path)
+
+
+def previous_checkpoint(path):
+    return path[:-len(".pt")] + ".prev.pt" if path.endswith(".pt") else path + ".prev"
+
+
+def save_checkpoint(path, script, args, model, optimizer, scaler, epoch, step):
+    """The whole training state, for an exact resume. The checkpoint it replaces stays as
+    checkpoint.prev.pt (a hard link, or a copy where links are not supported), so a damaged new
+    one never costs the last good state."""
+    if os.path.exists(path):
+        prev = previous_checkpoint(path)
+        try:
+            os.link(path, prev + ".tmp")
+        except OSError:
+            shutil.copyfile(path, prev + ".tmp")
+        os.replace(prev + ".tmp", prev)
+    atomic_save({"script": script, "args": vars(args), "model": model.state_dict(),
+                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                 "epoch": epoch, "step": step, "rng": rng_state()}, path)
 
 
 def load_error(e):
@@ -1012,31 +1110,113 @@ def load_error(e):
     return f"{type(e).__name__}: {lines[0][:200] if lines else 'empty or cut short'}"
 
 
-def read_checkpoint(ckpt_path):
+def read_checkpoint(path, script=None, args=None, free_flags=()):
     """The checkpoint dict, loaded tensors-only (torch.load(weights_only=True): a pickle that would
-    build arbitrary objects or call functions is refused, not run); damaged or foreign -> fail().
-    Its keys: the checkpoint contract of the module docstring."""
+    build objects or call functions is refused, not run). To resume, pass the `script` that
+    resumes and its `args`: the file must hold the whole training state, written by that script
+    with the same flags except `free_flags` (those that may change between invocations).
+    Any fault is a RunError naming the file."""
     try:
         with warnings.catch_warnings():     # torch warns about pickle protocols: one message only
             warnings.simplefilter("ignore")
-            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for truncated / foreign files
-        fail(f"cannot read checkpoint {ckpt_path} (damaged, or not a checkpoint of sie.py / "
-             f"baselines.py / ser.py): {load_error(e)}")
-    missing = [k for k in ("script", "args", "model")
-               if not isinstance(ckpt, dict) or k not in ckpt]
+        prev = previous_checkpoint(path)
+        fallback = ""
+        if script and os.path.isfile(prev):
+            fallback = (f"; the previous checkpoint {prev} is kept: resume from it with "
+                        f"--resume {prev}")
+        raise RunError(f"cannot read checkpoint {path} (damaged, or not a checkpoint of sie.py / "
+                       f"baselines.py / ser.py): {load_error(e)}{fallback}") from None
+    keys = ("script", "args", "model") + (RESUME_KEYS if script else ())
+    missing = [k for k in keys if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
-        fail(f"{ckpt_path} is not a checkpoint written by sie.py / baselines.py / ser.py "
-             f"(missing {missing})")
+        raise RunError(f"{path} is not a checkpoint written by sie.py / baselines.py / ser.py "
+                       f"(missing {missing})")
     if not isinstance(ckpt["script"], str) or ckpt["script"] not in SCRIPTS:
-        fail(f"{ckpt_path} names script {ckpt['script']!r}; eval.py only rebuilds models of "
-             f"{list(SCRIPTS)}")
+        raise RunError(f"{path} names script {ckpt['script']!r}; only checkpoints of "
+                       f"{list(SCRIPTS)} are read")
     args_ok = isinstance(ckpt["args"], dict) and all(isinstance(k, str) for k in ckpt["args"])
     if not (args_ok and isinstance(ckpt["model"], dict)):
-        fail(f"{ckpt_path} is damaged: its 'args' must be a dict of names, 'model' a state dict")
+        raise RunError(f"{path} is damaged: its 'args' must be a dict of names, 'model' a state "
+                       f"dict")
     if not isinstance(ckpt.get("step", 0), int):
-        fail(f"{ckpt_path} is damaged: its 'step' is {ckpt['step']!r}, not an int")
+        raise RunError(f"{path} is damaged: its 'step' is {ckpt['step']!r}, not an int")
+    if script and ckpt["script"] != script:
+        raise RunError(f"{path} is a {ckpt['script']}.py checkpoint, not {script}.py's; pass "
+                       f"another --run-dir")
+    for key, old in ckpt["args"].items() if script else ():
+        new = getattr(args, key, None)
+        if key not in free_flags and old != new:
+            raise RunError(f"{path} was trained with --{key.replace('_', '-')} {old}, this "
+                           f"command has {new}; pass the same flags to resume, or another "
+                           f"--run-dir to start afresh")
     return ckpt
+
+
+
+def restore(ckpt, model, optimizer, scaler):
+    """Everything save_checkpoint wrote, back in place -> (epochs done, step)."""
+    model.load_state_dict(ckpt["model"], strict=True)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"])
+    return ckpt["epoch"], ckpt["step"]
+
+
+RUN_DIR_LOCKS = []          # the locked files of this process's run directories
+
+
+def lock_run_dir(run_dir):
+    """Create the run directory, check that it is writable and lock it: a second run on it is
+    refused, naming the process that holds it (the kernel drops the lock when that process dies,
+    kill -9 included). A temporary twin (TEMPORARY_FILES) left by a kill while saving is
+    removed; nothing else is."""
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        lock = open(os.path.join(run_dir, "lock"), "a+")
+    except OSError as e:
+        raise RunError(f"cannot write the run dir {run_dir} ({e.strerror}); "
+                       f"pass a writable --run-dir") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        raise RunError(f"{run_dir} is in use by {holder}; wait for it to end, or pass "
+                       f"another --run-dir") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"process {os.getpid()} on {platform.node()}\n")
+    lock.flush()
+    RUN_DIR_LOCKS.append(lock)
+    for name in TEMPORARY_FILES:
+        if os.path.isfile(os.path.join(run_dir, name)):
+            os.remove(os.path.join(run_dir, name))
+
+
+def unlock_run_dirs():
+    while RUN_DIR_LOCKS:
+        RUN_DIR_LOCKS.pop().close()          # closing the file releases its flock
+
+
+def resume_path(args):
+    """--resume, else the run dir's checkpoint.pt when there is one, else None (a fresh run)."""
+    ckpt = os.path.join(args.run_dir, "checkpoint.pt")
+    return args.resume or (ckpt if os.path.exists(ckpt) else None)
+
+
+def versions(device, script_file):
+    """What produced a run, for the first line of its log.jsonl: versions, git state, device."""
+    try:
+        git = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
+                             text=True, cwd=os.path.dirname(os.path.abspath(script_file))).stdout
+    except OSError:                          # no git on this machine
+        git = ""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "numpy": np.__version__, "cuda": torch.version.cuda, "git": git.strip(),
+            "device": name}
 
 
 def load_probeable(path, device, features="representation"):
@@ -1048,7 +1228,10 @@ def load_probeable(path, device, features="representation"):
     if not os.path.isfile(ckpt_path):
         fail(f"no checkpoint at {ckpt_path} (give a run directory holding checkpoint.pt, "
              "or the file)")
-    ckpt = read_checkpoint(ckpt_path)
+    try:
+        ckpt = read_checkpoint(ckpt_path)
+    except RunError as e:
+        fail(str(e))
     script = ckpt["script"]
     try:
         module = importlib.import_module(script)
@@ -1233,12 +1416,6 @@ def parse_args(argv=None):
     p.add_argument("--device", type=device_name,
                    help="default: cuda:LOCAL_RANK if available, else cpu")
     return p.parse_args(argv)
-
-
-def default_device():
-    if torch.cuda.is_available():
-        return f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
-    return "cpu"
 
 
 def saved_value(saved, *names):
