@@ -3,7 +3,8 @@ a checker, and a generator of look-alike data sets in the same on-disk formats.
 
     python data.py {make-3diebench,check,contact-sheet,make-imagefolder,import-sweethome3d} -h
 
-The 3DIEBench layout (official SIE code: data/README.md, src/dataset.py):
+The 3DIEBench layout (official SIE code, github.com/facebookresearch/SIE: data/README.md,
+src/dataset.py):
     <root>/<synset>/<obj_id>/image_k.jpg     view k of one object (k = 0..49)
     <root>/<synset>/<obj_id>/latent_k.npy    that view's 7 float64 latents (see load_latent)
     <root>/{train,val}_images.npy            one '/SYNSET/OBJ_ID/' entry per object
@@ -338,12 +339,45 @@ def count_views(root, entries):
     return views
 
 
+# The ranges of the latents that the methods read (official code, data/main.py, which draws them):
+# Euler angles U(-pi/2, pi/2), floor and spot hues U(0, 1). The 3DIEBench-OOD set of seq-JEPA
+# (arXiv 2505.03176) draws |angle| in [pi/2, pi]: a loader cannot tell the two sets apart, so it
+# admits +-pi. A value outside would not crash a run, only poison it (an angle of 1e39 is inf in
+# float32; a hue of 1e6 gives an R^2 of -inf). The slack absorbs rounding (a float32 round trip
+# moves pi/2 by 4e-8). The spot light's theta and phi are not read by any method: not checked.
+LATENT_RANGES = {0: ("angle x", -math.pi, math.pi), 1: ("angle y", -math.pi, math.pi),
+                 2: ("angle z", -math.pi, math.pi), 3: ("floor hue", 0.0, 1.0),
+                 6: ("spot hue", 0.0, 1.0)}
+LATENT_SLACK = 1e-6
+
+
+def latent_range_problem(latents):
+    """(N, 7) float latents -> None, or (the number of rows outside LATENT_RANGES, the first such
+    row's index, what is wrong with it)."""
+    outside = {column: (latents[:, column] < low - LATENT_SLACK)
+               | (latents[:, column] > high + LATENT_SLACK)
+               for column, (_, low, high) in LATENT_RANGES.items()}
+    bad = np.any(list(outside.values()), 0)
+    if not bad.any():
+        return None
+    row = int(np.argmax(bad))
+    column = next(column for column, out in outside.items() if out[row])
+    name, low, high = LATENT_RANGES[column]
+    limits = "[-pi, pi]" if name.startswith("angle") else f"[{low:g}, {high:g}]"
+    return int(bad.sum()), row, (f"{name} {latents[row, column]:g} outside {limits} (3DIEBench: "
+                                 "angles within +-pi/2, +-pi in its OOD set; hues in [0, 1])")
+
+
 def load_latent(path):
     """One view's (7,) float64 latents (official code, data/main.py): 3 Euler angles (extrinsic
-    xyz), floor hue, spot-light theta, spot-light phi, spot-light hue."""
+    xyz), floor hue, spot-light theta, spot-light phi, spot-light hue; finite, and within
+    LATENT_RANGES."""
     lat = load_npy(path, "latent file")
     if lat.shape != (7,) or lat.dtype.kind != "f" or not np.isfinite(lat).all():
         raise DataError(f"{path}: latent must be 7 finite floats, got {lat.dtype} {lat.shape}")
+    problem = latent_range_problem(lat[None].astype(np.float64))
+    if problem:
+        raise DataError(f"{path}: {problem[2]}")
     return lat.astype(np.float64)
 
 
@@ -372,8 +406,8 @@ def load_all_latents(root, split):
 
 
 def check_latent_table(path, table, entries, views):
-    """The all_latents table as load_all_latents returns it, or a DataError: its shape, dtype, and
-    finite values."""
+    """The all_latents table as load_all_latents returns it, or a DataError: its shape, dtype,
+    finite values within LATENT_RANGES."""
     if table.shape != (len(entries) * views, 7) or table.dtype.kind != "f":
         raise DataError(f"{path}: expected shape ({len(entries) * views}, 7) float "
                         f"({len(entries)} objects x {views} views), "
@@ -383,7 +417,13 @@ def check_latent_table(path, table, entries, views):
         row = int(np.argmin(finite))
         raise DataError(f"{path}: {int((~finite).sum())} row(s) not finite, first: row {row} "
                         f"({entries[row // views]} view {row % views})")
-    return table.astype(np.float64)
+    table = table.astype(np.float64)
+    problem = latent_range_problem(table)
+    if problem:
+        count, row, why = problem
+        raise DataError(f"{path}: {count} row(s) out of range, first: row {row} "
+                        f"({entries[row // views]} view {row % views}): {why}")
+    return table
 
 
 def read_latent_table(path, entries, views):
@@ -624,13 +664,34 @@ def check(root, workers=None, progress=True):
     return check_3diebench(root, workers, progress)
 
 
-def layout(root):
-    """'ImageFolder' if root has a train/ or val/ folder and no 3DIEBench list file, else
-    '3DIEBench'."""
-    pattern = os.path.join(glob.escape(root), "*")
-    lists = glob.glob(pattern + "_images.npy") + glob.glob(pattern + "_labels.npy")
-    folders = any(os.path.isdir(os.path.join(root, split)) for split in ("train", "val"))
-    return "ImageFolder" if folders and not lists else "3DIEBench"
+LIST_FILES = [f"{split}_{what}.npy" for split in ("train", "val") for what in ("images", "labels")]
+
+
+def layout(root, expected=None):
+    """The layout of root, decided once for training and evaluation alike: '3DIEBench' (it holds a
+    list file, LIST_FILES) or 'ImageFolder' (a train/ or val/ folder). A root holding both is
+    ambiguous, and with expected (the layout the caller reads: a script's DATA_KIND) a root of
+    the other layout is wrong: a DataError naming the file that shows it. A root with neither (not
+    there yet, or empty) is the expected layout, else the one whose default root it is, else
+    3DIEBench; the loaders then name what is missing."""
+    lists = [os.path.join(root, name) for name in LIST_FILES
+             if os.path.isfile(os.path.join(root, name))]
+    folders = [os.path.join(root, split) for split in ("train", "val")
+               if os.path.isdir(os.path.join(root, split))]
+    if lists and folders:
+        raise DataError(f"{lists[0]}: a 3DIEBench list file in a root that has the ImageFolder "
+                        f"split folder {folders[0]}: which data set {root} holds is ambiguous; "
+                        "move one of them out")
+    found = "3DIEBench" if lists else "ImageFolder" if folders else None
+    if expected and found and found != expected:
+        marker = "a 3DIEBench list file" if lists else "an ImageFolder split folder"
+        raise DataError(f"{(lists or folders)[0]}: {marker}: {root} is a {found} root, not the "
+                        f"{expected} root expected here")
+    if found or expected:
+        return found or expected
+    if os.path.abspath(root) == os.path.abspath(DEFAULT_IMAGEFOLDER_ROOT):
+        return "ImageFolder"
+    return "3DIEBench"
 
 
 def check_image(path, size=None):
@@ -779,17 +840,21 @@ def check_imagefolder(root, workers=None, progress=True):
 def preflight(root, kind="3DIEBench", workers=None):
     """Validate in seconds, before training starts, what a run reads only later (its evaluation)
     -> root, or a DataError naming the file. `python data.py check ROOT` is the full scan (every
-    image decoded).
-    kind="3DIEBench": both splits' list and label files, every listed folder, >= 2 views; every
-    val folder holds each view's image and latent file; the all_latents tables (shape, finite);
-    train and val images of one size.
+    image decoded). kind: the layout the caller reads (a script's DATA_KIND); a root of the other
+    layout, or of both, is refused (layout).
+    kind="3DIEBench": both splits' list and label files, every listed folder; every object folder
+    holds each view's image and latent file (>= 2 views: a training pair is two distinct views);
+    every val image passes a header/trailer screen (screen_image: its first and last bytes, not a
+    decode); the all_latents tables (shape, finite, LATENT_RANGES); train and val images of one
+    size.
     kind="ImageFolder": train/ and val/ with the same class folders, none empty in val; every val
-    image passes a header/trailer screen (screen_image: its first and last bytes, not a decode)."""
+    image passes the same screen."""
+    if kind not in ("3DIEBench", "ImageFolder"):
+        raise ValueError(f"preflight: kind must be '3DIEBench' or 'ImageFolder', not {kind!r}")
+    root = ensure(root, kind, generate=False)
+    layout(root, kind)
     if kind == "ImageFolder":
         return preflight_imagefolder(root, workers)
-    if kind != "3DIEBench":
-        raise ValueError(f"preflight: kind must be '3DIEBench' or 'ImageFolder', not {kind!r}")
-    ensure(root, generate=False)
     entries, views, first_image, size = {}, {}, {}, {}
     for split in ("train", "val"):
         # the list and labels (< NUM_CLASSES), and every listed folder exists
@@ -803,17 +868,37 @@ def preflight(root, kind="3DIEBench", workers=None):
                         f"{first_image['train']} is {train_width}x{train_height}: "
                         "train and val images must have one size")
 
-    def missing_in(entry):
-        return missing_view_files(object_dir(root, entry), views["val"])
-    messages = parallel_map(missing_in, entries["val"], "preflight", False, workers)
-    problem = next((m for m in messages if m), None)
-    if problem:
-        raise DataError(problem)
+    def problem_in(job):                   # training draws any two views of every train object
+        split, entry = job
+        return object_problem(object_dir(root, entry), views[split], screen=split == "val")
+    jobs = [(split, entry) for split in ("train", "val") for entry in entries[split]]
+    bad = [m for m in parallel_map(problem_in, jobs, "preflight", False, workers) if m]
+    if bad:
+        more = f" (and {len(bad) - 1} more object folders)" if len(bad) > 1 else ""
+        raise DataError(bad[0] + more)
     for split in ("train", "val"):
         path = os.path.join(root, f"all_latents_{split}.npy")
         if os.path.exists(path):               # absent: evaluation rebuilds it from latent_k.npy
             read_latent_table(path, entries[split], views[split])
     return root
+
+
+def object_problem(folder, views, screen):
+    """None, or preflight's first finding in one object folder: fewer than 2 views, one of the
+    `views` image and latent files missing, or (screen=True) an image failing screen_image."""
+    try:
+        present = views_in(folder)
+        missing = missing_view_files(folder, views)
+    except OSError as e:
+        return f"{folder}: unreadable object folder ({e.strerror})"
+    if present < 2:
+        return too_few_views(folder, present)
+    if missing:
+        return missing
+    if screen:
+        return next(filter(None, (screen_image(image_file(folder, k)) for k in range(views))),
+                    None)
+    return None
 
 
 def missing_view_files(folder, views):
@@ -1242,7 +1327,13 @@ def obj_corner(corner, n_verts, n_texcoords):
     return [obj_index(int(fields[0] or 0), n_verts), obj_index(int(fields[1] or 0), n_texcoords)]
 
 
-def read_obj(path, tile=128, fallbacks=None):
+def inside(path, folder):
+    """Whether `path` resolves (symbolic links followed) to a file within `folder`."""
+    real, top = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([real, top]) == top
+
+
+def read_obj(path, tile=128, fallbacks=None, model_folder=None):
     """A minimal OBJ reader: v, vt, f (polygons fan-triangulated; v, v/vt, v//vn, v/vt/vn;
     negative = relative), usemtl, mtllib (Kd, map_Kd; a texture replaces Kd, as in Blender's
     importer); y-up -> z-up as (x, -z, y), Blender's import axes. -> (verts (V, 3) centred and
@@ -1250,9 +1341,20 @@ def read_obj(path, tile=128, fallbacks=None):
     material: its texture resized, or its colour. An unreadable OBJ, or one without faces: a
     DataError. A texture file missing or unreadable (Sweet Home 3D models name some, such as
     f:/images/..., that the package does not ship) leaves its material's colour Kd; a missing MTL
-    file, grey (0.8) for every material; (path, the missing file) is then appended to the list
-    `fallbacks`."""
+    file, grey (0.8) for every material; (path, the missing file, "missing or unreadable") is then
+    appended to the list `fallbacks`. An MTL or texture path that resolves outside model_folder
+    (default: the OBJ's folder; ShapeNet's models/model_normalized.obj names ../images/) is not
+    read, whatever is there (`mtllib ../../x.mtl`, `map_Kd /etc/...`): rendered the same way, with
+    "outside the model's folder (refused)" in `fallbacks`."""
     folder = os.path.dirname(path)           # texture and MTL paths are relative to the OBJ's
+    model_folder = model_folder or folder
+
+    def refused(file):                       # outside the model: as if missing, and said so
+        if inside(file, model_folder):
+            return False
+        if fallbacks is not None:
+            fallbacks.append((path, file, "outside the model's folder (refused)"))
+        return True
     verts, texcoords, triangles = [], [], []     # triangles: (v0, t0, v1, t1, v2, t2, material)
     materials = {"": 0}                          # material name -> index (its atlas tile)
     colours, textures = {}, {}                   # material name -> Kd / map_Kd arguments
@@ -1271,11 +1373,11 @@ def read_obj(path, tile=128, fallbacks=None):
             elif key == "mtllib":
                 library = os.path.join(folder, " ".join(words))
                 try:
-                    definitions = list(obj_lines(library))
+                    definitions = [] if refused(library) else list(obj_lines(library))
                 except OSError:             # missing: every material grey, as without a Kd
                     definitions = []
                     if fallbacks is not None:
-                        fallbacks.append((path, library))
+                        fallbacks.append((path, library, "missing or unreadable"))
                 for k, args in definitions:
                     if k == "newmtl":
                         name = " ".join(args)
@@ -1297,12 +1399,13 @@ def read_obj(path, tile=128, fallbacks=None):
             if material in textures:
                 file = os.path.join(folder, " ".join(textures[material]).replace("\\", "/"))
                 try:
-                    with Image.open(file) as im:
-                        pixels = np.array(im.convert("RGB").resize((T, T)))
-                        return torch.tensor(pixels).permute(2, 0, 1) / 255
+                    if not refused(file):
+                        with Image.open(file) as im:
+                            pixels = np.array(im.convert("RGB").resize((T, T)))
+                            return torch.tensor(pixels).permute(2, 0, 1) / 255
                 except (OSError, Image.DecompressionBombError):
                     if fallbacks is not None:
-                        fallbacks.append((path, file))
+                        fallbacks.append((path, file, "missing or unreadable"))
             kd = [float(x) for x in colours.get(material, [0.8] * 3)[:3]]
             return torch.tensor(kd).view(3, 1, 1).expand(3, T, T)
         atlas = torch.stack([albedo(material) for material in materials])
@@ -1414,6 +1517,25 @@ def first_obj_file(model):
     return found[0] if found else model
 
 
+def check_counts(**flags):
+    """A DataError naming the first flag (its name with dashes) whose value is below its least
+    sensible value: 0 for seed, 1 for the others (sizes, counts)."""
+    for name, value in flags.items():
+        least = 0 if name == "seed" else 1
+        if value < least:
+            raise DataError(f"--{name.replace('_', '-')} {value}: must be at least {least}")
+
+
+def check_device(device):
+    """A DataError naming --device unless torch can allocate on it (`cuda` on a machine without
+    CUDA, a misspelt name)."""
+    try:
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError, NotImplementedError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0].split(". ")[0]
+        raise DataError(f"--device {device}: not usable on this machine ({reason})") from None
+
+
 def make_3diebench(out, classes=55, objects_per_class=6, views=50, size=64, seed=0, ood=False,
                    device="cpu", progress=True, meshes=None, zoom=1.0, paint="palette"):
     """Write a procedural look-alike in the exact 3DIEBench layout, deterministic for a seed: the
@@ -1421,6 +1543,10 @@ def make_3diebench(out, classes=55, objects_per_class=6, views=50, size=64, seed
     ood=True: the same objects at OOD angles. meshes=DIR: render DIR/<class>/<model>[.obj]
     meshes instead (ShapeNetCore v2: a 3DIEBench re-render, the ids kept), with their own
     materials, or paint="axes" by axis_paint."""
+    check_counts(size=size, seed=seed)
+    if not (math.isfinite(zoom) and zoom > 0):      # 0: a zero focal length; nan: black images
+        raise DataError(f"--zoom {zoom:g}: must be a positive number (the real data's lens: 1)")
+    check_device(device)
     if meshes:
         return make_3diebench_from_meshes(out, meshes, views, size, seed, ood, device, progress,
                                           zoom, paint)
@@ -1458,21 +1584,27 @@ def make_3diebench_from_meshes(out, meshes, views, size, seed, ood, device, prog
     if len(class_dirs) > NUM_CLASSES:
         raise DataError(f"{meshes}: {len(class_dirs)} class folders; 3DIEBench has "
                         f"{NUM_CLASSES} classes at most")
-    fallbacks = []                        # (OBJ, texture or MTL) rendered with a colour instead
+    fallbacks = []            # (OBJ, texture or MTL, why) rendered with a colour instead
     objects = []
     for model in models:
         synset, obj_id = re.sub(r"\.obj$", "", model.rstrip(os.sep)).split(os.sep)[-2:]
-        mesh = functools.partial(read_obj, first_obj_file(model), fallbacks=fallbacks)
+        # a model folder's files may name each other across its subfolders (ShapeNet v2:
+        # models/model_normalized.mtl names ../images/texture0.jpg), never outside it
+        model_folder = model if os.path.isdir(model) else None
+        mesh = functools.partial(read_obj, first_obj_file(model), fallbacks=fallbacks,
+                                 model_folder=model_folder)
         if paint == "axes":
             mesh = functools.partial(painted_by_axes, mesh)
         objects.append((synset, obj_id, mesh))
     write_3diebench(out, objects, views, size, seed, ood, device, progress, zoom, source=meshes)
-    if fallbacks:                  # one line for the whole import; the paths in check's style
-        first = sorted(fallbacks)[0]
-        n_meshes = len({obj for obj, _ in fallbacks})
-        print(f"{n_meshes} of {len(models)} meshes: a texture or MTL file missing or unreadable, "
-              "rendered with their material's diffuse colour (Kd; grey without the MTL) instead; "
-              f"first: {first[0]} ({first[1]})", file=sys.stderr)
+    # one line for the whole import per reason; the paths in check's style
+    for why in ("missing or unreadable", "outside the model's folder (refused)"):
+        found = sorted((obj, file) for obj, file, reason in fallbacks if reason == why)
+        if found:
+            n_meshes = len({obj for obj, _ in found})
+            print(f"{n_meshes} of {len(models)} meshes: a texture or MTL file {why}, rendered "
+                  "with their material's diffuse colour (Kd; grey without the MTL) instead; "
+                  f"first: {found[0][0]} ({found[0][1]})", file=sys.stderr)
     return out
 
 
@@ -1646,6 +1778,8 @@ def make_imagefolder(out, classes=10, train_per_class=100, val_per_class=20, siz
     """An ImageNet-layout look-alike, deterministic for a seed: class c = shape family c, a new
     object per 4 images (write_imagefolder_object). Rotations and flips change what an image shows,
     which is what SER's equivariance is about."""
+    check_counts(classes=classes, train_per_class=train_per_class, val_per_class=val_per_class,
+                 size=size, seed=seed)
     per_split = {"train": train_per_class, "val": val_per_class}
     jobs = [(split, c, k) for split, n in per_split.items()
             for c in range(classes) for k in range(0, n, IMAGES_PER_OBJECT)]
@@ -1733,6 +1867,8 @@ def parse_args(argv=None):
 
 def run_check(args):
     """`data.py check`: exit 1 after listing the problems (5 per kind), else one OK line."""
+    if args.workers is not None:
+        check_counts(workers=args.workers)
     kind = layout(ensure(args.root, generate=False))
     if args.quick:
         preflight(args.root, kind, args.workers)                 # a DataError at the first problem

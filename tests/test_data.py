@@ -6,6 +6,7 @@ import glob
 import io
 import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -816,9 +817,29 @@ def test_preflight_passes_on_good_sets(toy_root, toy_imagefolder):
 
 
 def damage_val(root, fault):
-    """One fault in what evaluation reads; -> the text the DataError must start with."""
+    """One fault in what a run reads only later (a train object that is not the first one, the
+    evaluation's val set); -> the text the DataError must start with."""
     entries = np.load(root / "val_images.npy")
     folder = root / entries[2].strip("/")
+    train_folder = root / np.load(root / "train_images.npy")[5].strip("/")
+    if fault == "train object with one view":          # found mid-epoch, when drawn
+        for k in range(1, 50):
+            (train_folder / f"image_{k}.jpg").unlink()
+            (train_folder / f"latent_{k}.npy").unlink()
+        return f"{train_folder}: 1 view(s) (latent_k.npy files); training pairs need 2"
+    if fault == "train view file":
+        (train_folder / "image_40.jpg").unlink()
+        return f"{train_folder}: missing image_40.jpg"
+    if fault == "truncated val jpeg":                  # found by the evaluation, after training
+        image = folder / "image_7.jpg"
+        image.write_bytes(image.read_bytes()[:300])
+        return f"{image}: corrupt or truncated image"
+    if fault == "latent out of range":
+        table = np.load(root / "all_latents_val.npy")
+        table[57, 3] = 1e6                                # a floor hue: object 1, view 7
+        np.save(root / "all_latents_val.npy", table)
+        return (f"{root / 'all_latents_val.npy'}: 1 row(s) out of range, first: row 57 "
+                f"({entries[1]} view 7): floor hue 1e+06 outside [0, 1]")
     if fault == "val folder":
         shutil.rmtree(folder)
         return f"{root / 'val_images.npy'}: 1 of 4 listed object folders are missing"
@@ -842,7 +863,9 @@ def damage_val(root, fault):
 
 
 @pytest.mark.parametrize("fault", ["val folder", "val view file", "nan table", "short table",
-                                   "label", "no labels"])
+                                   "label", "no labels", "train object with one view",
+                                   "train view file", "truncated val jpeg",
+                                   "latent out of range"])
 def test_preflight_3diebench_names_the_file(broken, fault, capsys):
     root, _ = broken
     needle = damage_val(root, fault)
@@ -881,16 +904,41 @@ def test_preflight_imagefolder_names_the_file(toy_imagefolder, tmp_path):
 
 
 # ---------------------------------------------------------------- generator limits, atomic output
-def test_generator_flags_are_checked_in_one_line(tmp_path, capsys):
-    for flags, needle in ((["--classes", "56"], "--classes 56: 3DIEBench has 55 classes"),
-                          (["--views", "1"], "--views 1: make-3diebench needs at least 2"),
-                          (["--objects-per-class", "1"],
-                           "--objects-per-class 1: make-3diebench needs at least 2")):
+def test_generator_flags_are_checked_in_one_line(tmp_path, toy_root, capsys):
+    out = str(tmp_path / "out")
+    cases = [(["make-3diebench", out, "--classes", "56"],
+              "--classes 56: 3DIEBench has 55 classes"),
+             (["make-3diebench", out, "--views", "1"],
+              "--views 1: make-3diebench needs at least 2"),
+             (["make-3diebench", out, "--objects-per-class", "1"],
+              "--objects-per-class 1: make-3diebench needs at least 2"),
+             # accepted before, then garbage images (0: a zero focal length, nan: black)
+             (["make-3diebench", out, "--zoom", "0"], "--zoom 0: must be a positive number"),
+             (["make-3diebench", out, "--zoom", "nan"], "--zoom nan: must be a positive number"),
+             (["make-imagefolder", out, "--classes", "0"], "--classes 0: must be at least 1"),
+             (["make-imagefolder", out, "--train-per-class", "0"],
+              "--train-per-class 0: must be at least 1"),
+             (["make-imagefolder", out, "--val-per-class", "0"],
+              "--val-per-class 0: must be at least 1"),
+             # tracebacks before
+             (["make-3diebench", out, "--size", "0"], "--size 0: must be at least 1"),
+             (["make-3diebench", out, "--size", "-5"], "--size -5: must be at least 1"),
+             (["make-3diebench", out, "--seed", "-1"], "--seed -1: must be at least 0"),
+             (["make-3diebench", out, "--device", "bogus"],
+              "--device bogus: not usable on this machine (Expected one of cpu, cuda"),
+             (["make-imagefolder", out, "--size", "0"], "--size 0: must be at least 1"),
+             (["check", toy_root, "--workers", "-3"], "--workers -3: must be at least 1")]
+    if not torch.cuda.is_available():
+        cases.append((["make-3diebench", out, "--device", "cuda"],
+                      "--device cuda: not usable on this machine"))
+    for argv, needle in cases:
+        if argv[0] == "make-3diebench" and "--size" not in argv:
+            argv = [*argv, "--size", "16"]
         with pytest.raises(SystemExit) as end:
-            data.main(["make-3diebench", str(tmp_path / "out"), *flags, "--size", "16"])
+            data.main(argv)
         err = capsys.readouterr().err
-        assert end.value.code == 2, err
-        assert err.startswith(f"error: {needle}") and err.count("\n") == 1, err
+        assert end.value.code == 2, (argv, err)
+        assert err.startswith(f"error: {needle}") and err.count("\n") == 1, (argv, err)
         assert os.listdir(tmp_path) == []
 
 
@@ -1037,7 +1085,8 @@ def test_missing_texture_renders_with_the_material_colour(tmp_path, capsys):
                       mtl="Kd 0.1 0.5 0.9\nmap_Kd f:/images/wood.jpg")
     fallbacks = []
     verts, faces, (uv, material, atlas) = data.read_obj(str(lost), fallbacks=fallbacks)
-    assert fallbacks == [(str(lost), str(lost.parent / "f:/images/wood.jpg"))]
+    assert fallbacks == [(str(lost), str(lost.parent / "f:/images/wood.jpg"),
+                          "missing or unreadable")]
     assert torch.allclose(atlas[1], torch.tensor([0.1, 0.5, 0.9]).view(3, 1, 1).expand(3, 128, 128))
     write_mesh(tmp_path / "m" / "lamp" / "kept", "lamp", TETRA, mtl="Kd 1 1 0")
     write_mesh(tmp_path / "m" / "bed" / "a", "bed", TETRA, mtl="Kd 0 1 0")
@@ -1075,3 +1124,150 @@ def test_mesh_sets_that_training_cannot_use_are_refused(tmp_path):
         data.make_3diebench(str(tmp_path / "out"), views=2, size=16, meshes=str(tmp_path / "many"),
                             progress=False)
     assert sorted(os.listdir(tmp_path)) == ["many", "one"]
+
+
+# ---------------------------------------------------------------- the torch floor
+def requirement_floor(name):
+    """The (major, minor) of `name>=X.Y` in requirements.txt."""
+    text = (REPO / "requirements.txt").read_text()
+    return tuple(int(x) for x in re.search(rf"^{name}>=(\d+)\.(\d+)", text, re.M).groups())
+
+
+def test_torch_floor_admits_no_known_weights_only_bypass():
+    # Checkpoints are read with torch.load(weights_only=True); a crafted file runs code through it
+    # below 2.6.0 (CVE-2025-32434) and below 2.10.0 (CVE-2026-24747).
+    torch_floor, vision_floor = requirement_floor("torch"), requirement_floor("torchvision")
+    assert torch_floor >= (2, 10)
+    # torchvision 0.(N + 15) is the release for torch 2.N (0.25.0 requires torch==2.10.0): a lower
+    # torchvision floor would only admit pairs that the torch floor excludes
+    assert torch_floor[0] == 2 and vision_floor == (0, torch_floor[1] + 15)
+    import torchvision
+    installed = [tuple(int(x) for x in re.match(r"(\d+)\.(\d+)", v).groups())
+                 for v in (torch.__version__, torchvision.__version__)]
+    assert installed[0] >= torch_floor and installed[1] >= vision_floor
+
+
+# ---------------------------------------------------------------- mesh import: no path outside
+def test_mesh_paths_outside_the_model_folder_are_refused(tmp_path, capsys):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    Image.fromarray(np.full((4, 4, 3), [255, 0, 0], np.uint8)).save(outside / "evil.png")
+    (outside / "evil.mtl").write_text("newmtl paint\nKd 0 1 0\nmap_Kd evil.png\n")
+    meshes = tmp_path / "m"
+    # mtllib up and out of the model's folder: not read, grey as without an MTL
+    climbing = meshes / "lamp" / "a" / "a.obj"
+    climbing.parent.mkdir(parents=True)
+    climbing.write_text("mtllib ../../../outside/evil.mtl\nusemtl paint\n" + QUAD)
+    # an absolute texture path, and a link inside the model to a file outside it: Kd instead
+    absolute = write_mesh(meshes / "lamp" / "b", "b", QUAD,
+                          mtl=f"Kd 0.1 0.5 0.9\nmap_Kd {outside / 'evil.png'}")
+    linked = write_mesh(meshes / "lamp" / "c", "c", QUAD, mtl="Kd 0.1 0.5 0.9\nmap_Kd tex.png")
+    (linked.parent / "tex.png").symlink_to(outside / "evil.png")
+    # ShapeNet v2: models/model_normalized.mtl names ../images/, inside the model's folder: read
+    shapenet = write_mesh(meshes / "bed" / "d" / "models", "model_normalized", QUAD,
+                          mtl="Kd 0.1 0.5 0.9\nmap_Kd ../images/tex.png")
+    (meshes / "bed" / "d" / "images").mkdir()
+    Image.fromarray(np.full((4, 4, 3), [0, 0, 255], np.uint8)).save(
+        meshes / "bed" / "d" / "images" / "tex.png")
+    write_mesh(meshes / "bed" / "e", "e", TETRA, mtl="Kd 0 1 0")
+    refused = "outside the model's folder (refused)"
+    fallbacks = []
+    atlas = data.read_obj(str(climbing), fallbacks=fallbacks)[2][2]
+    assert fallbacks == [(str(climbing), str(meshes / "lamp" / "a/../../../outside/evil.mtl"),
+                          refused)]
+    assert torch.equal(atlas, torch.full((2, 3, 1, 1), 0.8))
+    kd = torch.tensor([0.1, 0.5, 0.9]).view(3, 1, 1).expand(3, 128, 128)
+    for model in (absolute, linked):
+        fallbacks = []
+        assert torch.equal(data.read_obj(str(model), fallbacks=fallbacks)[2][2][1], kd)
+        assert [why for _, _, why in fallbacks] == [refused]
+    fallbacks = []
+    texture = data.read_obj(str(shapenet), fallbacks=fallbacks,
+                            model_folder=str(meshes / "bed" / "d"))[2][2][1]
+    assert fallbacks == [] and torch.equal(texture, torch.tensor([0.0, 0, 1]).view(3, 1, 1)
+                                           .expand(3, 128, 128))
+    data.main(["make-3diebench", str(tmp_path / "out"), "--meshes", str(meshes), "--views", "2",
+               "--size", "16"])
+    err = capsys.readouterr().err.splitlines()
+    notes = [line for line in err if "MTL" in line]
+    assert notes == [f"3 of 5 meshes: a texture or MTL file {refused}, rendered with their "
+                     "material's diffuse colour (Kd; grey without the MTL) instead; first: "
+                     f"{climbing} ({meshes / 'lamp' / 'a/../../../outside/evil.mtl'})"], err
+
+
+# ---------------------------------------------------------------- one layout per root
+def test_layout_is_decided_once_and_refuses_an_ambiguous_root(toy_root, toy_imagefolder,
+                                                              tmp_path, monkeypatch, capsys):
+    assert data.layout(toy_root) == data.layout(toy_root, "3DIEBench") == "3DIEBench"
+    assert data.layout(toy_imagefolder, "ImageFolder") == "ImageFolder"
+    # an ImageFolder root with a stray 3DIEBench list file: ser.py trained on it, then the
+    # evaluation read it as 3DIEBench
+    root = tmp_path / "imf"
+    shutil.copytree(toy_imagefolder, root)
+    np.save(root / "train_images.npy", np.array(["/a/b/"]))
+    stray = (f"^{root / 'train_images.npy'}: a 3DIEBench list file in a root that has the "
+             f"ImageFolder split folder {root / 'train'}")
+    for call in (data.layout, data.check):
+        with pytest.raises(data.DataError, match=stray):
+            call(str(root))
+    for kind in ("ImageFolder", "3DIEBench"):
+        with pytest.raises(data.DataError, match=stray):
+            data.preflight(str(root), kind)
+    with pytest.raises(SystemExit) as end:
+        data.main(["check", str(root), "--quick"])
+    assert end.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+    # the other layout than the script reads: named by the file that shows it
+    with pytest.raises(data.DataError, match=f"^{Path(toy_root) / 'train_images.npy'}: a "
+                       f"3DIEBench list file: {toy_root} is a 3DIEBench root, not the "
+                       "ImageFolder root expected here"):
+        data.preflight(toy_root, "ImageFolder")
+    with pytest.raises(data.DataError, match=f"^{Path(toy_imagefolder) / 'train'}: an ImageFolder "
+                       "split folder"):
+        data.preflight(toy_imagefolder, "3DIEBench")
+    # a root not there yet: the expected layout, else the one of its default location
+    monkeypatch.chdir(tmp_path)
+    assert data.layout("nowhere", "ImageFolder") == "ImageFolder"
+    assert data.layout("nowhere") == "3DIEBench"
+    assert data.layout(data.DEFAULT_IMAGEFOLDER_ROOT) == "ImageFolder"
+
+
+# ---------------------------------------------------------------- latents within 3DIEBench's ranges
+def test_out_of_range_latents_are_named_at_load_time(broken, tmp_path):
+    root, folders = broken
+    path = folders[3] / "latent_5.npy"
+    good = np.load(path)
+    for column, value, what in ((0, 1e6, "angle x 1e+06 outside [-pi, pi]"),
+                                (2, -1e39, "angle z -1e+39 outside [-pi, pi]"),   # inf in float32
+                                (6, 1.01, "spot hue 1.01 outside [0, 1]")):
+        bad = good.copy()
+        bad[column] = value
+        np.save(path, bad)
+        with pytest.raises(data.DataError) as e:
+            data.load_latent(str(path))                    # what the training pairs read
+        assert str(e.value) == (f"{path}: {what} (3DIEBench: angles within +-pi/2, +-pi in "
+                                "its OOD set; hues in [0, 1])")
+    p = cli("check", root)                                 # the checker's finding
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert f"{path}: spot hue 1.01" in p.stderr
+    # float rounding at the limits passes: a float32 pi/2, a hue of 1 + 1e-7
+    edge = good.copy()
+    edge[[0, 3]] = [np.float32(np.pi / 2), 1 + 1e-7]
+    np.save(path, edge)
+    assert np.array_equal(data.load_latent(str(path)), edge)
+    # a val table: evaluation's loader and the start-up check name the table, the row, the object
+    table = np.load(root / "all_latents_val.npy")
+    table[120, 1] = 4.0
+    np.save(root / "all_latents_val.npy", table)
+    entry = np.load(root / "val_images.npy")[2]
+    message = (f"{root / 'all_latents_val.npy'}: 1 row(s) out of range, first: row 120 ({entry} "
+               "view 20): angle y 4 outside [-pi, pi]")
+    for load in (data.load_all_latents, data.Views3DIEBench):
+        with pytest.raises(data.DataError, match=re.escape(message)):
+            load(str(root), "val")
+    with pytest.raises(data.DataError, match=re.escape(message)):
+        data.preflight(str(root))
+    # the OOD set (|angle| up to pi) is in range
+    ood = data.make_3diebench(str(tmp_path / "ood"), classes=1, objects_per_class=2, views=50,
+                              size=8, ood=True, progress=False)
+    assert np.abs(data.load_all_latents(ood, "train")[:, :3]).max() > 3.0
+    assert data.check(ood, progress=False) == {}
