@@ -758,10 +758,9 @@ def probeable(model, args):
 
 # ============ harness: the same text in sie.py, baselines.py and ser.py ============
 # The training machinery, word for word the same in the three scripts (a test compares them).
-# eval.py owns the checkpoint format and the run-dir lock; data.py checks the data. From the
-# method above it takes parse_args, build_model, probeable, make_optimizer, schedule, train_step,
-# monitor_metrics, make_dataset, to_device and SCRIPT, DATA_KIND, ITEM, DROP_LAST,
-# MEMORY_FORMAT, RUN_LENGTH_FLAGS.
+# eval.py owns checkpoints and the run-dir lock; data.py checks the data. It takes from above:
+# parse_args, build_model, probeable, make_optimizer, schedule, train_step, monitor_metrics,
+# make_dataset, to_device, SCRIPT, DATA_KIND, ITEM, DROP_LAST, MEMORY_FORMAT, RUN_LENGTH_FLAGS.
 
 # ---- processes (eval.py starts and ends the process group, for evaluation too) ----
 def print0(*msg, file=sys.stdout):
@@ -843,8 +842,8 @@ def log_event(args, kind, **fields):
     schedule, items/s, data_frac = the share of time spent waiting for data), online (the
     monitor, once per epoch), error (a non-finite loss) and eval (the summary)."""
     if eval.main_process():
-        with open(os.path.join(args.run_dir, "log.jsonl"), "a") as f:
-            f.write(json.dumps({"kind": kind, **fields}) + "\n")
+        with open(os.path.join(args.run_dir, "log.jsonl"), "a") as log:
+            log.write(json.dumps({"kind": kind, **fields}) + "\n")
 
 
 # ---- the train loop ----
@@ -852,18 +851,25 @@ class NonFiniteLoss(RuntimeError):
     """The loss became inf/nan: training stops before the next checkpoint could store the damage."""
 
 
+def make_loader(args, rank, world):
+    """The method's training set, sharded over the processes: the global order of the items
+    depends only on (seed, epoch), so 1 and N processes see the same global batches."""
+    root = data.ensure(args.data_root, DATA_KIND)
+    dataset, collate_fn = make_dataset(args, root)
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
+                                 seed=args.seed, drop_last=DROP_LAST)
+    loader = DataLoader(dataset, batch_size=args.batch_size // world, sampler=sampler,
+                        drop_last=DROP_LAST, num_workers=args.num_workers,
+                        pin_memory=torch.cuda.is_available(), collate_fn=collate_fn)
+    return loader, root
+
+
 def setup_run(args, rank, world, device):
     """Data, model, optimiser, scaler; resumes from the run dir's checkpoint when there is one."""
     torch.manual_seed(args.seed)                 # the same initial weights on every rank
     random.seed(args.seed)
     np.random.seed(args.seed)
-    root = data.ensure(args.data_root, DATA_KIND)
-    dataset, collate_fn = make_dataset(args, root)
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
-                                 seed=args.seed, drop_last=DROP_LAST)    # order = f(seed, epoch)
-    loader = DataLoader(dataset, batch_size=args.batch_size // world, sampler=sampler,
-                        drop_last=DROP_LAST, num_workers=args.num_workers,
-                        pin_memory=torch.cuda.is_available(), collate_fn=collate_fn)
+    loader, root = make_loader(args, rank, world)
     model = build_model(args).to(device, memory_format=MEMORY_FORMAT)
     if device.type == "cuda" and world > 1:      # BN statistics over the global batch
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -903,8 +909,7 @@ def train(args, rank, world, device):
         loader.sampler.set_epoch(epoch)                  # data order = f(seed, epoch)
         if hasattr(loader.dataset, "set_epoch"):
             loader.dataset.set_epoch(epoch)              # its draws = f(seed, epoch, item)
-        # Every other random draw of the epoch (augmentations, workers) = f(seed, epoch, rank), so
-        # a resumed epoch repeats exactly.
+        # every other draw (augmentations, workers) = f(seed, epoch, rank): resumes repeat it
         torch.manual_seed((args.seed * 100_003 + epoch) * 1_009 + rank)
         ddp.train()
         window, epoch_sums, n_window, items = {}, {}, 0, 0
@@ -954,9 +959,8 @@ def train(args, rank, world, device):
 
 # ---- the evaluation call ----
 def run_evaluation(model, args, root, step, device):
-    """Exports the backbone (backbone.pt), then runs eval.py's protocols on the frozen model,
-    in-process, at the training resolution. Every rank calls it (eval.py shards the feature
-    extraction); rank 0 prints the table and writes eval.json."""
+    """Exports the backbone (backbone.pt), then runs eval.py's protocols on the frozen model at
+    the training resolution. Every rank calls it; rank 0 prints the table, writes eval.json."""
     if eval.main_process():
         eval.atomic_save(model.backbone.state_dict(), os.path.join(args.run_dir, "backbone.pt"))
     if args.no_eval:
