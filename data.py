@@ -1795,6 +1795,7 @@ def make_imagefolder(out, classes=10, train_per_class=100, val_per_class=20, siz
 def contact_sheet(root, out_png, objects=8, views=8):
     """A grid, one row per object (one per class first), one column per view, as stored on disk."""
     import torchvision
+    check_counts(objects=objects, views=views)
     entries, labels = read_split(root, "train")
     first = [int(np.flatnonzero(labels == c)[0]) for c in np.unique(labels)][:objects]
     to_tensor = torchvision.transforms.ToTensor()

@@ -927,7 +927,9 @@ def test_generator_flags_are_checked_in_one_line(tmp_path, toy_root, capsys):
              (["make-3diebench", out, "--device", "bogus"],
               "--device bogus: not usable on this machine (Expected one of cpu, cuda"),
              (["make-imagefolder", out, "--size", "0"], "--size 0: must be at least 1"),
-             (["check", toy_root, "--workers", "-3"], "--workers -3: must be at least 1")]
+             (["check", toy_root, "--workers", "-3"], "--workers -3: must be at least 1"),
+             (["contact-sheet", toy_root, str(tmp_path / "sheet.png"), "--objects", "0"],
+              "--objects 0: must be at least 1")]
     if not torch.cuda.is_available():
         cases.append((["make-3diebench", out, "--device", "cuda"],
                       "--device cuda: not usable on this machine"))
