@@ -193,3 +193,20 @@ def test_links_into_the_repository_exist():
                     if fragment not in headings:
                         broken.append(f"{path.name} line {number}: {target} (no such heading)")
     assert not broken, "\n".join(broken)
+
+
+def test_the_reading_guides_name_code_that_exists():
+    """Every `name` in the last column of a paper -> code table ('where in `X.py`') is defined in
+    that script (`eval.name`: in eval.py), so the guide follows the code when it moves."""
+    missing = []
+    for _, header, _, rows in tables(README):
+        script = re.search(r"where in `(\w+\.py)`", header)
+        if not script:
+            continue
+        for number, row in rows:
+            for name in re.findall(r"`([A-Za-z_][\w.]*)`", cells(row)[-1]):
+                file = "eval.py" if name.startswith("eval.") else script.group(1)
+                word = name.split(".")[-1]
+                if not re.search(rf"\b{re.escape(word)}\b", (REPO / file).read_text()):
+                    missing.append(f"README.md line {number}: `{name}` is not in {file}")
+    assert not missing, "\n".join(missing)
