@@ -36,7 +36,7 @@ import warnings
 import torch
 
 import data
-from sie import nonnegative_int, positive_int   # the scripts' argparse types
+import eval  # noqa: A004 (the project's eval.py: its argparse types)
 
 PRESETS = {  # sizes; every flag overrides
     "toy": dict(batch="16", ser_batch="32", resolution=32, ser_resolution=32, decode="pil,cpu",
@@ -61,15 +61,17 @@ def parse_args(argv=None):
     p.add_argument("--batch",
                    help="per-GPU batch in pairs (sie, baselines), comma-separated for several")
     p.add_argument("--ser-batch", help="per-GPU batch in images (ser), comma-separated")
-    p.add_argument("--resolution", type=positive_int,
+    p.add_argument("--resolution", type=eval.number(int, 1),
                    help="image side for sie/baselines, px (paper 256)")
-    p.add_argument("--ser-resolution", type=positive_int, help="crop side for ser, px (paper 224)")
-    p.add_argument("--steps", type=positive_int, help="timed steps per repeat")
-    p.add_argument("--repeats", type=positive_int, help="timed blocks; the median is reported")
-    p.add_argument("--warmup", type=nonnegative_int,
+    p.add_argument("--ser-resolution", type=eval.number(int, 1),
+                   help="crop side for ser, px (paper 224)")
+    p.add_argument("--steps", type=eval.number(int, 1), help="timed steps per repeat")
+    p.add_argument("--repeats", type=eval.number(int, 1),
+                   help="timed blocks; the median is reported")
+    p.add_argument("--warmup", type=eval.number(int, 0),
                    help="untimed steps first (compilation, cuDNN autotuning, allocator)")
-    p.add_argument("--num-workers", type=nonnegative_int, help="DataLoader workers for e2e")
-    p.add_argument("--max-objects", type=positive_int,
+    p.add_argument("--num-workers", type=eval.number(int, 0), help="DataLoader workers for e2e")
+    p.add_argument("--max-objects", type=eval.number(int, 1),
                    help="cap on the generated e2e data set (objects / images)")
     p.add_argument("--data-dir", default="data/bench",
                    help="where generated e2e data sets are cached")

@@ -578,6 +578,24 @@ def to_float(x, size=None):
     return normalize_channels(x)
 
 
+def jpeg_pairs(root, split="train", size=None, color=False, seed=0, decode="cpu"):
+    """(JpegPairs3DIEBench, its collate_fn): sie.py's --decode cpu|gpu training set."""
+    dataset = JpegPairs3DIEBench(root, split, size, color, seed, decode)
+    return dataset, collate_jpegs if decode == "gpu" else None
+
+
+def images_to_device(x, device, size=None):
+    """A loader's image batch -> normalised floats on the device at `size`: JPEG bytes
+    (decode="gpu") are decoded there, uint8 (decode="cpu"|"gpu") normalised and resized there;
+    Split3DIEBench's floats just move."""
+    if isinstance(x, list):
+        x = decode_jpegs(x, device)
+    x = x.to(device, non_blocking=True)
+    if x.dtype == torch.uint8:
+        x = to_float(x, size)
+    return x
+
+
 # ===================================================== ImageFolder (ser.py's ImageNet stand-in)
 def expected_layout(folder):
     return f"(expected {folder}/<wnid>/*.JPEG)"

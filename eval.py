@@ -23,8 +23,8 @@ The checkpoint contract, what eval.py needs from a training script:
   - the script is one of SCRIPTS (sie.py, baselines.py, ser.py) and defines, at module level,
       build_model(args) -> nn.Module       the training model, rebuilt from the saved args
       probeable(model, args) -> Probeable  what of that model the protocols use (see Probeable)
-    and, optionally, embedding_probeable(model, args) -> Probeable: the projector outputs the
-    loss acts on, probed instead of the representation with `--features embeddings` (sie.py)
+    where Probeable.embeddings, when set, gives the projector outputs the loss acts on, probed
+    instead of the representation with `--features embeddings` (sie.py)
   - its checkpoint.pt is a dict written with torch.save, holding
       "script"  "sie", "baselines" or "ser": the module that eval.py imports to rebuild the model
       "args"    vars() of the script's argparse namespace (a dict with str keys)
@@ -131,9 +131,12 @@ class Probeable:
     """What a method script hands to `evaluate` (its `probeable(model, args)` returns one)."""
     backbone: nn.Module                 # images (B, 3, H, W) -> representation (B, D)
     parts: dict                         # name -> slice of the representation: slice(0, 512)
-    embed: nn.Module | None = None      # representation (B, D) -> equivariant embedding (B, d)
+    embed: nn.Module | None = None      # the 'equi' part (else all) of the representation ->
+    #                                     equivariant embedding (B, d)
     predict: Callable | None = None     # (embedding (B, d), g (B, g_dim)) -> prediction (B, d)
     g_dim: int = 4                      # 4 (quaternion) or 6 (quaternion + 2 hue differences)
+    embeddings: Callable | None = None  # representation -> all embeddings Z, where the loss acts
+    embedding_parts: dict | None = None  # name -> slice of Z, probed with --features embeddings
     token_maps: Callable | None = None  # images -> [per-block token map (B, C, h, w)] (ViT / SER)
     input_stats: tuple | None = None    # (mean, std) the backbone was trained with, or the data's
     step: int = 0                       # the checkpoint's step, reported with every metric
@@ -539,7 +542,8 @@ def retrieval_metrics(probe, val_reps, latents, device, batch_size):
     predict(e(o, 0), g(0 -> v)) for every v including 0, g from the float64 latents.
     -> (records, sims (N, V, V) for the figure)."""
     N, V, D = val_reps.shape
-    emb = apply(probe.embed, val_reps.reshape(N * V, D), device, batch_size)
+    equi_part = probe.parts.get("equi", slice(None))            # what probe.embed reads
+    emb = apply(probe.embed, val_reps.reshape(N * V, D)[:, equi_part], device, batch_size)
     lat = latents.reshape(N, V, 7)
     source_lat = np.repeat(lat[:, :1], V, 1)                     # view 0 of each object
     g = data.relative_g(source_lat, lat, color=probe.g_dim == 6, float32_angles=False)
@@ -1023,6 +1027,57 @@ def evaluate(probe, data_root, protocols=("all",), out_dir=None, device=None, pr
     return result
 
 
+# ================================================ the online monitor of sie.py and baselines.py
+# A probe trained DURING pretraining, as the official SIE code does (src/models.py,
+# OnlineEvaluator): the training scripts add it to their model; eval.py's protocols above are the
+# offline measurements after training.
+class OnlineEvaluator(nn.Module):
+    """A training monitor on DETACHED representations, per part: a linear classifier on single
+    views and a rotation MLP on [y1; y2] -> quaternion. Its losses join the total (the same Adam)
+    but cannot reach the backbone.
+    Deviation: the official heads on the 2048-d projector embeddings (about 40 M parameters) are
+    left out; the representation heads are what eval.py measures."""
+
+    def __init__(self, parts, n_classes=data.NUM_CLASSES):
+        super().__init__()
+        self.parts = parts                                   # name -> slice of the representation
+        part_dims = {name: s.stop - s.start for name, s in parts.items()}
+        self.classify = nn.ModuleDict({name: nn.Linear(k, n_classes)
+                                       for name, k in part_dims.items()})
+        self.rotation = nn.ModuleDict({name: rotation_mlp(2 * k) for name, k in part_dims.items()})
+
+    def forward(self, y1, y2, q, labels):
+        """-> (summed CE + MSE losses, device-side sums for top-1 and the pooled R²)."""
+        y1, y2, q = y1.detach().float(), y2.detach().float(), q.float()
+        both_labels = torch.cat([labels, labels])
+        loss = 0.0
+        sums = {"pairs": q.new_full((), q.shape[0]), "q_sum": q.sum(), "q_sq": q.pow(2).sum()}
+        for name, s in self.parts.items():
+            logits = self.classify[name](torch.cat([y1[:, s], y2[:, s]]))
+            pred = self.rotation[name](torch.cat([y1[:, s], y2[:, s]], dim=1))
+            loss = loss + F.cross_entropy(logits, both_labels) + F.mse_loss(pred, q)
+            sums[f"{name}_correct"] = (logits.argmax(1) == both_labels).sum().float()
+            sums[f"{name}_sse"] = (pred - q).pow(2).sum()
+        return loss, sums
+
+
+def rotation_mlp(width):
+    """Linear(w, w)-ReLU-Linear(w, w)-ReLU-Linear(w, 4): [y1; y2] -> the quaternion g."""
+    return nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+                         nn.Linear(width, 4))
+
+
+def monitor_metrics(sums):
+    """The monitor's epoch figures from its summed counts: top-1 per part and the pooled R² (one
+    scalar mean over all four quaternion components, as the official code and eval.py)."""
+    parts = [key[:-len("_correct")] for key in sums if key.endswith("_correct")]
+    n_pairs = sums["pairs"]
+    total_sq = sums["q_sq"] - sums["q_sum"] ** 2 / (4 * n_pairs)
+    top1 = {f"top1_{p}": sums[f"{p}_correct"] / (2 * n_pairs) for p in parts}
+    rot_r2 = {f"rot_r2_{p}": 1 - sums[f"{p}_sse"] / total_sq for p in parts}
+    return {**top1, **rot_r2}
+
+
 # ============================================================== checkpoints and the run directory
 # eval.py owns the checkpoint format (the contract in the module docstring): the training scripts
 # write, read and resume through these functions, and `python eval.py RUN` reads the same files.
@@ -1223,7 +1278,7 @@ def load_probeable(path, device, features="representation"):
     """A run directory or its checkpoint.pt -> (Probeable, the saved args): import the script that
     wrote it (one of SCRIPTS), rebuild its model from the saved args with build_model, load the
     weights strictly, ask for its probeable (the checkpoint contract of the module docstring);
-    features="embeddings": its embedding_probeable instead."""
+    features="embeddings": the probes of its embeddings (Probeable.embeddings) instead."""
     ckpt_path = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
     if not os.path.isfile(ckpt_path):
         fail(f"no checkpoint at {ckpt_path} (give a run directory holding checkpoint.pt, "
@@ -1247,14 +1302,27 @@ def load_probeable(path, device, features="representation"):
         model.load_state_dict(ckpt["model"], strict=True)
     except (RuntimeError, AttributeError, TypeError, ValueError) as e:
         fail(f"{ckpt_path} does not match {script}.build_model: {' '.join(str(e).split())[:400]}")
-    make_probeable = module.probeable
+    probe = module.probeable(model.to(device).eval(), args)
     if features == "embeddings":
-        make_probeable = getattr(module, "embedding_probeable", None)
-        if make_probeable is None:
+        if probe.embeddings is None:
             fail(f"{script}.py has no embedding probes (--features embeddings: sie.py only)")
-    probe = make_probeable(model.to(device).eval(), args)
+        probe = Probeable(backbone=EmbeddingsOf(probe.backbone, probe.embeddings),
+                          parts=probe.embedding_parts, g_dim=probe.g_dim)
     probe.step = ckpt.get("step", 0)
     return probe, args
+
+
+class EmbeddingsOf(nn.Module):
+    """images -> embeddings(backbone(images)), as one module: what --features embeddings probes
+    (the model was put in eval mode whole, its projectors included)."""
+
+    def __init__(self, backbone, embeddings):
+        super().__init__()
+        self.backbone = backbone
+        self.embeddings = embeddings
+
+    def forward(self, x):
+        return self.embeddings(self.backbone(x))
 
 
 # ==================================================================================== runs table
@@ -1353,21 +1421,30 @@ def runs_table(data_root, results):
 
 
 # ================================================================================== command line
-class Parser(argparse.ArgumentParser):
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for eval.py and the training scripts: a bad flag is one line, 'prog: error: ...',
+    printed once under torchrun (by rank 0), and every rank exits with code 2."""
+
     def error(self, message):
-        """One line, exit 2 (argparse's default adds the usage block)."""
-        fail(f"{message} (python eval.py --help)")
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{self.prog}: error: {message} (python {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
 
 
-def count(minimum):
-    """An argparse type: an int >= minimum, the flag named in argparse's message otherwise."""
+def number(cast, low, high=1e30, low_open=False):
+    """An argparse type: cast(text) (int or float) in [low, high], or in (low, high] with
+    low_open; argparse names the flag in its message otherwise. The default high keeps a float
+    finite in fp32 (1e39 would be inf in a model), and nan fails every comparison."""
     def parse(text):
         try:
-            value = int(text)
+            value = cast(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{value} is not >= {minimum}")
+            kind = "an integer" if cast is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {kind}") from None
+        if not (value > low if low_open else value >= low):
+            raise argparse.ArgumentTypeError(f"{text} is not {'>' if low_open else '>='} {low}")
+        if not value <= high:
+            raise argparse.ArgumentTypeError(f"{text} is not <= {high:g}")
         return value
     return parse
 
@@ -1384,7 +1461,7 @@ def device_name(text):
 
 
 def parse_args(argv=None):
-    p = Parser(description="Evaluate a checkpoint of sie.py, baselines.py or ser.py with "
+    p = ArgumentParser(description="Evaluate a checkpoint of sie.py, baselines.py or ser.py with "
                            "frozen-backbone protocols.")
     p.add_argument("path", nargs="+", help="run directory holding checkpoint.pt, or a checkpoint "
                    "file (several run directories with --table)")
@@ -1398,16 +1475,16 @@ def parse_args(argv=None):
     p.add_argument("--preset", choices=PRESETS,
                    help="probe settings (default: the checkpoint's preset)")
     p.add_argument("--data-root", help="data set (default: the checkpoint's --data-root)")
-    p.add_argument("--size", type=count(1),
+    p.add_argument("--size", type=number(int, 1),
                    help="image side in px (default: the checkpoint's --resolution)")
     p.add_argument("--bn", choices=BN_MODES, help="BN while fitting probes: eval (toy default, "
                    "cached features) or train (paper default, the official probes' net.train())")
-    p.add_argument("--epochs", type=count(1), help="probe epochs (paper 300)")
-    p.add_argument("--batch-size", type=count(1), help="probe batch (paper 256)")
-    p.add_argument("--train-views", type=count(1),
+    p.add_argument("--epochs", type=number(int, 1), help="probe epochs (paper 300)")
+    p.add_argument("--batch-size", type=number(int, 1), help="probe batch (paper 256)")
+    p.add_argument("--train-views", type=number(int, 1),
                    help="views per training object cached for --bn eval")
-    p.add_argument("--workers", type=count(0), help="DataLoader workers")
-    p.add_argument("--seed", type=count(0), help="view sampling and head init")
+    p.add_argument("--workers", type=number(int, 0), help="DataLoader workers")
+    p.add_argument("--seed", type=number(int, 0), help="view sampling and head init")
     p.add_argument("--features", choices=("representation", "embeddings"), default="representation",
                    help="what is probed: the backbone's representation (the papers' protocol), or "
                         "the projector outputs z_inv / z_equi the loss acts on (sie.py; pass --out "

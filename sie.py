@@ -1,13 +1,15 @@
-"""SIE: Self-supervised learning of Split Invariant-Equivariant representations (Garrido, Najman,
-LeCun, ICML 2023) on 3DIEBench, in one file: model, loss, DDP training, exact resume, evaluation.
+"""SIE: Self-supervised learning of Split Invariant-Equivariant representations, in one file:
+model, loss, DDP training, exact resume, evaluation.
+
+Paper: Q. Garrido, L. Najman, Y. LeCun, ICML 2023, https://arxiv.org/abs/2302.10283. Official code:
+https://github.com/facebookresearch/SIE (cited below by file and function). Data: 3DIEBench.
 
 The method. Two renderings x, x' of one 3-D object differ by a rotation. A ResNet-18 maps each
 image to a 512-d representation y, split into an invariant part (the first 512 - e dims) and an
 equivariant part (the last e dims, e = --equi-dims, 256 in the paper). Each part has its own
 projector. The invariant embeddings of x and x' must agree. The equivariant embedding of x,
 moved by a linear map W(g) that a hypernetwork makes from the relative rotation g, must predict
-the equivariant embedding of x'. VICReg's variance and covariance terms keep the embeddings
-from collapsing.
+the equivariant embedding of x'. VICReg's variance and covariance terms stop the collapse.
 
 g is the rotation from view 1 to view 2 in the object's frame: the quaternion of R1^T R2, where
 R_k is view k's object rotation (extrinsic x-y-z Euler angles in the latent files), written
@@ -15,23 +17,18 @@ scalar-last (x, y, z, w) and not canonicalised (q and -q both occur).
 
 The loss (the paper's Eq. 6, in the official code's exact form), per batch of N pairs:
 
-    L = l_sim * MSE(z_inv, z'_inv)                          invariance
-      + l_sim * alpha * MSE(W(g) z_equi, z'_equi)           equivariance, x -> x' only
-      + l_std * (V(Z)/2 + V(Z')/2 + V(W(g) z_equi)/2)       variance hinges
-      + l_cov * (C(Z) + C(Z'))                              covariance
+    L = l_sim * MSE(z_inv, z'_inv)                              invariance
+      + l_sim * equi_factor * MSE(W(g) z_equi, z'_equi)         equivariance, x -> x' only
+      + l_std * (V(Z)/2 + V(Z')/2 + V(W(g) z_equi)/2)           variance hinges
+      + l_cov * (C(Z) + C(Z'))                                  covariance
     V(A) = mean_j max(0, 1 - sqrt(Var(A_j) + 1e-4)),  C(A) = sum_{i != j} Cov(A)_ij^2 / D
 
-with Z = [z_inv; z_equi] the whole embedding, l_sim = 10, alpha = 0.45, l_std = 10, l_cov = 1.
-
-The tensors of one step (S = image side, D_inv = D_equi = 1024 in the paper):
+with Z = [z_inv; z_equi] the whole embedding; l_sim = 10, equi_factor = 0.45 (the paper's α),
+l_std = 10, l_cov = 1.
 
     x, x' (B, 3, S, S) --ResNet-18--> y, y' (B, 512) = [y_inv (512 - e) | y_equi (e)]
     y_inv --projector--> z_inv (B, D_inv)      y_equi --projector--> z_equi (B, D_equi)
     g (B, 4) --hypernetwork--> W(g) (D_equi, D_equi);   prediction = W(g) z_equi (B, D_equi)
-
-Reading order: the config, then the method (backbone, split, projectors, predictor, loss,
-train_step), then one banner after which the training harness is the same text in sie.py,
-baselines.py and ser.py. Nothing runs at import (`from sie import sie_loss` is safe).
 
     python sie.py                                            # toy preset: CPU, generated data
     torchrun --standalone --nproc_per_node=2 sie.py          # the same run in 2 processes
@@ -44,6 +41,7 @@ import random
 import shutil
 import sys
 import time
+from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -57,22 +55,18 @@ from tqdm import tqdm
 import data
 import eval  # noqa: A004 (the project's eval.py; the builtin eval() is never used here)
 
-# ================================== config ==================================
-# --preset fills the defaults below; any flag given on the command line overrides them.
+# ================================== presets ==================================
+# --preset fills the flags' defaults; a flag on the command line overrides them.
 PRESETS = {
-    # A laptop CPU, about 4 min with evaluation, on data.py's generated set at 32 px. 700 steps:
-    # equivariance appears after 500-700 (README, "What the toy run shows"). Projector widths keep
-    # the paper's embedding / batch ratio of 2048 / 1024 (README, "Why the toy preset uses small
-    # projector widths"). No loader worker: on 2 cores it only slows the step (2.1 vs 2.7 step/s).
+    # A laptop CPU, minutes, on data.py's generated set at 32 px (README, "The toy preset").
+    # Deviation (toy): projector widths keep the paper's embedding / batch ratio of 2048 / 1024.
     "toy": dict(epochs=140, batch_size=32, resolution=32, mlp="64-64-64", num_workers=0),
     # The official README command: 8 GPUs x 128 pairs, 2000 epochs = 82,000 steps.
     "paper": dict(epochs=2000, batch_size=1024, resolution=256, mlp="2048-2048-2048",
                   equi_dims=256, sim_coeff=10.0, equi_factor=0.45, std_coeff=10.0, cov_coeff=1.0,
                   lr=1e-3, wd=1e-6, num_workers=8),
 }
-NUM_CLASSES = data.NUM_CLASSES   # 3DIEBench's 55 synsets; generated sets use the first labels
 REPR_DIM = 512                   # the ResNet-18 representation
-MIN_RESOLUTION = 24              # the smallest image side the ResNet-18's stride-2 stages accept
 SCRIPT = "sie"                   # the checkpoint's "script" field (eval.py accepts only ours)
 DATA_KIND = "3DIEBench"          # the on-disk layout data.py reads (and generates by default)
 ITEM = "pairs"                   # what one batch row is, for the throughput log
@@ -83,197 +77,7 @@ RUN_LENGTH_FLAGS = {"epochs", "stop_after_epochs", "run_dir", "resume", "data_ro
                     "log_every", "compile", "decode", "eval_protocols", "no_eval"}
 
 
-# argparse types: a bad value is one "argument --flag: ..." line and exit 2, never a traceback.
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def nonnegative_int(text):
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
-    return value
-
-
-def nonnegative_float(text):
-    """A finite float >= 0 that fp32 can hold (1e39 would become inf in the model)."""
-    value = float(text)
-    if not 0 <= value <= 1e30:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
-
-
-def learning_rate(text):
-    value = float(text)
-    if not 0 < value <= 10:
-        raise argparse.ArgumentTypeError(f"must be a number in (0, 10], got {text}")
-    return value
-
-
-def resolution(text):
-    value = int(text)
-    if value < MIN_RESOLUTION:
-        raise argparse.ArgumentTypeError(f"must be >= {MIN_RESOLUTION} px (ResNet-18), got {text}")
-    return value
-
-
-def widths(text):
-    """'2048-2048-2048' -> the same string, checked: positive integer widths joined by '-'."""
-    parts = text.split("-")
-    if not all(w.isdigit() and int(w) > 0 for w in parts):
-        raise argparse.ArgumentTypeError(f"must be positive widths joined by '-', e.g. "
-                                         f"2048-2048-2048, got {text!r}")
-    return text
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are printed once under torchrun (by rank 0); every rank exits 2."""
-
-    def error(self, message):
-        if os.environ.get("RANK", "0") == "0":
-            self.print_usage(sys.stderr)
-            print(f"{self.prog}: error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
-def parse_args(argv=None):
-    p = ArgumentParser(description=__doc__.split("\n\n")[0],
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", choices=PRESETS, default="toy",
-                   help="toy: CPU minutes, generated data; paper: the official command")
-    g = p.add_argument_group("data")
-    g.add_argument("--data-root", default=data.DEFAULT_ROOT,
-                   help="3DIEBench root; the default is generated if missing")
-    g.add_argument("--resolution", type=resolution,
-                   help="image side in px (paper 256; 128 = low-compute regime)")
-    g.add_argument("--num-workers", type=nonnegative_int,
-                   help="DataLoader worker processes per rank")
-    g.add_argument("--decode", choices=("pil", "cpu", "gpu"), default="pil",
-                   help="pil: workers decode and normalise (readable); cpu: workers decode to "
-                        "uint8 (libjpeg-turbo), normalised on the device (fast); gpu: workers read "
-                        "bytes, decoded on the device (nvJPEG; on the CPU in a CPU-only run)")
-    g = p.add_argument_group("model (paper Sec. 3)")
-    g.add_argument("--mlp", type=widths,
-                   help="projector widths before the split-ratio scaling (paper 2048-2048-2048)")
-    g.add_argument("--equi-dims", type=int, default=256,
-                   help="e: how many of the 512 REPRESENTATION dims form the equivariant part, the "
-                        "last e (paper 256); the embedding widths follow from --mlp")
-    g.add_argument("--equi-only", action="store_true",
-                   help="ablation: no split, all 512 dims equivariant")
-    g.add_argument("--predictor", choices=("hypernet", "mlp"), default="hypernet",
-                   help="W(g) z (paper) or MLP([g; z])")
-    g.add_argument("--hypernet", choices=("linear", "deep"), default="linear",
-                   help="g -> W(g): one bias-free Linear (paper) or 3 bias-free Linears of width 4 "
-                        "with ReLUs")
-    g.add_argument("--hypernet-gain", type=nonnegative_float, metavar="G",
-                   help="draw H from N(0, G^2 / d), so |W(g) z| ~ G |z| at the start for a unit g "
-                        "(experiment, not in the paper); default: PyTorch's Linear init, as in the "
-                        "official code, whose G is ~0.29 sqrt(d)")
-    g.add_argument("--pred-bias", action="store_true",
-                   help="also generate a bias b(g) (paper figure; off in code)")
-    g.add_argument("--rot-color", action="store_true",
-                   help="ablation: 6-d g = [quaternion, d floor hue, d spot hue]")
-    g = p.add_argument_group("loss (paper Eq. 6)")
-    g.add_argument("--sim-coeff", type=nonnegative_float, default=10.0,
-                   help="l_sim on the invariance MSE (paper 10)")
-    g.add_argument("--equi-factor", type=nonnegative_float, default=0.45,
-                   help="alpha: the equivariance MSE weighs l_sim * alpha (paper 0.45, i.e. 4.5)")
-    g.add_argument("--std-coeff", type=nonnegative_float, default=10.0,
-                   help="l_std on the variance terms (paper 10)")
-    g.add_argument("--cov-coeff", type=nonnegative_float, default=1.0,
-                   help="l_cov on the covariance terms (paper 1)")
-    g.add_argument("--no-pred-var", action="store_true",
-                   help="ablation: drop the variance term on W(g) z")
-    g = p.add_argument_group("optimisation (official README command)")
-    g.add_argument("--epochs", type=positive_int,
-                   help="one epoch = one view pair per training object")
-    g.add_argument("--batch-size", type=positive_int,
-                   help="GLOBAL batch in pairs; per-rank batch = global / world size")
-    g.add_argument("--lr", type=learning_rate, default=1e-3,
-                   help="Adam lr, constant: no warmup, no schedule (paper 1e-3)")
-    g.add_argument("--wd", type=nonnegative_float, default=1e-6,
-                   help="Adam weight decay on every parameter (paper 1e-6)")
-    g.add_argument("--amp", choices=("bf16", "fp16", "none"), default="bf16",
-                   help="autocast dtype on CUDA (ignored on CPU); fp16 adds a GradScaler; "
-                        "loss statistics are computed in fp32 with autocast off")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the model's forward (same maths; slow start)")
-    g = p.add_argument_group("run")
-    g.add_argument("--run-dir",
-                   help="default runs/sie-<preset>[-<ablation>]; rerun the same command to resume")
-    g.add_argument("--resume",
-                   help="checkpoint to resume from (default: <run-dir>/checkpoint.pt if present)")
-    g.add_argument("--stop-after-epochs", type=positive_int,
-                   help="end this invocation after N more epochs (rerun to continue; no eval)")
-    g.add_argument("--seed", type=nonnegative_int, default=0,
-                   help="model init, view sampling and data order")
-    g.add_argument("--log-every", type=positive_int, default=20,
-                   help="steps between log lines (the only host syncs)")
-    g.add_argument("--eval-protocols", default="all",
-                   help="eval.py protocols after training, comma-separated")
-    g.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
-    # The preset's values become the defaults (in --help too). This comes after every
-    # add_argument, whose own default= would otherwise win over the preset.
-    preset = p.parse_known_args(without_help(argv))[0].preset
-    p.set_defaults(**PRESETS[preset])
-    args = p.parse_args(argv)
-    if args.equi_only:
-        args.equi_dims = REPR_DIM
-    elif not 0 < args.equi_dims < REPR_DIM:
-        p.error(f"argument --equi-dims: must be in 1..{REPR_DIM - 1}, got {args.equi_dims} "
-                f"(--equi-only: no invariant part)")
-    if args.predictor == "mlp" and (args.hypernet != "linear" or args.hypernet_gain is not None):
-        p.error("argument --hypernet/--hypernet-gain: they shape the hypernetwork predictor; "
-                "--predictor mlp has none")
-    inv_repr_dims = REPR_DIM - args.equi_dims
-    for part, repr_dims in (("invariant", inv_repr_dims), ("equivariant", args.equi_dims)):
-        if repr_dims and min(split_widths(args.mlp, repr_dims)) < 1:
-            p.error(f"argument --mlp/--equi-dims: the {part} projector of {args.mlp} scaled by "
-                    f"{repr_dims}/{REPR_DIM} has a layer of width 0; use a wider --mlp or "
-                    f"another --equi-dims")
-    if args.batch_size < 2:
-        p.error("argument --batch-size: must be >= 2 (the variance needs two samples)")
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if args.batch_size % world:
-        p.error(f"argument --batch-size: {args.batch_size} is not divisible by the {world} "
-                f"processes (--batch-size is the global batch)")
-    if args.resume and not os.path.isfile(args.resume):
-        p.error(f"argument --resume: no checkpoint file {args.resume}")
-    if args.run_dir is None:
-        args.run_dir = os.path.join("runs", "-".join(["sie", args.preset] + run_tags(args)))
-    return args
-
-
-def without_help(argv):
-    """The command line without -h/--help, to read --preset before the full parse."""
-    return [a for a in (sys.argv[1:] if argv is None else argv) if a not in ("-h", "--help")]
-
-
-def run_tags(args):
-    """Short names of the ablations in use: each ablation gets its own run dir."""
-    flags = (("equionly", args.equi_only), ("nopredvar", args.no_pred_var),
-             ("rotcolor", args.rot_color), ("predbias", args.pred_bias))
-    tags = [name for name, on in flags if on]
-    if args.equi_dims not in (256, REPR_DIM):
-        tags.append(f"e{args.equi_dims}")
-    if args.predictor == "mlp":
-        tags.append("mlppred")
-    elif args.hypernet == "deep":
-        tags.append("deephyper")
-    if args.predictor == "hypernet" and args.hypernet_gain is not None:
-        tags.append(f"gain{args.hypernet_gain:g}")
-    return tags
-
-
 # ================================ the method ================================
-# SIE itself, top to bottom: the backbone, the split and its projectors, the predictor, the loss,
-# the optimiser and one training step. Three helpers come from the harness below: gather (the
-# autograd all-gather of a batch over processes; the identity in one process), autocast (bf16
-# or fp16 on CUDA, off on CPU) and is_main (rank 0, or the only process).
-
 # ---- the backbone: the official ResNet-18 variant (official code, src/resnet.py) ----
 class BasicBlock(nn.Module):
     """The official block: the stride sits on conv2, after an asymmetric zero pad (0, 1, 0, 1)."""
@@ -326,37 +130,6 @@ class ResNet18(nn.Module):
 
 
 # ---- the split and the projectors (Sec. 3.2; official code, src/models.py, SIE.__init__) ----
-def representation_parts(args):
-    """Names -> slices of the 512-d representation: inv = the first 512 - e dims, equi = the last
-    e. With --equi-only there is no split: only 'full' (which is then the equivariant part)."""
-    inv_repr_dims = REPR_DIM - args.equi_dims
-    parts = {"full": slice(0, REPR_DIM)}
-    if inv_repr_dims == 0:
-        return parts
-    return {**parts, "inv": slice(0, inv_repr_dims), "equi": slice(inv_repr_dims, REPR_DIM)}
-
-
-class Part(nn.Module):
-    """y[:, part]: each projector sees only its own part of the representation."""
-
-    def __init__(self, part):
-        super().__init__()
-        self.part = part
-
-    def forward(self, y):
-        return y[:, self.part]
-
-
-def projector(part, widths):
-    """The part's slice, then Linear-BN-ReLU for every layer but the last, a bias-free Linear
-    (official code, src/models.py, Projector). widths: e.g. [1024, 1024, 1024]."""
-    dims = [part.stop - part.start] + list(widths)
-    layers = [Part(part)]
-    for d_in, d_out in zip(dims[:-2], dims[1:-1]):
-        layers += [nn.Linear(d_in, d_out), nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)]
-    return nn.Sequential(*layers, nn.Linear(dims[-2], dims[-1], bias=False))
-
-
 def split_widths(mlp, repr_dims):
     """--mlp widths scaled by the part's share of the 512 dims, rounded half to even as the
     official code's np.round: 2048-2048-2048 with a 256-d part -> [1024, 1024, 1024]."""
@@ -364,36 +137,58 @@ def split_widths(mlp, repr_dims):
     return [int(w) for w in np.round(full_widths * repr_dims / REPR_DIM)]
 
 
+def projector(d_in, layer_widths):
+    """Linear-BN-ReLU for every layer but the last, then a bias-free Linear (official code,
+    src/models.py, Projector). layer_widths: e.g. [1024, 1024, 1024]."""
+    dims = [d_in] + list(layer_widths)
+    layers = []
+    for d_hidden_in, d_hidden_out in zip(dims[:-2], dims[1:-1]):
+        layers += [nn.Linear(d_hidden_in, d_hidden_out), nn.BatchNorm1d(d_hidden_out),
+                   nn.ReLU(inplace=True)]
+    layers.append(nn.Linear(dims[-2], dims[-1], bias=False))
+    # Numbered from 1, so checkpoints of earlier versions (whose layer 0 sliced y) still load.
+    return nn.Sequential(OrderedDict((str(i), layer) for i, layer in enumerate(layers, start=1)))
+
+
+def representation_parts(args):
+    """Names -> slices of the 512-d representation, for the monitor and eval.py: inv = the first
+    512 - e dims, equi = the last e. With --equi-only, no split: only 'full'."""
+    inv_repr_dims = REPR_DIM - args.equi_dims
+    parts = {"full": slice(0, REPR_DIM)}
+    if inv_repr_dims == 0:
+        return parts
+    return {**parts, "inv": slice(0, inv_repr_dims), "equi": slice(inv_repr_dims, REPR_DIM)}
+
+
 # ---- the predictor (Sec. 3.3; official code, src/hypernetwork.py, HyperNet) ----
 class HypernetPredictor(nn.Module):
-    """prediction = W(g) z, with W(g) = reshape(H g) row-major: W[o, i] = (H g)[o * d + i].
-    H is one bias-free Linear(k, d * d): 4,194,304 parameters at d = 1024, k = 4.
-    W is linear in g, so W(g) z = sum_k g_k (A_k z) with A_k[o, i] = H[o * d + i, k]. forward
-    computes that sum, so the (B, d, d) tensor of weights is never built (1.07 G floats at
-    B = 1024). The value and the gradients are those of the materialised form (a test checks)."""
+    """prediction = W(g) z. The hypernetwork H, one bias-free Linear(k, d * d) (4,194,304
+    parameters at d = 1024, k = 4), writes the weights of a linear map from g:
 
-    def __init__(self, d, g_dim=4, deep=False, bias=False, gain=None):
+        materialised:  W(g) = (H c).view(d, d)   prediction = W(g) z     (B x d x d floats)
+        computed here: A_k = H[:, k].view(d, d)  prediction = sum_k c_k (A_k z)
+
+    with c = g (the paper), or c = MLP(g) with --hypernet deep. H c is linear in c, so the two
+    forms are equal for every --hypernet; the second never builds the (B, d, d) weights (1 G
+    floats at B = d = 1024). tests/test_sie.py::test_predictor_cheap_form_equals_materialised
+    checks values and gradients."""
+
+    def __init__(self, d, g_dims=4, deep=False, bias=False):
         super().__init__()
         self.d = d
         self.hyper_in = nn.Identity()
         if deep:      # --hypernet deep: two bias-free Linear(k, k) + ReLU before H (width k)
-            self.hyper_in = nn.Sequential(nn.Linear(g_dim, g_dim, bias=False), nn.ReLU(),
-                                          nn.Linear(g_dim, g_dim, bias=False), nn.ReLU())
-        self.hyper = nn.Linear(g_dim, d * d, bias=False)             # H, weight (d * d, k)
-        # PyTorch's Linear init (the official code's) draws H from U(-1/2, 1/2) for k = 4, so for
-        # a unit g every W(g)[o, i] has variance 1/12 and |W(g) z| is about 0.29 sqrt(d) |z|:
-        # 1.6 x at the toy's d = 32, 9.2 x at the paper's d = 1024. --hypernet-gain G (an
-        # experiment, not in the paper) draws H from N(0, G^2 / d): |W(g) z| is about G |z|.
-        if gain is not None:
-            nn.init.normal_(self.hyper.weight, std=gain * d ** -0.5)
-        self.hyper_bias = None                                       # --pred-bias: b(g) = B g
+            self.hyper_in = nn.Sequential(nn.Linear(g_dims, g_dims, bias=False), nn.ReLU(),
+                                          nn.Linear(g_dims, g_dims, bias=False), nn.ReLU())
+        self.hyper = nn.Linear(g_dims, d * d, bias=False)            # H, weight (d * d, k)
+        self.hyper_bias = None                                       # --pred-bias: b(g) = B c
         if bias:
-            self.hyper_bias = nn.Linear(g_dim, d, bias=False)
+            self.hyper_bias = nn.Linear(g_dims, d, bias=False)
 
     def forward(self, z, g):
         """z: (B, d) equivariant embeddings of view 1, g: (B, k) -> (B, d) predictions."""
         c = self.hyper_in(g)                                 # (B, k)
-        A = self.hyper.weight.view(self.d, self.d, -1)       # A[o, i, k]
+        A = self.hyper.weight.view(self.d, self.d, -1)       # A[o, i, k] = H[o * d + i, k]
         Az = torch.einsum("oik,bi->bko", A, z)               # A_k z for every k: (B, k, d)
         out = torch.einsum("bk,bko->bo", c, Az)
         if self.hyper_bias is not None:
@@ -406,59 +201,11 @@ class MLPPredictor(nn.Linear):
     p(z, g) = Linear([g; z]). g only shifts the output, so this predictor can ignore g and
     collapse to invariance: the case the paper makes for the hypernetwork."""
 
-    def __init__(self, d, g_dim=4):
-        super().__init__(d + g_dim, d)
+    def __init__(self, d, g_dims=4):
+        super().__init__(d + g_dims, d)
 
     def forward(self, z, g):
         return super().forward(torch.cat([g, z], dim=1))
-
-
-# ---- the online monitor (official code, src/models.py, OnlineEvaluator) ----
-class OnlineEvaluator(nn.Module):
-    """A training monitor on DETACHED representations, per part: a linear classifier on single
-    views and a rotation MLP on [y1; y2] -> quaternion. Its losses join the total (the same Adam)
-    but cannot reach the backbone.
-    Deviation: the official heads on the 2048-d projector embeddings (about 40 M parameters) are
-    left out; the representation heads are what eval.py measures."""
-
-    def __init__(self, parts):
-        super().__init__()
-        self.parts = parts                                   # name -> slice of the representation
-        part_dims = {name: s.stop - s.start for name, s in parts.items()}
-        self.classify = nn.ModuleDict({name: nn.Linear(k, NUM_CLASSES)
-                                       for name, k in part_dims.items()})
-        self.rotation = nn.ModuleDict({name: rotation_mlp(2 * k) for name, k in part_dims.items()})
-
-    def forward(self, y1, y2, q, labels):
-        """-> (summed CE + MSE losses, device-side sums for top-1 and the pooled R²)."""
-        y1, y2, q = y1.detach().float(), y2.detach().float(), q.float()
-        both_labels = torch.cat([labels, labels])
-        loss = 0.0
-        sums = {"pairs": q.new_full((), q.shape[0]), "q_sum": q.sum(), "q_sq": q.pow(2).sum()}
-        for name, s in self.parts.items():
-            logits = self.classify[name](torch.cat([y1[:, s], y2[:, s]]))
-            pred = self.rotation[name](torch.cat([y1[:, s], y2[:, s]], dim=1))
-            loss = loss + F.cross_entropy(logits, both_labels) + F.mse_loss(pred, q)
-            sums[f"{name}_correct"] = (logits.argmax(1) == both_labels).sum().float()
-            sums[f"{name}_sse"] = (pred - q).pow(2).sum()
-        return loss, sums
-
-
-def rotation_mlp(width):
-    """Linear(w, w)-ReLU-Linear(w, w)-ReLU-Linear(w, 4): [y1; y2] -> the quaternion g."""
-    return nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
-                         nn.Linear(width, 4))
-
-
-def monitor_metrics(sums):
-    """The monitor's epoch figures from its summed counts: top-1 per part and the pooled R² (one
-    scalar mean over all four quaternion components, as the official code and eval.py)."""
-    parts = [key[:-len("_correct")] for key in sums if key.endswith("_correct")]
-    n_pairs = sums["pairs"]
-    total_sq = sums["q_sq"] - sums["q_sum"] ** 2 / (4 * n_pairs)
-    top1 = {f"top1_{p}": sums[f"{p}_correct"] / (2 * n_pairs) for p in parts}
-    rot_r2 = {f"rot_r2_{p}": 1 - sums[f"{p}_sse"] / total_sq for p in parts}
-    return {**top1, **rot_r2}
 
 
 # ---- the loss (Eq. 6; official code, src/models.py, SIE.forward) ----
@@ -474,17 +221,14 @@ def covariance_loss(z, divisor):
     return (cov.pow(2).sum() - cov.diagonal().pow(2).sum()) / z.shape[1]
 
 
-def sie_loss(z1, z2, pred, inv_emb_dims, batch_size=None, sim_coeff=10.0, equi_weight=4.5,
+def sie_loss(z1, z2, pred, inv_emb_dims, batch_size=None, sim_coeff=10.0, equi_factor=0.45,
              std_coeff=10.0, cov_coeff=1.0, pred_var=True):
-    """The SIE objective on one (local) batch.
-    z1, z2: (B, D) embeddings [z_inv; z_equi] of views x and x' (the first inv_emb_dims columns
-    invariant); pred: (B, D - inv_emb_dims) = W(g) z1_equi. batch_size: the GLOBAL batch of the
-    command line; like the official code, the covariance divides by batch_size - 1 even for a
-    smaller last batch (None: the real count). Returns the unweighted terms and
-    'loss' = sim*inv + equi_weight*equi + std*(std + pred_std) + cov*cov, where
-    std = V(Z)/2 + V(Z')/2 and pred_std = V(prediction)/2 already carry their 1/2.
-    Under DDP the two MSEs are per-rank means (DDP's gradient averaging makes them global
-    means); the variance and covariance terms see the gathered global batch on every rank."""
+    """The SIE objective on one (local) batch -> the unweighted terms and the weighted 'loss'.
+    z1, z2: (B, D) embeddings [z_inv; z_equi] of x and x' (the first inv_emb_dims columns
+    invariant); pred: W(g) z1_equi. batch_size: the command line's GLOBAL batch: like the official
+    code, the covariance divides by it - 1 even in a smaller last batch (None: the real count).
+    Under DDP the MSEs are per-rank means (DDP averages their gradients); the variance and
+    covariance terms see the gathered global batch on every rank."""
     # Statistics in fp32 under any autocast: .float() alone is not enough, autocast would run the
     # covariance matmul in bf16 again (~1 % error in that term), so autocast is switched off here.
     with torch.autocast(z1.device.type, enabled=False):
@@ -502,7 +246,7 @@ def sie_loss(z1, z2, pred, inv_emb_dims, batch_size=None, sim_coeff=10.0, equi_w
         terms["std"] = variance_loss(Z1) / 2 + variance_loss(Z2) / 2
         terms["pred_std"] = variance_loss(gather(pred)) / 2 if pred_var else zero
         terms["cov"] = covariance_loss(Z1, divisor) + covariance_loss(Z2, divisor)
-        terms["loss"] = (sim_coeff * terms["inv"] + equi_weight * terms["equi"]
+        terms["loss"] = (sim_coeff * terms["inv"] + sim_coeff * equi_factor * terms["equi"]
                          + std_coeff * (terms["std"] + terms["pred_std"])
                          + cov_coeff * terms["cov"])
     return terms
@@ -515,37 +259,39 @@ class SIE(nn.Module):
 
     def __init__(self, args):
         super().__init__()
-        inv_repr_dims = REPR_DIM - args.equi_dims
-        inv_widths = split_widths(args.mlp, inv_repr_dims)
+        self.inv_repr_dims = REPR_DIM - args.equi_dims      # y_inv = y[:, :inv_repr_dims]
+        inv_widths = split_widths(args.mlp, self.inv_repr_dims)
         equi_widths = split_widths(args.mlp, args.equi_dims)
-        equi_emb_dims = equi_widths[-1]
         g_dims = 6 if args.rot_color else 4
         self.backbone = ResNet18()
         self.proj_inv = None
         self.inv_emb_dims = 0                               # the invariant embedding's width
-        if inv_repr_dims:
-            self.proj_inv = projector(slice(0, inv_repr_dims), inv_widths)
+        if self.inv_repr_dims:
+            self.proj_inv = projector(self.inv_repr_dims, inv_widths)
             self.inv_emb_dims = inv_widths[-1]
-        self.proj_equi = projector(slice(inv_repr_dims, REPR_DIM), equi_widths)
-        self.equi_emb_dims = equi_emb_dims                 # the equivariant embedding's width
+        self.proj_equi = projector(args.equi_dims, equi_widths)
+        self.equi_emb_dims = equi_widths[-1]                # the equivariant embedding's width
         if args.predictor == "hypernet":
-            self.predictor = HypernetPredictor(equi_emb_dims, g_dims, deep=args.hypernet == "deep",
-                                               bias=args.pred_bias, gain=args.hypernet_gain)
+            self.predictor = HypernetPredictor(self.equi_emb_dims, g_dims,
+                                               deep=args.hypernet == "deep", bias=args.pred_bias)
+            if args.hypernet_gain is not None:
+                init_hypernet_gain(self.predictor, args.hypernet_gain)
         else:
-            self.predictor = MLPPredictor(equi_emb_dims, g_dims)
-        self.online = OnlineEvaluator(representation_parts(args))
+            self.predictor = MLPPredictor(self.equi_emb_dims, g_dims)
+        self.online = eval.OnlineEvaluator(representation_parts(args))   # a monitor
         # --equi-only follows the official SIEOnlyEqui: the equivariance MSE weighs sim_coeff alone.
         equi_factor = 1.0 if args.equi_only else args.equi_factor
         self.loss_kw = dict(batch_size=args.batch_size, sim_coeff=args.sim_coeff,
-                            equi_weight=args.sim_coeff * equi_factor, std_coeff=args.std_coeff,
+                            equi_factor=equi_factor, std_coeff=args.std_coeff,
                             cov_coeff=args.cov_coeff, pred_var=not args.no_pred_var)
 
     def embed(self, y):
-        """(B, 512) -> Z = [z_inv; z_equi] (B, D_inv + D_equi); z_equi is made from the last e
-        dims of the representation."""
-        if self.proj_inv is None:
-            return self.proj_equi(y)
-        return torch.cat([self.proj_inv(y), self.proj_equi(y)], dim=1)
+        """The split: y (B, 512) -> Z = [z_inv; z_equi] (B, D_inv + D_equi)."""
+        y_inv, y_equi = y[:, :self.inv_repr_dims], y[:, self.inv_repr_dims:]
+        z_equi = self.proj_equi(y_equi)
+        if self.proj_inv is None:                           # --equi-only: no invariant part
+            return z_equi
+        return torch.cat([self.proj_inv(y_inv), z_equi], dim=1)
 
     def forward(self, x1, x2, g, labels):
         y1 = self.backbone(x1)                 # two calls: BN statistics per view, as official
@@ -583,70 +329,177 @@ def train_step(model, batch, optimizer, scaler, args, step=0, steps_per_epoch=1)
     return {**terms, "total": loss.detach()}, sums
 
 
-# ---- what the harness needs from this method ----
+# ---- what the harness and eval.py take from the method ----
 def make_dataset(args, root):
     """One item per training OBJECT: two distinct views, their relative rotation g (with
     --rot-color also the two hue differences) and the label. -> (dataset, collate_fn)."""
-    if args.decode == "pil":
-        dataset = data.Pairs3DIEBench(root, "train", args.resolution, args.rot_color, args.seed)
-        return dataset, None
-    # --decode cpu|gpu: the fast paths, whose images to_device finishes on the device
-    dataset = data.JpegPairs3DIEBench(root, "train", args.resolution, args.rot_color, args.seed,
-                                      args.decode)
-    return dataset, data.collate_jpegs if args.decode == "gpu" else None
+    if args.decode != "pil":                # an experiment: JPEG decoding off PIL, for speed
+        return data.jpeg_pairs(root, "train", args.resolution, args.rot_color, args.seed,
+                               args.decode)
+    return data.Pairs3DIEBench(root, "train", args.resolution, args.rot_color, args.seed), None
 
 
 def to_device(batch, device, args):
-    """(x1, x2, g, labels) from the loader -> the device; images channels_last. --decode cpu|gpu
-    images arrive as uint8 (gpu: as JPEG bytes, decoded here), then are normalised and resized
-    to --resolution on the device."""
+    """(x1, x2, g, labels) from the loader -> the device; images channels_last (--decode cpu|gpu
+    images are decoded and normalised there)."""
     x1, x2, g, labels = batch
-    if isinstance(x1, list):                              # --decode gpu: JPEG bytes
-        x1, x2 = data.decode_jpegs(x1, device), data.decode_jpegs(x2, device)
-    images = []
-    for x in (x1, x2):
-        x = x.to(device, non_blocking=True)
-        if x.dtype == torch.uint8:                        # --decode cpu|gpu: finish here
-            x = data.to_float(x, args.resolution)
-        images.append(x.contiguous(memory_format=torch.channels_last))
-    g = g.to(device, non_blocking=True)
-    labels = labels.to(device, non_blocking=True)
-    return images[0], images[1], g, labels
+    images = [data.images_to_device(x, device, args.resolution) for x in (x1, x2)]
+    x1, x2 = [x.contiguous(memory_format=MEMORY_FORMAT) for x in images]
+    return x1, x2, g.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
 
 build_model = SIE          # the whole training model from (saved) args; eval.py rebuilds it so
+monitor_metrics = eval.monitor_metrics     # the online monitor's epoch figures, for the log
 
 
 def probeable(model, args):
-    """What eval.py probes: the backbone, the representation parts, the equivariant projector
-    and the predictor (for MRR, H@k and PRE), and the width of g."""
+    """What eval.py probes: the backbone and the parts of its representation; the equivariant
+    projector (it reads the 'equi' part) and the predictor, for MRR, H@k and PRE; the width of g;
+    and, for `eval.py --features embeddings`, Z = [z_inv; z_equi] (where the loss acts)."""
+    d_inv, d_all = model.inv_emb_dims, model.inv_emb_dims + model.equi_emb_dims
+    embedding_parts = {"z": slice(0, d_all)}
+    if d_inv:
+        embedding_parts.update(z_inv=slice(0, d_inv), z_equi=slice(d_inv, d_all))
     return eval.Probeable(backbone=model.backbone, parts=representation_parts(args),
                           embed=model.proj_equi, predict=model.predictor,
-                          g_dim=6 if args.rot_color else 4)
+                          g_dim=6 if args.rot_color else 4, embeddings=model.embed,
+                          embedding_parts=embedding_parts)
 
 
-class EmbeddingsOf(nn.Module):
-    """images -> Z = [z_inv; z_equi] (B, D_inv + D_equi): the projector outputs, where the loss
-    acts directly, for `eval.py --features embeddings`."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        return self.model.embed(self.model.backbone(x))
+# ---- this project's experiments, not in the paper ----
+def init_hypernet_gain(predictor, gain):
+    """--hypernet-gain G: H from N(0, G^2 / d), so |W(g) z| is about G |z| at the start for a
+    unit g. PyTorch's Linear init (the official code's) draws H from U(-1/2, 1/2) for k = 4: every
+    W(g)[o, i] has variance 1/12 and |W(g) z| is about 0.29 sqrt(d) |z|, 1.6 x at the toy's
+    d = 32, 9.2 x at the paper's d = 1024 (README, "The toy preset")."""
+    nn.init.normal_(predictor.hyper.weight, std=gain * predictor.d ** -0.5)
 
 
-def embedding_probeable(model, args):
-    """The same probes on the embeddings instead of the representation: parts z (all of Z),
-    z_inv and z_equi. No predictor (the retrieval protocol needs the representation)."""
-    emb_dims = model.inv_emb_dims + model.equi_emb_dims
-    parts = {"z": slice(0, emb_dims)}
-    if model.inv_emb_dims:
-        parts["z_inv"] = slice(0, model.inv_emb_dims)
-        parts["z_equi"] = slice(model.inv_emb_dims, emb_dims)
-    return eval.Probeable(backbone=EmbeddingsOf(model), parts=parts,
-                          g_dim=6 if args.rot_color else 4)
+# ================================ flags ================================
+def widths_text(text):
+    """'2048-2048-2048' -> the same string, checked: positive integer widths joined by '-'."""
+    if not all(w.isdigit() and int(w) > 0 for w in text.split("-")):
+        raise argparse.ArgumentTypeError(f"must be positive widths joined by '-', e.g. "
+                                         f"2048-2048-2048, got {text!r}")
+    return text
+
+
+def parse_args(argv=None):
+    p = eval.ArgumentParser(description=__doc__.split("\n\n")[0],
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", choices=PRESETS, default="toy",
+                   help="toy: CPU minutes, generated data; paper: the official command")
+    group = p.add_argument_group("data")
+    group.add_argument("--data-root", default=data.DEFAULT_ROOT,
+                       help="3DIEBench root; the default is generated if missing")
+    group.add_argument("--resolution", type=eval.number(int, 24), help="image side, px (paper 256)")
+    group.add_argument("--num-workers", type=eval.number(int, 0), help="loader workers per rank")
+    group.add_argument("--decode", choices=("pil", "cpu", "gpu"), default="pil",
+                       help="JPEG decoding: PIL in the workers (readable), libjpeg-turbo in the "
+                            "workers or nvJPEG on the device (fast; README, Speed)")
+    group = p.add_argument_group("model (paper Sec. 3)")
+    group.add_argument("--mlp", type=widths_text,
+                       help="projector widths, scaled by each part's share (paper 2048-2048-2048)")
+    group.add_argument("--equi-dims", type=eval.number(int, 1, REPR_DIM - 1), default=256,
+                       help="e: the last e of the 512 dims are the equivariant part (paper 256)")
+    group.add_argument("--equi-only", action="store_true",
+                       help="ablation: no split, all 512 dims equivariant")
+    group.add_argument("--predictor", choices=("hypernet", "mlp"), default="hypernet",
+                       help="W(g) z (paper) or MLP([g; z])")
+    group.add_argument("--hypernet", choices=("linear", "deep"), default="linear",
+                       help="g -> W(g): one bias-free Linear (paper) or an MLP of width 4 first")
+    group.add_argument("--hypernet-gain", type=eval.number(float, 0), metavar="G",
+                       help="experiment: H from N(0, G^2 / d) (default: the official init)")
+    group.add_argument("--pred-bias", action="store_true",
+                       help="also generate a bias b(g) (paper figure; off in code)")
+    group.add_argument("--rot-color", action="store_true",
+                       help="ablation: 6-d g = [quaternion, d floor hue, d spot hue]")
+    group = p.add_argument_group("loss (paper Eq. 6)")
+    group.add_argument("--sim-coeff", type=eval.number(float, 0), default=10.0,
+                       help="l_sim on the invariance MSE (paper 10)")
+    group.add_argument("--equi-factor", type=eval.number(float, 0), default=0.45,
+                       help="alpha: the equivariance MSE weighs l_sim * alpha (paper 0.45)")
+    group.add_argument("--std-coeff", type=eval.number(float, 0), default=10.0,
+                       help="l_std on the variance terms (paper 10)")
+    group.add_argument("--cov-coeff", type=eval.number(float, 0), default=1.0,
+                       help="l_cov on the covariance terms (paper 1)")
+    group.add_argument("--no-pred-var", action="store_true",
+                       help="ablation: drop the variance term on W(g) z")
+    group = p.add_argument_group("optimisation (official README command)")
+    group.add_argument("--epochs", type=eval.number(int, 1), help="passes, one pair per object")
+    group.add_argument("--batch-size", type=eval.number(int, 2),
+                       help="GLOBAL batch in pairs; per rank: / world size")
+    group.add_argument("--lr", type=eval.number(float, 0, 10, low_open=True), default=1e-3,
+                       help="Adam lr, constant: no warmup, no schedule (paper 1e-3)")
+    group.add_argument("--wd", type=eval.number(float, 0), default=1e-6,
+                       help="Adam weight decay on every parameter (paper 1e-6)")
+    group.add_argument("--amp", choices=("bf16", "fp16", "none"), default="bf16",
+                       help="autocast on CUDA (fp16 adds a GradScaler); loss statistics in fp32")
+    group.add_argument("--compile", action="store_true", help="torch.compile (same maths)")
+    group = p.add_argument_group("run")
+    group.add_argument("--run-dir", help="default runs/sie-<preset>[-<ablation>]; the same "
+                                         "command again resumes")
+    group.add_argument("--resume", help="checkpoint to resume (default: <run-dir>/checkpoint.pt)")
+    group.add_argument("--stop-after-epochs", type=eval.number(int, 1),
+                       help="end this invocation after N more epochs (rerun to continue; no eval)")
+    group.add_argument("--seed", type=eval.number(int, 0, 2**32 - 1), default=0,
+                       help="model init, view sampling and data order")
+    group.add_argument("--log-every", type=eval.number(int, 1), default=20,
+                       help="steps between log lines (the only host syncs)")
+    group.add_argument("--eval-protocols", default="all",
+                       help="eval.py protocols after training, comma-separated")
+    group.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
+    # The preset's values become the defaults (in --help too). This comes after every
+    # add_argument, whose own default= would otherwise win over the preset.
+    preset = p.parse_known_args(without_help(argv))[0].preset
+    p.set_defaults(**PRESETS[preset])
+    args = p.parse_args(argv)
+    check_flags(p, args, without_help(argv))
+    if args.equi_only:
+        args.equi_dims = REPR_DIM
+    if args.run_dir is None:
+        args.run_dir = os.path.join("runs", "-".join(["sie", args.preset] + run_tags(args)))
+    return args
+
+
+def check_flags(p, args, given):
+    """The combinations argparse cannot check flag by flag, each one p.error line. given: the
+    command line's flags."""
+    if args.equi_only and any(a.split("=")[0] == "--equi-dims" for a in given):
+        p.error("argument --equi-dims: --equi-only uses all 512 dims; drop one of the two")
+    equi_dims = REPR_DIM if args.equi_only else args.equi_dims
+    if args.predictor == "mlp" and (args.hypernet != "linear" or args.hypernet_gain is not None):
+        p.error("argument --hypernet/--hypernet-gain: they shape the hypernetwork predictor; "
+                "--predictor mlp has none")
+    for repr_dims in (REPR_DIM - equi_dims, equi_dims):
+        if repr_dims and min(split_widths(args.mlp, repr_dims)) < 1:
+            p.error(f"argument --mlp: {args.mlp} scaled by {repr_dims}/{REPR_DIM} for a part of "
+                    f"the split has a layer of width 0; use a wider --mlp or another --equi-dims")
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if args.batch_size % world:
+        p.error(f"argument --batch-size: {args.batch_size} is not divisible by the {world} "
+                f"processes (--batch-size is the global batch)")
+    if args.resume and not os.path.isfile(args.resume):
+        p.error(f"argument --resume: no checkpoint file {args.resume}")
+    if not args.data_root:
+        p.error("argument --data-root: empty")
+
+
+def without_help(argv):
+    """The command line without -h/--help, to read --preset before the full parse."""
+    return [a for a in (sys.argv[1:] if argv is None else argv) if a not in ("-h", "--help")]
+
+
+def run_tags(args):
+    """Short names of the ablations in use: each ablation gets its own run dir."""
+    hypernet = args.predictor == "hypernet"
+    used = {"equionly": args.equi_only, "nopredvar": args.no_pred_var, "rotcolor": args.rot_color,
+            "predbias": args.pred_bias, f"e{args.equi_dims}": args.equi_dims not in (256, REPR_DIM),
+            "mlppred": not hypernet, "deephyper": hypernet and args.hypernet == "deep"}
+    tags = [name for name, on in used.items() if on]
+    if hypernet and args.hypernet_gain is not None:
+        tags.append(f"gain{args.hypernet_gain:g}")
+    return tags
 
 
 # ============ harness: the same text in sie.py, baselines.py and ser.py ============

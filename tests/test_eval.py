@@ -282,18 +282,8 @@ class Tiny(nn.Module):
                                   nn.Linear(16, 8))
         self.hyper = nn.Linear(4, 64, bias=False)
 
-    def embed(self, r):
-        return self.proj(r[:, self.width:])
-
     def predict(self, z, g):
         return torch.einsum("boi,bi->bo", self.hyper(g).view(-1, 8, 8), z)
-
-class Embed(nn.Module):
-    def __init__(self, m):
-        super().__init__()
-        self.m = m
-    def forward(self, r):
-        return self.m.embed(r)
 
 def build_model(args):
     torch.manual_seed(args.seed)
@@ -302,7 +292,7 @@ def build_model(args):
 def probeable(model, args):
     w = model.width
     parts = {"full": slice(0, 2 * w), "inv": slice(0, w), "equi": slice(w, 2 * w)}
-    return ev.Probeable(model.backbone, parts, embed=Embed(model), predict=model.predict)
+    return ev.Probeable(model.backbone, parts, embed=model.proj, predict=model.predict)
 '''
 
 

@@ -64,7 +64,7 @@ def test_ablation_sizes():
     assert only.proj_inv is None and n_params(only.proj_equi) == 9_449_472
     assert n_params(only.predictor) == 16_777_216
     # The official SIEOnlyEqui has no alpha: its equivariance MSE has the weight sim_coeff = 10.
-    assert only.loss_kw["equi_weight"] == 10.0
+    assert only.loss_kw["sim_coeff"] * only.loss_kw["equi_factor"] == 10.0
     mlp = sie.build_model(sie.parse_args(["--preset", "paper", "--predictor", "mlp"])).predictor
     assert n_params(mlp) == (1024 + 4) * 1024 + 1024
 
@@ -122,7 +122,9 @@ def test_hypernet_gain_sets_the_predictors_gain(d, default_gain):
     g = torch.nn.functional.normalize(torch.randn(256, 4), dim=1)
     for gain, expected in ((None, default_gain), (1.0, 1.0), (0.5, 0.5)):
         torch.manual_seed(0)
-        pred = sie.HypernetPredictor(d, gain=gain)
+        pred = sie.HypernetPredictor(d)
+        if gain is not None:
+            sie.init_hypernet_gain(pred, gain)
         ratio = (pred(z, g).norm(dim=1) / z.norm(dim=1)).mean().item()
         assert abs(ratio - expected) < 0.05 * expected, (gain, ratio)
 
@@ -211,7 +213,7 @@ def test_loss_invariants():
 
 def test_model_loss_uses_paper_coefficients():
     kw = sie.build_model(sie.parse_args(["--preset", "paper"])).loss_kw
-    assert kw == dict(batch_size=1024, sim_coeff=10.0, equi_weight=4.5, std_coeff=10.0,
+    assert kw == dict(batch_size=1024, sim_coeff=10.0, equi_factor=0.45, std_coeff=10.0,
                       cov_coeff=1.0, pred_var=True)
 
 
@@ -420,7 +422,9 @@ def test_eval_probes_the_embeddings_with_features_embeddings(toy_root, tmp_path)
             "rot_r2_pooled/z_equi"} <= set(summary)
     assert not (run_dir / "eval.json").exists()
     model = sie.build_model(sie.parse_args(TINY))
-    probe = sie.embedding_probeable(model.eval(), sie.parse_args(TINY))
+    probe = sie.probeable(model.eval(), sie.parse_args(TINY))
+    probe = evaluation.Probeable(backbone=evaluation.EmbeddingsOf(probe.backbone, probe.embeddings),
+                                 parts=probe.embedding_parts)
     images = torch.randn(4, 3, 32, 32)
     embeddings = probe.backbone(images)
     assert embeddings.shape == (4, model.inv_emb_dims + model.equi_emb_dims)
