@@ -1,15 +1,18 @@
-"""SER: Soft Equivariance Regularization for invariant self-supervised learning (Lee, Kim, Kim,
-Lee, Lee, ICLR 2026, arXiv 2603.06693) on a ViT, in one file: model, losses, DDP training, exact
-resume, evaluation. MoCo-v3, DINO or Barlow Twins is the invariant base method (--base).
+"""SER on a ViT in one file: model, losses, DDP training, exact resume, evaluation, with MoCo-v3,
+DINO or Barlow Twins as the invariant base method (--base).
 
-The method. An invariant SSL method trains the final [CLS] embedding of a ViT to ignore the
+Paper: Lee, Kim, Kim, Lee, Lee, "Soft Equivariance Regularization for Invariant Self-Supervised
+Learning", ICLR 2026, https://arxiv.org/abs/2603.06693. Official code ("the released code"):
+https://github.com/aitrics-chris/SER, where SER is called "erl"; cited by file and function.
+
+The method. An invariant SSL method trains a ViT's final [CLS] embedding to ignore the
 augmentations. SER adds a soft equivariance loss on an EARLY layer: the patch-token map after
 block L (3 of 12) should TRANSFORM with the input. For two views u0 = g0.x and u1 = g1.x of one
-image, with g_v built from 90-degree rotations, flips and a rescale, the token map of u0 moved by
-the analytic feature action rho_g (the same rotation, flip and bicubic resize, done on the token
-grid) must match the token map of u1, token by token (the paper's Fig. 1). [CLS] joins only
-after block L ("delayed [CLS]"), so blocks 1..L see a clean token grid. A small share b2 of each
-batch carries these group views; the rest, b1, carries the base method's usual two crops.
+image (g_v: 90-degree rotations, flips, a rescale), the token map of u0 moved by the analytic
+feature action rho_g (the same rotation, flip and bicubic resize, on the token grid) must match
+the token map of u1, token by token (the paper's Fig. 1). [CLS] joins only after block L
+("delayed [CLS]"), so blocks 1..L see a clean token grid. A small share b2 of each batch carries
+these group views; the rest, b1, the base method's usual two crops.
 
 The loss, per step (the paper's equation numbers are not cited: the forms follow its Fig. 1 and
 the released code, builder/moco.py, MoCo.equiv):
@@ -24,26 +27,23 @@ the released code, builder/moco.py, MoCo.equiv):
     s(a, b) = cos(a, b) / tau
 
 m_v is the student's layer-L token map of view u_v, m'_v the teacher's (MoCo, DINO; the
-student's for Barlow Twins) and h a small 1x1-conv token projector. Tokens of the anchor's own
-image are never negatives; --ser-negatives both adds the anchor branch's tokens of other images
-to the denominator (the paper's 2N-way form). An online linear probe on the detached [CLS] joins
-the total as a monitor.
+student's for Barlow Twins) and h a small 1x1-conv token projector. An online linear probe on the
+detached [CLS] joins the total as a monitor.
 
-The tensors of one step (per process: B images, e = round(--b2-ratio x B) of them in b2, image
-side S, patch P, grid G = S / P, width D):
+The tensors of one step (per process: B images, n_b2 = round(--b2-ratio x B) of them in b2,
+image side S, patch P, grid G = S / P, width D, token-projector width E):
 
     loader: two crops x_a, x_b (B, 3, S, S) in [0, 1]
-    b1 (B - e): v1 = t1(x_a), v2 = t2(x_b)         b2 (e): u_v = g_v . t_v(x_a)  (SAME crop x_a)
-    u_v (e, 3, P h_v, P w_v), token area h_v w_v ~ G^2 x U(0.7, 1.3), then turned k_v x 90 deg
+    b1 (B - n_b2): v1 = t1(x_a), v2 = t2(x_b)     b2 (n_b2): u_v = g_v . t_v(x_a)  (SAME crop x_a)
+    u_v (n_b2, 3, P h_v, P w_v), token area h_v w_v ~ G^2 x U(0.7, 1.3), then turned k_v x 90 deg
     view --patch embedding + position table--> tokens (n, h w, D)
          --blocks 1..L (patch tokens only)--> norm_equiv --> token map m (n, D, h, w)
          --[CLS] joins--> blocks L+1..depth --> final LayerNorm --> [CLS] (n, D) --head--> L_inv
-    b2 only: m --h (1x1 convs)--> (e, E, h, w) --rho_g--> the other view's frame --> L_equiv
+    b2 only: m --h (1x1 convs)--> (n_b2, E, h, w) --rho_g--> the other view's frame --> L_equiv
 
-Reading order: the config, then the method (augmentations and group actions, the ViT, the
-heads, rho and the token loss, the base losses, the model, the optimiser and one training step),
-then one banner after which the training harness is the same text in sie.py, baselines.py and
-ser.py. Nothing runs at import (`from ser import token_nce` is safe).
+Reading order: the presets; the method (the group elements and rho_g, the token loss, the ViT
+with delayed [CLS], the base losses, the model, one training step, the augmentations); the flags;
+the training harness, the same text in sie.py, baselines.py and ser.py. Nothing runs at import.
 
     python ser.py --base moco                                # toy preset: CPU, generated data
     torchrun --standalone --nproc_per_node=2 ser.py --base moco       # the same, 2 processes
@@ -59,37 +59,36 @@ import random
 import shutil
 import sys
 import time
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision.transforms as T
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
+from torchvision import transforms
 from tqdm import tqdm
 
 import data
 import eval  # noqa: A004 (the project's eval.py; the builtin eval() is never used here)
 
-# ================================== config ==================================
+# ================================ presets ================================
 # --preset and --base fill the defaults below; any flag given on the command line overrides them.
 # The paper preset is the released run_pretrain.sh: ViT-S/16, batch 2048 on 8 GPUs, 100 epochs.
 PAPER = dict(data_root="data/imagenet", resolution=224, patch=16, dim=384, depth=12, heads=6,
              batch_size=2048, epochs=100, warmup_epochs=10, ser_layer=3, b2_ratio=0.01,
              token_dim=512, num_workers=10)
 # Deviation (toy, a CPU in minutes): 32-px crops, patch 4 (an 8 x 8 token grid), a 64-wide ViT,
-# b2 = 8 of 64 images instead of 1 % so that every anchor has other images as negatives (its own
-# image's tokens never are), crops of at least 25 % of the image (a 32-px 8 % crop is mostly
-# background).
+# b2 = 8 of 64 images, not 1 %, so that every anchor has other images as negatives, crops of at
+# least 25 % of the image (a 32-px 8 % crop is mostly background).
 TOY = dict(data_root=data.DEFAULT_IMAGEFOLDER_ROOT, resolution=32, patch=4, dim=64, depth=6,
            heads=2, crop_min=0.25, batch_size=64, epochs=10, warmup_epochs=1, ser_layer=2,
            b2_ratio=0.125, token_dim=128, num_workers=1)
 BASE_COMMON = dict(momentum=0.99, teacher_temp_epochs=10, freeze_last_epochs=0,
                    head_bottleneck=256, drop_path=0.0, clip_grad=0.0)
-# Per base method, both presets: the released run_pretrain.sh and main_moco.py / main_dino.py /
-# main_barlowtwins.py.
+# Per base method, both presets: run_pretrain.sh, main_moco.py, main_dino.py, main_barlowtwins.py.
 METHOD = {
     "moco": dict(blr=3e-4, min_lr_frac=0.0, wd=0.1, wd_end=0.1, crop_min=0.08, interp="bilinear",
                  head_hidden=4096, head_dim=256, ser_lambda=1.0, ser_tau=0.5),
@@ -116,7 +115,6 @@ MEMORY_FORMAT = torch.contiguous_format    # a ViT: nothing to gain from channel
 # momentum schedules are cosines over all epochs. num_classes is read from the data.
 RUN_LENGTH_FLAGS = {"run_dir", "resume", "data_root", "num_workers", "log_every",
                     "stop_after_epochs", "compile", "eval_protocols", "no_eval", "num_classes"}
-MAX_FLOAT = 1e6      # above any sensible lr, weight, temperature or decay; 1e39 is inf in fp32
 
 
 def preset_defaults(preset, base):
@@ -126,261 +124,627 @@ def preset_defaults(preset, base):
     return {**BASE_COMMON, **METHOD[base], **TOY, **TOY_METHOD[base]}
 
 
-# argparse types: a bad value is one "argument --flag: ..." line and exit 2, never a traceback.
-def parse_number(text, kind):
-    """text -> an int, or a finite float."""
-    try:
-        value = kind(text)
-    except ValueError:
-        what = "an integer" if kind is int else "a number"
-        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-    if kind is float and not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-    return value
-
-
-def checked(text, value, ok, rule):
-    if not ok:
-        raise argparse.ArgumentTypeError(f"{text} is not {rule}")
-    return value
-
-
-def positive_int(text):
-    value = parse_number(text, int)
-    return checked(text, value, value >= 1, "an integer >= 1")
-
-
-def nonneg_int(text):
-    value = parse_number(text, int)
-    return checked(text, value, value >= 0, "an integer >= 0")
-
-
-def seed_int(text):
-    """epoch_seed() and sample_group() scale the seed up: it must stay inside 64 bits."""
-    value = parse_number(text, int)
-    return checked(text, value, 0 <= value < 2 ** 31, "an integer in [0, 2^31)")
-
-
-def positive_float(text):
-    value = parse_number(text, float)
-    return checked(text, value, 0 < value <= MAX_FLOAT, f"a number in (0, {MAX_FLOAT:g}]")
-
-
-def nonneg_float(text):
-    value = parse_number(text, float)
-    return checked(text, value, 0 <= value <= MAX_FLOAT, f"a number in [0, {MAX_FLOAT:g}]")
-
-
-def unit_float(text):
-    """Momenta and end fractions."""
-    value = parse_number(text, float)
-    return checked(text, value, 0 <= value <= 1, "a number in [0, 1]")
-
-
-def crop_scale(text):
-    """RandomResizedCrop's smallest area fraction."""
-    value = parse_number(text, float)
-    return checked(text, value, 0 < value <= 1, "a number in (0, 1]")
-
-
-def proper_fraction(text):
-    """b2's share of the batch: b1 and b2 both non-empty."""
-    value = parse_number(text, float)
-    return checked(text, value, 0 < value < 1, "a number in (0, 1)")
-
-
-def drop_rate(text):
-    """Stochastic depth: 1 would divide by 1 - p = 0."""
-    value = parse_number(text, float)
-    return checked(text, value, 0 <= value < 1, "a number in [0, 1)")
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are printed once under torchrun (by rank 0); every rank exits 2."""
-
-    def error(self, message):
-        if os.environ.get("RANK", "0") == "0":
-            self.print_usage(sys.stderr)
-            print(f"{self.prog}: error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
-def parse_args(argv=None):
-    p = ArgumentParser(description="SER: soft equivariance regularization on a ViT "
-                                   "(Lee et al., ICLR 2026).",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", choices=("toy", "paper"), default="toy",
-                   help="toy: CPU minutes, generated data; paper: the released run_pretrain.sh")
-    p.add_argument("--base", choices=("moco", "dino", "bt"), default="moco",
-                   help="the invariant SSL method")
-    g = p.add_argument_group("data")
-    g.add_argument("--data-root",
-                   help="ImageFolder root (train/<wnid>/*.JPEG); the toy location is generated")
-    g.add_argument("--resolution", type=positive_int, help="crop side in px (paper 224)")
-    g.add_argument("--crop-min", type=crop_scale,
-                   help="RandomResizedCrop min scale (moco/bt 0.08, dino 0.25)")
-    g.add_argument("--interp", choices=("bilinear", "bicubic"),
-                   help="crop interpolation (moco bilinear, dino/bt bicubic)")
-    g.add_argument("--num-workers", type=nonneg_int, help="DataLoader worker processes per rank")
-    g = p.add_argument_group("ViT (delayed [CLS])")
-    g.add_argument("--patch", type=positive_int, help="patch side in px (paper 16)")
-    g.add_argument("--dim", type=positive_int, help="token width (ViT-S 384)")
-    g.add_argument("--depth", type=positive_int, help="blocks (ViT-S 12)")
-    g.add_argument("--heads", type=positive_int, help="attention heads (ViT-S 6)")
-    g.add_argument("--drop-path", type=drop_rate,
-                   help="student stochastic depth of the LAST block, linear from 0 at the first "
-                        "(dino 0.1, else 0)")
-    g = p.add_argument_group("base method (released run_pretrain.sh)")
-    g.add_argument("--head-hidden", type=positive_int,
-                   help="projector/predictor hidden width (moco 4096, dino 2048, bt 8192)")
-    g.add_argument("--head-dim", type=positive_int,
-                   help="head output (moco 256, dino 65536 prototypes, bt 8192)")
-    g.add_argument("--head-bottleneck", type=positive_int, help="DINO head bottleneck (256)")
-    g.add_argument("--moco-tau", type=positive_float, default=0.2,
-                   help="MoCo-v3 InfoNCE temperature (0.2)")
-    g.add_argument("--momentum", type=unit_float,
-                   help="teacher EMA momentum at step 0, cosine to 1 (moco 0.99, dino 0.982)")
-    g.add_argument("--student-temp", type=positive_float, default=0.1,
-                   help="DINO student temperature (0.1)")
-    g.add_argument("--teacher-temp0", type=positive_float, default=0.04,
-                   help="DINO teacher temperature at step 0")
-    g.add_argument("--teacher-temp", type=positive_float, default=0.07,
-                   help="DINO teacher temperature after warm-up")
-    g.add_argument("--teacher-temp-epochs", type=nonneg_int,
-                   help="DINO teacher-temperature warm-up, epochs (10)")
-    g.add_argument("--center-momentum", type=unit_float, default=0.9,
-                   help="DINO centre momentum (0.9)")
-    g.add_argument("--freeze-last-epochs", type=nonneg_int,
-                   help="DINO: epochs with the head's last layer frozen (1)")
-    g.add_argument("--bt-lambda", type=nonneg_float, default=0.0051,
-                   help="Barlow Twins off-diagonal weight")
-    g = p.add_argument_group("SER")
-    g.add_argument("--ser", choices=("on", "off"), default="on",
-                   help="off = vanilla base: [CLS] at the input, no b2")
-    g.add_argument("--ser-layer", type=positive_int,
-                   help="block L whose tokens get L_equiv; [CLS] joins after it (paper 3)")
-    g.add_argument("--ser-lambda", type=nonneg_float,
-                   help="weight of L_equiv (moco/bt 1, dino 0.3); 0 = the paper's control")
-    g.add_argument("--ser-tau", type=positive_float,
-                   help="token NT-Xent temperature (moco 0.5, dino/bt 0.4)")
-    g.add_argument("--ser-negatives", choices=("target", "both"), default="target",
-                   help="target: other images' tokens of the target branch (released 2-view "
-                        "code); both: of both branches (paper's equation)")
-    g.add_argument("--b2-ratio", type=proper_fraction,
-                   help="share of each per-rank batch in b2 (paper 0.01: 3 of 256)")
-    g.add_argument("--token-dim", type=positive_int,
-                   help="width of the 1x1 token projector (paper 512)")
-    g = p.add_argument_group("optimisation (released run_pretrain.sh)")
-    g.add_argument("--epochs", type=positive_int, help="pretraining epochs (paper 100)")
-    g.add_argument("--warmup-epochs", type=nonneg_int,
-                   help="linear lr warm-up, <= --epochs (paper 10)")
-    g.add_argument("--batch-size", type=positive_int,
-                   help="GLOBAL batch; per-rank batch = global / world size (paper 2048)")
-    g.add_argument("--blr", type=positive_float,
-                   help="base lr: lr = blr x batch / 256 (moco 3e-4, dino/bt 1e-4)")
-    g.add_argument("--min-lr-frac", type=unit_float,
-                   help="final lr / peak lr (moco 0, dino 1/80, bt 1e-3)")
-    g.add_argument("--wd", type=nonneg_float,
-                   help="AdamW weight decay at step 0 (moco/bt 0.1, dino 0.04)")
-    g.add_argument("--wd-end", type=nonneg_float,
-                   help="weight decay at the end, cosine (dino 0.4, else = --wd)")
-    g.add_argument("--clip-grad", type=nonneg_float,
-                   help="per-parameter gradient-norm clip, 0 = off (dino/bt 0.3; bt on W GPUs: "
-                        "0.3 x W matches the released code, see barlow_twins_loss)")
-    g.add_argument("--amp", choices=("bf16", "fp16", "none"), default="bf16",
-                   help="CUDA autocast; fp16 + GradScaler")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile every ViT block (same maths; slow start)")
-    g = p.add_argument_group("run")
-    g.add_argument("--run-dir",
-                   help="default runs/ser-<preset>-<base>[-tags]; rerun the same command to resume")
-    g.add_argument("--resume",
-                   help="checkpoint to resume from (default: <run-dir>/checkpoint.pt if present)")
-    g.add_argument("--seed", type=seed_int, default=0,
-                   help="model init, augmentation and data order")
-    g.add_argument("--log-every", type=positive_int, default=10,
-                   help="steps between log lines (the only host syncs)")
-    g.add_argument("--stop-after-epochs", type=nonneg_int, default=0,
-                   help="stop after N epochs (0 = never); rerun resumes")
-    g.add_argument("--eval-protocols", default="all",
-                   help="eval.py protocols after training, comma-separated")
-    g.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
-    # The preset's values become the defaults (in --help too). This comes after every
-    # add_argument, whose own default= would otherwise win over the preset.
-    known = p.parse_known_args(without_help(argv))[0]
-    p.set_defaults(**preset_defaults(known.preset, known.base))
-    args = p.parse_args(argv)
-    if args.resolution % args.patch or args.resolution < 2 * args.patch:
-        p.error(f"--resolution {args.resolution} must be a multiple of --patch {args.patch} and "
-                f"at least twice it (a token grid of at least 2 x 2 for rho_g to act on)")
-    if args.dim % args.heads:
-        p.error(f"--dim {args.dim} must be a multiple of --heads {args.heads}")
-    if not 1 <= args.ser_layer <= args.depth:
-        p.error(f"--ser-layer must be in 1..{args.depth} (the ViT's blocks)")
-    if args.warmup_epochs > args.epochs:
-        p.error(f"--warmup-epochs {args.warmup_epochs} exceeds --epochs {args.epochs}: the lr "
-                f"would never reach its peak")
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if args.batch_size % world:
-        p.error(f"argument --batch-size: {args.batch_size} is not divisible by the {world} "
-                f"processes (--batch-size is the global batch)")
-    b2 = b2_size(args.batch_size // world, args)
-    if args.ser == "on" and not 2 <= b2 < args.batch_size // world:
-        p.error(f"--b2-ratio {args.b2_ratio} gives {b2} of {args.batch_size // world} images "
-                f"per rank to b2; L_equiv needs >= 2 (other images are its negatives) and "
-                f"b1 >= 1 (change --b2-ratio or --batch-size)")
-    if args.resume and not os.path.isfile(args.resume):
-        p.error(f"argument --resume: no checkpoint file {args.resume}")
-    if args.run_dir is None:
-        args.run_dir = os.path.join("runs", "-".join(["ser", args.preset, args.base]
-                                                     + run_tags(args)))
-    return args
-
-
-def without_help(argv):
-    """The command line without -h/--help, to read --preset and --base before the full parse."""
-    return [a for a in (sys.argv[1:] if argv is None else argv) if a not in ("-h", "--help")]
-
-
-def run_tags(args):
-    """What sets a run apart from its preset, one run dir per README row: vanilla, lambda, L,
-    seed."""
-    tags = []
-    if args.ser == "off":
-        tags.append("vanilla")
-    else:
-        defaults = preset_defaults(args.preset, args.base)
-        for tag, key in (("L", "ser_layer"), ("lam", "ser_lambda")):
-            if getattr(args, key) != defaults[key]:
-                tags.append(f"{tag}{getattr(args, key):g}")
-    if args.seed:
-        tags.append(f"s{args.seed}")
-    return tags
-
-
 # ================================ the method ================================
-# SER itself, top to bottom: the augmentations and the group actions, the ViT with delayed
-# [CLS], the heads, rho_g and the token loss, the base losses, the model, the optimiser and one
-# training step. Two helpers come from the harness below: gather (the autograd all-gather of a
-# batch over processes; the identity in one process) and autocast (bf16 or fp16 on CUDA, off
-# on CPU). Official code = github.com/aitrics-chris/SER, where SER is called "erl".
+# Two helpers come from the harness below: gather (the autograd all-gather of a batch over
+# processes; the identity in one process) and autocast (bf16 or fp16 on CUDA, off on CPU).
 
+# ---- the group elements, their action on images and on token maps (builder/utils.py) ----
+class GroupElement(NamedTuple):
+    """One b2 view's g_v = R90^k o S o F^f o R180^d: rot180 and hflip per image, a resize S to a
+    token grid (h, w), then k quarter turns (k and the grid are shared by the view's images)."""
+    k: int                  # quarter turns
+    hw: tuple               # the token grid (h, w) after the resize
+    d: torch.Tensor         # (n,) bool: rot180 per image
+    f: torch.Tensor         # (n,) bool: hflip per image
+
+
+def sample_group(n, grid, step, seed, device):
+    """The group elements (g_0, g_1) of the two b2 views of n images. Per image d0, f0 ~ B(1/2);
+    view 1 takes the complements, so every pair differs by a reflection (as the released code).
+    k_v and the token grid (h_v, w_v) (area grid^2 x U(0.7, 1.3), aspect log-U(3/4, 4/3)) are
+    drawn once per step, the same on every rank.
+    Deviation: the released code draws them per GPU; one draw keeps the gathered maps one shape."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    uniforms = torch.rand(4, generator=generator).tolist()
+    k = torch.randint(4, (2,), generator=generator).tolist()
+    hw = []
+    for v in range(2):
+        area = grid * grid * (0.7 + 0.6 * uniforms[2 * v])
+        aspect = math.exp(math.log(3 / 4) + math.log(16 / 9) * uniforms[2 * v + 1])
+        hw.append((round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))))
+    d0 = torch.rand(n, device=device) < 0.5
+    f0 = torch.rand(n, device=device) < 0.5
+    return GroupElement(k[0], hw[0], d0, f0), GroupElement(k[1], hw[1], ~d0, ~f0)
+
+
+def act_on_images(x, g, patch):
+    """The input action of one view's g, in the released aug_equiv's order: rot180^d and hflip^f
+    per image, a bicubic resize to EXACTLY (patch h, patch w) px so that the token grid is h x w
+    (a clean grid resample, no partial patches), then rot90^k."""
+    x = torch.where(g.d.view(-1, 1, 1, 1), x.flip(-2, -1), x)
+    x = torch.where(g.f.view(-1, 1, 1, 1), x.flip(-1), x)
+    size = (patch * g.hw[0], patch * g.hw[1])
+    x = F.interpolate(x, size=size, mode="bicubic", align_corners=False)
+    return torch.rot90(x, g.k, dims=(-2, -1))
+
+
+def rho(z, g_from, g_to):
+    """The feature action rho_g: moves a (n, C, h, w) token map from one b2 view's frame into the
+    other's, in the released Aug_equi.aug_equiv_feat's order: undo the source's rot90^k; a
+    vertical flip (the complementary flip and rot180 flags make it the same for every image); a
+    bicubic resize to the target's grid; the target's rot90^k."""
+    z = torch.rot90(z, 2 - g_from.k, dims=(-2, -1))     # rot90^{-k_from}, then rot180 ...
+    z = torch.flip(z, dims=(-1,))                       # ... then hflip: together the vertical flip
+    z = F.interpolate(z, size=tuple(g_to.hw), mode="bicubic", align_corners=False)
+    return torch.rot90(z, g_to.k, dims=(-2, -1))
+
+
+def b2_size(local_batch, args):
+    """b2's images per rank (run_pretrain.sh's --equiv-ratio-start); 0 = vanilla."""
+    return round(args.b2_ratio * local_batch) if args.ser == "on" else 0
+
+
+def make_views(x_a, x_b, args, step):
+    """The step's views (builder/moco.py, MoCo.train_erl_inv) -> ([v1, v2], None) or
+    ([v1, v2, u0, u1], (g_0, g_1)). b1 = the first B - n_b2 images: two independent crops
+    through t1 and t2. b2 = the last n_b2: the SAME crop x_a through t1 and t2, then g_0 and g_1.
+    The random draws keep this order: b1's t1, b1's t2, the flip flags, b2's t1, b2's t2."""
+    B = x_a.shape[0]
+    n_b2 = b2_size(B, args)
+    views = [normalize(photometric(x_a[:B - n_b2], *PIPELINES[0])),
+             normalize(photometric(x_b[:B - n_b2], *PIPELINES[1]))]
+    if n_b2 == 0:
+        return views, None
+    g = sample_group(n_b2, args.resolution // args.patch, step, args.seed, x_a.device)
+    for g_v, pipeline in zip(g, PIPELINES):
+        u = normalize(photometric(x_a[B - n_b2:], *pipeline))
+        views.append(act_on_images(u, g_v, args.patch))
+    return views, g
+
+
+# ---- the token loss L_equiv (builder/moco.py, MoCo.equiv) ----
+# Local vs global: MoCo's keys, L_equiv's targets and Barlow Twins' embeddings are gathered over
+# ranks (with gradients wherever they carry any); DINO's cross-entropy, L_equiv's anchors and the
+# probe are per-rank means (DDP's averaging makes them global).
 def process_rank():
     """This process's rank (0 without a process group): where its rows sit in a gathered batch."""
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-# ---- the augmentations (official code, loader/inv.py and builder/utils.py, Aug_equi) ----
-class TwoCrops:
-    """Two independent RandomResizedCrop + horizontal-flip crops of one image as [0, 1] tensors
-    (the loader's CPU work). b1 uses both, b2 the first one twice; the photometric ops run later,
-    on the device batch."""
+def autocast_off(x):
+    """Context for a loss's statistics in fp32 under any autocast, as the released code sums in
+    fp32 under AMP. `.float()` alone does not do it: under autocast a matmul of two fp32 tensors
+    still runs in bf16 / fp16. Each loss casts its inputs with .float() inside the context."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
+def token_rows(token_map):
+    """(n, C, h, w) -> (n h w, C) unit vectors, image-major then row-major. Anchor and target
+    use the same order, so the same-image mask below is right."""
+    n, C, h, w = token_map.shape
+    rows = token_map.float().flatten(2).transpose(1, 2).reshape(n * h * w, C)
+    return F.normalize(rows, dim=1)
+
+
+def token_nce(anchor, target, tau, negatives="target"):
+    """Patch-wise NT-Xent. anchor, target: (n, C, h, w) maps in the same frame, n = this rank's b2
+    images. Anchor token (i, j): positive = target token (i, j); negatives = every target token
+    of every OTHER image of the global b2 (with "both", also every anchor token of other images:
+    the paper's 2N-way form, the released MoCo.erl_local4). Image i's other tokens are left out
+    (App. B.4): with them the loss would become a within-image localisation task."""
+    n, _, h, w = anchor.shape
+    n_tokens = h * w
+    with autocast_off(anchor):
+        a = token_rows(anchor)                          # (n h w, C)
+        t = token_rows(target)
+        positive = (a * t).sum(1) / tau
+        anchor_image = torch.arange(n, device=a.device).repeat_interleave(n_tokens)
+        anchor_image = anchor_image + process_rank() * n        # global image ids
+        candidates = [gather(t)]
+        if negatives == "both":
+            candidates.append(gather(a))
+        logits = [positive[:, None]]                    # column 0: the positive
+        for cand in candidates:                         # (global b2 x h w, C)
+            cand_image = torch.arange(cand.shape[0] // n_tokens, device=a.device)
+            cand_image = cand_image.repeat_interleave(n_tokens)
+            # The same-image mask drops the anchor image's other tokens, and with them the
+            # positive itself (target token (i, j) is one of them): column 0 adds it back, once.
+            same_image = anchor_image[:, None] == cand_image[None, :]
+            logits.append((a @ cand.T / tau).masked_fill(same_image, float("-inf")))
+        return (torch.logsumexp(torch.cat(logits, dim=1), dim=1) - positive).mean()
+
+
+def equivariance_loss(proj, maps, targets, g, tau, negatives="target"):
+    """L_equiv, symmetrised. Anchors: the student's projected layer-L maps of the b2 views (group
+    elements g = (g_0, g_1)). Targets: the other view's map (the teacher's for MoCo and DINO; the
+    student's for Barlow Twins: targets=None) through the STUDENT's projector h, then rho_g into
+    the anchor's frame (as the released code). Gradients reach f1 via the anchors, h via both.
+    Deviation for Barlow Twins: the released barlowtwins.train_erl uses one direction only."""
+    anchors = [proj(m) for m in maps]
+    projected = anchors
+    if targets is not None:
+        projected = [proj(t) for t in targets]
+    g0, g1 = g
+    loss_0_to_1 = token_nce(anchors[1], rho(projected[0], g0, g1), tau, negatives)
+    loss_1_to_0 = token_nce(anchors[0], rho(projected[1], g1, g0), tau, negatives)
+    return 0.5 * (loss_0_to_1 + loss_1_to_0)
+
+
+# ---- the ViT with delayed [CLS] (vision_transformer.py, VisionTransformer) ----
+class Block(nn.Module):
+    """Pre-norm transformer block (Dosovitskiy et al. 2021): x + Attn(LN(x)), then x + MLP(LN(x));
+    qkv bias, LayerNorm eps 1e-6, MLP 4x, stochastic depth on both residual branches."""
+
+    def __init__(self, dim, heads, drop_path=0.0):
+        super().__init__()
+        self.heads = heads
+        self.drop_path = drop_path
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def attention(self, x):
+        """(B, N, D) -> (B, N, D)."""
+        B, N, D = x.shape
+        qkv = self.qkv(x).view(B, N, 3, self.heads, D // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)                       # each (B, heads, N, D / heads)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(B, N, D))
+
+    def drop(self, x):
+        """Stochastic depth: drop a whole branch per sample, rescale the kept ones."""
+        if not self.training or self.drop_path == 0:
+            return x
+        keep = torch.rand(x.shape[0], 1, 1, device=x.device) >= self.drop_path
+        return x * keep / (1 - self.drop_path)
+
+    def forward(self, x):
+        x = x + self.drop(self.attention(self.norm1(x)))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+class ViT(nn.Module):
+    """ViT with delayed [CLS]. cls_at = the blocks that run before [CLS] joins: L with SER
+    (blocks 1..L see patch tokens only; [CLS] has no position embedding), 0 = vanilla. A separate
+    LayerNorm norm_equiv reads the layer-L patch map for L_equiv only; the un-normalised stream
+    goes on (the released forward_equiv). Training and evaluation use the same forward."""
+
+    def __init__(self, resolution, patch, dim, depth, heads, cls_at, loss_layer=0, drop_path=0.0):
+        super().__init__()
+        self.patch = patch
+        self.grid = resolution // patch
+        self.cls_at = cls_at
+        self.loss_layer = loss_layer
+        self.patch_embed = nn.Conv2d(3, dim, patch, patch)
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid ** 2, dim))    # patch tokens only
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.cls_pos = None
+        if cls_at == 0:                                 # vanilla: [CLS] at the input
+            self.cls_pos = nn.Parameter(torch.zeros(1, 1, dim))
+        # Stochastic depth rises linearly over depth, 0 at block 1 to drop_path at the last
+        # (DINO's and the released vision_transformer.py's decay rule, Huang et al. 2016).
+        rates = torch.linspace(0, drop_path, depth).tolist()
+        self.blocks = nn.ModuleList(Block(dim, heads, rate) for rate in rates)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.norm_equiv = None
+        if loss_layer:
+            self.norm_equiv = nn.LayerNorm(dim, eps=1e-6)
+
+    def init_weights(self, moco_v3):
+        """timm/DINO init (trunc-normal 0.02), or MoCo-v3's (Chen et al. 2021, Sec. 5):
+        xavier-uniform linears with qkv as three matrices, [CLS] ~ N(0, 1e-6). The patch embedding
+        keeps PyTorch's default init for every base, as the released VisionTransformer.__init__
+        (MoCo-v3's xavier patch init is commented out there; for MoCo it only freezes it)."""
+        for name, module in self.named_modules():
+            if not isinstance(module, nn.Linear):
+                continue
+            if moco_v3:
+                fan_out = module.weight.shape[0]
+                if name.endswith("qkv"):                # three (D, D) matrices stacked
+                    fan_out = fan_out // 3
+                bound = math.sqrt(6.0 / (fan_out + module.weight.shape[1]))
+                nn.init.uniform_(module.weight, -bound, bound)
+            else:
+                nn.init.trunc_normal_(module.weight, std=0.02)
+            nn.init.zeros_(module.bias)
+        for table in (self.pos_embed, self.cls_pos):
+            if table is not None:
+                nn.init.trunc_normal_(table, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6 if moco_v3 else 0.02)
+
+    def patch_tokens(self, x):
+        """(B, 3, P h, P w) -> ((B, h w, D) row-major tokens plus the position table, (h, w)).
+        The table is resized bicubically to any grid, as the released interpolate_pos_encoding
+        (DINO's): with scale_factor (h + 0.1) / grid, which sets both the output size (floor:
+        exactly h) and the sampling positions (not quite those of a resize to size=(h, w)))."""
+        tokens = self.patch_embed(x)                    # (B, D, h, w)
+        h, w = tokens.shape[-2:]
+        pos = self.pos_embed
+        if (h, w) != (self.grid, self.grid):
+            pos = pos.reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)
+            scale = ((h + 0.1) / self.grid, (w + 0.1) / self.grid)
+            pos = F.interpolate(pos, scale_factor=scale, mode="bicubic", align_corners=False)
+            pos = pos.flatten(2).transpose(1, 2)
+        return tokens.flatten(2).transpose(1, 2) + pos, (h, w)
+
+    def forward(self, x, every_block=False):
+        """-> (final-norm [CLS] (B, D), the loss map norm_equiv(f1(x)) (B, D, h, w) or None),
+        and with every_block also the list of every block's output tokens."""
+        tokens, (h, w) = self.patch_tokens(x)
+        B = tokens.shape[0]
+        loss_map = None
+        block_outputs = []
+        for i, block in enumerate(self.blocks):         # block i + 1 in the paper's count
+            if i == self.cls_at:                        # delayed [CLS], before block cls_at + 1
+                cls = self.cls_token
+                if self.cls_pos is not None:
+                    cls = cls + self.cls_pos
+                tokens = torch.cat([cls.expand(B, -1, -1), tokens], dim=1)
+            tokens = block(tokens)
+            if i + 1 == self.loss_layer:                # f1(x): layer-L patch tokens, their own LN
+                patch_only = tokens[:, int(i >= self.cls_at):]
+                loss_map = self.norm_equiv(patch_only).transpose(1, 2).reshape(B, -1, h, w)
+            if every_block:
+                block_outputs.append(tokens)
+        cls = self.norm(tokens)[:, 0]
+        if every_block:
+            return cls, loss_map, block_outputs
+        return cls, loss_map
+
+    def last_blocks_features(self, x, n=4):
+        """SER's probe feature (the released lincls_parallel.py, n_last_blocks 4: DINO's ViT-S
+        protocol): the final-norm [CLS] of the last n blocks, (B, n D).
+        Deviation: a block run before [CLS] joins (if L > depth - n) gives its mean final-norm
+        patch token."""
+        features = []
+        for i, out in enumerate(self(x, every_block=True)[2]):
+            if i >= len(self.blocks) - n:
+                out = self.norm(out)
+                features.append(out[:, 0] if i >= self.cls_at else out.mean(1))
+        return torch.cat(features, dim=1)
+
+    def block_maps(self, x):
+        """Each block's output patch tokens as (B, D, h, w) maps (for the equivariance score)."""
+        h, w = x.shape[-2] // self.patch, x.shape[-1] // self.patch
+        maps = []
+        for i, out in enumerate(self(x, every_block=True)[2]):
+            patch_only = out[:, int(i >= self.cls_at):]
+            maps.append(patch_only.transpose(1, 2).reshape(out.shape[0], -1, h, w))
+        return maps
+
+
+# ---- the base methods: heads and losses L_inv (MoCo-v3, DINO, Barlow Twins) ----
+def mlp(dims, last_bn=False):
+    """MoCo-v3 / Barlow Twins MLP: (Linear without bias, BN, ReLU) between layers, a bias-free
+    last Linear, and for MoCo-v3's ViT projector AND predictor a final BN without affine
+    parameters (MoCo_ViT._build_mlp, last_bn=True for both; only its ResNet predictor drops it)."""
+    layers = []
+    for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
+        layers.append(nn.Linear(d_in, d_out, bias=False))
+        if i < len(dims) - 2:                           # every layer but the last
+            layers += [nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)]
+    if last_bn:
+        layers.append(nn.BatchNorm1d(dims[-1], affine=False))
+    return nn.Sequential(*layers)
+
+
+class DINOHead(nn.Module):
+    """DINO's head (Caron et al. 2021, Sec. 3.1): a 3-layer GELU MLP without BN -> bottleneck ->
+    L2 norm -> a weight-normalised linear layer to K prototypes (norm_last_layer False: its norm
+    g is trained too). Init as DINO's DINOHead: the MLP trunc-normal (0.02) with zero biases; the
+    last layer PyTorch's default (DINO inits before creating it), g = 1."""
+
+    def __init__(self, dim, hidden, bottleneck, out):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, hidden),
+                                 nn.GELU(), nn.Linear(hidden, bottleneck))
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        last = nn.Linear(bottleneck, out, bias=False)
+        self.last = nn.utils.parametrizations.weight_norm(last)
+        self.last.parametrizations.weight.original0.data.fill_(1.0)
+
+    def forward(self, x):
+        return self.last(F.normalize(self.mlp(x), dim=-1))
+
+
+def moco_infonce(q, k, tau):
+    """MoCo-v3 (Chen et al. 2021, Alg. 1): cross-entropy of q.k / tau over the keys of the whole
+    global batch, label = own key, times 2 tau. The keys come from the teacher: no gradient."""
+    with autocast_off(q):
+        q = F.normalize(q.float(), dim=1)
+        k = F.normalize(gather(k.float()), dim=1)
+        labels = torch.arange(q.shape[0], device=q.device) + process_rank() * q.shape[0]
+        return F.cross_entropy(q @ k.T / tau, labels) * 2 * tau
+
+
+def dino_loss(s_a, s_b, t_a, t_b, center, tau_s, tau_t):
+    """DINO (Caron et al. 2021, Eq. 1-4) with two global views and no multi-crop (the released
+    local_crops_number 0): cross-entropy between the centred, sharpened teacher softmax of one
+    view and the student of the other, averaged over both pairs."""
+    loss = 0.0
+    with autocast_off(s_a):
+        for student, teacher in ((s_b, t_a), (s_a, t_b)):
+            p_teacher = F.softmax((teacher.float() - center.float()) / tau_t, dim=1)
+            log_p_student = F.log_softmax(student.float() / tau_s, dim=1)
+            loss = loss + torch.sum(-p_teacher * log_p_student, dim=1).mean()
+    return loss / 2
+
+
+def standardise(z):
+    """BN without affine parameters over the rows (eps 1e-5, biased variance)."""
+    return (z - z.mean(0)) / torch.sqrt(z.var(0, unbiased=False) + 1e-5)
+
+
+def barlow_twins_loss(z1, z2, lam):
+    """Barlow Twins (Zbontar et al. 2021, Eq. 1): sum_i (1 - C_ii)^2 + lam sum_{i != j} C_ij^2,
+    with C the cross-correlation of the batch-standardised embeddings over the GLOBAL batch."""
+    # Deviation (DDP gradient scale): the released BarlowTwins.forward_equiv sums C over GPUs
+    # with an in-place all_reduce that autograd does not see; each rank back-propagates only its
+    # own share of C and DDP's averaging leaves 1/W of the true gradient (W = world size). Here
+    # the gather carries gradients, so the gradient is the true one. AdamW ignores the overall
+    # scale, the per-parameter clip does not: the released clip 0.3 on W GPUs equals
+    # --clip-grad 0.3 x W here (2.4 at 8 GPUs); the same in one process (W = 1).
+    with autocast_off(z1):
+        z1, z2 = gather(z1.float()), gather(z2.float())
+        c = standardise(z1).T @ standardise(z2) / z1.shape[0]
+        on_diagonal = (torch.diagonal(c) - 1).pow(2).sum()
+        off_diagonal = c.pow(2).sum() - torch.diagonal(c).pow(2).sum()
+        return on_diagonal + lam * off_diagonal
+
+
+# ---- the model: everything one step computes ----
+class SER(nn.Module):
+    """The student ViT, the base method's head(s), the 1x1 token projector h (the released
+    projector_equiv), the EMA teacher (MoCo-v3, DINO), DINO's centre and an online linear probe
+    on the detached [CLS]. forward() is a step's whole loss: DDP sees one forward."""
 
     def __init__(self, args):
-        interp = getattr(T.InterpolationMode, args.interp.upper())
-        crop = T.RandomResizedCrop(args.resolution, scale=(args.crop_min, 1.0),
-                                   interpolation=interp)
-        self.transform = T.Compose([crop, T.RandomHorizontalFlip(), T.ToTensor()])
+        super().__init__()
+        self.args = args
+        D, hidden, out = args.dim, args.head_hidden, args.head_dim
+        self.student = self.make_vit(args.drop_path)
+        self.student.init_weights(moco_v3=args.base == "moco")
+        if args.base == "moco":
+            # MoCo-v3's frozen random patch projection (Chen et al. 2021, Sec. 5)
+            self.student.patch_embed.requires_grad_(False)
+            self.head = mlp([D, hidden, hidden, out], last_bn=True)
+            self.predictor = mlp([out, hidden, out], last_bn=True)
+        elif args.base == "dino":
+            self.head = DINOHead(D, hidden, args.head_bottleneck, out)
+            self.register_buffer("center", torch.zeros(1, out))
+        else:
+            self.head = mlp([D, hidden, hidden, out])
+        self.token_proj = None
+        if args.ser == "on":                            # h = Conv1x1 D->E, GELU, Conv1x1 E->E
+            E = args.token_dim
+            self.token_proj = nn.Sequential(nn.Conv2d(D, E, 1, bias=False), nn.GELU(),
+                                            nn.Conv2d(E, E, 1, bias=False))
+        self.probe = nn.Linear(D, getattr(args, "num_classes", 1000))
+        self.teacher, self.teacher_head = None, None
+        if args.base in ("moco", "dino"):               # EMA teacher, without stochastic depth
+            self.teacher = self.make_vit(0.0)
+            self.teacher.load_state_dict(self.student.state_dict())
+            self.teacher_head = copy.deepcopy(self.head)
+            self.teacher.requires_grad_(False)
+            self.teacher_head.requires_grad_(False)
+
+    def make_vit(self, drop_path):
+        """The ViT of this run (student or teacher): [CLS] joins after block L with SER, at the
+        input without.
+        Deviation: with L = depth, [CLS] joins before the last block (none would be left)."""
+        args = self.args
+        cls_at, loss_layer = 0, 0
+        if args.ser == "on":
+            cls_at = min(args.ser_layer, args.depth - 1)
+            loss_layer = args.ser_layer
+        return ViT(args.resolution, args.patch, args.dim, args.depth, args.heads, cls_at,
+                   loss_layer, drop_path)
+
+    @property
+    def backbone(self):
+        """The ViT that eval.py probes and backbone.pt holds: DINO's teacher (DINO evaluates
+        its teacher, Caron et al. 2021), the student for MoCo-v3 and Barlow Twins."""
+        return self.teacher if self.args.base == "dino" else self.student
+
+    def compile(self, *args, **kwargs):
+        """torch.compile each ViT block in place (the harness calls model.compile()), not the
+        whole model, whose graph the b2 views' new h x w grid would recompile every step; a
+        block only sees token sequences, whose length varies along one dimension."""
+        for vit in (self.student, self.teacher):
+            if vit is not None:
+                for block in vit.blocks:
+                    block.compile(*args, **kwargs)
+
+    def forward(self, views, g, labels, sched):
+        """views = [v1, v2] (b1), + [u0, u1] (b2) with SER: even = view A, odd = view B of each
+        image; g = (g_0, g_1). Both sub-batches feed the invariance loss (as the released code),
+        b2 alone L_equiv. sched: this step's schedule values (DINO's teacher temperature).
+        -> (total loss, detached loss terms, the probe's device-side counts)."""
+        args = self.args
+        student_out = [self.student(v) for v in views]  # ([CLS], layer-L map) per view
+        cls_a = torch.cat([out[0] for out in student_out[0::2]])     # (B, D), b1 then b2
+        cls_b = torch.cat([out[0] for out in student_out[1::2]])
+        teacher_out = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_out = [self.teacher(v) for v in views]
+                key_a = self.teacher_head(torch.cat([out[0] for out in teacher_out[0::2]]))
+                key_b = self.teacher_head(torch.cat([out[0] for out in teacher_out[1::2]]))
+        if args.base == "moco":                         # symmetrised InfoNCE (MoCo-v3 Alg. 1)
+            query_a = self.predictor(self.head(cls_a))
+            query_b = self.predictor(self.head(cls_b))
+            inv = (moco_infonce(query_a, key_b, args.moco_tau)
+                   + moco_infonce(query_b, key_a, args.moco_tau))
+        elif args.base == "dino":
+            inv = dino_loss(self.head(cls_a), self.head(cls_b), key_a, key_b, self.center,
+                            args.student_temp, sched["teacher_temp"])
+            self.update_center(torch.cat([key_a, key_b]))
+        else:
+            inv = barlow_twins_loss(self.head(cls_a), self.head(cls_b), args.bt_lambda)
+        terms = {"inv": inv.detach()}
+        loss = inv
+        if len(views) == 4:                             # L = L_inv + lambda L_equiv
+            maps = (student_out[2][1], student_out[3][1])
+            targets = None                              # Barlow Twins: the student's own maps
+            if teacher_out is not None:
+                targets = (teacher_out[2][1], teacher_out[3][1])
+            equiv = equivariance_loss(self.token_proj, maps, targets, g, args.ser_tau,
+                                      args.ser_negatives)
+            loss = loss + args.ser_lambda * equiv       # lambda = 0: computed and logged only
+            terms["equiv"] = equiv.detach()
+        # The online monitor: a linear probe on the detached [CLS], nothing reaches the ViT.
+        logits = self.probe(cls_a.detach().float())
+        probe_loss = F.cross_entropy(logits, labels)
+        terms["probe"] = probe_loss.detach()
+        sums = {"probe_correct": (logits.argmax(1) == labels).sum().float(),
+                "images": logits.new_full((), labels.shape[0])}
+        return loss + probe_loss, terms, sums
+
+    @torch.no_grad()
+    def update_center(self, teacher_out):
+        """DINO Eq. 4: c <- m c + (1 - m) mean of the teacher outputs over the global batch."""
+        mean = teacher_out.float().mean(0, keepdim=True)
+        if dist.is_initialized():
+            dist.all_reduce(mean)
+            mean /= dist.get_world_size()
+        momentum = self.args.center_momentum
+        self.center.mul_(momentum).add_(mean, alpha=1 - momentum)
+
+    @torch.no_grad()
+    def ema_update(self, momentum):
+        """teacher <- m teacher + (1 - m) student after each step (MoCo-v3's momentum encoder,
+        DINO's teacher).
+        Deviation for MoCo-v3, which updates before computing the keys: one step later."""
+        if self.teacher is None:
+            return
+        pairs = ((self.student, self.teacher), (self.head, self.teacher_head))
+        for student, teacher in pairs:
+            for p_teacher, p_student in zip(teacher.parameters(), student.parameters()):
+                p_teacher.lerp_(p_student, 1 - momentum)
+
+
+# ---- the optimiser, the schedules and one training step (the released main_*.py) ----
+def make_optimizer(model, args):
+    """AdamW; weight decay on weights, none on biases and norm parameters (DINO's rule).
+    Deviation for MoCo-v3 and Barlow Twins, whose code decays everything: one rule for all three
+    bases. lr and wd are set every step from schedule()."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    param_groups = [{"params": [p for p in params if p.ndim > 1], "apply_wd": True},
+                    {"params": [p for p in params if p.ndim <= 1], "apply_wd": False}]
+    return torch.optim.AdamW(param_groups, lr=0.0, weight_decay=0.0,
+                             fused=next(model.parameters()).is_cuda)
+
+
+def cosine(t, start, end):
+    """A half cosine from start (t = 0) to end (t = 1), t clipped to [0, 1]."""
+    return end + 0.5 * (start - end) * (1 + math.cos(math.pi * min(max(t, 0.0), 1.0)))
+
+
+def schedule(step, args, steps_per_epoch):
+    """Every schedule as a pure function of the global step (nothing to store for a resume).
+    lr: linear warm-up to blr x batch / 256 (the linear scaling rule, Goyal et al. 2017), then a
+    half cosine to min_lr_frac x peak; wd: cosine wd -> wd_end (DINO); teacher momentum: cosine
+    m -> 1 (MoCo-v3, DINO); DINO's teacher temperature: linear warm-up, then constant."""
+    total = args.epochs * steps_per_epoch
+    warmup = args.warmup_epochs * steps_per_epoch
+    peak = args.blr * args.batch_size / 256
+    if step < warmup:
+        lr = peak * (step + 1) / warmup
+    else:
+        lr = cosine((step - warmup) / max(1, total - warmup), peak, peak * args.min_lr_frac)
+    temp_progress = min(1.0, step / max(1, args.teacher_temp_epochs * steps_per_epoch))
+    teacher_temp = args.teacher_temp0 + (args.teacher_temp - args.teacher_temp0) * temp_progress
+    return {"lr": lr, "wd": cosine(step / total, args.wd, args.wd_end),
+            "momentum": cosine(step / total, args.momentum, 1.0), "teacher_temp": teacher_temp}
+
+
+def train_step(model, batch, optimizer, scaler, args, step=0, steps_per_epoch=1):
+    """One optimisation step on a device batch (x_a, x_b, labels): the schedules, the views,
+    forward, backward, DINO's per-parameter clipping and frozen last layer, AdamW, the teacher
+    EMA. Returns (loss terms, probe counts), device tensors only: no host sync in the step."""
+    sched = schedule(step, args, steps_per_epoch)
+    for param_group in optimizer.param_groups:
+        param_group["lr"] = sched["lr"]
+        param_group["weight_decay"] = sched["wd"] if param_group["apply_wd"] else 0.0
+    x_a, x_b, labels = batch
+    views, g = make_views(x_a, x_b, args, step)
+    with autocast(args, x_a.device):
+        loss, terms, sums = model(views, g, labels, sched)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    core = model.module if isinstance(model, DistributedDataParallel) else model
+    if args.clip_grad > 0:                              # DINO clips each parameter's norm alone
+        scaler.unscale_(optimizer)
+        for p in core.parameters():
+            if p.grad is not None:
+                torch.nn.utils.clip_grad_norm_(p, args.clip_grad)
+    if args.base == "dino" and step < args.freeze_last_epochs * steps_per_epoch:
+        for p in core.head.last.parameters():           # DINO: last layer frozen at first
+            p.grad = None
+    scaler.step(optimizer)
+    scaler.update()
+    core.ema_update(sched["momentum"])
+    return {"total": loss.detach(), **terms}, sums
+
+
+def monitor_metrics(sums):
+    """The online probe's epoch figure from its summed counts: top-1 over the epoch's images."""
+    return {"top1_probe": sums["probe_correct"] / sums["images"]}
+
+
+# ---- what the harness and eval.py need from this method ----
+def make_dataset(args, root):
+    """The ImageFolder train split, two crops per image -> (dataset, None). Sets
+    args.num_classes (the probe's width) from the data, on every rank."""
+    dataset = data.ImageFolder(root, "train", transform=TwoCrops(args))
+    args.num_classes = len(dataset.classes)
+    return dataset, None
+
+
+def to_device(batch, device, args):
+    """((x_a, x_b), labels) from the loader -> (x_a, x_b, labels) on the device, x in [0, 1]."""
+    (x_a, x_b), labels = batch
+    return tuple(t.to(device, non_blocking=True) for t in (x_a, x_b, labels))
+
+
+build_model = SER          # the whole training model from (saved) args; eval.py rebuilds it so
+
+
+class LastBlocksCLS(nn.Module):
+    """images -> ViT.last_blocks_features, (B, 4 D): what eval.py probes."""
+
+    def __init__(self, vit):
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, x):
+        return self.vit.last_blocks_features(x, n=4)
+
+
+def probeable(model, args):
+    """What eval.py probes: "full" = the last-4 [CLS] (the paper's probe), "last" = the final
+    [CLS], and every block's token map (the equivariance score), of model.backbone."""
+    vit = model.backbone
+    parts = {"full": slice(0, 4 * args.dim), "last": slice(3 * args.dim, 4 * args.dim)}
+    return eval.Probeable(backbone=LastBlocksCLS(vit), token_maps=vit.block_maps, parts=parts)
+
+
+# ---- the augmentation pipelines (loader/inv.py; builder/utils.py, Aug_equi) ----
+class TwoCrops:
+    """Two independent RandomResizedCrop + horizontal-flip crops of one image as [0, 1] tensors
+    (the loader's CPU work); the photometric ops run later, on the device batch."""
+
+    def __init__(self, args):
+        interp = getattr(transforms.InterpolationMode, args.interp.upper())
+        crop = transforms.RandomResizedCrop(args.resolution, scale=(args.crop_min, 1.0),
+                                            interpolation=interp)
+        self.transform = transforms.Compose([crop, transforms.RandomHorizontalFlip(),
+                                             transforms.ToTensor()])
 
     def __call__(self, image):
         return self.transform(image), self.transform(image)
@@ -460,8 +824,7 @@ def photometric(x, blur_p, solarize_p):
     return torch.where(coin(solarize_p, batch, device), solarize(x), x)
 
 
-T1 = (1.0, 0.0)          # pipeline t1: (blur p, solarise p)
-T2 = (0.1, 0.2)          # pipeline t2
+PIPELINES = ((1.0, 0.0), (0.1, 0.2))     # t1, t2 as (blur p, solarise p)
 
 
 def normalize(x):
@@ -471,632 +834,167 @@ def normalize(x):
     return (x - mean) / std
 
 
-# ---- the group actions (official code, builder/utils.py, Aug_equi.get_params / aug_equiv) ----
-def b2_size(local_batch, args):
-    """Images of the equivariant sub-batch per rank: round(0.01 x 256) = 3 in the paper preset,
-    as --equiv-ratio-start 0.01 in run_pretrain.sh; 0 = vanilla."""
-    if args.ser != "on":
-        return 0
-    return round(args.b2_ratio * local_batch)
-
-
-def sample_group(n, grid, step, seed, device):
-    """The b2 views' group elements g_v = R90^{k_v} o S_v o F^{f_v} o R180^{d_v}, v = 0, 1.
-    k_v and the token grid (h_v, w_v) (area grid^2 x U(0.7, 1.3), aspect log-U(3/4, 4/3)) are
-    drawn once per step, the same on every rank.
-    Deviation: the released code draws them per GPU; one draw keeps the gathered maps one shape.
-    Per image d0, f0 ~ B(1/2); view 1 takes the complements, so every pair differs by a
-    reflection (as in the released code). -> {"k": [k0, k1], "hw": [(h0, w0), (h1, w1)],
-    "d": [d0, d1], "f": [f0, f1]}, d and f bool (n,) tensors on device."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    u = torch.rand(4, generator=generator).tolist()
-    k = torch.randint(4, (2,), generator=generator).tolist()
-    hw = []
-    for v in range(2):
-        area = grid * grid * (0.7 + 0.6 * u[2 * v])
-        aspect = math.exp(math.log(3 / 4) + math.log(16 / 9) * u[2 * v + 1])
-        hw.append((round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))))
-    d0 = torch.rand(n, device=device) < 0.5
-    f0 = torch.rand(n, device=device) < 0.5
-    return {"k": k, "hw": hw, "d": [d0, ~d0], "f": [f0, ~f0]}
-
-
-def act_on_images(x, g, v, patch):
-    """The input action of g_v, in the released aug_equiv's order: rot180^d and hflip^f per
-    image, a bicubic resize to EXACTLY (patch h_v, patch w_v) px so that the token grid is
-    h_v x w_v (a clean grid resample, no partial patches), then rot90^{k_v}."""
-    x = torch.where(g["d"][v].view(-1, 1, 1, 1), x.flip(-2, -1), x)
-    x = torch.where(g["f"][v].view(-1, 1, 1, 1), x.flip(-1), x)
-    size = (patch * g["hw"][v][0], patch * g["hw"][v][1])
-    x = F.interpolate(x, size=size, mode="bicubic", align_corners=False)
-    return torch.rot90(x, g["k"][v], dims=(-2, -1))
-
-
-def make_views(x_a, x_b, args, step):
-    """The step's views (official code, builder/moco.py, MoCo.train_erl_inv) -> ([v1, v2], None)
-    or ([v1, v2, u0, u1], g). b1 = the first B - e images: two independent crops through t1 and
-    t2. b2 = the last e: the SAME crop x_a through t1 and t2, then g_0 and g_1.
-    The random draws keep this order: b1's t1, b1's t2, the flip flags, b2's t1, b2's t2."""
-    B = x_a.shape[0]
-    e = b2_size(B, args)
-    views = [normalize(photometric(x_a[:B - e], *T1)),
-             normalize(photometric(x_b[:B - e], *T2))]
-    if e == 0:
-        return views, None
-    g = sample_group(e, args.resolution // args.patch, step, args.seed, x_a.device)
-    for v, pipeline in enumerate((T1, T2)):
-        u = normalize(photometric(x_a[B - e:], *pipeline))
-        views.append(act_on_images(u, g, v, args.patch))
-    return views, g
-
-
-# ---- the ViT with delayed [CLS] (official code, vision_transformer.py, VisionTransformer) ----
-class Block(nn.Module):
-    """Pre-norm transformer block (Dosovitskiy et al. 2021): x + Attn(LN(x)), then
-    x + MLP(LN(x)); qkv bias, LayerNorm eps 1e-6, MLP 4x, stochastic depth on both residual
-    branches."""
-
-    def __init__(self, dim, heads, drop_path=0.0):
-        super().__init__()
-        self.heads = heads
-        self.drop_path = drop_path
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
-
-    def attention(self, x):
-        """(B, N, D) -> (B, N, D)."""
-        B, N, D = x.shape
-        qkv = self.qkv(x).view(B, N, 3, self.heads, D // self.heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)                       # each (B, heads, N, D / heads)
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(B, N, D))
-
-    def drop(self, x):
-        """Stochastic depth: drop a whole branch per sample, rescale the kept ones."""
-        if not self.training or self.drop_path == 0:
-            return x
-        keep = torch.rand(x.shape[0], 1, 1, device=x.device) >= self.drop_path
-        return x * keep / (1 - self.drop_path)
-
-    def forward(self, x):
-        x = x + self.drop(self.attention(self.norm1(x)))
-        return x + self.drop(self.mlp(self.norm2(x)))
-
-
-class ViT(nn.Module):
-    """ViT with delayed [CLS]. cls_at = the blocks that run before [CLS] joins: L with SER
-    (blocks 1..L see patch tokens only; [CLS] has no position embedding), 0 = vanilla. A
-    separate LayerNorm norm_equiv reads the layer-L patch map for L_equiv only; the
-    un-normalised stream goes on (the released forward_equiv). Training and evaluation use the
-    same forward."""
-
-    def __init__(self, resolution, patch, dim, depth, heads, cls_at, loss_layer=0, drop_path=0.0):
-        super().__init__()
-        self.patch = patch
-        self.grid = resolution // patch
-        self.cls_at = cls_at
-        self.loss_layer = loss_layer
-        self.patch_embed = nn.Conv2d(3, dim, patch, patch)
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid ** 2, dim))    # patch tokens only
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.cls_pos = None
-        if cls_at == 0:                                 # vanilla: [CLS] at the input
-            self.cls_pos = nn.Parameter(torch.zeros(1, 1, dim))
-        # Stochastic depth rises linearly over depth, 0 at block 1 to drop_path at the last
-        # (DINO's and the released vision_transformer.py's decay rule, Huang et al. 2016).
-        rates = torch.linspace(0, drop_path, depth).tolist()
-        self.blocks = nn.ModuleList(Block(dim, heads, rate) for rate in rates)
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self.norm_equiv = None
-        if loss_layer:
-            self.norm_equiv = nn.LayerNorm(dim, eps=1e-6)
-
-    def init_weights(self, moco_v3):
-        """timm/DINO init (trunc-normal 0.02), or MoCo-v3's (Chen et al. 2021, Sec. 5):
-        xavier-uniform linears with qkv treated as three matrices, [CLS] ~ N(0, 1e-6). The patch
-        embedding keeps PyTorch's default Conv2d init for every base, as in the released
-        vision_transformer.py (VisionTransformer.__init__ has MoCo-v3's xavier patch init
-        commented out; for MoCo it only freezes the layer)."""
-        for name, module in self.named_modules():
-            if not isinstance(module, nn.Linear):
-                continue
-            if moco_v3:
-                fan_out = module.weight.shape[0]
-                if name.endswith("qkv"):                # three (D, D) matrices stacked
-                    fan_out = fan_out // 3
-                bound = math.sqrt(6.0 / (fan_out + module.weight.shape[1]))
-                nn.init.uniform_(module.weight, -bound, bound)
-            else:
-                nn.init.trunc_normal_(module.weight, std=0.02)
-            nn.init.zeros_(module.bias)
-        for table in (self.pos_embed, self.cls_pos):
-            if table is not None:
-                nn.init.trunc_normal_(table, std=0.02)
-        nn.init.normal_(self.cls_token, std=1e-6 if moco_v3 else 0.02)
-
-    def patch_tokens(self, x):
-        """(B, 3, P h, P w) -> ((B, h w, D) row-major tokens plus the position table, (h, w)).
-        The table is resized bicubically to any grid, square or not, as the released
-        interpolate_pos_encoding (DINO's): the resize is given as scale_factor (h + 0.1) / grid,
-        which sets both the output size (floor: exactly h) and the sampling positions (slightly
-        different from a resize to size=(h, w))."""
-        tokens = self.patch_embed(x)                    # (B, D, h, w)
-        h, w = tokens.shape[-2:]
-        pos = self.pos_embed
-        if (h, w) != (self.grid, self.grid):
-            pos = pos.reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)
-            scale = ((h + 0.1) / self.grid, (w + 0.1) / self.grid)
-            pos = F.interpolate(pos, scale_factor=scale, mode="bicubic", align_corners=False)
-            pos = pos.flatten(2).transpose(1, 2)
-        return tokens.flatten(2).transpose(1, 2) + pos, (h, w)
-
-    def forward(self, x, every_block=False):
-        """-> (final-norm [CLS] (B, D), the loss map norm_equiv(f1(x)) (B, D, h, w) or None),
-        and with every_block also the list of every block's output tokens."""
-        tokens, (h, w) = self.patch_tokens(x)
-        B = tokens.shape[0]
-        loss_map = None
-        block_outputs = []
-        for i, block in enumerate(self.blocks):         # block i + 1 in the paper's count
-            if i == self.cls_at:                        # delayed [CLS], before block cls_at + 1
-                cls = self.cls_token
-                if self.cls_pos is not None:
-                    cls = cls + self.cls_pos
-                tokens = torch.cat([cls.expand(B, -1, -1), tokens], dim=1)
-            tokens = block(tokens)
-            if i + 1 == self.loss_layer:                # f1(x): layer-L patch tokens, their own LN
-                patch_only = tokens[:, int(i >= self.cls_at):]
-                loss_map = self.norm_equiv(patch_only).transpose(1, 2).reshape(B, -1, h, w)
-            if every_block:
-                block_outputs.append(tokens)
-        cls = self.norm(tokens)[:, 0]
-        if every_block:
-            return cls, loss_map, block_outputs
-        return cls, loss_map
-
-    def last_blocks_features(self, x, n=4):
-        """SER's probe feature (the released lincls_parallel.py, n_last_blocks 4: DINO's ViT-S
-        protocol): the final-norm [CLS] of the last n blocks, (B, n D).
-        Deviation: a block run before [CLS] joins (if L > depth - n) gives its mean final-norm
-        patch token."""
-        block_outputs = self(x, every_block=True)[2]
-        features = []
-        for i, out in enumerate(block_outputs):
-            if i < len(block_outputs) - n:
-                continue
-            if i >= self.cls_at:
-                features.append(self.norm(out)[:, 0])
-            else:
-                features.append(self.norm(out).mean(1))
-        return torch.cat(features, dim=1)
-
-    def block_maps(self, x):
-        """Every block's output patch tokens as maps, [(B, D, h, w)] x depth (for the per-layer
-        equivariance score)."""
-        h, w = x.shape[-2] // self.patch, x.shape[-1] // self.patch
-        block_outputs = self(x, every_block=True)[2]
-        maps = []
-        for i, out in enumerate(block_outputs):
-            patch_only = out[:, int(i >= self.cls_at):]
-            maps.append(patch_only.transpose(1, 2).reshape(out.shape[0], -1, h, w))
-        return maps
-
-
-# ---- the heads (MoCo-v3, Barlow Twins, DINO) ----
-def mlp(dims, last_bn=False):
-    """MoCo-v3 / Barlow Twins MLP: (Linear without bias, BN, ReLU) between layers, a bias-free
-    last Linear, and for MoCo-v3's ViT projector AND predictor a final BN without affine
-    parameters (MoCo-v3's MoCo_ViT._build_mlp with last_bn=True for both; only its ResNet
-    predictor drops it)."""
-    layers = []
-    for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
-        layers.append(nn.Linear(d_in, d_out, bias=False))
-        if i < len(dims) - 2:                           # every layer but the last
-            layers += [nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)]
-    if last_bn:
-        layers.append(nn.BatchNorm1d(dims[-1], affine=False))
-    return nn.Sequential(*layers)
-
-
-class DINOHead(nn.Module):
-    """DINO's head (Caron et al. 2021, Sec. 3.1): a 3-layer MLP with GELU and no BN ->
-    bottleneck -> L2 norm -> a weight-normalised linear layer to K prototypes (norm_last_layer
-    False: the norm g is trained too). Init as DINO's DINOHead: the MLP's weights trunc-normal
-    (0.02) and biases 0; the last layer keeps PyTorch's default (DINO applies its init before
-    creating it), its norm g = 1."""
-
-    def __init__(self, dim, hidden, bottleneck, out):
-        super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, hidden),
-                                 nn.GELU(), nn.Linear(hidden, bottleneck))
-        for m in self.mlp:
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
-        last = nn.Linear(bottleneck, out, bias=False)
-        self.last = nn.utils.parametrizations.weight_norm(last)
-        self.last.parametrizations.weight.original0.data.fill_(1.0)
-
-    def forward(self, x):
-        return self.last(F.normalize(self.mlp(x), dim=-1))
-
-
-# ---- rho_g and the token loss L_equiv (official code, builder/moco.py, MoCo.equiv) ----
-# Local vs global: MoCo's keys, L_equiv's targets and Barlow Twins' embeddings are gathered over
-# ranks (with gradients wherever they carry any); DINO's cross-entropy, L_equiv's anchors and the
-# probe are per-rank means (DDP's averaging makes them global). Statistics and log-sum-exps run in
-# fp32 under any autocast, as the released code sums in fp32 under AMP.
-
-def autocast_off(x):
-    """Context for a loss's statistics in fp32: `.float()` alone does not do it, since under
-    autocast a matmul of two fp32 tensors still runs in bf16 / fp16 (similarities, logits, the
-    cross-correlation). Each loss casts its inputs with .float() inside the context."""
-    return torch.autocast(x.device.type, enabled=False)
-
-
-def rho(z, k_from, hw_to, k_to):
-    """The feature action rho_g: moves a (n, C, h, w) token map from one b2 view's frame into the
-    other's, in the released Aug_equi.aug_equiv_feat's order: undo the source's rot90^k; a
-    vertical flip (the complementary flip and rot180 flags make it the same for every image); a
-    bicubic resize to the target's grid; the target's rot90^k."""
-    z = torch.rot90(z, 2 - k_from, dims=(-2, -1))       # rot90^{-k_from}, then rot180 ...
-    z = torch.flip(z, dims=(-1,))                       # ... then hflip: together the vertical flip
-    z = F.interpolate(z, size=tuple(hw_to), mode="bicubic", align_corners=False)
-    return torch.rot90(z, k_to, dims=(-2, -1))
-
-
-def token_rows(token_map):
-    """(n, C, h, w) -> (n h w, C) unit vectors, image-major then row-major. Anchor and target
-    use the same order, so the same-image mask below is right."""
-    n, C, h, w = token_map.shape
-    rows = token_map.float().flatten(2).transpose(1, 2).reshape(n * h * w, C)
-    return F.normalize(rows, dim=1)
-
-
-def token_nce(anchor, target, tau, negatives="target"):
-    """Patch-wise NT-Xent. anchor, target: (n, C, h, w) maps in the same frame, n = this rank's b2
-    images. Anchor token (i, j): positive = target token (i, j); negatives = every target token
-    of every OTHER image of the global b2 (with "both", also every anchor token of other images:
-    the paper's 2N-way form, the released MoCo.erl_local4). The other tokens of image i are left
-    out, as the paper says (App. B.4): with them the loss would become a within-image
-    localisation task. Similarity = cosine / tau; mean over the anchor tokens."""
-    n, _, h, w = anchor.shape
-    tokens = h * w
-    with autocast_off(anchor):
-        a = token_rows(anchor)                          # (n h w, C)
-        t = token_rows(target)
-        positive = (a * t).sum(1) / tau
-        anchor_image = torch.arange(n, device=a.device).repeat_interleave(tokens)
-        anchor_image = anchor_image + process_rank() * n        # global image ids
-        candidates = [gather(t)]
-        if negatives == "both":
-            candidates.append(gather(a))
-        logits = [positive[:, None]]
-        for cand in candidates:                         # (global b2 x h w, C)
-            cand_image = torch.arange(cand.shape[0] // tokens, device=a.device)
-            cand_image = cand_image.repeat_interleave(tokens)
-            same_image = anchor_image[:, None] == cand_image[None, :]
-            logits.append((a @ cand.T / tau).masked_fill(same_image, float("-inf")))
-        return (torch.logsumexp(torch.cat(logits, dim=1), dim=1) - positive).mean()
-
-
-def equivariance_loss(proj, maps, targets, g, tau, negatives="target"):
-    """L_equiv. Anchors: the student's projected layer-L maps of the two b2 views. Targets: the
-    other view's map (the teacher's for MoCo and DINO; the student's for Barlow Twins:
-    targets=None) through the STUDENT's projector h, moved into the anchor's frame by rho_g
-    (after h, as the released code does); symmetrised. Gradients reach f1 through the anchors
-    and h through both sides.
-    Deviation for Barlow Twins: the released barlowtwins.train_erl uses one direction only."""
-    anchors = [proj(m) for m in maps]
-    projected = anchors
-    if targets is not None:
-        projected = [proj(t) for t in targets]
-    view0_in_frame1 = rho(projected[0], g["k"][0], g["hw"][1], g["k"][1])
-    view1_in_frame0 = rho(projected[1], g["k"][1], g["hw"][0], g["k"][0])
-    loss_0_to_1 = token_nce(anchors[1], view0_in_frame1, tau, negatives)
-    loss_1_to_0 = token_nce(anchors[0], view1_in_frame0, tau, negatives)
-    return 0.5 * (loss_0_to_1 + loss_1_to_0)
-
-
-# ---- the base losses L_inv ----
-def moco_infonce(q, k, tau):
-    """MoCo-v3 (Chen et al. 2021, Alg. 1): cross-entropy of q.k / tau over the keys of the whole
-    global batch, label = own key, times 2 tau. The keys come from the teacher: no gradient."""
-    with autocast_off(q):
-        q = F.normalize(q.float(), dim=1)
-        k = F.normalize(gather(k.float()), dim=1)
-        labels = torch.arange(q.shape[0], device=q.device) + process_rank() * q.shape[0]
-        return F.cross_entropy(q @ k.T / tau, labels) * 2 * tau
-
-
-def dino_loss(s_a, s_b, t_a, t_b, center, tau_s, tau_t):
-    """DINO (Caron et al. 2021, Eq. 1-4) with two global views and no multi-crop (the released
-    local_crops_number 0): cross-entropy between the centred, sharpened teacher softmax of one
-    view and the student of the other, averaged over both pairs."""
-    loss = 0.0
-    with autocast_off(s_a):
-        for student, teacher in ((s_b, t_a), (s_a, t_b)):
-            p_teacher = F.softmax((teacher.float() - center.float()) / tau_t, dim=1)
-            log_p_student = F.log_softmax(student.float() / tau_s, dim=1)
-            loss = loss + torch.sum(-p_teacher * log_p_student, dim=1).mean()
-    return loss / 2
-
-
-def standardise(z):
-    """BN without affine parameters over the rows (eps 1e-5, biased variance)."""
-    return (z - z.mean(0)) / torch.sqrt(z.var(0, unbiased=False) + 1e-5)
-
-
-def barlow_twins_loss(z1, z2, lam):
-    """Barlow Twins (Zbontar et al. 2021, Eq. 1): sum_i (1 - C_ii)^2 + lam sum_{i != j} C_ij^2,
-    with C the cross-correlation of the batch-standardised embeddings over the GLOBAL batch."""
-    # Deviation (DDP gradient scale): the released BarlowTwins.forward_equiv sums C over GPUs
-    # with an in-place all_reduce that autograd does not see; each rank back-propagates only its
-    # own share of C and DDP's averaging leaves 1/W of the true gradient (W = world size). Here
-    # the gather carries gradients, so the gradient is the true one. AdamW ignores the overall
-    # scale, the per-parameter clip does not: the released clip 0.3 on W GPUs equals
-    # --clip-grad 0.3 x W here (2.4 at 8 GPUs); the same in one process (W = 1).
-    with autocast_off(z1):
-        z1, z2 = gather(z1.float()), gather(z2.float())
-        c = standardise(z1).T @ standardise(z2) / z1.shape[0]
-        on_diagonal = (torch.diagonal(c) - 1).pow(2).sum()
-        off_diagonal = c.pow(2).sum() - torch.diagonal(c).pow(2).sum()
-        return on_diagonal + lam * off_diagonal
-
-
-# ---- the model: everything one step computes ----
-class SER(nn.Module):
-    """The student ViT, the base method's head(s), the 1x1 token projector h (the released
-    projector_equiv), the EMA teacher (MoCo-v3, DINO), DINO's centre and an online linear probe
-    on the detached [CLS]. forward() is a step's whole loss: DDP sees one forward."""
-
-    def __init__(self, args):
-        super().__init__()
-        self.args = args
-        ser_on = args.ser == "on"
-        D, hidden, out = args.dim, args.head_hidden, args.head_dim
-        self.student = self.make_vit(args.drop_path)
-        self.student.init_weights(moco_v3=args.base == "moco")
-        if args.base == "moco":
-            # MoCo-v3's frozen random patch projection (Chen et al. 2021, Sec. 5)
-            self.student.patch_embed.requires_grad_(False)
-            self.head = mlp([D, hidden, hidden, out], last_bn=True)
-            self.predictor = mlp([out, hidden, out], last_bn=True)
-        elif args.base == "dino":
-            self.head = DINOHead(D, hidden, args.head_bottleneck, out)
-            self.register_buffer("center", torch.zeros(1, out))
-        else:
-            self.head = mlp([D, hidden, hidden, out])
-        self.token_proj = None
-        if ser_on:                                      # h = Conv1x1 D->E, GELU, Conv1x1 E->E
-            E = args.token_dim
-            self.token_proj = nn.Sequential(nn.Conv2d(D, E, 1, bias=False), nn.GELU(),
-                                            nn.Conv2d(E, E, 1, bias=False))
-        self.probe = nn.Linear(D, getattr(args, "num_classes", 1000))
-        self.teacher = None
-        self.teacher_head = None
-        if args.base in ("moco", "dino"):               # EMA teacher, without stochastic depth
-            self.teacher = self.make_vit(0.0)
-            self.teacher.load_state_dict(self.student.state_dict())
-            self.teacher_head = copy.deepcopy(self.head)
-            self.teacher.requires_grad_(False)
-            self.teacher_head.requires_grad_(False)
-
-    def make_vit(self, drop_path):
-        """The ViT of this run (student or teacher): [CLS] joins after block L with SER, at the
-        input without.
-        Deviation: with L = depth no block would be left for [CLS]; it then joins before the
-        last block."""
-        args = self.args
-        cls_at = 0
-        loss_layer = 0
-        if args.ser == "on":
-            cls_at = min(args.ser_layer, args.depth - 1)
-            loss_layer = args.ser_layer
-        return ViT(args.resolution, args.patch, args.dim, args.depth, args.heads, cls_at,
-                   loss_layer, drop_path)
-
-    @property
-    def backbone(self):
-        """The ViT that eval.py probes and backbone.pt holds: DINO's teacher (DINO evaluates
-        its teacher, Caron et al. 2021), the student for MoCo-v3 and Barlow Twins."""
-        if self.args.base == "dino":
-            return self.teacher
-        return self.student
-
-    def compile(self, *args, **kwargs):
-        """torch.compile each ViT block in place (the harness calls model.compile()), not the
-        whole model: the b2 views' token grid changes shape every step (a new h x w), which
-        would recompile a whole-model graph again and again; a block only sees token
-        sequences, whose length varies along one dimension. The same maths."""
-        vits = [self.student]
-        if self.teacher is not None:
-            vits.append(self.teacher)
-        for vit in vits:
-            for block in vit.blocks:
-                block.compile(*args, **kwargs)
-
-    def forward(self, views, g, labels, hyper):
-        """views = [v1, v2] (b1), + [u0, u1] (b2) with SER: even = view A, odd = view B of each
-        image. Both sub-batches feed the invariance loss (as the released code), b2 alone
-        L_equiv. hyper: this step's schedule (DINO's teacher temperature).
-        -> (total loss, detached loss terms, the probe's device-side counts)."""
-        args = self.args
-        student_out = [self.student(v) for v in views]  # ([CLS], layer-L map) per view
-        cls_a = torch.cat([out[0] for out in student_out[0::2]])     # (B, D), b1 then b2
-        cls_b = torch.cat([out[0] for out in student_out[1::2]])
-        teacher_out = None
-        if self.teacher is not None:
-            with torch.no_grad():
-                teacher_out = [self.teacher(v) for v in views]
-                key_a = self.teacher_head(torch.cat([out[0] for out in teacher_out[0::2]]))
-                key_b = self.teacher_head(torch.cat([out[0] for out in teacher_out[1::2]]))
-        if args.base == "moco":                         # symmetrised InfoNCE (MoCo-v3 Alg. 1)
-            query_a = self.predictor(self.head(cls_a))
-            query_b = self.predictor(self.head(cls_b))
-            inv = (moco_infonce(query_a, key_b, args.moco_tau)
-                   + moco_infonce(query_b, key_a, args.moco_tau))
-        elif args.base == "dino":
-            inv = dino_loss(self.head(cls_a), self.head(cls_b), key_a, key_b, self.center,
-                            args.student_temp, hyper["teacher_temp"])
-            self.update_center(torch.cat([key_a, key_b]))
-        else:
-            inv = barlow_twins_loss(self.head(cls_a), self.head(cls_b), args.bt_lambda)
-        terms = {"inv": inv.detach()}
-        loss = inv
-        if len(views) == 4:                             # L = L_inv + lambda L_equiv
-            maps = (student_out[2][1], student_out[3][1])
-            targets = None                              # Barlow Twins: the student's own maps
-            if teacher_out is not None:
-                targets = (teacher_out[2][1], teacher_out[3][1])
-            equiv = equivariance_loss(self.token_proj, maps, targets, g, args.ser_tau,
-                                      args.ser_negatives)
-            loss = loss + args.ser_lambda * equiv       # lambda = 0: computed and logged only
-            terms["equiv"] = equiv.detach()
-        # The online monitor: a linear probe on the detached [CLS], nothing reaches the ViT.
-        logits = self.probe(cls_a.detach().float())
-        probe_loss = F.cross_entropy(logits, labels)
-        terms["probe"] = probe_loss.detach()
-        sums = {"probe_correct": (logits.argmax(1) == labels).sum().float(),
-                "images": logits.new_full((), labels.shape[0])}
-        return loss + probe_loss, terms, sums
-
-    @torch.no_grad()
-    def update_center(self, teacher_out):
-        """DINO Eq. 4: c <- m c + (1 - m) mean of the teacher outputs over the global batch."""
-        mean = teacher_out.float().mean(0, keepdim=True)
-        if dist.is_initialized():
-            dist.all_reduce(mean)
-            mean /= dist.get_world_size()
-        momentum = self.args.center_momentum
-        self.center.mul_(momentum).add_(mean, alpha=1 - momentum)
-
-    @torch.no_grad()
-    def ema_update(self, momentum):
-        """teacher <- m teacher + (1 - m) student (MoCo-v3's momentum encoder, DINO's teacher),
-        after each step.
-        Deviation for MoCo-v3, which updates before computing the keys: the same update, one
-        step later."""
-        if self.teacher is None:
-            return
-        pairs = ((self.student, self.teacher), (self.head, self.teacher_head))
-        for student, teacher in pairs:
-            for p_teacher, p_student in zip(teacher.parameters(), student.parameters()):
-                p_teacher.lerp_(p_student, 1 - momentum)
-
-
-class LastBlocksCLS(nn.Module):
-    """images -> ViT.last_blocks_features, (B, 4 D): what eval.py probes."""
-
-    def __init__(self, vit):
-        super().__init__()
-        self.vit = vit
-
-    def forward(self, x):
-        return self.vit.last_blocks_features(x, n=4)
-
-
-# ---- the optimiser and the schedules (the released main_*.py) ----
-def make_optimizer(model, args):
-    """AdamW; weight decay on weights, none on biases and norm parameters (DINO's rule).
-    Deviation for MoCo-v3 and Barlow Twins, whose code decays everything: one rule for all three
-    bases. lr and wd are set every step from schedule()."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim > 1], "apply_wd": True},
-              {"params": [p for p in params if p.ndim <= 1], "apply_wd": False}]
-    return torch.optim.AdamW(groups, lr=0.0, weight_decay=0.0,
-                             fused=next(model.parameters()).is_cuda)
-
-
-def cosine(t, start, end):
-    """A half cosine from start (t = 0) to end (t = 1), t clipped to [0, 1]."""
-    return end + 0.5 * (start - end) * (1 + math.cos(math.pi * min(max(t, 0.0), 1.0)))
-
-
-def schedule(step, args, steps_per_epoch):
-    """Every schedule as a pure function of the global step (nothing to store for a resume).
-    lr: linear warm-up to blr x batch / 256 (the linear scaling rule, Goyal et al. 2017), then a
-    half cosine to min_lr_frac x peak; wd: cosine wd -> wd_end (DINO); teacher momentum: cosine
-    m -> 1 (MoCo-v3, DINO); DINO's teacher temperature: linear warm-up, then constant."""
-    total = args.epochs * steps_per_epoch
-    warmup = args.warmup_epochs * steps_per_epoch
-    peak = args.blr * args.batch_size / 256
-    if step < warmup:
-        lr = peak * (step + 1) / warmup
+# ================================ flags ================================
+# The command line. A bad value, or a bad mix of flags, is one argparse line and exit 2.
+class Number:
+    """An argparse type: text -> an int or a float inside an interval written as in maths,
+    e.g. Number(float, "(0, 1]"); anything else (nan and inf too) raises ArgumentTypeError."""
+
+    def __init__(self, kind, interval):
+        self.kind, self.interval = kind, interval
+        self.low, self.high = (float(end) for end in interval[1:-1].split(","))
+
+    def __call__(self, text):
+        try:
+            value = self.kind(text)
+        except ValueError:
+            value = math.nan                            # fails both comparisons below
+        above = self.low < value if self.interval[0] == "(" else self.low <= value
+        below = value < self.high if self.interval[-1] == ")" else value <= self.high
+        if not (above and below):
+            what = "an integer" if self.kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what} in {self.interval}")
+        return value
+
+
+COUNT = Number(int, "[0, inf)")
+POSITIVE_INT = Number(int, "[1, inf)")
+SEED = Number(int, "[0, 2147483648)")           # epoch_seed(), sample_group(): within 64 bits
+POSITIVE = Number(float, "(0, 1e6]")     # 1e6: above any sensible value; 1e39 is inf in fp32
+NONNEGATIVE = Number(float, "[0, 1e6]")
+UNIT = Number(float, "[0, 1]")                  # momenta and end fractions
+CROP_SCALE = Number(float, "(0, 1]")            # RandomResizedCrop's smallest area fraction
+B2_SHARE = Number(float, "(0, 1)")              # b1 and b2 both non-empty
+DROP_RATE = Number(float, "[0, 1)")             # stochastic depth: 1 would divide by 1 - p = 0
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are printed once under torchrun (by rank 0); every rank exits 2."""
+
+    def error(self, message):
+        if os.environ.get("RANK", "0") == "0":
+            self.print_usage(sys.stderr)
+            print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def parse_args(argv=None):
+    """The flags, the preset's defaults, then the checks that span several flags."""
+    p = ArgumentParser(description="SER: soft equivariance regularization on a ViT "
+                                   "(Lee et al., ICLR 2026).",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", choices=("toy", "paper"), default="toy",
+                   help="toy: CPU minutes, generated data; paper: the released run_pretrain.sh")
+    p.add_argument("--base", choices=("moco", "dino", "bt"), default="moco",
+                   help="the invariant SSL method")
+    flags = p.add_argument_group("data")
+    flags.add_argument("--data-root", help="ImageFolder root (train/<wnid>/*.JPEG)")
+    flags.add_argument("--resolution", type=POSITIVE_INT, help="crop side in px (paper 224)")
+    flags.add_argument("--crop-min", type=CROP_SCALE, help="RandomResizedCrop min scale")
+    flags.add_argument("--interp", choices=("bilinear", "bicubic"), help="crop interpolation")
+    flags.add_argument("--num-workers", type=COUNT, help="DataLoader workers per rank")
+    flags = p.add_argument_group("ViT (delayed [CLS])")
+    flags.add_argument("--patch", type=POSITIVE_INT, help="patch side in px (paper 16)")
+    flags.add_argument("--dim", type=POSITIVE_INT, help="token width (ViT-S 384)")
+    flags.add_argument("--depth", type=POSITIVE_INT, help="blocks (ViT-S 12)")
+    flags.add_argument("--heads", type=POSITIVE_INT, help="attention heads (ViT-S 6)")
+    flags.add_argument("--drop-path", type=DROP_RATE, help="stochastic depth of the last block")
+    flags = p.add_argument_group("base method (released run_pretrain.sh)")
+    flags.add_argument("--head-hidden", type=POSITIVE_INT, help="projector/predictor hidden width")
+    flags.add_argument("--head-dim", type=POSITIVE_INT, help="head output (dino: prototypes)")
+    flags.add_argument("--head-bottleneck", type=POSITIVE_INT, help="DINO head bottleneck")
+    flags.add_argument("--moco-tau", type=POSITIVE, default=0.2, help="MoCo-v3 temperature")
+    flags.add_argument("--momentum", type=UNIT, help="teacher EMA momentum at step 0, cosine to 1")
+    flags.add_argument("--student-temp", type=POSITIVE, default=0.1,
+                       help="DINO student temperature")
+    flags.add_argument("--teacher-temp0", type=POSITIVE, default=0.04,
+                       help="DINO teacher temperature at step 0")
+    flags.add_argument("--teacher-temp", type=POSITIVE, default=0.07,
+                       help="DINO teacher temperature after its warm-up")
+    flags.add_argument("--teacher-temp-epochs", type=COUNT, help="DINO teacher-temp. warm-up")
+    flags.add_argument("--center-momentum", type=UNIT, default=0.9, help="DINO centre momentum")
+    flags.add_argument("--freeze-last-epochs", type=COUNT, help="DINO: last layer frozen, epochs")
+    flags.add_argument("--bt-lambda", type=NONNEGATIVE, default=0.0051, help="Barlow Twins' lambda")
+    flags = p.add_argument_group("SER")
+    flags.add_argument("--ser", choices=("on", "off"), default="on", help="off: the vanilla base")
+    flags.add_argument("--ser-layer", type=POSITIVE_INT,
+                       help="block L whose tokens get L_equiv; [CLS] joins after it (paper 3)")
+    flags.add_argument("--ser-lambda", type=NONNEGATIVE, help="weight of L_equiv (0: logged only)")
+    flags.add_argument("--ser-tau", type=POSITIVE, help="token NT-Xent temperature")
+    flags.add_argument("--ser-negatives", choices=("target", "both"), default="target",
+                       help="negatives: other images' target tokens (released code), or "
+                            "both: also their anchor tokens (the paper's equation)")
+    flags.add_argument("--b2-ratio", type=B2_SHARE, help="b2's share of each per-rank batch")
+    flags.add_argument("--token-dim", type=POSITIVE_INT, help="token projector width (paper 512)")
+    flags = p.add_argument_group("optimisation (released run_pretrain.sh)")
+    flags.add_argument("--epochs", type=POSITIVE_INT, help="pretraining epochs (paper 100)")
+    flags.add_argument("--warmup-epochs", type=COUNT, help="linear lr warm-up (paper 10)")
+    flags.add_argument("--batch-size", type=POSITIVE_INT, help="GLOBAL batch (paper 2048)")
+    flags.add_argument("--blr", type=POSITIVE, help="base lr: lr = blr x batch / 256")
+    flags.add_argument("--min-lr-frac", type=UNIT, help="final lr / peak lr")
+    flags.add_argument("--wd", type=NONNEGATIVE, help="AdamW weight decay at step 0")
+    flags.add_argument("--wd-end", type=NONNEGATIVE, help="weight decay at the end, cosine")
+    flags.add_argument("--clip-grad", type=NONNEGATIVE,
+                       help="per-parameter grad-norm clip, 0 = off (bt: see barlow_twins_loss)")
+    flags.add_argument("--amp", choices=("bf16", "fp16", "none"), default="bf16",
+                       help="CUDA autocast; fp16 + GradScaler")
+    flags.add_argument("--compile", action="store_true", help="torch.compile every ViT block")
+    flags = p.add_argument_group("run")
+    flags.add_argument("--run-dir", help="default runs/ser-<preset>-<base>[-tags]; rerun to resume")
+    flags.add_argument("--resume", help="checkpoint (default: <run-dir>/checkpoint.pt if present)")
+    flags.add_argument("--seed", type=SEED, default=0, help="init, augmentation and data order")
+    flags.add_argument("--log-every", type=POSITIVE_INT, default=10, help="steps between logs")
+    flags.add_argument("--stop-after-epochs", type=COUNT, default=0,
+                       help="stop after N epochs (0 = never); rerun resumes")
+    flags.add_argument("--eval-protocols", default="all", help="eval.py protocols, comma-separated")
+    flags.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
+    # --preset and --base (read without -h) set the defaults, in --help too. This comes after
+    # every add_argument, whose own default= would otherwise win over the preset.
+    argv = sys.argv[1:] if argv is None else argv
+    known = p.parse_known_args([a for a in argv if a not in ("-h", "--help")])[0]
+    p.set_defaults(**preset_defaults(known.preset, known.base))
+    args = p.parse_args(argv)
+    if args.resolution % args.patch or args.resolution < 2 * args.patch:
+        p.error(f"--resolution {args.resolution} must be a multiple of --patch {args.patch} and "
+                f"at least twice it (a token grid of at least 2 x 2 for rho_g to act on)")
+    if args.dim % args.heads:
+        p.error(f"--dim {args.dim} must be a multiple of --heads {args.heads}")
+    if not 1 <= args.ser_layer <= args.depth:
+        p.error(f"--ser-layer must be in 1..{args.depth} (the ViT's blocks)")
+    if args.warmup_epochs > args.epochs:
+        p.error(f"--warmup-epochs {args.warmup_epochs} exceeds --epochs {args.epochs}: the lr "
+                f"would never reach its peak")
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if args.batch_size % world:
+        p.error(f"argument --batch-size: {args.batch_size} is not divisible by the {world} "
+                f"processes (--batch-size is the global batch)")
+    local_batch = args.batch_size // world
+    b2 = b2_size(local_batch, args)
+    if args.ser == "on" and not 2 <= b2 < local_batch:
+        p.error(f"--b2-ratio {args.b2_ratio} gives {b2} of {local_batch} images per rank to b2; "
+                f"L_equiv needs >= 2 (other images are its negatives) and b1 >= 1 (change "
+                f"--b2-ratio or --batch-size)")
+    if args.resume and not os.path.isfile(args.resume):
+        p.error(f"argument --resume: no checkpoint file {args.resume}")
+    if args.run_dir is None:
+        args.run_dir = os.path.join("runs", "-".join(["ser", args.preset, args.base]
+                                                     + run_tags(args)))
+    return args
+
+
+def run_tags(args):
+    """The run's tags, one run dir per README row: vanilla, L and lambda off the preset, seed."""
+    tags = []
+    if args.ser == "off":
+        tags.append("vanilla")
     else:
-        lr = cosine((step - warmup) / max(1, total - warmup), peak, peak * args.min_lr_frac)
-    temp_progress = min(1.0, step / max(1, args.teacher_temp_epochs * steps_per_epoch))
-    teacher_temp = args.teacher_temp0 + (args.teacher_temp - args.teacher_temp0) * temp_progress
-    return {"lr": lr, "wd": cosine(step / total, args.wd, args.wd_end),
-            "momentum": cosine(step / total, args.momentum, 1.0), "teacher_temp": teacher_temp}
-
-
-# ---- one training step ----
-def train_step(model, batch, optimizer, scaler, args, step=0, steps_per_epoch=1):
-    """One optimisation step on a device batch (x_a, x_b, labels): the schedules, the views,
-    forward, backward, DINO's per-parameter clipping and frozen last layer, AdamW, the teacher
-    EMA. Returns (loss terms, probe counts), device tensors only: no host sync in the step."""
-    hyper = schedule(step, args, steps_per_epoch)
-    for group in optimizer.param_groups:
-        group["lr"] = hyper["lr"]
-        group["weight_decay"] = hyper["wd"] if group["apply_wd"] else 0.0
-    x_a, x_b, labels = batch
-    views, g = make_views(x_a, x_b, args, step)
-    with autocast(args, x_a.device):
-        loss, terms, sums = model(views, g, labels, hyper)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    core = model.module if isinstance(model, DistributedDataParallel) else model
-    if args.clip_grad > 0:                              # DINO clips each parameter's norm alone
-        scaler.unscale_(optimizer)
-        for p in core.parameters():
-            if p.grad is not None:
-                torch.nn.utils.clip_grad_norm_(p, args.clip_grad)
-    if args.base == "dino" and step < args.freeze_last_epochs * steps_per_epoch:
-        for p in core.head.last.parameters():           # DINO: last layer frozen at first
-            p.grad = None
-    scaler.step(optimizer)
-    scaler.update()
-    core.ema_update(hyper["momentum"])
-    return {"total": loss.detach(), **terms}, sums
-
-
-def monitor_metrics(sums):
-    """The online probe's epoch figure from its summed counts: top-1 over the epoch's images."""
-    return {"top1_probe": sums["probe_correct"] / sums["images"]}
-
-
-# ---- what the harness needs from this method ----
-def make_dataset(args, root):
-    """The ImageFolder train split, two crops per image -> (dataset, None). Sets
-    args.num_classes (the probe's width) from the data, on every rank."""
-    dataset = data.ImageFolder(root, "train", transform=TwoCrops(args))
-    args.num_classes = len(dataset.classes)
-    return dataset, None
-
-
-def to_device(batch, device, args):
-    """((x_a, x_b), labels) from the loader -> (x_a, x_b, labels) on the device; x in [0, 1],
-    (B, 3, S, S)."""
-    (x_a, x_b), labels = batch
-    x_a = x_a.to(device, non_blocking=True)
-    x_b = x_b.to(device, non_blocking=True)
-    labels = labels.to(device, non_blocking=True)
-    return x_a, x_b, labels
-
-
-build_model = SER          # the whole training model from (saved) args; eval.py rebuilds it so
-
-
-def probeable(model, args):
-    """What eval.py probes: "full" = the last-4 [CLS] (the paper's probe), "last" = the final
-    [CLS], and every block's token map (the equivariance score), of model.backbone."""
-    vit = model.backbone
-    parts = {"full": slice(0, 4 * args.dim), "last": slice(3 * args.dim, 4 * args.dim)}
-    return eval.Probeable(backbone=LastBlocksCLS(vit), token_maps=vit.block_maps, parts=parts)
+        defaults = preset_defaults(args.preset, args.base)
+        for tag, key in (("L", "ser_layer"), ("lam", "ser_lambda")):
+            if getattr(args, key) != defaults[key]:
+                tags.append(f"{tag}{getattr(args, key):g}")
+    if args.seed:
+        tags.append(f"s{args.seed}")
+    return tags
 
 
 # ============ harness: the same text in sie.py, baselines.py and ser.py ============

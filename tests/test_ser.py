@@ -61,24 +61,24 @@ def test_rho_aligns_an_exactly_equivariant_encoder():
 
     good, bad = [], []
     for step in range(12):
-        g = ser.sample_group(n, S // P, step, seed=1, device="cpu")
+        g0, g1 = ser.sample_group(n, S // P, step, seed=1, device="cpu")
         x = smooth_images(n, S, seed=step)
-        z0 = encoder(ser.act_on_images(x, g, 0, P))
-        z1 = encoder(ser.act_on_images(x, g, 1, P))
-        good.append(map_cosine(ser.rho(z0, g["k"][0], g["hw"][1], g["k"][1]), z1))
-        good.append(map_cosine(ser.rho(z1, g["k"][1], g["hw"][0], g["k"][0]), z0))
+        z0 = encoder(ser.act_on_images(x, g0, P))
+        z1 = encoder(ser.act_on_images(x, g1, P))
+        good.append(map_cosine(ser.rho(z0, g0, g1), z1))
+        good.append(map_cosine(ser.rho(z1, g1, g0), z0))
         # The same map with the reflection dropped: undo k0, resize, apply k1.
-        unrotated = torch.rot90(z0, -g["k"][0], dims=(-2, -1))
-        resized = F.interpolate(unrotated, size=g["hw"][1], mode="bicubic", align_corners=False)
-        wrong = torch.rot90(resized, g["k"][1], dims=(-2, -1))
+        unrotated = torch.rot90(z0, -g0.k, dims=(-2, -1))
+        resized = F.interpolate(unrotated, size=g1.hw, mode="bicubic", align_corners=False)
+        wrong = torch.rot90(resized, g1.k, dims=(-2, -1))
         bad.append(map_cosine(wrong, z1))
     assert min(good) > 0.9, good
     assert sum(bad) / len(bad) < 0.3, bad
 
 
 def test_every_pair_differs_by_a_reflection():
-    g = ser.sample_group(64, 8, 0, 0, "cpu")
-    assert torch.equal(g["d"][1], ~g["d"][0]) and torch.equal(g["f"][1], ~g["f"][0])
+    g0, g1 = ser.sample_group(64, 8, 0, 0, "cpu")
+    assert torch.equal(g1.d, ~g0.d) and torch.equal(g1.f, ~g0.f)
 
 
 # ---------------------------------------------------------------- token NT-Xent
@@ -157,7 +157,7 @@ def test_equiv_loss_alone_has_gradient_on_student_maps():
     model = ser.build_model(args)
     x = torch.rand(4, 3, 16, 16)
     g = ser.sample_group(4, 4, 0, 0, "cpu")
-    u = [ser.act_on_images(x, g, v, 4) for v in (0, 1)]
+    u = [ser.act_on_images(x, g_v, 4) for g_v in g]
     maps = [model.student(v)[1] for v in u]
     with torch.no_grad():
         targets = [model.teacher(v)[1] for v in u]
@@ -206,12 +206,11 @@ def test_token_grids_are_exact_patch_multiples(grid, lo, hi):
     P = 4
     vit = ser.ViT(grid * P, P, 16, 2, 2, cls_at=1, loss_layer=1)
     for step in range(40):
-        g = ser.sample_group(2, grid, step, 0, "cpu")
-        for v in (0, 1):
-            h, w = g["hw"][v]
+        for g_v in ser.sample_group(2, grid, step, 0, "cpu"):
+            h, w = g_v.hw
             assert lo <= h <= hi and lo <= w <= hi
-            u = ser.act_on_images(torch.rand(2, 3, grid * P, grid * P), g, v, P)
-            expect = (P * h, P * w) if g["k"][v] % 2 == 0 else (P * w, P * h)
+            u = ser.act_on_images(torch.rand(2, 3, grid * P, grid * P), g_v, P)
+            expect = (P * h, P * w) if g_v.k % 2 == 0 else (P * w, P * h)
             assert tuple(u.shape[-2:]) == expect
             if step < 4:
                 assert vit(u)[1].shape[-2:] == (expect[0] // P, expect[1] // P)
