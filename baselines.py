@@ -1,52 +1,27 @@
-"""The methods SIE (Garrido, Najman, LeCun, ICML 2023) is compared with on 3DIEBench, in one file:
-model, loss, DDP training, exact resume, evaluation. --method picks one of them.
+"""The methods SIE (Garrido, Najman, LeCun, ICML 2023, https://arxiv.org/abs/2302.10283) is
+compared with on 3DIEBench, in one file: model, loss, DDP training, exact resume, evaluation.
+--method picks one. They follow the official SIE code (https://github.com/facebookresearch/SIE),
+src/models.py.
 
-    vicreg           VICReg (Bardes, Ponce, LeCun, ICLR 2022)
-    simclr           SimCLR (Chen, Kornblith, Norouzi, Hinton, ICML 2020)
-    simclr-augself   SimCLR + AugSelf (Lee, Lee, Lee, Lee, Shin, NeurIPS 2021)
-    equimod-simclr   EquiMod (Devillers, Lefort, ICLR 2023) on SimCLR
+    vicreg           VICReg (Bardes, Ponce, LeCun, ICLR 2022) https://arxiv.org/abs/2105.04906
+    simclr           SimCLR (Chen et al., ICML 2020) https://arxiv.org/abs/2002.05709
+    simclr-augself   SimCLR + AugSelf (Lee et al., NeurIPS 2021) https://arxiv.org/abs/2111.09613
+    equimod-simclr   EquiMod (Devillers, Lefort, ICLR 2023) https://arxiv.org/abs/2211.01244
     equimod-vicreg   EquiMod on VICReg, as the official SIE code has it
     vicreg-partinv   SIE's ablation: VICReg whose invariance term leaves the last e dims out
     simclr-onlyequi  SIE's ablation: SimCLR between the predicted and the actual embedding
 
-The methods. Every method sees the same data as sie.py: two renderings x, x' of one 3-D object
-that differ by a rotation g (the relative quaternion, scalar last; with --rot-color also the two
-hue differences). The same ResNet-18 maps each image to a 512-d representation y, and a projector
-maps y to an embedding z of width D (the last --mlp width, 2048 in the paper). The losses, per
-batch of N pairs (Z, Z' = the embeddings of all x, all x'):
-
-    vicreg           l_sim * MSE(Z, Z') + l_std * (V(Z)/2 + V(Z')/2) + l_cov * (C(Z) + C(Z'))
-                     (VICReg's Eq. 6, with its variance Eqs. 1-2 and covariance Eqs. 3-4:)
-                     V(A) = mean_j max(0, 1 - sqrt(Var(A_j) + 1e-4))
-                     C(A) = sum_{i != j} Cov(A)_ij^2 / D
-    simclr           NT-Xent(Z, Z')  (SimCLR's Eq. 1, averaged over the 2N rows of [Z; Z']:)
-                     NT-Xent(A, B) = mean_i -log( exp(cos(r_i, r_i+-N) / tau)
-                                                  / sum_{k != i} exp(cos(r_i, r_k) / tau) )
-    simclr-augself   NT-Xent(Z, Z') + w * MSE(phi([y; y']), g)             (AugSelf, Sec. 3)
-    equimod-simclr   NT-Xent(Z_inv, Z'_inv) + alpha * NT-Xent(p(Z_equi, g), Z'_equi)
-                                                                           (EquiMod, Sec. 3)
-    equimod-vicreg   VIC(Z_inv, Z'_inv) + alpha * [l_sim * MSE(p(Z_equi, g), Z'_equi)
-                         + l_std * (V(Z_equi)/2 + V(Z'_equi)/2) + l_cov * (C(Z_equi) + C(Z'_equi))]
-                     VIC = the vicreg loss above
-    vicreg-partinv   vicreg with the MSE on the first D - e embedding dims only (e =
-                     --equi-emb-dims); V and C still on all D
-    simclr-onlyequi  NT-Xent(p(Z, g), Z')
-
-with l_sim = 10, l_std = 10, l_cov = 1, tau = 0.1, w = 1, alpha = 1 (SimCLR EquiMod) or 0.45
-(VICReg EquiMod). p(z, g) is SIE's predictor: a hypernetwork makes a matrix W(g) from g, and
-p(z, g) = W(g) z (or, with --predictor mlp, a Linear on [g; z]). EquiMod's Z_inv and Z_equi come
-from two projectors, both reading all 512 dims of y; phi is AugSelf's MLP on [y; y'].
-
-The tensors of one step (S = image side, D = 2048 in the paper):
+Every method sees sie.py's data: two renderings x, x' of one 3-D object that differ by a rotation
+g (the relative quaternion, scalar last; with --rot-color also the two hue differences). One
+ResNet-18 maps each image to a 512-d representation y, a projector maps y to an embedding z of
+width D (the last --mlp width). p(z, g) is SIE's predictor W(g) z, where a hypernetwork makes the
+matrix W(g) from g (--predictor mlp: a Linear on [g; z]). Each loss is written above its code.
 
     x, x' (B, 3, S, S) --ResNet-18--> y, y' (B, 512) --projector--> z, z' (B, D)
     EquiMod:   y, y' --second projector--> z_equi, z'_equi (B, D);  p(z_equi, g) (B, D)
     only-equi: p(z, g) (B, D);  AugSelf: [y; y'] (B, 1024) --phi--> (B, 4 or 6), against g
 
-Reading order: the config, then the method (backbone, the heads the methods share, one section
-per method with its loss, the model that picks the method's pieces, the optimiser, train_step),
-then one banner after which the training harness is the same text in sie.py, baselines.py and
-ser.py. Nothing runs at import (`from baselines import nt_xent, vicreg_loss` is safe).
+Nothing runs at import; the training harness after the flags is the same text in all three scripts.
 
     python baselines.py --method simclr                     # toy preset: CPU, generated data
     torchrun --standalone --nproc_per_node=2 baselines.py --method vicreg     # 2 processes
@@ -73,10 +48,9 @@ from tqdm import tqdm
 import data
 import eval  # noqa: A004 (the project's eval.py; the builtin eval() is never used here)
 
-# ================================== config ==================================
-# --preset fills the defaults below; any flag given on the command line overrides them. Both
-# presets match sie.py's (data, resolution, batch, epochs, total projector width), so the numbers
-# compare.
+# ================================== presets ==================================
+# --preset fills the flags' defaults; the command line overrides them. Both match sie.py's
+# presets (data, resolution, batch, epochs, total projector width), so the numbers compare.
 PRESETS = {
     # sie.py's toy run; 64-64-64 is the total width of sie.py's two toy projectors (2 x 32), and
     # vicreg-partinv leaves the last 32 of the 64 embedding dims out of its invariance term.
@@ -89,14 +63,12 @@ PRESETS = {
 }
 METHODS = ("vicreg", "simclr", "simclr-augself", "equimod-simclr", "equimod-vicreg",
            "vicreg-partinv", "simclr-onlyequi")
-# The methods that read the transformation g, and those with a predictor p(z, g).
-USES_G = ("simclr-augself", "equimod-simclr", "equimod-vicreg", "simclr-onlyequi")
-PREDICTS = ("equimod-simclr", "equimod-vicreg", "simclr-onlyequi")
-# EquiMod's alpha when --equi-factor is not given. The official argparse default is 4.5, which
-# weighs the equivariant term 4.5 times whenever the flag is forgotten; so, per version:
-# SimCLR, 1: EquiMod's own lambda, the weight of the official SimCLREquiModRotColor, and what the
-# third-party re-runs used (seq-JEPA, App. A.3). VICReg, 0.45: the SIE README's --equi-factor, so
-# the equivariance MSE weighs 10 x 0.45 = 4.5, as in SIE.
+PREDICTS = ("equimod-simclr", "equimod-vicreg", "simclr-onlyequi")    # those with a p(z, g)
+USES_G = PREDICTS + ("simclr-augself",)                               # those that read g
+# EquiMod's alpha when --equi-factor is not given; never the official argparse default 4.5, which
+# weighs the equivariant term 4.5 times whenever the flag is forgotten. SimCLR: 1, EquiMod's own
+# lambda, the official SimCLREquiModRotColor's and the third-party re-runs' (seq-JEPA, App. A.3).
+# VICReg: 0.45, the SIE README's, so the equivariance MSE weighs 10 x 0.45 = 4.5, as in SIE.
 EQUI_FACTOR = {"equimod-simclr": 1.0, "equimod-vicreg": 0.45}
 NUM_CLASSES = data.NUM_CLASSES   # 3DIEBench's 55 synsets; generated sets use the first labels
 REPR_DIM = 512                   # the ResNet-18 representation
@@ -110,217 +82,23 @@ MEMORY_FORMAT = torch.channels_last   # faster ResNet convolutions, the same mat
 RUN_LENGTH_FLAGS = {"epochs", "stop_after_epochs", "run_dir", "resume", "data_root", "num_workers",
                     "log_every", "compile", "eval_protocols", "no_eval"}
 
-
-# argparse types: a bad value is one "argument --flag: ..." line and exit 2, never a traceback.
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def nonnegative_int(text):
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
-    return value
-
-
-def nonnegative_float(text):
-    """A finite float >= 0 that fp32 can hold (1e39 would become inf in the model)."""
-    value = float(text)
-    if not 0 <= value <= 1e30:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
-
-
-def positive_float(text):
-    value = float(text)
-    if not 0 < value <= 1e30:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
-
-
-def learning_rate(text):
-    value = float(text)
-    if not 0 < value <= 10:
-        raise argparse.ArgumentTypeError(f"must be a number in (0, 10], got {text}")
-    return value
-
-
-def resolution(text):
-    value = int(text)
-    if value < MIN_RESOLUTION:
-        raise argparse.ArgumentTypeError(f"must be >= {MIN_RESOLUTION} px (ResNet-18), got {text}")
-    return value
-
-
-def widths(text):
-    """'2048-2048-2048' -> the same string, checked: positive integer widths joined by '-'."""
-    parts = text.split("-")
-    if not all(w.isdigit() and int(w) > 0 for w in parts):
-        raise argparse.ArgumentTypeError(f"must be positive widths joined by '-', e.g. "
-                                         f"2048-2048-2048, got {text!r}")
-    return text
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are printed once under torchrun (by rank 0); every rank exits 2."""
-
-    def error(self, message):
-        if os.environ.get("RANK", "0") == "0":
-            self.print_usage(sys.stderr)
-            print(f"{self.prog}: error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help shows every default and keeps the layout of the method list (its epilog)."""
-
-
-def parse_args(argv=None):
-    paragraphs = __doc__.split("\n\n")
-    p = ArgumentParser(description=paragraphs[0], epilog=paragraphs[1],
-                       formatter_class=HelpFormatter)
-    p.add_argument("--preset", choices=PRESETS, default="toy",
-                   help="toy: CPU minutes, generated data; paper: the official comparison")
-    # Required, but checked after the parse: argparse's required=True would also stop the early
-    # parse that reads --preset, and with it --help.
-    p.add_argument("--method", choices=METHODS, help="which method (list below); required")
-    g = p.add_argument_group("data")
-    g.add_argument("--data-root", default=data.DEFAULT_ROOT,
-                   help="3DIEBench root; the default is generated if missing")
-    g.add_argument("--resolution", type=resolution,
-                   help="image side in px (paper 256; 128 = low-compute regime)")
-    g.add_argument("--num-workers", type=nonnegative_int,
-                   help="DataLoader worker processes per rank")
-    g = p.add_argument_group("model")
-    g.add_argument("--mlp", type=widths,
-                   help="projector widths 512 -> a-b-c, one such projector per head "
-                        "(paper 2048-2048-2048)")
-    g.add_argument("--predictor", choices=("hypernet", "mlp"), default="hypernet",
-                   help="EquiMod / only-equi predictor: W(g) z (the SIE code's default) or "
-                        "MLP([g; z])")
-    g.add_argument("--hypernet", choices=("linear", "deep"), default="linear",
-                   help="g -> W(g): one bias-free Linear or 3 bias-free Linears of width 4 "
-                        "with ReLUs")
-    g.add_argument("--rot-color", action="store_true",
-                   help="condition on the 6-d g = [quaternion, d floor hue, d spot hue] "
-                        "(the official RotColor variants)")
-    g = p.add_argument_group("loss")
-    g.add_argument("--sim-coeff", type=nonnegative_float, default=10.0,
-                   help="VICReg lambda on the invariance MSE (paper 10)")
-    g.add_argument("--std-coeff", type=nonnegative_float, default=10.0,
-                   help="VICReg mu on the variance terms (paper 10)")
-    g.add_argument("--cov-coeff", type=nonnegative_float, default=1.0,
-                   help="VICReg nu on the covariance terms (paper 1)")
-    g.add_argument("--temperature", type=positive_float, default=0.1,
-                   help="NT-Xent tau (official --simclr-temp 0.1)")
-    g.add_argument("--augself-weight", type=nonnegative_float, default=1.0,
-                   help="w on AugSelf's regression MSE (official --ec-weight 1)")
-    g.add_argument("--equi-factor", type=nonnegative_float,
-                   help="EquiMod alpha on the equivariant loss; default 1 (SimCLR version), 0.45 "
-                        "(VICReg version). NOT the official argparse default 4.5")
-    g.add_argument("--equi-emb-dims", type=int,
-                   help="e for vicreg-partinv: how many EMBEDDING dims, the last e, are left out "
-                        "of the invariance term (official 256)")
-    g = p.add_argument_group("optimisation (official README command)")
-    g.add_argument("--epochs", type=positive_int,
-                   help="one epoch = one view pair per training object")
-    g.add_argument("--batch-size", type=positive_int,
-                   help="GLOBAL batch in pairs; per-rank batch = global / world size")
-    g.add_argument("--lr", type=learning_rate, default=1e-3,
-                   help="Adam lr, constant: no warmup, no schedule (paper 1e-3)")
-    g.add_argument("--wd", type=nonnegative_float, default=1e-6,
-                   help="Adam weight decay on every parameter (paper 1e-6)")
-    g.add_argument("--amp", choices=("bf16", "fp16", "none"), default="bf16",
-                   help="autocast dtype on CUDA (ignored on CPU); fp16 adds a GradScaler; "
-                        "loss statistics are computed in fp32 with autocast off")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the model's forward (same maths; slow start)")
-    g = p.add_argument_group("run")
-    g.add_argument("--run-dir",
-                   help="default runs/baselines-<preset>-<method>[-<variant>]; rerun the same "
-                        "command to resume")
-    g.add_argument("--resume",
-                   help="checkpoint to resume from (default: <run-dir>/checkpoint.pt if present)")
-    g.add_argument("--stop-after-epochs", type=positive_int,
-                   help="end this invocation after N more epochs (rerun to continue; no eval)")
-    g.add_argument("--seed", type=nonnegative_int, default=0,
-                   help="model init, view sampling and data order")
-    g.add_argument("--log-every", type=positive_int, default=20,
-                   help="steps between log lines (the only host syncs)")
-    g.add_argument("--eval-protocols", default="all",
-                   help="eval.py protocols after training, comma-separated")
-    g.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
-    # The preset's values become the defaults (in --help too). This comes after every
-    # add_argument, whose own default= would otherwise win over the preset.
-    preset = p.parse_known_args(without_help(argv))[0].preset
-    p.set_defaults(**PRESETS[preset])
-    args = p.parse_args(argv)
-    if args.method is None:
-        p.error(f"argument --method: required, one of {', '.join(METHODS)}")
-    if args.rot_color and args.method not in USES_G:
-        p.error(f"argument --rot-color: {args.method} does not use the transformation g")
-    has_default_predictor = (args.predictor, args.hypernet) == ("hypernet", "linear")
-    if args.method not in PREDICTS and not has_default_predictor:
-        p.error(f"argument --predictor/--hypernet: {args.method} has no predictor")
-    emb_dims = int(args.mlp.split("-")[-1])
-    if args.method == "vicreg-partinv" and not 0 < args.equi_emb_dims < emb_dims:
-        p.error(f"argument --equi-emb-dims: must be in 1..{emb_dims - 1} (the embedding width "
-                f"- 1), got {args.equi_emb_dims}")
-    if args.batch_size < 2:
-        p.error("argument --batch-size: must be >= 2 (the variance needs two samples)")
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if args.batch_size % world:
-        p.error(f"argument --batch-size: {args.batch_size} is not divisible by the {world} "
-                f"processes (--batch-size is the global batch)")
-    if args.resume and not os.path.isfile(args.resume):
-        p.error(f"argument --resume: no checkpoint file {args.resume}")
-    if args.equi_factor is None:
-        args.equi_factor = EQUI_FACTOR.get(args.method)      # None for methods without EquiMod
-    if args.run_dir is None:
-        name = ["baselines", args.preset, args.method] + run_tags(args)
-        args.run_dir = os.path.join("runs", "-".join(name))
-    return args
-
-
-def without_help(argv):
-    """The command line without -h/--help, to read --preset before the full parse."""
-    return [a for a in (sys.argv[1:] if argv is None else argv) if a not in ("-h", "--help")]
-
-
-def run_tags(args):
-    """Short names of the variant flags in use: each variant gets its own run dir."""
-    tags = []
-    if args.rot_color:
-        tags.append("rotcolor")
-    if args.predictor == "mlp":
-        tags.append("mlppred")
-    elif args.hypernet == "deep":
-        tags.append("deephyper")
-    return tags
-
-
 # ================================ the method ================================
-# The methods, top to bottom: the backbone, the heads they share, one section per method with its
-# loss, the model that picks a method's pieces, the optimiser and one training step. Two helpers
-# come from the harness below: gather (the autograd all-gather of a batch over processes; the
-# identity in one process) and autocast (bf16 or fp16 on CUDA, off on CPU).
+# gather (the autograd all-gather over processes; the identity in one process) and autocast (bf16
+# or fp16 on CUDA, off on CPU) come from the harness below.
+
 
 # ---- the backbone: the official ResNet-18 variant (official code, src/resnet.py) ----
 class BasicBlock(nn.Module):
-    """The official block: the stride sits on conv2, after an asymmetric zero pad (0, 1, 0, 1)."""
+    """The official block: the stride sits on conv2, after an asymmetric zero pad (0, 1, 0, 1).
+    Every stage's first block has a 1x1 projection shortcut, layer1's included."""
 
     def __init__(self, c_in, c_out, stride, project):
         super().__init__()
         self.conv1 = nn.Conv2d(c_in, c_out, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(c_out)
         self.pad = nn.ZeroPad2d((0, 1, 0, 1)) if stride == 2 else nn.Identity()
-        conv2_padding = 0 if stride == 2 else 1
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, stride, conv2_padding, bias=False)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, stride, 0 if stride == 2 else 1, bias=False)
         self.bn2 = nn.BatchNorm2d(c_out)
-        # Every stage's first block has a 1x1 projection shortcut, layer1's included.
         self.shortcut = nn.Identity()
         if project:
             self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
@@ -344,8 +122,7 @@ class ResNet18(nn.Module):
         stages = []
         for c_in, c_out, stride in ((64, 64, 1), (64, 128, 2), (128, 256, 2), (256, 512, 2)):
             first = BasicBlock(c_in, c_out, stride, project=True)
-            second = BasicBlock(c_out, c_out, 1, project=False)
-            stages.append(nn.Sequential(first, second))
+            stages.append(nn.Sequential(first, BasicBlock(c_out, c_out, 1, project=False)))
         self.layers = nn.Sequential(*stages)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -373,11 +150,8 @@ def projector(d_in, widths):
 
 class HypernetPredictor(nn.Module):
     """p(z, g) = W(g) z: SIE's hypernetwork predictor (official code, src/hypernetwork.py,
-    HyperNet), which the SIE code also gives EquiMod and SimCLR only-equi. W(g) = reshape(H g)
-    row-major: W[o, i] = (H g)[o * d + i], no bias. H is one bias-free Linear(k, d * d):
-    16,777,216 parameters at d = 2048, k = 4. W is linear in g, so W(g) z = sum_k g_k (A_k z)
-    with A_k[o, i] = H[o * d + i, k]. forward computes that sum, so the (B, d, d) tensor of
-    weights is never built. The value is that of the materialised form (a test checks)."""
+    HyperNet), which the SIE code also gives EquiMod and SimCLR only-equi. H is one bias-free
+    Linear(k, d * d): 16,777,216 parameters at d = 2048, k = 4. z: (B, d), g: (B, k)."""
 
     def __init__(self, d, g_dim=4, deep=False):
         super().__init__()
@@ -389,7 +163,10 @@ class HypernetPredictor(nn.Module):
         self.hyper = nn.Linear(g_dim, d * d, bias=False)             # H, weight (d * d, k)
 
     def forward(self, z, g):
-        """z: (B, d) embeddings of view 1, g: (B, k) -> (B, d) predictions for view 2."""
+        # Materialised: W(g) = reshape(H c) row-major with c = hyper_in(g) (c = g under --hypernet
+        # linear), and p = W(g) z. W is linear in c, so W(g) z = sum_k c_k (A_k z) with A_k[o, i]
+        # = H[o * d + i, k]: the same value without the (B, d, d) weights (tests/
+        # test_baselines.py, test_hypernet_predictor_equals_materialised_weights).
         c = self.hyper_in(g)                                 # (B, k)
         A = self.hyper.weight.view(self.d, self.d, -1)       # A[o, i, k]
         Az = torch.einsum("oik,bi->bko", A, z)               # A_k z for every k: (B, k, d)
@@ -398,8 +175,7 @@ class HypernetPredictor(nn.Module):
 
 class MLPPredictor(nn.Linear):
     """--predictor mlp (official code, src/predictors.py, MLPPredictor, at its default depth 1):
-    p(z, g) = Linear([g; z]). Closer to EquiMod's own predictor (a Linear on z and the embedded
-    transformation) than W(g) z."""
+    p(z, g) = Linear([g; z]), closer to EquiMod's own predictor than W(g) z."""
 
     def __init__(self, d, g_dim=4):
         super().__init__(d + g_dim, d)
@@ -409,22 +185,21 @@ class MLPPredictor(nn.Linear):
 
 
 # ---- the losses, one section per method ----
-# Under DDP the MSE terms (invariance, equivariance, AugSelf) are per-rank means, which DDP's
-# gradient averaging makes global means; the variance, covariance and NT-Xent terms see the
-# batch gathered from every process, with gradients. Their statistics are computed in fp32 with
-# autocast off: .float() alone is not enough, autocast would run their matmuls in bf16 again.
+# Under DDP the MSE terms are per-rank means, which DDP's gradient averaging makes global means;
+# the variance, covariance and NT-Xent terms see the batch gathered from every process, with
+# gradients, in fp32 with autocast off (.float() alone is not enough: autocast would run their
+# matmuls in bf16 again). Z, Z' are the (N, D) embeddings of all x, all x'.
 
-# ---- VICReg (Bardes, Ponce, LeCun, ICLR 2022; official SIE code, src/models.py, VICReg) ----
+# ---- VICReg (official code, src/models.py, VICReg) ----
 # L = l_sim * MSE(Z, Z') + l_std * (V(Z)/2 + V(Z')/2) + l_cov * (C(Z) + C(Z'))     (Eq. 6)
-# V(A) = mean_j max(0, 1 - sqrt(Var(A_j) + 1e-4))                                 (Eqs. 1-2)
-# C(A) = sum_{i != j} Cov(A)_ij^2 / D,  Cov(A) = Ac^T Ac / (N - 1), Ac centred    (Eqs. 3-4)
+# V(Z) = mean_j max(0, 1 - sqrt(Var(Z_j) + 1e-4))                                 (Eqs. 1-2)
+# C(Z) = sum_{i != j} Cov(Z)_ij^2 / D,  Cov(Z) = Zc^T Zc / (N - 1), Zc centred    (Eqs. 3-4)
+# with l_sim = 10, l_std = 10, l_cov = 1.
 def variance_loss(z):
-    """V(Z) = mean_j ReLU(1 - sqrt(Var_j(Z) + 1e-4)), the unbiased variance over the rows."""
     return F.relu(1.0 - torch.sqrt(z.var(dim=0) + 1e-4)).mean()
 
 
 def covariance_loss(z, divisor):
-    """C(Z) = (1/D) sum_{i != j} Cov(Z)_ij^2, with Cov = Zc^T Zc / divisor and Zc centred."""
     with torch.autocast(z.device.type, enabled=False):      # the matmul in fp32
         z = z.float() - z.float().mean(dim=0)
         cov = z.T @ z / divisor
@@ -432,10 +207,8 @@ def covariance_loss(z, divisor):
 
 
 def vicreg_regularizer(z1, z2, batch_size=None):
-    """The variance and covariance terms of both views on the gathered batch:
-    (V(Z)/2 + V(Z')/2, C(Z) + C(Z')). batch_size: the GLOBAL batch of the command line; like the
-    SIE code, the covariance divides by batch_size - 1 even for a smaller last batch (None: the
-    real count)."""
+    """(V(Z)/2 + V(Z')/2, C(Z) + C(Z')). Like the SIE code, C divides by the command line's
+    GLOBAL batch_size - 1, even for a smaller last batch (None: by the real count - 1)."""
     Z1 = gather(z1.float())                     # (global batch, D): all processes' rows
     Z2 = gather(z2.float())
     divisor = (batch_size or Z1.shape[0]) - 1
@@ -445,26 +218,24 @@ def vicreg_regularizer(z1, z2, batch_size=None):
     return variance, covariance
 
 
-def vicreg_loss(z1, z2, batch_size=None, sim_coeff=10.0, std_coeff=10.0, cov_coeff=1.0):
-    """Eq. 6 on the embeddings z1, z2 (B, D) of the two views, D = the embedding width.
-    Returns the unweighted terms 'inv', 'std', 'cov' and the weighted 'loss'."""
+def vicreg_loss(z1, z2, batch_size=None, sim_coeff=10.0, std_coeff=10.0, cov_coeff=1.0,
+                n_inv=None):
+    """-> the unweighted terms 'inv', 'std', 'cov' and the weighted 'loss'. n_inv: the
+    invariance covers the first n_inv embedding dims only (part-inv; None: all D)."""
     # Deviation: the invariance is the mean over all N x D entries, the official code's
     # F.mse_loss; the paper's Eq. 5 sums over the D dims (the same up to a factor D in l_sim).
-    terms = {"inv": F.mse_loss(z1.float(), z2.float())}          # per-rank mean
+    terms = {"inv": F.mse_loss(z1[:, :n_inv].float(), z2[:, :n_inv].float())}   # per rank
     terms["std"], terms["cov"] = vicreg_regularizer(z1, z2, batch_size)
     terms["loss"] = (sim_coeff * terms["inv"] + std_coeff * terms["std"]
                      + cov_coeff * terms["cov"])
     return terms
 
 
-# ---- SimCLR (Chen, Kornblith, Norouzi, Hinton, ICML 2020; official SIE code, src/models.py,
-# SimCLR.info_nce_loss) ----
+# ---- SimCLR (official code, src/models.py, SimCLR.info_nce_loss) ----
 # L = NT-Xent(Z, Z'), the mean over the 2N rows r_i of [Z; Z'] of                    (Eq. 1)
-#     -log( exp(cos(r_i, r_i+-N) / tau) / sum_{k != i} exp(cos(r_i, r_k) / tau) )
+#     -log( exp(cos(r_i, r_i+-N) / tau) / sum_{k != i} exp(cos(r_i, r_k) / tau) ),  tau = 0.1
+# Row i's negatives are the other 2N - 2 rows, from every process.
 def nt_xent(a, b, temperature=0.1):
-    """NT-Xent on the 2N gathered rows [a; b]: cosine similarity / tau; row i's positive is row
-    i +- N, the other 2N - 2 rows are its negatives, drawn from every process WITH gradients;
-    the mean over the 2N anchors. tau = 0.1 is the SIE code's default."""
     with torch.autocast(a.device.type, enabled=False):      # the logits matmul in fp32
         rows = torch.cat([gather(a.float()), gather(b.float())])
         rows = F.normalize(rows, dim=1)                              # (2N, d)
@@ -476,18 +247,17 @@ def nt_xent(a, b, temperature=0.1):
 
 
 def simclr_loss(z1, z2, temperature=0.1):
-    """NT-Xent(z, z'): 'inv' is the whole loss."""
     loss = nt_xent(z1, z2, temperature)
     return {"inv": loss, "loss": loss}
 
 
-# ---- SimCLR + AugSelf (H. Lee, K. Lee, K. Lee, H. Lee, Shin, NeurIPS 2021; official SIE code,
-# src/models.py, SimCLRAugSelf) ----
-# L = NT-Xent(Z, Z') + w * MSE(phi([y; y']), g)                                        (Sec. 3)
-# phi regresses the relative transformation g from the two views' representations.
+# ---- SimCLR + AugSelf (official code, src/models.py, SimCLRAugSelf) ----
+# L = NT-Xent(Z, Z') + w * MSE(phi([y; y']), g),  w = 1                              (Sec. 3)
+# phi regresses the relative transformation g from the two views' representations, which are NOT
+# detached: the head's gradient shapes the backbone, the point of AugSelf.
 def augself_head(repr_dim, g_dim):
-    """AugSelf's head phi at the SIE code's sizes: an MLP 2 * 512 -> 1024 -> 1024 -> k on the
-    concatenated representations [y; y']; 2,103,300 parameters at k = 4."""
+    """phi at the SIE code's sizes: an MLP 2 * 512 -> 1024 -> 1024 -> k on [y; y'];
+    2,103,300 parameters at k = 4."""
     # Deviation: AugSelf's own code uses 512-wide heads; these are the SIE comparison's widths.
     width = 2 * repr_dim
     return nn.Sequential(nn.Linear(width, width), nn.ReLU(inplace=True),
@@ -496,9 +266,6 @@ def augself_head(repr_dim, g_dim):
 
 
 def augself_loss(head, y1, y2, g):
-    """MSE between phi([y; y']) and g (the quaternion; with --rot-color also the two hue
-    differences). y, y' are NOT detached: the head's gradient shapes the backbone, which is the
-    point of AugSelf."""
     # Deviation: one order only, as in the SIE code; AugSelf's code also feeds [y'; y] (with the
     # reversed target).
     prediction = head(torch.cat([y1, y2], dim=1))
@@ -506,20 +273,16 @@ def augself_loss(head, y1, y2, g):
 
 
 def simclr_augself_loss(z1, z2, head, y1, y2, g, temperature=0.1, augself_weight=1.0):
-    """NT-Xent on the embeddings plus w times AugSelf's regression on the representations."""
     terms = {"inv": nt_xent(z1, z2, temperature), "augself": augself_loss(head, y1, y2, g)}
     terms["loss"] = terms["inv"] + augself_weight * terms["augself"]
     return terms
 
 
-# ---- EquiMod, SimCLR version (Devillers, Lefort, ICLR 2023; official SIE code, src/models.py,
-# SimCLREquiMod) ----
-# L = NT-Xent(Z_inv, Z'_inv) + alpha * NT-Xent(p(Z_equi, g), Z'_equi)                  (Sec. 3)
+# ---- EquiMod, SimCLR version (official code, src/models.py, SimCLREquiMod) ----
+# L = NT-Xent(Z_inv, Z'_inv) + alpha * NT-Xent(p(Z_equi, g), Z'_equi),  alpha = 1     (Sec. 3)
 # Two projectors read all 512 dims of y: z_inv must not change with g, z_equi must move with g
-# in a way the predictor p can forecast.
+# in a way the predictor p can forecast. pred = p(z1_equi, g).
 def equimod_simclr_loss(z1_inv, z2_inv, pred, z2_equi, temperature=0.1, alpha=1.0):
-    """pred = p(z1_equi, g). In the second term prediction i is positive with target i; all the
-    other predictions and targets are its negatives."""
     # Deviation: EquiMod predicts from an un-augmented view x0, which 3DIEBench lacks: here view
     # 1 -> view 2, with the SIE code's predictor (a hypernetwork by default) instead of
     # EquiMod's Linear + BN.
@@ -529,15 +292,14 @@ def equimod_simclr_loss(z1_inv, z2_inv, pred, z2_equi, temperature=0.1, alpha=1.
     return terms
 
 
-# ---- EquiMod, VICReg version (official SIE code, src/models.py, VICRegEquiMod) ----
+# ---- EquiMod, VICReg version (official code, src/models.py, VICRegEquiMod) ----
 # L = VIC(Z_inv, Z'_inv) + alpha * [l_sim * MSE(p(Z_equi, g), Z'_equi)
 #         + l_std * (V(Z_equi)/2 + V(Z'_equi)/2) + l_cov * (C(Z_equi) + C(Z'_equi))]
-# VIC is the VICReg loss above, V and C its variance and covariance. The SIE README calls this
-# "a new VICReg based version" of EquiMod.
+# VIC is the VICReg loss, alpha = 0.45. The SIE README calls this "a new VICReg based version".
 def equimod_vicreg_loss(z1_inv, z2_inv, z1_equi, z2_equi, pred, batch_size=None, alpha=0.45,
                         sim_coeff=10.0, std_coeff=10.0, cov_coeff=1.0):
-    """pred = p(z1_equi, g). V and C act on the equivariant embeddings of both views, NOT on the
-    predictions; the invariant and equivariant embeddings are not decorrelated from each other."""
+    """V and C act on the equivariant embeddings of both views, NOT on the predictions; the
+    invariant and equivariant embeddings are not decorrelated from each other."""
     terms = vicreg_loss(z1_inv, z2_inv, batch_size, sim_coeff, std_coeff, cov_coeff)
     terms["equi"] = F.mse_loss(pred.float(), z2_equi.float())     # per-rank mean
     terms["std_equi"], terms["cov_equi"] = vicreg_regularizer(z1_equi, z2_equi, batch_size)
@@ -547,48 +309,41 @@ def equimod_vicreg_loss(z1_inv, z2_inv, z1_equi, z2_equi, pred, batch_size=None,
     return terms
 
 
-# ---- VICReg part-inv, an ablation of the SIE paper (official SIE code, src/models.py,
-# VICRegPartInv) ----
-# L = l_sim * MSE(Z[:, :D-e], Z'[:, :D-e]) + l_std * (V(Z)/2 + V(Z')/2) + l_cov * (C(Z) + C(Z'))
-# The last e EMBEDDING dims (e = --equi-emb-dims) are free to vary with the view, but nothing
-# ties them to g: SIE's split without its predictor. g is not used.
-def vicreg_partinv_loss(z1, z2, n_inv, batch_size=None, sim_coeff=10.0, std_coeff=10.0,
-                        cov_coeff=1.0):
-    """VICReg whose invariance MSE covers only the first n_inv = D - e embedding dims; the
-    variance and covariance still cover all D."""
-    terms = {"inv": F.mse_loss(z1[:, :n_inv].float(), z2[:, :n_inv].float())}
-    terms["std"], terms["cov"] = vicreg_regularizer(z1, z2, batch_size)
-    terms["loss"] = (sim_coeff * terms["inv"] + std_coeff * terms["std"]
-                     + cov_coeff * terms["cov"])
-    return terms
+# ---- VICReg part-inv, SIE's ablation (official code, src/models.py, VICRegPartInv) ----
+# L = VIC with the MSE on the first n_inv = D - e embedding dims only (e = --equi-emb-dims); V and
+# C still on all D. The last e dims are free to vary with the view, but nothing ties them to g:
+# SIE's split without its predictor.
+def vicreg_partinv_loss(z1, z2, n_inv, batch_size=None, **weights):
+    return vicreg_loss(z1, z2, batch_size, **weights, n_inv=n_inv)
 
 
-# ---- SimCLR only-equi, an ablation of the SIE paper (official SIE code, src/models.py,
-# SimCLROnlyEqui) ----
-# L = NT-Xent(p(Z, g), Z')
-# SimCLR where view 1's embedding is first moved by the predictor: no invariant part at all.
+# ---- SimCLR only-equi, SIE's ablation (official code, src/models.py, SimCLROnlyEqui) ----
+# L = NT-Xent(p(Z, g), Z'): SimCLR where view 1's embedding is first moved by the predictor.
 def simclr_onlyequi_loss(pred, z2, temperature=0.1):
-    """pred = p(z1, g). Prediction i is positive with target i; all the other predictions and
-    targets are its negatives."""
     loss = nt_xent(pred, z2, temperature)
     return {"equi": loss, "loss": loss}
 
 
 # ---- the online monitor (official code, src/models.py, OnlineEvaluator) ----
+# No baseline splits its representation (EquiMod's projectors both read all 512 dims, part-inv
+# splits the EMBEDDING): each is monitored and probed on all 512 dims, as the official evaluation.
+PARTS = {"full": slice(0, REPR_DIM)}
+
+
 class OnlineEvaluator(nn.Module):
-    """A training monitor on DETACHED representations, per part: a linear classifier on single
-    views and a rotation MLP on [y1; y2] -> quaternion. Its losses join the total (the same Adam)
-    but cannot reach the backbone.
-    Deviation: the official heads on the 2048-d projector embeddings (about 40 M parameters) are
-    left out; the representation heads are what eval.py measures."""
+    """A monitor on DETACHED representations, per part: a linear classifier on single views and a
+    rotation MLP on [y1; y2] -> quaternion. Its losses join the total but cannot reach the
+    backbone. Deviation: the official heads on the 2048-d projector embeddings (about 40 M
+    parameters) are left out; the representation heads are what eval.py measures."""
 
     def __init__(self, parts):
         super().__init__()
         self.parts = parts                                   # name -> slice of the representation
-        part_dims = {name: s.stop - s.start for name, s in parts.items()}
-        self.classify = nn.ModuleDict({name: nn.Linear(k, NUM_CLASSES)
-                                       for name, k in part_dims.items()})
-        self.rotation = nn.ModuleDict({name: rotation_mlp(2 * k) for name, k in part_dims.items()})
+        part_widths = {name: s.stop - s.start for name, s in parts.items()}
+        self.classify = nn.ModuleDict({name: nn.Linear(width, NUM_CLASSES)
+                                       for name, width in part_widths.items()})
+        self.rotation = nn.ModuleDict({name: rotation_mlp(2 * width)
+                                       for name, width in part_widths.items()})
 
     def forward(self, y1, y2, q, labels):
         """-> (summed CE + MSE losses, device-side sums for top-1 and the pooled R²)."""
@@ -606,16 +361,19 @@ class OnlineEvaluator(nn.Module):
 
 
 def rotation_mlp(width):
-    """Linear(w, w)-ReLU-Linear(w, w)-ReLU-Linear(w, 4): [y1; y2] -> the quaternion g."""
     return nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
                          nn.Linear(width, 4))
 
 
-def representation_parts(args):
-    """No baseline splits its representation (EquiMod's two projectors both read all 512 dims,
-    part-inv splits the EMBEDDING): each is monitored and probed on the full 512 dims, as the
-    official evaluation does."""
-    return {"full": slice(0, REPR_DIM)}
+def monitor_metrics(sums):
+    """The monitor's epoch figures from its summed counts: top-1 per part and the pooled R² (one
+    scalar mean over all four quaternion components, as the official code and eval.py)."""
+    parts = [key[:-len("_correct")] for key in sums if key.endswith("_correct")]
+    n_pairs = sums["pairs"]
+    total_sq = sums["q_sq"] - sums["q_sum"] ** 2 / (4 * n_pairs)
+    top1 = {f"top1_{part}": sums[f"{part}_correct"] / (2 * n_pairs) for part in parts}
+    rot_r2 = {f"rot_r2_{part}": 1 - sums[f"{part}_sse"] / total_sq for part in parts}
+    return {**top1, **rot_r2}
 
 
 # ---- the model: the method's pieces and everything one step computes ----
@@ -627,21 +385,18 @@ class Baseline(nn.Module):
         super().__init__()
         self.args = args
         mlp_widths = [int(w) for w in args.mlp.split("-")]
-        emb_dims = mlp_widths[-1]
-        g_dims = 6 if args.rot_color else 4
+        g_dim = 6 if args.rot_color else 4
         self.backbone = ResNet18()
-        # The (invariant) projector; the only head of vicreg, simclr and part-inv.
-        self.projector = projector(REPR_DIM, mlp_widths)
+        self.projector = projector(REPR_DIM, mlp_widths)    # the invariant head, if there are two
         if args.method.startswith("equimod"):     # EquiMod's equivariant head, on all 512 dims
             self.proj_equi = projector(REPR_DIM, mlp_widths)
-        if args.method in PREDICTS:
-            if args.predictor == "hypernet":
-                self.predictor = HypernetPredictor(emb_dims, g_dims, args.hypernet == "deep")
-            else:
-                self.predictor = MLPPredictor(emb_dims, g_dims)
+        if args.method in PREDICTS and args.predictor == "hypernet":
+            self.predictor = HypernetPredictor(mlp_widths[-1], g_dim, args.hypernet == "deep")
+        elif args.method in PREDICTS:
+            self.predictor = MLPPredictor(mlp_widths[-1], g_dim)
         if args.method == "simclr-augself":
-            self.augself = augself_head(REPR_DIM, g_dims)
-        self.online = OnlineEvaluator(representation_parts(args))
+            self.augself = augself_head(REPR_DIM, g_dim)
+        self.online = OnlineEvaluator(PARTS)
 
     def forward(self, x1, x2, g, labels):
         y1 = self.backbone(x1)                 # two calls: BN statistics per view, as official
@@ -653,23 +408,20 @@ class Baseline(nn.Module):
 
 def method_loss(model, y1, y2, g, args):
     """The projector(s), predictor and loss of args.method on the representations y1, y2
-    (B, 512) of the two views; g (B, 4 or 6) is the relative transformation. Returns the dict of
-    unweighted terms and the weighted 'loss'."""
-    method = args.method
-    tau = args.temperature
-    vicreg_weights = dict(sim_coeff=args.sim_coeff, std_coeff=args.std_coeff,
-                          cov_coeff=args.cov_coeff)
+    (B, 512) of the two views and their relative transformation g (B, 4 or 6)."""
+    method, tau = args.method, args.temperature
+    weights = dict(sim_coeff=args.sim_coeff, std_coeff=args.std_coeff, cov_coeff=args.cov_coeff)
     z1 = model.projector(y1)                   # (B, D)
     z2 = model.projector(y2)
     if method == "vicreg":
-        return vicreg_loss(z1, z2, args.batch_size, **vicreg_weights)
+        return vicreg_loss(z1, z2, args.batch_size, **weights)
     if method == "simclr":
         return simclr_loss(z1, z2, tau)
     if method == "simclr-augself":
         return simclr_augself_loss(z1, z2, model.augself, y1, y2, g, tau, args.augself_weight)
     if method == "vicreg-partinv":
         n_inv = z1.shape[1] - args.equi_emb_dims
-        return vicreg_partinv_loss(z1, z2, n_inv, args.batch_size, **vicreg_weights)
+        return vicreg_partinv_loss(z1, z2, n_inv, args.batch_size, **weights)
     if method == "simclr-onlyequi":
         return simclr_onlyequi_loss(model.predictor(z1, g), z2, tau)
     z1_equi = model.proj_equi(y1)              # EquiMod: the equivariant head, (B, D)
@@ -678,7 +430,7 @@ def method_loss(model, y1, y2, g, args):
     if method == "equimod-simclr":
         return equimod_simclr_loss(z1, z2, pred, z2_equi, tau, args.equi_factor)
     return equimod_vicreg_loss(z1, z2, z1_equi, z2_equi, pred, args.batch_size,
-                               args.equi_factor, **vicreg_weights)
+                               args.equi_factor, **weights)
 
 
 # ---- the optimiser and one training step (the SIE README command) ----
@@ -689,8 +441,7 @@ def make_optimizer(model, args):
 
 
 def schedule(step, args, steps_per_epoch):
-    """The hyper-parameters of a step, for the log: the lr is constant."""
-    return {"lr": args.lr}
+    return {"lr": args.lr}                      # for the log: the lr is constant
 
 
 def train_step(model, batch, optimizer, scaler, args, step=0, steps_per_epoch=1):
@@ -707,17 +458,6 @@ def train_step(model, batch, optimizer, scaler, args, step=0, steps_per_epoch=1)
     return {**terms, "total": loss.detach()}, sums
 
 
-def monitor_metrics(sums):
-    """The monitor's epoch figures from its summed counts: top-1 per part and the pooled R² (one
-    scalar mean over all four quaternion components, as the official code and eval.py)."""
-    parts = [key[:-len("_correct")] for key in sums if key.endswith("_correct")]
-    n_pairs = sums["pairs"]
-    total_sq = sums["q_sq"] - sums["q_sum"] ** 2 / (4 * n_pairs)
-    top1 = {f"top1_{p}": sums[f"{p}_correct"] / (2 * n_pairs) for p in parts}
-    rot_r2 = {f"rot_r2_{p}": 1 - sums[f"{p}_sse"] / total_sq for p in parts}
-    return {**top1, **rot_r2}
-
-
 # ---- what the harness needs from this method ----
 def make_dataset(args, root):
     """One item per training OBJECT: two distinct views, their relative rotation g (with
@@ -728,32 +468,171 @@ def make_dataset(args, root):
 
 
 def to_device(batch, device, args):
-    """(x1, x2, g, labels) from the loader -> the device; images channels_last. args is not
-    needed here (the images arrive as normalised floats); sie.py's --decode paths use it."""
-    x1, x2, g, labels = batch
-    images = []
-    for x in (x1, x2):
-        x = x.to(device, non_blocking=True)
-        images.append(x.contiguous(memory_format=torch.channels_last))
-    g = g.to(device, non_blocking=True)
-    labels = labels.to(device, non_blocking=True)
-    return images[0], images[1], g, labels
+    """(x1, x2, g, labels) from the loader -> the device, images channels_last."""
+    x1, x2, g, labels = (tensor.to(device, non_blocking=True) for tensor in batch)
+    return (x1.contiguous(memory_format=torch.channels_last),
+            x2.contiguous(memory_format=torch.channels_last), g, labels)
 
 
 build_model = Baseline     # the whole training model from (saved) args; eval.py rebuilds it so
 
 
 def probeable(model, args):
-    """What eval.py probes: the backbone and its (single, full) part; with a predictor also the
-    equivariant head and the predictor (for MRR, H@k and PRE), and the width of g. Only-equi's
-    single projector is its equivariant head."""
-    embed = None
-    predict = None
+    """What eval.py probes: the backbone on all 512 dims; with a predictor also the equivariant
+    head (only-equi's single projector) and the predictor, for MRR, H@k and PRE."""
+    embed = predict = None
     if args.method in PREDICTS:
-        embed = getattr(model, "proj_equi", model.projector)
-        predict = model.predictor
-    return eval.Probeable(backbone=model.backbone, parts=representation_parts(args), embed=embed,
-                          predict=predict, g_dim=6 if args.rot_color else 4)
+        embed, predict = getattr(model, "proj_equi", model.projector), model.predictor
+    return eval.Probeable(backbone=model.backbone, parts=PARTS, embed=embed, predict=predict,
+                          g_dim=6 if args.rot_color else 4)
+
+
+# ================================ flags ================================
+def bounded(convert, low, high=None, low_open=False):
+    """An argparse type: convert(text) in [low, high] ((low, high] if low_open; high None: no
+    bound), else one "argument --flag: ..." line and exit 2, never a traceback."""
+
+    def check(text):
+        value = convert(text)
+        above = value > low if low_open else value >= low
+        if not (above and (high is None or value <= high)):           # nan fails both tests
+            wanted = f"{'>' if low_open else '>='} {low}" + (f" and <= {high:g}" if high else "")
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text}")
+        return value
+
+    check.__name__ = convert.__name__           # argparse's "invalid int value: 'x'"
+    return check
+
+
+positive_int = bounded(int, 1)
+nonnegative_int = bounded(int, 0)
+nonnegative_float = bounded(float, 0, 1e30)     # fp32 holds 1e30; 1e39 would be inf
+
+
+def layer_widths(text):
+    """--mlp: positive integer widths joined by '-', kept as the string."""
+    if not all(w.isdigit() and int(w) > 0 for w in text.split("-")):
+        raise argparse.ArgumentTypeError(f"must be positive widths joined by '-', got {text!r}")
+    return text
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are printed once under torchrun (by rank 0); every rank exits 2."""
+
+    def error(self, message):
+        if os.environ.get("RANK", "0") == "0":
+            self.print_usage(sys.stderr)
+            print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows every default and keeps the layout of the method list (its epilog)."""
+
+
+def parse_args(argv=None):
+    paragraphs = __doc__.split("\n\n")
+    parser = ArgumentParser(description=paragraphs[0], epilog=paragraphs[1],
+                            formatter_class=HelpFormatter)
+    parser.add_argument("--preset", choices=PRESETS, default="toy",
+                        help="toy: CPU minutes, generated data; paper: the official comparison")
+    # Required, but checked after the parse: argparse's required=True would also stop the early
+    # parse that reads --preset, and with it --help.
+    parser.add_argument("--method", choices=METHODS, help="which method (list below); required")
+    group = parser.add_argument_group("data")
+    group.add_argument("--data-root", default=data.DEFAULT_ROOT,
+                       help="3DIEBench root; the default is generated if missing")
+    group.add_argument("--resolution", type=bounded(int, MIN_RESOLUTION),
+                       help="image side in px, >= 24 (paper 256; 128 = low-compute regime)")
+    group.add_argument("--num-workers", type=nonnegative_int, help="loader processes per rank")
+    group = parser.add_argument_group("model")
+    group.add_argument("--mlp", type=layer_widths, help="projector widths 512 -> a-b-c per head")
+    group.add_argument("--predictor", choices=("hypernet", "mlp"), default="hypernet",
+                       help="EquiMod / only-equi predictor: W(g) z (SIE's) or MLP([g; z])")
+    group.add_argument("--hypernet", choices=("linear", "deep"), default="linear",
+                       help="g -> W(g): one bias-free Linear, or 2 more of width k with ReLUs")
+    group.add_argument("--rot-color", action="store_true",
+                       help="the 6-d g = [quaternion, d floor hue, d spot hue] (RotColor)")
+    group = parser.add_argument_group("loss")
+    group.add_argument("--sim-coeff", type=nonnegative_float, default=10.0,
+                       help="VICReg lambda on the invariance MSE")
+    group.add_argument("--std-coeff", type=nonnegative_float, default=10.0,
+                       help="VICReg mu on the variance terms")
+    group.add_argument("--cov-coeff", type=nonnegative_float, default=1.0,
+                       help="VICReg nu on the covariance terms")
+    group.add_argument("--temperature", type=bounded(float, 0, 1e30, low_open=True), default=0.1,
+                       help="NT-Xent tau (official --simclr-temp)")
+    group.add_argument("--augself-weight", type=nonnegative_float, default=1.0,
+                       help="w on AugSelf's regression MSE (official --ec-weight)")
+    group.add_argument("--equi-factor", type=nonnegative_float,
+                       help="EquiMod alpha; default 1 (SimCLR), 0.45 (VICReg), never the "
+                            "official argparse default 4.5")
+    group.add_argument("--equi-emb-dims", type=int,
+                       help="vicreg-partinv's e: the last e EMBEDDING dims skip the invariance")
+    group = parser.add_argument_group("optimisation (official README command)")
+    group.add_argument("--epochs", type=positive_int, help="one epoch = one pair per object")
+    group.add_argument("--batch-size", type=positive_int,
+                       help="GLOBAL batch in pairs; per-rank batch = global / world size")
+    group.add_argument("--lr", type=bounded(float, 0, 10, low_open=True), default=1e-3,
+                       help="Adam lr, constant: no warmup, no schedule")
+    group.add_argument("--wd", type=nonnegative_float, default=1e-6,
+                       help="Adam weight decay on every parameter")
+    group.add_argument("--amp", choices=("bf16", "fp16", "none"), default="bf16",
+                       help="autocast dtype on CUDA (ignored on CPU); fp16 adds a GradScaler")
+    group.add_argument("--compile", action="store_true", help="torch.compile the model's forward")
+    group = parser.add_argument_group("run")
+    group.add_argument("--run-dir",
+                       help="default runs/baselines-<preset>-<method>[-<variant>]; rerun to resume")
+    group.add_argument("--resume", help="checkpoint (default: <run-dir>/checkpoint.pt if any)")
+    group.add_argument("--stop-after-epochs", type=positive_int,
+                       help="end this invocation after N more epochs (rerun to continue; no eval)")
+    group.add_argument("--seed", type=nonnegative_int, default=0,
+                       help="model init, view sampling and data order")
+    group.add_argument("--log-every", type=positive_int, default=20,
+                       help="steps between log lines (the only host syncs)")
+    group.add_argument("--eval-protocols", default="all",
+                       help="eval.py protocols after training, comma-separated")
+    group.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
+    # The preset's values become the defaults (in --help too), after every add_argument, whose own
+    # default= would otherwise win over the preset; --help waits for the full parse.
+    no_help = [a for a in (sys.argv[1:] if argv is None else argv) if a not in ("-h", "--help")]
+    parser.set_defaults(**PRESETS[parser.parse_known_args(no_help)[0].preset])
+    args = parser.parse_args(argv)
+    # What one flag alone cannot check: one argparse line and exit 2 each.
+    if args.method is None:
+        parser.error(f"argument --method: required, one of {', '.join(METHODS)}")
+    if args.rot_color and args.method not in USES_G:
+        parser.error(f"argument --rot-color: {args.method} does not use the transformation g")
+    if args.method not in PREDICTS and (args.predictor, args.hypernet) != ("hypernet", "linear"):
+        parser.error(f"argument --predictor/--hypernet: {args.method} has no predictor")
+    emb_dims = int(args.mlp.split("-")[-1])
+    if args.method == "vicreg-partinv" and not 0 < args.equi_emb_dims < emb_dims:
+        parser.error(f"argument --equi-emb-dims: must be in 1..{emb_dims - 1} (the embedding "
+                     f"width - 1), got {args.equi_emb_dims}")
+    if args.batch_size < 2:
+        parser.error("argument --batch-size: must be >= 2 (the variance needs two samples)")
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if args.batch_size % world:
+        parser.error(f"argument --batch-size: {args.batch_size} is not divisible by the {world} "
+                     f"processes (--batch-size is the global batch)")
+    if args.resume and not os.path.isfile(args.resume):
+        parser.error(f"argument --resume: no checkpoint file {args.resume}")
+    if args.equi_factor is None:
+        args.equi_factor = EQUI_FACTOR.get(args.method)      # None for methods without EquiMod
+    if args.run_dir is None:
+        name = ["baselines", args.preset, args.method] + run_tags(args)
+        args.run_dir = os.path.join("runs", "-".join(name))
+    return args
+
+
+def run_tags(args):
+    """Short names of the variant flags in use: each variant gets its own run dir."""
+    tags = ["rotcolor"] if args.rot_color else []
+    if args.predictor == "mlp":
+        tags.append("mlppred")
+    elif args.hypernet == "deep":
+        tags.append("deephyper")
+    return tags
 
 
 # ============ harness: the same text in sie.py, baselines.py and ser.py ============
