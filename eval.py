@@ -51,6 +51,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import warnings
 from argparse import Namespace
 from dataclasses import dataclass
@@ -67,6 +68,7 @@ from tqdm import tqdm
 import data
 
 # ====================================================================================== settings
+PREDICTOR_PROTOCOLS = ("retrieval",)      # they measure a predictor; a model without one: none
 PROTOCOLS = {"3diebench": ("classify", "rotation", "color", "retrieval"),
              "imagefolder": ("linear", "knn", "equivariance", "robustness")}
 # Probe settings. `paper` = the official README commands: Adam 1e-3, no schedule, batch 256, 300
@@ -139,6 +141,7 @@ class Probeable:
     embedding_parts: dict | None = None  # name -> slice of Z, probed with --features embeddings
     token_maps: Callable | None = None  # images -> [per-block token map (B, C, h, w)] (ViT / SER)
     input_stats: tuple | None = None    # (mean, std) the backbone was trained with, or the data's
+    kind: str | None = None             # the data layout it trained on: its script's DATA_KIND
     step: int = 0                       # the checkpoint's step, reported with every metric
 
 
@@ -921,13 +924,11 @@ def resolve(preset, opts):
     return cfg
 
 
-def dataset_kind(root):
-    """The 3DIEBench layout ('{split}_images.npy' lists) or ImageNet's ('train/<wnid>/*.JPEG')."""
-    train = os.path.join(root, "train")
-    folder = os.path.isdir(train) and not os.path.isfile(os.path.join(root, "train_images.npy"))
-    # the default ImageFolder root is generated on first use
-    default = os.path.abspath(root) == os.path.abspath(data.DEFAULT_IMAGEFOLDER_ROOT)
-    return "imagefolder" if folder or default else "3diebench"   # data.py names what is missing
+def dataset_kind(root, expected=None):
+    """'3diebench' or 'imagefolder' (PROTOCOLS' keys), as data.layout decides it once for training
+    and evaluation: with `expected` (a script's DATA_KIND), a root of the other layout, or one
+    holding both, is a DataError naming the file."""
+    return data.layout(root, expected).lower()
 
 
 def expand_protocols(protocols, kind):
@@ -955,7 +956,7 @@ def check_protocols(protocols, data_root, flag="--eval-protocols", kind=None):
     -> a tuple of names; a ValueError with a one-line message naming `flag` and the choices."""
     names = protocols.split(",") if isinstance(protocols, str) else list(protocols)
     try:
-        return expand_protocols(names, kind.lower() if kind else dataset_kind(data_root))
+        return expand_protocols(names, dataset_kind(data_root, kind))
     except ValueError as e:
         raise ValueError(f"{flag}: {e} (comma-separated)") from None
 
@@ -987,8 +988,12 @@ def evaluate(probe, data_root, protocols=("all",), out_dir=None, device=None, pr
     DATA_KIND) picks the protocols (PROTOCOLS); None: guessed from the root's layout.
     Under torchrun every rank must call it."""
     cfg = resolve(preset, opts)
-    kind = kind.lower() if kind else dataset_kind(data_root)
+    kind = dataset_kind(data_root, kind or probe.kind)
     protos = expand_protocols(protocols, kind)
+    if set(protos) <= set(PREDICTOR_PROTOCOLS) and (probe.embed is None or probe.predict is None):
+        raise ValueError(f"protocol {protos[0]!r} measures the model's predictor, and these "
+                         f"features have none (a model without one, or --features embeddings): "
+                         f"nothing to evaluate")
     if device is None:
         device = model_device(probe)
     device = torch.device(device)
@@ -1487,9 +1492,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=number(int, 0), help="view sampling and head init")
     p.add_argument("--features", choices=("representation", "embeddings"), default="representation",
                    help="what is probed: the backbone's representation (the papers' protocol), or "
-                        "the projector outputs z_inv / z_equi the loss acts on (sie.py; pass --out "
-                        "so the run's own eval.json is kept)")
-    p.add_argument("--out", help="where eval.json / retrieval.png go (default: the run directory)")
+                        "the projector outputs z_inv / z_equi the loss acts on (sie.py)")
+    p.add_argument("--out", help="where eval.json / retrieval.png go (default: the run directory; "
+                                 "<run>/embeddings with --features embeddings)")
     p.add_argument("--device", type=device_name,
                    help="default: cuda:LOCAL_RANK if available, else cpu")
     return p.parse_args(argv)
@@ -1503,6 +1508,25 @@ def saved_value(saved, *names):
         if value:
             return value
     return None
+
+
+def check_before_the_work(probe, out, size, device):
+    """What would otherwise fail only after the features are computed, checked first: the output
+    folder is writable, and the backbone reads images of `size` px (--size 7 through a ResNet's
+    stride-2 stages would not)."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        fail(f"cannot write the results to {out} ({e.strerror}); pass a writable --out")
+    if size:
+        try:
+            with torch.no_grad():
+                probe.backbone(torch.zeros(2, 3, size, size, device=device))
+        except RuntimeError as e:
+            fail(f"--size {size}: the backbone cannot read {size} px images "
+                 f"({str(e).splitlines()[0][:200]}); pass a larger --size")
 
 
 def main(argv=None):
@@ -1524,10 +1548,14 @@ def main(argv=None):
         preset = "toy"
     root = args.data_root or saved_value(saved, "data_root", "data") or data.DEFAULT_ROOT
     run_dir = path if os.path.isdir(path) else (os.path.dirname(path) or ".")
-    out = args.out or run_dir
-    opts = dict(size=args.size or saved_value(saved, "resolution", "img_size"), bn=args.bn,
-                epochs=args.epochs, batch_size=args.batch_size, train_views=args.train_views,
-                workers=args.workers, seed=args.seed)
+    # The embeddings' results go to a folder of their own: the run's eval.json is the
+    # representation's.
+    out = args.out or (os.path.join(run_dir, "embeddings") if args.features == "embeddings"
+                       else run_dir)
+    size = args.size or saved_value(saved, "resolution", "img_size")
+    check_before_the_work(probe, out, size, device)
+    opts = dict(size=size, bn=args.bn, epochs=args.epochs, batch_size=args.batch_size,
+                train_views=args.train_views, workers=args.workers, seed=args.seed)
     try:
         evaluate(probe, root, args.protocol, out_dir=out, device=device, preset=preset, **opts)
     except (data.DataError, ValueError) as e:

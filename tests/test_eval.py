@@ -533,6 +533,57 @@ def test_cli_runs_a_checkpoint_and_reports_clear_errors(tiny_ckpt, tmp_path, cap
         assert f"argument {flag}: " in err and says in err
 
 
+def test_cli_checks_its_output_before_the_work(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    """An --out that cannot be written is one message before any feature is computed (it used to
+    fail after the evaluation)."""
+    computed = []
+    monkeypatch.setattr(ev, "evaluate", lambda *a, **k: computed.append(1))
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit) as e:
+        ev.main([str(tiny_ckpt), "--out", str(tmp_path / "a_file" / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "--out" in err[0], err
+    assert not computed
+
+
+def test_embeddings_results_keep_the_runs_eval_json(toy_root, tmp_path, capsys):
+    """--features embeddings without --out writes <run>/embeddings/eval.json, never over the
+    run's own eval.json; asking it for the predictor's protocol alone is refused, not an empty
+    table; a --size the ResNet cannot read is refused before the work."""
+    import sie
+    run_dir = tmp_path / "run"
+    sie.main(["--resolution", "32", "--batch-size", "8", "--mlp", "64-64-64", "--epochs", "1",
+              "--data-root", toy_root, "--run-dir", str(run_dir), "--eval-protocols", "classify"])
+    before = (run_dir / "eval.json").read_text()
+    ev.main([str(run_dir), "--features", "embeddings", "--protocol", "classify", "--epochs", "1"])
+    assert (run_dir / "eval.json").read_text() == before
+    assert "top1/z_inv" in json.loads((run_dir / "embeddings" / "eval.json").read_text())["summary"]
+    capsys.readouterr()
+    for argv, says in ((["--features", "embeddings", "--protocol", "retrieval"], "predictor"),
+                       (["--size", "7"], "--size 7")):    # the ResNet-18 needs >= 24 px
+        with pytest.raises(SystemExit) as e:
+            ev.main([str(run_dir), *argv])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and says in err and "Traceback" not in err, err
+
+
+def test_a_root_of_the_other_layout_is_refused(toy_root, toy_imagefolder, tmp_path):
+    """The layout comes from the script that trained the model, not from guessing at the root: an
+    ImageFolder root with a stray train_images.npy is refused, naming the file."""
+    import shutil
+    root = tmp_path / "imagefolder"
+    shutil.copytree(toy_imagefolder, root)
+    shutil.copy(os.path.join(toy_root, "train_images.npy"), root / "train_images.npy")
+    with pytest.raises(data.DataError, match="train_images.npy"):
+        ev.check_protocols("all", str(root), kind="ImageFolder")
+    probe = ev.Probeable(backbone=torch.nn.Flatten(), parts={"full": slice(0, 3)},
+                         kind="ImageFolder")
+    with pytest.raises(data.DataError, match="train_images.npy"):
+        ev.evaluate(probe, str(root))
+    with pytest.raises(data.DataError, match="not the 3DIEBench root"):
+        ev.evaluate(probe, toy_imagefolder, kind="3DIEBench")
+
+
 class RunsCode:
     """Unpickling this calls os.system: what torch.load(weights_only=False) of such a file does."""
     def __init__(self, marker):

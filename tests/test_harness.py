@@ -114,6 +114,19 @@ def test_bad_flags_are_one_argparse_line(name, argv, flag, capsys):
     assert e.value.code == 2 and flag in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("argv, flag", [
+    (["--seed", "4294967296"], "--seed"), (["--data-root", ""], "--data-root"),
+    (["--equi-only", "--equi-dims", "100"], "--equi-dims"), (["--equi-dims", "512"], "--equi-dims")],
+    ids=argv_id)
+def test_sie_flags_that_were_ignored_or_a_traceback(argv, flag, capsys):
+    """A seed numpy cannot take, an empty --data-root (it trained on the toy set) and an
+    --equi-dims that --equi-only would drop: each one argparse line, exit 2."""
+    with pytest.raises(SystemExit) as e:
+        sie.parse_args(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and flag in err and "Traceback" not in err
+
+
 def test_batch_not_divisible_by_world_is_refused_once(script, monkeypatch, capsys):
     """Under torchrun every rank parses the flags: rank 0 prints one line, all exit 2."""
     monkeypatch.setenv("WORLD_SIZE", "3")
@@ -203,6 +216,17 @@ def test_stale_tmp_from_a_kill_while_saving_is_removed(script, root, tmp_path):
     assert not (run_dir / "checkpoint.pt.tmp").exists()
 
 
+def test_start_up_removes_only_its_own_temporary_files(script, root, tmp_path):
+    """A user's notes.tmp in the run dir survives the start-up clean-up of checkpoint.pt.tmp."""
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / "notes.tmp").write_text("mine")
+    (run_dir / "checkpoint.prev.pt.tmp").write_bytes(b"half a checkpoint")
+    MODULES[script].main(tiny(script, root, run_dir))
+    assert (run_dir / "notes.tmp").read_text() == "mine"
+    assert not (run_dir / "checkpoint.prev.pt.tmp").exists()
+
+
 def test_a_checkpoint_of_another_script_is_refused(script, root, tmp_path, capsys):
     run_dir = tmp_path / "r"
     run_dir.mkdir()
@@ -282,6 +306,49 @@ def test_readme_torchrun_command_on_a_clone_without_data(script_name, tmp_path):
     assert "Traceback" not in proc.stderr
     assert os.path.isfile(clone / "data" / "3diebench-toy" / "train_images.npy")
     assert len(read_log(clone / "runs" / "ddp")) >= 1
+
+
+def children(pid):
+    """The pids whose parent is pid (read from /proc)."""
+    kids = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if entry.isdigit() and int(fields[1]) == pid:
+            kids.append(int(entry))
+    return kids
+
+
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"     # a zombie has ended
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
+def test_workers_end_when_the_torchrun_agent_is_killed(toy_root, tmp_path):
+    """kill -9 of torchrun's agent: its workers end too (they used to train on, unsupervised)."""
+    flags = tiny("sie", toy_root, tmp_path / "r", "--epochs", "200")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                              "--nproc_per_node=2", "sie.py", *flags], cwd=REPO, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while not (tmp_path / "r" / "log.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    workers = children(agent.pid)
+    assert len(workers) == 2 and all(alive(w) for w in workers)
+    agent.kill()
+    agent.wait()
+    deadline = time.time() + 60
+    while any(alive(w) for w in workers) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not any(alive(w) for w in workers)
 
 
 def free_port():
