@@ -23,6 +23,7 @@ The checkpoint contract, what eval.py needs from a training script:
   - the script is one of SCRIPTS (sie.py, baselines.py, ser.py) and defines, at module level,
       build_model(args) -> nn.Module       the training model, rebuilt from the saved args
       probeable(model, args) -> Probeable  what of that model the protocols use (see Probeable)
+      DATA_KIND                            "3DIEBench" or "ImageFolder": the layout it reads
     where Probeable.embeddings, when set, gives the projector outputs the loss acts on, probed
     instead of the representation with `--features embeddings` (sie.py)
   - its checkpoint.pt is a dict written with torch.save, holding
@@ -1308,11 +1309,12 @@ def load_probeable(path, device, features="representation"):
     except (RuntimeError, AttributeError, TypeError, ValueError) as e:
         fail(f"{ckpt_path} does not match {script}.build_model: {' '.join(str(e).split())[:400]}")
     probe = module.probeable(model.to(device).eval(), args)
+    probe.kind = module.DATA_KIND              # the data layout it trained on, for the protocols
     if features == "embeddings":
         if probe.embeddings is None:
             fail(f"{script}.py has no embedding probes (--features embeddings: sie.py only)")
         probe = Probeable(backbone=EmbeddingsOf(probe.backbone, probe.embeddings),
-                          parts=probe.embedding_parts, g_dim=probe.g_dim)
+                          parts=probe.embedding_parts, g_dim=probe.g_dim, kind=probe.kind)
     probe.step = ckpt.get("step", 0)
     return probe, args
 

@@ -269,6 +269,7 @@ TINY_METHOD = '''
 """A stand-in method script with the build_model / probeable that eval.py imports (tests only)."""
 import torch, torch.nn as nn
 import eval as ev
+DATA_KIND = "3DIEBench"
 
 class Tiny(nn.Module):
     def __init__(self, width):
