@@ -74,7 +74,7 @@ from tqdm import tqdm
 import data
 import eval  # noqa: A004 (the project's eval.py; the builtin eval() is never used here)
 
-# ================================ presets ================================
+# ================================== presets ==================================
 # --preset and --base fill the defaults below; any flag given on the command line overrides them.
 # The paper preset is the released run_pretrain.sh: ViT-S/16, batch 2048 on 8 GPUs, 100 epochs.
 PAPER = dict(data_root="data/imagenet", resolution=224, patch=16, dim=384, depth=12, heads=6,
@@ -835,54 +835,21 @@ def normalize(x):
 
 
 # ================================ flags ================================
-# The command line. A bad value, or a bad mix of flags, is one argparse line and exit 2.
-class Number:
-    """An argparse type: text -> an int or a float inside an interval written as in maths,
-    e.g. Number(float, "(0, 1]"); anything else (nan and inf too) raises ArgumentTypeError."""
-
-    def __init__(self, kind, interval):
-        self.kind, self.interval = kind, interval
-        self.low, self.high = (float(end) for end in interval[1:-1].split(","))
-
-    def __call__(self, text):
-        try:
-            value = self.kind(text)
-        except ValueError:
-            value = math.nan                            # fails both comparisons below
-        above = self.low < value if self.interval[0] == "(" else self.low <= value
-        below = value < self.high if self.interval[-1] == ")" else value <= self.high
-        if not (above and below):
-            what = "an integer" if self.kind is int else "a number"
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what} in {self.interval}")
-        return value
-
-
-COUNT = Number(int, "[0, inf)")
-POSITIVE_INT = Number(int, "[1, inf)")
-SEED = Number(int, "[0, 2147483648)")           # epoch_seed(), sample_group(): within 64 bits
-POSITIVE = Number(float, "(0, 1e6]")     # 1e6: above any sensible value; 1e39 is inf in fp32
-NONNEGATIVE = Number(float, "[0, 1e6]")
-UNIT = Number(float, "[0, 1]")                  # momenta and end fractions
-CROP_SCALE = Number(float, "(0, 1]")            # RandomResizedCrop's smallest area fraction
-B2_SHARE = Number(float, "(0, 1)")              # b1 and b2 both non-empty
-DROP_RATE = Number(float, "[0, 1)")             # stochastic depth: 1 would divide by 1 - p = 0
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are printed once under torchrun (by rank 0); every rank exits 2."""
-
-    def error(self, message):
-        if os.environ.get("RANK", "0") == "0":
-            self.print_usage(sys.stderr)
-            print(f"{self.prog}: error: {message}", file=sys.stderr)
-        sys.exit(2)
+# The command line, with eval.py's parser and number types: a bad value, or a bad mix of flags,
+# is one "error:" line and exit 2.
+COUNT = eval.number(int, 0)
+POSITIVE_INT = eval.number(int, 1)
+SEED = eval.number(int, 0, 2 ** 31 - 1)        # epoch_seed(), sample_group(): within 64 bits
+POSITIVE = eval.number(float, 0, 1e6, low_open=True)    # 1e6: above any sensible value
+NONNEGATIVE = eval.number(float, 0, 1e6)
+FRACTION = eval.number(float, 0, 1)             # momenta, end fractions, --drop-path < 1
+SHARE = eval.number(float, 0, 1, low_open=True)     # --crop-min, --b2-ratio < 1
 
 
 def parse_args(argv=None):
     """The flags, the preset's defaults, then the checks that span several flags."""
-    p = ArgumentParser(description="SER: soft equivariance regularization on a ViT "
-                                   "(Lee et al., ICLR 2026).",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = eval.ArgumentParser(description=__doc__.split("\n\n")[0],
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", choices=("toy", "paper"), default="toy",
                    help="toy: CPU minutes, generated data; paper: the released run_pretrain.sh")
     p.add_argument("--base", choices=("moco", "dino", "bt"), default="moco",
@@ -890,7 +857,7 @@ def parse_args(argv=None):
     flags = p.add_argument_group("data")
     flags.add_argument("--data-root", help="ImageFolder root (train/<wnid>/*.JPEG)")
     flags.add_argument("--resolution", type=POSITIVE_INT, help="crop side in px (paper 224)")
-    flags.add_argument("--crop-min", type=CROP_SCALE, help="RandomResizedCrop min scale")
+    flags.add_argument("--crop-min", type=SHARE, help="RandomResizedCrop min scale")
     flags.add_argument("--interp", choices=("bilinear", "bicubic"), help="crop interpolation")
     flags.add_argument("--num-workers", type=COUNT, help="DataLoader workers per rank")
     flags = p.add_argument_group("ViT (delayed [CLS])")
@@ -898,13 +865,13 @@ def parse_args(argv=None):
     flags.add_argument("--dim", type=POSITIVE_INT, help="token width (ViT-S 384)")
     flags.add_argument("--depth", type=POSITIVE_INT, help="blocks (ViT-S 12)")
     flags.add_argument("--heads", type=POSITIVE_INT, help="attention heads (ViT-S 6)")
-    flags.add_argument("--drop-path", type=DROP_RATE, help="stochastic depth of the last block")
+    flags.add_argument("--drop-path", type=FRACTION, help="stochastic depth of the last block")
     flags = p.add_argument_group("base method (released run_pretrain.sh)")
     flags.add_argument("--head-hidden", type=POSITIVE_INT, help="projector/predictor hidden width")
     flags.add_argument("--head-dim", type=POSITIVE_INT, help="head output (dino: prototypes)")
     flags.add_argument("--head-bottleneck", type=POSITIVE_INT, help="DINO head bottleneck")
     flags.add_argument("--moco-tau", type=POSITIVE, default=0.2, help="MoCo-v3 temperature")
-    flags.add_argument("--momentum", type=UNIT, help="teacher EMA momentum at step 0, cosine to 1")
+    flags.add_argument("--momentum", type=FRACTION, help="EMA momentum at step 0, cosine to 1")
     flags.add_argument("--student-temp", type=POSITIVE, default=0.1,
                        help="DINO student temperature")
     flags.add_argument("--teacher-temp0", type=POSITIVE, default=0.04,
@@ -912,7 +879,7 @@ def parse_args(argv=None):
     flags.add_argument("--teacher-temp", type=POSITIVE, default=0.07,
                        help="DINO teacher temperature after its warm-up")
     flags.add_argument("--teacher-temp-epochs", type=COUNT, help="DINO teacher-temp. warm-up")
-    flags.add_argument("--center-momentum", type=UNIT, default=0.9, help="DINO centre momentum")
+    flags.add_argument("--center-momentum", type=FRACTION, default=0.9, help="DINO centre momentum")
     flags.add_argument("--freeze-last-epochs", type=COUNT, help="DINO: last layer frozen, epochs")
     flags.add_argument("--bt-lambda", type=NONNEGATIVE, default=0.0051, help="Barlow Twins' lambda")
     flags = p.add_argument_group("SER")
@@ -924,14 +891,14 @@ def parse_args(argv=None):
     flags.add_argument("--ser-negatives", choices=("target", "both"), default="target",
                        help="negatives: other images' target tokens (released code), or "
                             "both: also their anchor tokens (the paper's equation)")
-    flags.add_argument("--b2-ratio", type=B2_SHARE, help="b2's share of each per-rank batch")
+    flags.add_argument("--b2-ratio", type=SHARE, help="b2's share of each per-rank batch")
     flags.add_argument("--token-dim", type=POSITIVE_INT, help="token projector width (paper 512)")
     flags = p.add_argument_group("optimisation (released run_pretrain.sh)")
     flags.add_argument("--epochs", type=POSITIVE_INT, help="pretraining epochs (paper 100)")
     flags.add_argument("--warmup-epochs", type=COUNT, help="linear lr warm-up (paper 10)")
     flags.add_argument("--batch-size", type=POSITIVE_INT, help="GLOBAL batch (paper 2048)")
     flags.add_argument("--blr", type=POSITIVE, help="base lr: lr = blr x batch / 256")
-    flags.add_argument("--min-lr-frac", type=UNIT, help="final lr / peak lr")
+    flags.add_argument("--min-lr-frac", type=FRACTION, help="final lr / peak lr")
     flags.add_argument("--wd", type=NONNEGATIVE, help="AdamW weight decay at step 0")
     flags.add_argument("--wd-end", type=NONNEGATIVE, help="weight decay at the end, cosine")
     flags.add_argument("--clip-grad", type=NONNEGATIVE,
@@ -954,6 +921,10 @@ def parse_args(argv=None):
     known = p.parse_known_args([a for a in argv if a not in ("-h", "--help")])[0]
     p.set_defaults(**preset_defaults(known.preset, known.base))
     args = p.parse_args(argv)
+    if args.drop_path == 1:
+        p.error("argument --drop-path: 1 would divide by 1 - p = 0 (stochastic depth)")
+    if args.b2_ratio == 1:
+        p.error("argument --b2-ratio: 1 leaves b1 empty")
     if args.resolution % args.patch or args.resolution < 2 * args.patch:
         p.error(f"--resolution {args.resolution} must be a multiple of --patch {args.patch} and "
                 f"at least twice it (a token grid of at least 2 x 2 for rho_g to act on)")
