@@ -6,6 +6,8 @@ eval_angle_prediction.py, eval_color_prediction.py, eval_MRR_Hk.py, eval_predict
     rotation    R² of an MLP probe predicting the relative rotation of two views from their pair
     color       the same for the floor-hue and spot-hue differences
     retrieval   MRR, H@k and PRE of the trained predictor (where the model has one)
+    predictor   ours: is the predictor's W(g) a representation of the rotations, does it tell
+                q from -q, and predictor.png (where the model has a predictor)
 On an ImageFolder root, SER's ImageNet protocols at small scale:
     linear      top-1 of a linear probe (official SER code, lincls_parallel.py)
     knn         DINO's weighted k-NN top-1
@@ -69,8 +71,8 @@ from tqdm import tqdm
 import data
 
 # ====================================================================================== settings
-PREDICTOR_PROTOCOLS = ("retrieval",)      # they measure a predictor; a model without one: none
-PROTOCOLS = {"3diebench": ("classify", "rotation", "color", "retrieval"),
+PREDICTOR_PROTOCOLS = ("retrieval", "predictor")   # they measure a predictor; without one: none
+PROTOCOLS = {"3diebench": ("classify", "rotation", "color", "retrieval", "predictor"),
              "imagefolder": ("linear", "knn", "equivariance", "robustness")}
 # Probe settings. `paper` = the official README commands: Adam 1e-3, no schedule, batch 256, 300
 # epochs, MLP head 1024-1024 for the R² probes, BN in train mode while fitting.
@@ -126,6 +128,29 @@ DEFS = {
                     "resample to f(g·x)'s grid), left out of the mean and of 'chance': a map that "
                     "ignores the rescale is compared through the same resample, so it has no no-ρ "
                     "reference (its Δ would be 0)",
+    # the predictor protocol (W(g) = the predictor's linear map, materialised; p(z, g) = the
+    # predictor; chains a → b → c of 3 views of one val object, g_ac = g_ab g_bc)
+    "rep_identity/W": "||W(e) - I||_F / ||I||_F, e the identity rotation: 0 for a representation",
+    "rep_composition/W": "mean over the chains of ||W(g_ac) - W(g_bc) W(g_ab)||_F / ||W(g_ac)||_F: "
+                         "0 for a predictor that composes as the data does (g_ab first)",
+    "rep_inverse/W": "mean over the chains of ||W(g_ba) W(g_ab) - I||_F / ||I||_F, g_ba = g_ab⁻¹",
+    "rep_orthogonality/W": "mean over the chains of ||W(g_ab)ᵀ W(g_ab) - I||_F / ||I||_F: 0 for "
+                           "an orthogonal W(g)",
+    "rep_identity/z": "mean over the chains of |p(z_a, e) - z_a| / |z_a|",
+    "rep_composition/z": "mean over the chains of |p(p(z_a, g_ab), g_bc) - p(z_a, g_ac)| / "
+                         "|p(z_a, g_ac)|: two predicted steps against one",
+    "rep_inverse/z": "mean over the chains of |p(p(z_a, g_ab), g_ba) - z_a| / |z_a|",
+    "rep_isometry/z": "mean over the chains of | |p(z_a, g_ab)| / |z_a| - 1 |",
+    "rep_prediction_error/z": "mean over the chains of |p(z_a, g_ab) - z_b| / |z_b|: the error "
+                              "the loss trains down, for scale",
+    "w_negative/queries": "share of the retrieval queries' g(view 0 → v) whose scalar part w is "
+                          "< 0 (g = conj(q_0) q_v, not canonicalised; -g is the same rotation)",
+    "w_negative/pairs": "share of random pairs of distinct views whose g has w < 0",
+    "mrr_g/embedding": "the retrieval MRR (see mrr), with the references beside it",
+    "mrr_minus_g/embedding": "the retrieval MRR with every g replaced by -g (the same rotation)",
+    "mrr_canonical_g/embedding": "the retrieval MRR with every g replaced by its w >= 0 sign",
+    "mrr_w_neg/embedding": "the retrieval MRR over the queries whose g has w < 0, g as given",
+    "mrr_w_neg_flipped/embedding": "the same queries with -g (w > 0) instead",
 }
 
 
@@ -143,6 +168,7 @@ class Probeable:
     token_maps: Callable | None = None  # images -> [per-block token map (B, C, h, w)] (ViT / SER)
     input_stats: tuple | None = None    # (mean, std) the backbone was trained with, or the data's
     kind: str | None = None             # the data layout it trained on: its script's DATA_KIND
+    predictor_init: Callable | None = None   # () -> the predictor at step 0 (model_at_init)
     step: int = 0                       # the checkpoint's step, reported with every metric
 
 
@@ -654,16 +680,17 @@ def evaluate_3diebench(probe, root, protos, cfg, device, out_dir):
     tasks = [p for p in ("classify", "rotation", "color") if p in protos]
     has_predictor = probe.embed is not None and probe.predict is not None
     retrieval = "retrieval" in protos and has_predictor
+    predictor = "predictor" in protos and has_predictor
     records, notes = [], []
-    if "retrieval" in protos and not retrieval:
-        notes.append("retrieval (MRR, H@k, PRE) skipped: this probeable has no embed/predict "
-                     "(no predictor)")
+    for name, runs in (("retrieval (MRR, H@k, PRE)", retrieval), ("predictor", predictor)):
+        if name.split()[0] in protos and not runs:
+            notes.append(f"{name} skipped: this probeable has no embed/predict (no predictor)")
     # a backbone trained with other input statistics (an ImageNet ViT) gets its own
     pre = None
     if probe.input_stats:
         pre = normalizer(probe.input_stats, src=(data.MEAN, data.STD))
     val_reps = None
-    if retrieval or (tasks and cfg["bn"] == "eval"):     # with the pretraining BN statistics
+    if retrieval or predictor or (tasks and cfg["bn"] == "eval"):   # pretraining BN statistics
         val_reps = features_of(probe.backbone, val_ds, "val features", pre, cfg, device)
         val_reps = val_reps.unflatten(0, (-1, V))
     if retrieval:
@@ -673,9 +700,507 @@ def evaluate_3diebench(probe, root, protos, cfg, device, out_dir):
         if out_dir and main_process() and cfg["figure_objects"]:
             save_retrieval_figure(os.path.join(out_dir, "retrieval.png"), val_ds, sims,
                                   cfg["figure_objects"], cfg["seed"])
+    if predictor:
+        figure = bool(out_dir and main_process() and cfg["figure_objects"])
+        predictor_recs, predictor_notes, fig = predictor_records(probe, val_reps, val_ds.latents,
+                                                                 cfg, device, figure)
+        records += predictor_recs
+        notes += predictor_notes
+        if figure:
+            save_predictor_figure(os.path.join(out_dir, "predictor.png"), val_ds, fig)
     if tasks:
         records += probe_records(probe, root, tasks, cfg, device, pre, val_ds, val_reps)
     return records, notes
+
+
+# ============================================================================ predictor analysis
+# The `predictor` protocol: is the trained predictor p(z, g) (W(g) z for SIE's hypernetwork) a
+# representation of the rotations, does it tell the quaternion g from -g, and how does it move
+# an embedding along a path of rotations (predictor.png). Every measure has two references:
+# chance_init, the same predictor at its initialisation on the same trained embeddings
+# (Probeable.predictor_init), and chance_random, a Gaussian W(g) linear in g like the
+# hypernetwork, with the trained W(g)'s mean squared Frobenius norm (GaussianPredictor).
+# `chance` repeats chance_random, except for the MRRs, whose chance is a random ranking's.
+# The SIE paper's abstract announces an analysis of "how [the predictor] steers the learned latent
+# space"; its analysis section could not be read here, so these measures are ours.
+#
+# The convention (data.relative_quaternion): g(a→b) = conj(q_a) q_b, the rotation R_a^T R_b in
+# view a's object frame, q_a and q_b the views' quaternions from their Euler angles (w >= 0 for
+# 3DIEBench's angles in [-π/2, π/2]). A chain of views a → b → c has g(a→c) = g(a→b) g(b→c)
+# exactly, sign included, so a predictor that fits the data composes in the reverse order of the
+# quaternion product:  W(g_ab g_bc) = W(g_bc) W(g_ab)  (g ↦ W(g⁻¹) is a representation). Exact
+# example: W(g) = right multiplication by g, which maps q_a to q_a g_ab = q_b. The measures draw
+# such chains of three val views of one object, so every g is a real relative rotation of the data.
+PREDICTOR = dict(
+    matrix_chains=32,         # chains whose W(g) are materialised (d + 1 predictions per g)
+    embedding_chains=2048,    # chains for the measures on embeddings
+    angle_bins=9,             # predictor.png: 20° bins of the rotation angle of g(view 0 → v)
+    path_steps=8,             # predictor.png: θ = 0, 22.5, ..., 180° about the object's z axis
+    spectrum_steps=19,        # predictor.png: θ = 0, 20, ..., 360° for the eigenvalues of W(g(θ))
+    affine_tolerance=1e-3,    # |p(z, g) - W(g) z - b(g)| / |p(z, g)| above this: not affine in z
+)
+PLOT_COLOURS = {"trained": (31, 119, 180), "init": (255, 127, 14), "random": (127, 127, 127),
+                "no predictor": (44, 160, 44)}
+
+
+def model_at_init(build_model, args):
+    """build_model(args) as the training harness calls it at step 0 (setup_run): torch, random and
+    numpy seeded with args.seed, then the model built on the CPU; nothing in between draws from
+    them (tests/test_predictor.py compares with a real run's step-0 weights). The scripts'
+    probeable hands it to the predictor protocol as predictor_init. Only the CPU generator is
+    seeded (the harness's torch.manual_seed also seeds CUDA's, which a CPU build does not read),
+    and the caller's random states are left as they were."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(args.seed)
+            random.seed(args.seed)
+            np.random.seed(args.seed)
+            return build_model(args)
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+
+
+class GaussianPredictor(nn.Module):
+    """The random reference: p(z, g) = W(g) z, W(g) = Σ_k g_k G_k with G_k (d, d) iid N(0, σ²),
+    seeded. Linear in g like the hypernetwork; for a unit g, W(g) has iid N(0, σ²) entries, so
+    with s = d σ² the expected errors are about √(1 + s) (identity, composition), √(1 + s²)
+    (inverse), √(2s² - 2s + 1) (orthogonality) and |√s - 1| (isometry)."""
+
+    def __init__(self, d, g_dim, sigma, seed):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.register_buffer("G", sigma * torch.randn(g_dim, d, d, generator=generator))
+
+    def forward(self, z, g):
+        Gz = torch.einsum("koi,bi->bko", self.G, z)          # G_k z for every k: (B, k, d)
+        return torch.einsum("bk,bko->bo", g, Gz)
+
+
+def view_chains(n_obj, n_views, count, seed):
+    """`count` seeded chains (object, a, b, c): three distinct views of one object."""
+    rng = np.random.default_rng([seed, 4])
+    obj = rng.integers(n_obj, size=count)
+    a, b, c = np.argsort(rng.random((count, n_views)), 1)[:, :3].T
+    return obj, a, b, c
+
+
+def chain_transformations(lat, obj, a, b, c, color):
+    """The chains' g (float32 (count, g_dim), from the float64 latents (N, V, 7)): ab, bc, ac,
+    ba = ab⁻¹, and aa = the identity e."""
+    def g(u, v):
+        return data.relative_g(lat[obj, u], lat[obj, v], color=color, float32_angles=False)
+    return {"ab": g(a, b), "bc": g(b, c), "ac": g(a, c), "ba": g(b, a), "aa": g(a, a)}
+
+
+def flip_quaternion(g, mask):
+    """g with its quaternion part negated where mask: the same rotation (hue differences kept)."""
+    sign = torch.where(mask, -1.0, 1.0).to(g.dtype)[:, None]
+    return torch.cat([g[:, :4] * sign, g[:, 4:]], 1)
+
+
+def z_rotation(degrees, g_dim):
+    """g(θ) (len(degrees), g_dim): the rotation by θ about the object's own z axis, scalar last,
+    with zero hue differences for a 6-d g."""
+    half = torch.deg2rad(torch.as_tensor(degrees, dtype=torch.float64)) / 2
+    zero = torch.zeros_like(half)
+    q = torch.stack([zero, zero, half.sin(), half.cos()], -1)
+    return torch.cat([q, q.new_zeros(len(q), g_dim - 4)], 1).float()
+
+
+def rotation_degrees(q):
+    """The angle in [0, 180] of the rotation of each quaternion (..., 4): 2 acos |w| (q and -q
+    alike)."""
+    return torch.rad2deg(2 * torch.acos(q[..., 3].abs().clamp(max=1)))
+
+
+def ratio(num, den):
+    """num / den, NaN where den is 0: a relative error against nothing is undefined (W = 0)."""
+    return torch.where(den > 0, num / den, torch.full_like(num, math.nan))
+
+
+def defined_mean(x):
+    """The mean of the finite values as a float, or None if there are none."""
+    x = x[torch.isfinite(x)]
+    return float(x.double().mean()) if len(x) else None
+
+
+@torch.no_grad()
+def materialise(predict, g, d):
+    """(W(g) (G, d, d), b(g) (G, d)) of a predictor affine in z, p(z, g) = W(g) z + b(g), read off
+    its outputs: b(g) = p(0, g) and column i of W(g) = p(e_i, g) - b(g). Generic: any predictor
+    module or function; affine_error says whether it is affine."""
+    basis = torch.cat([g.new_zeros(1, d), torch.eye(d, device=g.device)])      # 0, e_1 .. e_d
+    out = predict(basis.repeat(len(g), 1), g.repeat_interleave(d + 1, 0)).float()
+    out = out.view(len(g), d + 1, d)
+    return (out[:, 1:] - out[:, :1]).transpose(1, 2), out[:, 0]
+
+
+@torch.no_grad()
+def affine_error(predict, z, g, W, b):
+    """The largest |p(z, g) - (W(g) z + b(g))| / |p(z, g)| over the rows: ~1e-7 when p is affine
+    in z (the hypernetworks, --predictor mlp), large for a deeper MLP predictor."""
+    p = predict(z, g).float()
+    gap = (p - torch.einsum("boi,bi->bo", W, z) - b).norm(dim=1)
+    return float(ratio(gap, p.norm(dim=1)).nan_to_num(0.0).max())
+
+
+@torch.no_grad()
+def matrix_measures(predict, gs, z, d):
+    """Identity, composition, inverse and orthogonality errors of the materialised W(g) over the
+    chains (gs: chain_transformations on the device; z: the chains' source embeddings) -> (means
+    or None, the largest affine_error, rms ||W(g_ab)||_F, rms |b(g_ab)| / rms |p(z, g_ab)|)."""
+    eye = torch.eye(d, device=z.device)
+    W_e = materialise(predict, gs["aa"][:1], d)[0][0]
+    errors = {"composition": [], "inverse": [], "orthogonality": []}
+    norms, offsets, outputs, worst = [], [], [], 0.0
+    chunk = max(1, 2 ** 20 // (d * d))                  # chains per pass: ~4 M entries of W
+    for s in range(0, len(z), chunk):
+        g = {k: v[s:s + chunk] for k, v in gs.items()}
+        (W_ab, b_ab), (W_bc, _), (W_ac, _), (W_ba, _) = (materialise(predict, g[k], d)
+                                                          for k in ("ab", "bc", "ac", "ba"))
+        worst = max(worst, affine_error(predict, z[s:s + chunk], g["ab"], W_ab, b_ab))
+        errors["composition"].append(ratio((W_ac - W_bc @ W_ab).flatten(1).norm(dim=1),
+                                           W_ac.flatten(1).norm(dim=1)))
+        errors["inverse"].append((W_ba @ W_ab - eye).flatten(1).norm(dim=1) / d ** 0.5)
+        errors["orthogonality"].append((W_ab.transpose(1, 2) @ W_ab - eye).flatten(1).norm(dim=1)
+                                       / d ** 0.5)
+        norms.append(W_ab.flatten(1).norm(dim=1))
+        offsets.append(b_ab.norm(dim=1))
+        outputs.append(predict(z[s:s + chunk], g["ab"]).float().norm(dim=1))
+    means = {"identity": float((W_e - eye).norm() / d ** 0.5)}
+    means.update({k: defined_mean(torch.cat(v)) for k, v in errors.items()})
+    rms = {k: float(torch.cat(v).pow(2).mean().sqrt()) for k, v in
+           (("norm", norms), ("offset", offsets), ("output", outputs))}
+    return means, worst, rms["norm"], rms["offset"] / max(rms["output"], 1e-12)
+
+
+@torch.no_grad()
+def embedding_measures(predict, gs, z_a, z_b):
+    """The same questions asked of predicted embeddings (any predictor, affine or not), per chain
+    -> {name: mean or None}."""
+    p_ab, p_ac = predict(z_a, gs["ab"]).float(), predict(z_a, gs["ac"]).float()
+    two_steps = predict(p_ab, gs["bc"]).float()
+    there_and_back = predict(p_ab, gs["ba"]).float()
+    p_aa = predict(z_a, gs["aa"]).float()
+    n_a = z_a.norm(dim=1)
+    errors = {"identity": ratio((p_aa - z_a).norm(dim=1), n_a),
+              "composition": ratio((two_steps - p_ac).norm(dim=1), p_ac.norm(dim=1)),
+              "inverse": ratio((there_and_back - z_a).norm(dim=1), n_a),
+              "isometry": (ratio(p_ab.norm(dim=1), n_a) - 1).abs(),
+              "prediction_error": ratio((p_ab - z_b).norm(dim=1), z_b.norm(dim=1))}
+    return {k: defined_mean(v) for k, v in errors.items()}
+
+
+@torch.no_grad()
+def query_ranks(predict, emb, g, V, device, batch_size):
+    """The retrieval protocol's ranks (N * V,) with the queries' g replaced by `g`: target view v
+    among the object's views by cosine to p(e(view 0), g). NaN where the prediction is 0 (W = 0
+    at init): its cosines are undefined, and target_ranks would rank it first."""
+    N = len(emb) // V
+    sources = emb[::V]
+
+    def predictions(rows):
+        objects = torch.arange(rows.start, rows.stop) // V
+        return predict(sources[objects].to(device), g[rows].to(device))
+    pred = batched(predictions, N * V, batch_size)
+    ranks = target_ranks(pred.view(N, V, -1), emb.view(N, V, -1))[0].flatten().double()
+    return ranks.masked_fill(pred.norm(dim=1) == 0, math.nan)
+
+
+def defined_mrr(ranks):
+    """mrr_hits' MRR over the defined ranks, or None if there are none."""
+    ranks = ranks[ranks.isfinite()]
+    return mrr_hits(ranks)["mrr"] if len(ranks) else None
+
+
+def sign_mrrs(predict, emb, g, V, device, batch_size):
+    """MRR with g as the data has it, with -g, with g canonicalised to w >= 0, and on the queries
+    whose g has w < 0: as given, and flipped to w >= 0."""
+    negative = g[:, 3] < 0
+    raw = query_ranks(predict, emb, g, V, device, batch_size)
+    minus = query_ranks(predict, emb, flip_quaternion(g, torch.ones_like(negative)), V, device,
+                        batch_size)
+    canonical = query_ranks(predict, emb, flip_quaternion(g, negative), V, device, batch_size)
+    mrrs = {"mrr_g": defined_mrr(raw), "mrr_minus_g": defined_mrr(minus),
+            "mrr_canonical_g": defined_mrr(canonical)}
+    if negative.any():
+        mrrs["mrr_w_neg"] = defined_mrr(raw[negative])
+        mrrs["mrr_w_neg_flipped"] = defined_mrr(canonical[negative])
+    return mrrs
+
+
+@torch.no_grad()
+def target_cosines(predict, emb, g, V, device, batch_size):
+    """cos(p(e(view 0), g(0→v)), e(view v)) for every query; predict None: cos(e(view 0), e(v))."""
+    sources = emb[::V]
+
+    def cosines(rows):
+        source = sources[torch.arange(rows.start, rows.stop) // V].to(device)
+        pred = source if predict is None else predict(source, g[rows].to(device)).float()
+        return F.cosine_similarity(pred, emb[rows].to(device), dim=1)
+    return batched(cosines, len(emb), batch_size)
+
+
+@torch.no_grad()
+def path_views(predict, emb, lat, objects, V, steps, g_dim, device):
+    """predictor.png's rows: for each object, the view nearest (cosine) to W(g(θ)) e(view 0) and
+    the view whose pose is nearest R_0 Rz(θ) (we cannot render that pose), with the angle between
+    that view's pose and R_0 Rz(θ), for θ = 0 .. 180° in `steps` steps."""
+    degrees = np.linspace(0, 180, steps + 1)
+    g = z_rotation(degrees, g_dim)
+    rows = []
+    for o in objects:
+        views = emb[o * V:(o + 1) * V].to(device)
+        pred = predict(views[:1].expand(len(g), -1), g.to(device)).float()
+        nearest = (F.normalize(pred, dim=1) @ unit_rows(views).T).argmax(1).cpu()
+        q = torch.from_numpy(data.relative_quaternion(np.repeat(lat[o, :1, :3], V, 0),
+                                                      lat[o, :, :3]))
+        gap = rotation_degrees(data.quaternion_multiply(
+            q[None] * q.new_tensor([-1.0, -1, -1, 1]), g[:, None, :4].double()))  # conj(q_v) g(θ)
+        rows.append((nearest.tolist(), gap.argmin(1).tolist(), gap.min(1).values.tolist()))
+    return degrees, rows
+
+
+def eigen_angles(predict, degrees, g_dim, d, device):
+    """The eigenvalues of W(g(θ)) for each θ -> (θ, argument in degrees, modulus / the largest
+    modulus at that θ) triples."""
+    W = torch.cat([materialise(predict, g[None], d)[0]
+                   for g in z_rotation(degrees, g_dim).to(device)])
+    eigenvalues = torch.linalg.eigvals(W.double().cpu())
+    angles, moduli = torch.rad2deg(eigenvalues.angle()), eigenvalues.abs()
+    moduli = moduli / moduli.max(1, keepdim=True).values.clamp_min(1e-300)
+    return [(float(t), float(a), float(r)) for t, row, rs in zip(degrees, angles, moduli)
+            for a, r in zip(row, rs)]
+
+
+def predictor_references(probe, d, sigma, seed, device):
+    """{"trained", "init" (when the probeable has predictor_init), "random"} -> predictor."""
+    predictors = {"trained": probe.predict}
+    if probe.predictor_init is not None:
+        init = probe.predictor_init()
+        predictors["init"] = init.to(device).eval() if isinstance(init, nn.Module) else init
+    predictors["random"] = GaussianPredictor(d, probe.g_dim, sigma, seed).to(device)
+    return predictors
+
+
+def predictor_record(name, part, values, definition, n, representation, chance=None):
+    """The trained predictor's value with chance_init and chance_random (None: undefined or not
+    measured); `chance` defaults to chance_random."""
+    chance = values.get("random") if chance is None else chance
+    r = record(name, part, values["trained"], definition, n, representation, chance, "predictor")
+    r.update(chance_init=values.get("init"), chance_random=values.get("random"))
+    return r
+
+
+def predictor_records(probe, val_reps, latents, cfg, device, figure=False):
+    """The predictor protocol on val -> (records, notes, predictor.png's data or None)."""
+    N, V, D = val_reps.shape
+    equi_part = probe.parts.get("equi", slice(None))       # what probe.embed reads (as retrieval)
+    emb = apply(probe.embed, val_reps.reshape(N * V, D)[:, equi_part], device,
+                cfg["batch_size_extract"])
+    d = emb.shape[1]
+    lat = latents.reshape(N, V, 7)
+    color = probe.g_dim == 6
+    obj, a, b, c = view_chains(N, V, PREDICTOR["embedding_chains"], cfg["seed"])
+    gs = {k: v.to(device) for k, v in chain_transformations(lat, obj, a, b, c, color).items()}
+    z_a, z_b = emb.view(N, V, d)[obj, a].to(device), emb.view(N, V, d)[obj, b].to(device)
+    m = PREDICTOR["matrix_chains"]
+    matrix_gs = {k: v[:m] for k, v in gs.items()}
+    trained, worst, norm, offset = matrix_measures(probe.predict, matrix_gs, z_a[:m], d)
+    affine = worst <= PREDICTOR["affine_tolerance"]
+    notes = []
+    if not affine:
+        notes.append(f"predictor: p(z, g) is not affine in z (relative gap {worst:.2g}): the W(g) "
+                     f"measures are left out, the embedding measures kept")
+        gain = ratio(probe.predict(z_a, gs["ab"]).float().norm(dim=1), z_a.norm(dim=1))
+        norm = float(gain.nan_to_num(0).pow(2).mean().sqrt()) * d ** 0.5   # |W|_F of that gain
+    elif offset > PREDICTOR["affine_tolerance"]:
+        notes.append(f"predictor: p(z, g) = W(g) z + b(g) with an offset (rms |b| / rms |p| = "
+                     f"{offset:.2g}): the W(g) measures are on its linear part")
+    if probe.predictor_init is None:
+        notes.append("predictor: no predictor_init in the probeable: chance_init left out")
+    predictors = predictor_references(probe, d, norm / d, cfg["seed"], device)
+    matrix = {"trained": trained}
+    for name in ("init", "random") if affine else ():
+        if name in predictors:
+            matrix[name] = matrix_measures(predictors[name], matrix_gs, z_a[:m], d)[0]
+    embedding = {name: embedding_measures(p, gs, z_a, z_b) for name, p in predictors.items()}
+    source_lat = np.repeat(lat[:, :1], V, 1)                      # the retrieval protocol's queries
+    g = data.relative_g(source_lat, lat, color=color, float32_angles=False).reshape(N * V, -1)
+    mrrs = {name: sign_mrrs(p, emb, g, V, device, cfg["batch_size_extract"])
+            for name, p in predictors.items()}
+    n_negative = int((g[:, 3] < 0).sum())
+    chains = "chains a → b → c of 3 views of a val object"
+    measures = [(f"rep_{key}", "W", matrix, key, 1 if key == "identity" else m,
+                 f"W(g) materialised from the predictor; {m} {chains}")
+                for key in ("identity", "composition", "inverse", "orthogonality") if affine]
+    measures += [(f"rep_{key}", "z", embedding, key, len(obj),
+                  f"p(z, g) on the equivariant embeddings z; {len(obj)} {chains}")
+                 for key in ("identity", "composition", "inverse", "isometry", "prediction_error")]
+    measures += [(key, "embedding", mrrs, key, n_negative if "w_neg" in key else N * V,
+                  "predict(embed(view 0), g) vs embed(view v), the retrieval protocol's queries")
+                 for key in ("mrr_g", "mrr_minus_g", "mrr_canonical_g", "mrr_w_neg",
+                             "mrr_w_neg_flipped") if key in mrrs["trained"]]
+    mrr_chance = sum(1 / r for r in range(1, V + 1)) / V     # a random ranking's, as chance_levels
+    records, undefined = [], []
+    for name, part, results, key, n, representation in measures:
+        values = {ref: results[ref].get(key) for ref in results}
+        if values["trained"] is None:
+            undefined.append(f"{name}/{part}")
+            continue
+        chance = mrr_chance if part == "embedding" else None
+        records.append(predictor_record(name, part, values, DEFS[f"{name}/{part}"], n,
+                                        representation, chance))
+    if undefined:
+        notes.append(f"predictor: the trained predictor predicts 0 (W = 0), so these relative "
+                     f"measures are undefined and left out: {', '.join(undefined)}")
+    for part, share, n in (("queries", (g[:, 3] < 0).double().mean(), N * V),
+                           ("pairs", (gs["ab"][:, 3] < 0).double().mean(), len(obj))):
+        r = record("w_negative", part, float(share), DEFS[f"w_negative/{part}"], n,
+                   "relative quaternions g of val view pairs", None, "predictor")
+        records.append({**r, "chance_init": None, "chance_random": None})   # no predictor in it
+    if not figure:
+        return records, notes, None
+    return records, notes, predictor_figure_data(predictors, emb, lat, g, affine, cfg, device)
+
+
+def predictor_figure_data(predictors, emb, lat, g, affine, cfg, device):
+    """What save_predictor_figure draws: the path rows, the binned target cosines of each
+    predictor and of no predictor, and the trained W(g(θ))'s eigenvalue angles (affine only)."""
+    N, V = lat.shape[:2]
+    trained, g_dim = predictors["trained"], g.shape[1]
+    rng = np.random.default_rng([cfg["seed"], 3])
+    objects = rng.choice(N, min(cfg["figure_objects"], N), replace=False).tolist()
+    degrees, rows = path_views(trained, emb, lat, objects, V, PREDICTOR["path_steps"], g_dim,
+                               device)
+    edges = np.linspace(0, 180, PREDICTOR["angle_bins"] + 1)
+    bins = np.clip(np.digitize(rotation_degrees(g).numpy(), edges) - 1, 0, len(edges) - 2)
+    curves = {}
+    for name, p in {**predictors, "no predictor": None}.items():
+        cos = target_cosines(p, emb, g, V, device, cfg["batch_size_extract"]).numpy()
+        curves[name] = [float(cos[bins == k].mean()) if (bins == k).any() else None
+                        for k in range(len(edges) - 1)]
+    spectrum = None
+    if affine:
+        spectrum = eigen_angles(trained, np.linspace(0, 360, PREDICTOR["spectrum_steps"]), g_dim,
+                                emb.shape[1], device)
+    return dict(objects=objects, V=V, degrees=degrees.tolist(), rows=rows,
+                bin_centres=((edges[1:] + edges[:-1]) / 2).tolist(), curves=curves,
+                spectrum=spectrum)
+
+
+class PlotPanel:
+    """A minimal plot drawn with PIL (no plotting library here): a frame in data coordinates,
+    lines, dots, tick labels and a legend."""
+
+    def __init__(self, draw, box, x_range, y_range, title, x_ticks, y_ticks, font):
+        self.draw, self.box, self.font = draw, box, font
+        self.x_range, self.y_range = x_range, y_range
+        left, top, right, bottom = box
+        draw.rectangle(box, outline=(0, 0, 0))
+        draw.text((left, top - 14), title, fill=(0, 0, 0), font=font)
+        for x in x_ticks:
+            px = self.xy(x, y_range[0])[0]
+            draw.line((px, bottom, px, bottom + 3), fill=(0, 0, 0))
+            draw.text((px - 8, bottom + 5), f"{x:g}", fill=(0, 0, 0), font=font)
+        for y in y_ticks:
+            py = self.xy(x_range[0], y)[1]
+            draw.line((left - 3, py, left, py), fill=(0, 0, 0))
+            draw.text((left - 34, py - 6), f"{y:g}", fill=(0, 0, 0), font=font)
+
+    def xy(self, x, y):
+        left, top, right, bottom = self.box
+        (x0, x1), (y0, y1) = self.x_range, self.y_range
+        return (left + (x - x0) / (x1 - x0) * (right - left),
+                bottom - (y - y0) / (y1 - y0) * (bottom - top))
+
+    def line(self, xs, ys, colour):
+        points = [self.xy(x, y) for x, y in zip(xs, ys) if y is not None]
+        if len(points) > 1:
+            self.draw.line(points, fill=colour, width=2)
+
+    def dots(self, points, colour, radius=1):
+        """points: (x, y) or (x, y, weight in [0, 1]): a weight fades the colour to white."""
+        for x, y, *weight in points:
+            px, py = self.xy(x, y)
+            w = weight[0] if weight else 1.0
+            fill = tuple(int(255 - w * (255 - c)) for c in colour)
+            self.draw.ellipse((px - radius, py - radius, px + radius, py + radius), fill=fill)
+
+    def legend(self, entries):
+        """In one row under the frame's tick labels."""
+        x, y = self.box[0], self.box[3] + 20
+        for name, colour in entries:
+            self.draw.rectangle((x, y + 2, x + 8, y + 10), fill=colour)
+            self.draw.text((x + 12, y), name, fill=(0, 0, 0), font=self.font)
+            x += 12 + int(self.draw.textlength(name, font=self.font)) + 16
+
+
+def thumbnail(x, size):
+    """A normalised image (3, H, W) -> a size x size PIL image."""
+    from PIL import Image
+    x = data.denormalize_channels(x[None]).clamp(0, 1)
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)[0]
+    return Image.fromarray((x.permute(1, 2, 0) * 255).round().byte().numpy())
+
+
+def save_predictor_figure(path, val_ds, fig, cell=64):
+    """predictor.png: the path of rotations (per object, the view nearest to the prediction above
+    the view nearest in pose), the target cosine against the rotation angle for the trained
+    predictor and its references, and the eigenvalue angles of W(g(θ)) against θ."""
+    from PIL import Image, ImageDraw, ImageFont
+    font = ImageFont.load_default()
+    V, degrees, rows = fig["V"], fig["degrees"], fig["rows"]
+    label_w, top = 90, 34
+    grid_h = top + 2 * len(rows) * (cell + 14)
+    width = max(label_w + (len(degrees) + 1) * (cell + 2), 1000)
+    image = Image.new("RGB", (width, grid_h + 410), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    draw.text((4, 2), "W(g(theta)) e(view 0), theta about the object's z axis (its own frame). "
+              "Per object, top: its view nearest the prediction (cosine); bottom: its rendered "
+              "view nearest in pose to R_0 Rz(theta)", fill=(0, 0, 0), font=font)
+    draw.text((4, 16), "(no new renders: the gap to that pose is written under it). First "
+              "column: the source, view 0.", fill=(0, 0, 0), font=font)
+    for j, theta in enumerate(degrees):
+        draw.text((label_w + (j + 1) * (cell + 2) + 4, top - 2), f"{theta:g}°", fill=(0, 0, 0),
+                  font=font)
+    y = top + 12
+    for o, (nearest, posed, gaps) in zip(fig["objects"], rows):
+        for k, (label, views) in enumerate((("prediction", nearest), ("pose", posed))):
+            draw.text((4, y + cell // 2 - 12), f"object {o}\n{label}", fill=(0, 0, 0), font=font)
+            if k == 0:
+                image.paste(thumbnail(val_ds[o * V][0], cell), (label_w, y))
+            for j, v in enumerate(views):
+                x = label_w + (j + 1) * (cell + 2)
+                image.paste(thumbnail(val_ds[o * V + v][0], cell), (x, y))
+                if k == 1:
+                    draw.text((x + 2, y + cell), f"{gaps[j]:.0f}° off", fill=(0, 0, 0), font=font)
+            y += cell + 14
+    box = (60, grid_h + 40, 470, grid_h + 360)
+    curves = fig["curves"]
+    values = [v for ys in curves.values() for v in ys if v is not None]
+    low, high = min(values + [0.0]), max(values + [1.0])
+    plot = PlotPanel(draw, box, (0, 180), (low, high), "cos(prediction, target view) vs the "
+                     "rotation angle of g (degrees), val queries", range(0, 181, 30),
+                     sorted({round(low, 1), 0, round(high, 1)}), font)
+    for name in [n for n in curves if n != "trained"] + ["trained"]:     # trained on top
+        plot.line(fig["bin_centres"], curves[name], PLOT_COLOURS[name])
+    plot.legend([(name, PLOT_COLOURS[name]) for name in curves])
+    if fig["spectrum"] is not None:
+        box = (580, grid_h + 40, 990, grid_h + 360)
+        plot = PlotPanel(draw, box, (0, 360), (-180, 180), "arguments of the eigenvalues of "
+                         "W(g(theta)) vs theta, degrees", range(0, 361, 60), range(-180, 181, 90),
+                         font)
+        draw.text((box[0], box[3] + 20), "darker: a larger |eigenvalue|; grey: ±theta/2 (spin "
+                  "1/2, as quaternion multiplication), ±theta (spin 1)", fill=(0, 0, 0), font=font)
+        guide = np.linspace(0, 360, 181)
+        for slope in (0.5, -0.5, 1, -1):
+            wrapped = (slope * guide + 180) % 360 - 180
+            plot.dots(zip(guide, wrapped), (200, 200, 200))
+        plot.dots(fig["spectrum"], PLOT_COLOURS["trained"], radius=2)
+    image.save(path)
 
 
 # ======================================================================= ImageFolder protocols
@@ -1451,7 +1976,8 @@ def number(cast, low, high=1e30, low_open=False):
         if not (value > low if low_open else value >= low):
             raise argparse.ArgumentTypeError(f"{text} is not {'>' if low_open else '>='} {low}")
         if not value <= high:
-            raise argparse.ArgumentTypeError(f"{text} is not <= {high:g}")
+            bound = f"{high:g}" if isinstance(high, float) else high
+            raise argparse.ArgumentTypeError(f"{text} is not <= {bound}")
         return value
     return parse
 

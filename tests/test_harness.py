@@ -77,7 +77,7 @@ def test_every_preset_value_takes_effect(name, monkeypatch):
     changed = {"epochs": 7, "batch_size": 6, "resolution": 40, "mlp": "24-24-24", "equi_dims": 200,
                "equi_emb_dims": 12, "num_workers": 3, "sim_coeff": 3.5, "equi_factor": 0.7,
                "std_coeff": 2.5, "cov_coeff": 0.3, "temperature": 0.3, "augself_weight": 0.4,
-               "lr": 3e-4, "wd": 2e-5}
+               "lr": 3e-4, "wd": 2e-5, "hypernet_gain": 0.5}
     for preset in module.PRESETS:
         for key in module.PRESETS[preset]:
             assert key in changed, f"{name} preset key {key}: add a changed value to this test"

@@ -130,12 +130,21 @@ def test_hypernet_gain_sets_the_predictors_gain(d, default_gain):
 
 
 def test_hypernet_gain_flag_reaches_the_model():
+    """The toy preset starts from W(g) = 0 (its deviation); --hypernet-gain official and the paper
+    preset keep PyTorch's Linear init, the official code's: U(-1/2, 1/2)."""
     def predictor_std(*flags):
         return sie.build_model(sie.parse_args(list(flags))).predictor.hyper.weight.std().item()
     d = 32                                                       # the toy's equivariant width
-    assert abs(predictor_std() - 12 ** -0.5) < 0.02               # U(-1/2, 1/2)
+    assert predictor_std() == 0.0
+    assert abs(predictor_std("--hypernet-gain", "official") - 12 ** -0.5) < 0.02
     assert abs(predictor_std("--hypernet-gain", "1.6") - 1.6 * d ** -0.5) < 0.02
     assert sie.parse_args(["--hypernet-gain", "1"]).run_dir == "runs/sie-toy-gain1"
+    assert sie.parse_args(["--hypernet-gain", "official"]).run_dir == "runs/sie-toy-officialinit"
+    assert sie.parse_args([]).run_dir == "runs/sie-toy"
+    paper = sie.parse_args(["--preset", "paper"])
+    assert paper.hypernet_gain is None and paper.run_dir == "runs/sie-paper"
+    H = sie.build_model(paper).predictor.hyper.weight               # PyTorch's U(-1/2, 1/2)
+    assert H.abs().max() <= 0.5 and abs(H.std().item() - 12 ** -0.5) < 0.01
 
 
 @pytest.mark.parametrize("flags", [["--hypernet-gain", "1"], ["--hypernet", "deep"]])
