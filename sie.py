@@ -401,31 +401,28 @@ def parse_args(argv=None):
     p.add_argument("--preset", choices=PRESETS, default="toy",
                    help="toy: CPU minutes, generated data; paper: the official command")
     group = p.add_argument_group("data")
-    group.add_argument("--data-root", default=data.DEFAULT_ROOT,
-                       help="3DIEBench root; the default is generated if missing")
+    group.add_argument("--data-root", default=data.DEFAULT_ROOT, help="3DIEBench root (the default "
+                       "is generated if missing)")
     group.add_argument("--resolution", type=eval.number(int, 24), help="image side, px (paper 256)")
     group.add_argument("--num-workers", type=eval.number(int, 0), help="loader workers per rank")
-    group.add_argument("--decode", choices=("pil", "cpu", "gpu"), default="pil",
-                       help="JPEG decoding: PIL in the workers (readable), libjpeg-turbo in the "
-                            "workers or nvJPEG on the device (fast; README, Speed)")
+    group.add_argument("--decode", choices=("pil", "cpu", "gpu"), default="pil", help="experiment: "
+                       "JPEG decoding in PIL (readable), libjpeg-turbo or nvJPEG (fast)")
     group = p.add_argument_group("model (paper Sec. 3)")
-    group.add_argument("--mlp", type=widths_text,
-                       help="projector widths, scaled by each part's share (paper 2048-2048-2048)")
+    group.add_argument("--mlp", type=widths_text, help="projector widths, scaled by each part's "
+                       "share of the 512 dims (paper 2048-2048-2048)")
     group.add_argument("--equi-dims", type=eval.number(int, 1, REPR_DIM - 1), default=256,
                        help="e: the last e of the 512 dims are the equivariant part (paper 256)")
-    group.add_argument("--equi-only", action="store_true",
-                       help="ablation: no split, all 512 dims equivariant")
+    group.add_argument("--equi-only", action="store_true", help="ablation: no split, all "
+                       "equivariant")
     group.add_argument("--predictor", choices=("hypernet", "mlp"), default="hypernet",
                        help="W(g) z (paper) or MLP([g; z])")
     group.add_argument("--hypernet", choices=("linear", "deep"), default="linear",
                        help="g -> W(g): one bias-free Linear (paper) or an MLP of width 4 first")
-    group.add_argument("--hypernet-gain", type=hypernet_gain, metavar="G",
-                       help="H from N(0, G^2 / d), or 'official': PyTorch's init, as the official "
-                            "code (toy preset 0: W(g) = 0 at the start; paper: official)")
-    group.add_argument("--pred-bias", action="store_true",
-                       help="also generate a bias b(g) (paper figure; off in code)")
-    group.add_argument("--rot-color", action="store_true",
-                       help="ablation: 6-d g = [quaternion, d floor hue, d spot hue]")
+    group.add_argument("--hypernet-gain", type=hypernet_gain, metavar="G", help="experiment: H "
+                       "from N(0, G^2 / d), or 'official' (PyTorch's init; paper preset)")
+    group.add_argument("--pred-bias", action="store_true", help="also a bias b(g) (paper figure)")
+    group.add_argument("--rot-color", action="store_true", help="ablation: g = [quaternion, "
+                       "floor hue difference, spot hue difference]")
     group = p.add_argument_group("loss (paper Eq. 6)")
     group.add_argument("--sim-coeff", type=eval.number(float, 0), default=10.0,
                        help="l_sim on the invariance MSE (paper 10)")
@@ -435,12 +432,10 @@ def parse_args(argv=None):
                        help="l_std on the variance terms (paper 10)")
     group.add_argument("--cov-coeff", type=eval.number(float, 0), default=1.0,
                        help="l_cov on the covariance terms (paper 1)")
-    group.add_argument("--no-pred-var", action="store_true",
-                       help="ablation: drop the variance term on W(g) z")
+    group.add_argument("--no-pred-var", action="store_true", help="ablation: no V(W(g) z) term")
     group = p.add_argument_group("optimisation (official README command)")
     group.add_argument("--epochs", type=eval.number(int, 1), help="passes, one pair per object")
-    group.add_argument("--batch-size", type=eval.number(int, 2),
-                       help="GLOBAL batch in pairs; per rank: / world size")
+    group.add_argument("--batch-size", type=eval.number(int, 2), help="GLOBAL batch in pairs")
     group.add_argument("--lr", type=eval.number(float, 0, 10, low_open=True), default=1e-3,
                        help="Adam lr, constant: no warmup, no schedule (paper 1e-3)")
     group.add_argument("--wd", type=eval.number(float, 0), default=1e-6,
@@ -449,24 +444,21 @@ def parse_args(argv=None):
                        help="autocast on CUDA (fp16 adds a GradScaler); loss statistics in fp32")
     group.add_argument("--compile", action="store_true", help="torch.compile (same maths)")
     group = p.add_argument_group("run")
-    group.add_argument("--run-dir", help="default runs/sie-<preset>[-<ablation>]; the same "
-                                         "command again resumes")
+    group.add_argument("--run-dir", help="default runs/sie-<preset>[-<ablation>]; rerun to resume")
     group.add_argument("--resume", help="checkpoint to resume (default: <run-dir>/checkpoint.pt)")
-    group.add_argument("--stop-after-epochs", type=eval.number(int, 1),
-                       help="end this invocation after N more epochs (rerun to continue; no eval)")
+    group.add_argument("--stop-after-epochs", type=eval.number(int, 1), help="end this call after "
+                       "N more epochs (rerun to continue)")
     group.add_argument("--seed", type=eval.number(int, 0, 2**32 - 1), default=0,
                        help="model init, view sampling and data order")
-    group.add_argument("--log-every", type=eval.number(int, 1), default=20,
-                       help="steps between log lines (the only host syncs)")
-    group.add_argument("--eval-protocols", default="all",
-                       help="eval.py protocols after training, comma-separated")
+    group.add_argument("--log-every", type=eval.number(int, 1), default=20, help="steps per log")
+    group.add_argument("--eval-protocols", default="all", help="eval.py's, comma-separated")
     group.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
     # The preset's values become the defaults (in --help too). This comes after every
     # add_argument, whose own default= would otherwise win over the preset.
-    preset = p.parse_known_args(without_help(argv))[0].preset
-    p.set_defaults(**PRESETS[preset])
+    given = [a for a in (sys.argv[1:] if argv is None else argv) if a not in ("-h", "--help")]
+    p.set_defaults(**PRESETS[p.parse_known_args(given)[0].preset])
     args = p.parse_args(argv)
-    check_flags(p, args, without_help(argv))
+    check_flags(p, args, given)
     if args.equi_only:
         args.equi_dims = REPR_DIM
     if args.run_dir is None:
@@ -496,11 +488,6 @@ def check_flags(p, args, given):
         p.error(f"argument --resume: no checkpoint file {args.resume}")
     if not args.data_root:
         p.error("argument --data-root: empty")
-
-
-def without_help(argv):
-    """The command line without -h/--help, to read --preset before the full parse."""
-    return [a for a in (sys.argv[1:] if argv is None else argv) if a not in ("-h", "--help")]
 
 
 def run_tags(args):
