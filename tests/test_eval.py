@@ -336,6 +336,8 @@ def test_evaluate_end_to_end_on_toy_set(tiny_ckpt, toy_root, tmp_path):
     for r in saved["metrics"]:
         assert r["step"] == 11 and r["split"] == "val" and r["definition"] and r["representation"]
         assert math.isfinite(r["value"])
+        if r["protocol"] == "predictor":                # its counts: tests/test_predictor.py
+            continue
         every_view = r["name"] in ("top1", "mrr", "pre") or r["name"].startswith("H@")
         assert r["n"] == n_val * (50 if every_view else 10)
     assert any("BN: train" in n for n in saved["notes"])
