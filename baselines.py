@@ -1,7 +1,6 @@
-"""The methods SIE (Garrido, Najman, LeCun, ICML 2023, https://arxiv.org/abs/2302.10283) is
-compared with on 3DIEBench, in one file: model, loss, DDP training, exact resume, evaluation.
---method picks one. They follow the official SIE code (https://github.com/facebookresearch/SIE),
-src/models.py.
+"""The methods SIE (Garrido, Najman, LeCun, ICML 2023, https://arxiv.org/abs/2302.10283) is compared
+with on 3DIEBench, as the official SIE code (https://github.com/facebookresearch/SIE) has them in
+src/models.py; one file: model, loss, DDP training, exact resume, evaluation. --method picks one.
 
     vicreg           VICReg (Bardes, Ponce, LeCun, ICLR 2022) https://arxiv.org/abs/2105.04906
     simclr           SimCLR (Chen et al., ICML 2020) https://arxiv.org/abs/2002.05709
@@ -65,12 +64,10 @@ METHODS = ("vicreg", "simclr", "simclr-augself", "equimod-simclr", "equimod-vicr
            "vicreg-partinv", "simclr-onlyequi")
 PREDICTS = ("equimod-simclr", "equimod-vicreg", "simclr-onlyequi")    # those with a p(z, g)
 USES_G = PREDICTS + ("simclr-augself",)                               # those that read g
-# EquiMod's alpha when --equi-factor is not given; never the official argparse default 4.5, which
-# weighs the equivariant term 4.5 times whenever the flag is forgotten. SimCLR: 1, EquiMod's own
-# lambda, the official SimCLREquiModRotColor's and the third-party re-runs' (seq-JEPA, App. A.3).
-# VICReg: 0.45, the SIE README's, so the equivariance MSE weighs 10 x 0.45 = 4.5, as in SIE.
+# EquiMod's alpha without --equi-factor, never the official argparse default 4.5 (a forgotten flag
+# would weigh the equivariant term 4.5 x). SimCLR: 1, EquiMod's lambda, as SimCLREquiModRotColor
+# and seq-JEPA's re-runs (App. A.3); VICReg: 0.45, the SIE README's (MSE weight 10 x 0.45 = 4.5).
 EQUI_FACTOR = {"equimod-simclr": 1.0, "equimod-vicreg": 0.45}
-NUM_CLASSES = data.NUM_CLASSES   # 3DIEBench's 55 synsets; generated sets use the first labels
 REPR_DIM = 512                   # the ResNet-18 representation
 MIN_RESOLUTION = 24              # the smallest image side the ResNet-18's stride-2 stages accept
 SCRIPT = "baselines"             # the checkpoint's "script" field (eval.py accepts only ours)
@@ -83,8 +80,7 @@ RUN_LENGTH_FLAGS = {"epochs", "stop_after_epochs", "run_dir", "resume", "data_ro
                     "log_every", "compile", "eval_protocols", "no_eval"}
 
 # ================================ the method ================================
-# gather (the autograd all-gather over processes; the identity in one process) and autocast (bf16
-# or fp16 on CUDA, off on CPU) come from the harness below.
+# From the harness below: gather (the autograd all-gather over processes) and autocast (CUDA only).
 
 
 # ---- the backbone: the official ResNet-18 variant (official code, src/resnet.py) ----
@@ -99,10 +95,8 @@ class BasicBlock(nn.Module):
         self.pad = nn.ZeroPad2d((0, 1, 0, 1)) if stride == 2 else nn.Identity()
         self.conv2 = nn.Conv2d(c_out, c_out, 3, stride, 0 if stride == 2 else 1, bias=False)
         self.bn2 = nn.BatchNorm2d(c_out)
-        self.shortcut = nn.Identity()
-        if project:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
-                                          nn.BatchNorm2d(c_out))
+        self.shortcut = (nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
+                                       nn.BatchNorm2d(c_out)) if project else nn.Identity())
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -163,10 +157,9 @@ class HypernetPredictor(nn.Module):
         self.hyper = nn.Linear(g_dim, d * d, bias=False)             # H, weight (d * d, k)
 
     def forward(self, z, g):
-        # Materialised: W(g) = reshape(H c) row-major with c = hyper_in(g) (c = g under --hypernet
-        # linear), and p = W(g) z. W is linear in c, so W(g) z = sum_k c_k (A_k z) with A_k[o, i]
-        # = H[o * d + i, k]: the same value without the (B, d, d) weights (tests/
-        # test_baselines.py, test_hypernet_predictor_equals_materialised_weights).
+        # Materialised: W(g) = reshape(H c) row-major, c = hyper_in(g) (= g for --hypernet linear);
+        # W is linear in c, so W(g) z = sum_k c_k (A_k z), A_k[o, i] = H[o * d + i, k]: no (B, d, d)
+        # tensor. test_hypernet_predictor_equals_materialised_weights checks that the two agree.
         c = self.hyper_in(g)                                 # (B, k)
         A = self.hyper.weight.view(self.d, self.d, -1)       # A[o, i, k]
         Az = torch.einsum("oik,bi->bko", A, z)               # A_k z for every k: (B, k, d)
@@ -185,16 +178,15 @@ class MLPPredictor(nn.Linear):
 
 
 # ---- the losses, one section per method ----
-# Under DDP the MSE terms are per-rank means, which DDP's gradient averaging makes global means;
-# the variance, covariance and NT-Xent terms see the batch gathered from every process, with
-# gradients, in fp32 with autocast off (.float() alone is not enough: autocast would run their
-# matmuls in bf16 again). Z, Z' are the (N, D) embeddings of all x, all x'.
+# Under DDP the MSE terms are per-rank means (DDP's gradient averaging makes them global); the
+# variance, covariance and NT-Xent terms see the batch of every process, with gradients, in fp32
+# with autocast off (.float() alone is not: autocast would run their matmuls in bf16 again).
 
 # ---- VICReg (official code, src/models.py, VICReg) ----
 # L = l_sim * MSE(Z, Z') + l_std * (V(Z)/2 + V(Z')/2) + l_cov * (C(Z) + C(Z'))     (Eq. 6)
 # V(Z) = mean_j max(0, 1 - sqrt(Var(Z_j) + 1e-4))                                 (Eqs. 1-2)
 # C(Z) = sum_{i != j} Cov(Z)_ij^2 / D,  Cov(Z) = Zc^T Zc / (N - 1), Zc centred    (Eqs. 3-4)
-# with l_sim = 10, l_std = 10, l_cov = 1.
+# with l_sim = 10, l_std = 10, l_cov = 1; Z, Z' the (N, D) embeddings of all x, all x'.
 def variance_loss(z):
     return F.relu(1.0 - torch.sqrt(z.var(dim=0) + 1e-4)).mean()
 
@@ -266,8 +258,7 @@ def augself_head(repr_dim, g_dim):
 
 
 def augself_loss(head, y1, y2, g):
-    # Deviation: one order only, as in the SIE code; AugSelf's code also feeds [y'; y] (with the
-    # reversed target).
+    # Deviation: one order, as the SIE code; AugSelf's code also feeds [y'; y] (reversed target).
     prediction = head(torch.cat([y1, y2], dim=1))
     return F.mse_loss(prediction.float(), g.float())
 
@@ -283,9 +274,8 @@ def simclr_augself_loss(z1, z2, head, y1, y2, g, temperature=0.1, augself_weight
 # Two projectors read all 512 dims of y: z_inv must not change with g, z_equi must move with g
 # in a way the predictor p can forecast. pred = p(z1_equi, g).
 def equimod_simclr_loss(z1_inv, z2_inv, pred, z2_equi, temperature=0.1, alpha=1.0):
-    # Deviation: EquiMod predicts from an un-augmented view x0, which 3DIEBench lacks: here view
-    # 1 -> view 2, with the SIE code's predictor (a hypernetwork by default) instead of
-    # EquiMod's Linear + BN.
+    # Deviation: EquiMod predicts from an un-augmented x0, which 3DIEBench lacks: here view 1 ->
+    # view 2, with the SIE code's predictor (a hypernetwork by default), not EquiMod's Linear + BN.
     terms = {"inv": nt_xent(z1_inv, z2_inv, temperature),
              "equi": nt_xent(pred, z2_equi, temperature)}
     terms["loss"] = terms["inv"] + alpha * terms["equi"]
@@ -310,9 +300,8 @@ def equimod_vicreg_loss(z1_inv, z2_inv, z1_equi, z2_equi, pred, batch_size=None,
 
 
 # ---- VICReg part-inv, SIE's ablation (official code, src/models.py, VICRegPartInv) ----
-# L = VIC with the MSE on the first n_inv = D - e embedding dims only (e = --equi-emb-dims); V and
-# C still on all D. The last e dims are free to vary with the view, but nothing ties them to g:
-# SIE's split without its predictor.
+# L = VIC with its MSE on the first n_inv = D - e dims only (e = --equi-emb-dims), V and C on all
+# D: the last e dims may vary with the view, but nothing ties them to g (SIE's split, no predictor).
 def vicreg_partinv_loss(z1, z2, n_inv, batch_size=None, **weights):
     return vicreg_loss(z1, z2, batch_size, **weights, n_inv=n_inv)
 
@@ -324,59 +313,12 @@ def simclr_onlyequi_loss(pred, z2, temperature=0.1):
     return {"equi": loss, "loss": loss}
 
 
-# ---- the online monitor (official code, src/models.py, OnlineEvaluator) ----
+# ---- the model: its pieces, the online monitor (eval.py, OnlineEvaluator) and the loss ----
 # No baseline splits its representation (EquiMod's projectors both read all 512 dims, part-inv
 # splits the EMBEDDING): each is monitored and probed on all 512 dims, as the official evaluation.
 PARTS = {"full": slice(0, REPR_DIM)}
 
 
-class OnlineEvaluator(nn.Module):
-    """A monitor on DETACHED representations, per part: a linear classifier on single views and a
-    rotation MLP on [y1; y2] -> quaternion. Its losses join the total but cannot reach the
-    backbone. Deviation: the official heads on the 2048-d projector embeddings (about 40 M
-    parameters) are left out; the representation heads are what eval.py measures."""
-
-    def __init__(self, parts):
-        super().__init__()
-        self.parts = parts                                   # name -> slice of the representation
-        part_widths = {name: s.stop - s.start for name, s in parts.items()}
-        self.classify = nn.ModuleDict({name: nn.Linear(width, NUM_CLASSES)
-                                       for name, width in part_widths.items()})
-        self.rotation = nn.ModuleDict({name: rotation_mlp(2 * width)
-                                       for name, width in part_widths.items()})
-
-    def forward(self, y1, y2, q, labels):
-        """-> (summed CE + MSE losses, device-side sums for top-1 and the pooled R²)."""
-        y1, y2, q = y1.detach().float(), y2.detach().float(), q.float()
-        both_labels = torch.cat([labels, labels])
-        loss = 0.0
-        sums = {"pairs": q.new_full((), q.shape[0]), "q_sum": q.sum(), "q_sq": q.pow(2).sum()}
-        for name, s in self.parts.items():
-            logits = self.classify[name](torch.cat([y1[:, s], y2[:, s]]))
-            pred = self.rotation[name](torch.cat([y1[:, s], y2[:, s]], dim=1))
-            loss = loss + F.cross_entropy(logits, both_labels) + F.mse_loss(pred, q)
-            sums[f"{name}_correct"] = (logits.argmax(1) == both_labels).sum().float()
-            sums[f"{name}_sse"] = (pred - q).pow(2).sum()
-        return loss, sums
-
-
-def rotation_mlp(width):
-    return nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
-                         nn.Linear(width, 4))
-
-
-def monitor_metrics(sums):
-    """The monitor's epoch figures from its summed counts: top-1 per part and the pooled R² (one
-    scalar mean over all four quaternion components, as the official code and eval.py)."""
-    parts = [key[:-len("_correct")] for key in sums if key.endswith("_correct")]
-    n_pairs = sums["pairs"]
-    total_sq = sums["q_sq"] - sums["q_sum"] ** 2 / (4 * n_pairs)
-    top1 = {f"top1_{part}": sums[f"{part}_correct"] / (2 * n_pairs) for part in parts}
-    rot_r2 = {f"rot_r2_{part}": 1 - sums[f"{part}_sse"] / total_sq for part in parts}
-    return {**top1, **rot_r2}
-
-
-# ---- the model: the method's pieces and everything one step computes ----
 class Baseline(nn.Module):
     """Backbone + the method's heads + online monitor. forward(x1, x2, g, labels) returns
     (total loss, the method's loss terms, monitor sums): the whole objective of one step."""
@@ -396,7 +338,7 @@ class Baseline(nn.Module):
             self.predictor = MLPPredictor(mlp_widths[-1], g_dim)
         if args.method == "simclr-augself":
             self.augself = augself_head(REPR_DIM, g_dim)
-        self.online = OnlineEvaluator(PARTS)
+        self.online = eval.OnlineEvaluator(PARTS)
 
     def forward(self, x1, x2, g, labels):
         y1 = self.backbone(x1)                 # two calls: BN statistics per view, as official
@@ -407,8 +349,7 @@ class Baseline(nn.Module):
 
 
 def method_loss(model, y1, y2, g, args):
-    """The projector(s), predictor and loss of args.method on the representations y1, y2
-    (B, 512) of the two views and their relative transformation g (B, 4 or 6)."""
+    """args.method's heads and loss on the representations y1, y2 (B, 512) and g (B, 4 or 6)."""
     method, tau = args.method, args.temperature
     weights = dict(sim_coeff=args.sim_coeff, std_coeff=args.std_coeff, cov_coeff=args.cov_coeff)
     z1 = model.projector(y1)                   # (B, D)
@@ -475,55 +416,29 @@ def to_device(batch, device, args):
 
 
 build_model = Baseline     # the whole training model from (saved) args; eval.py rebuilds it so
+monitor_metrics = eval.monitor_metrics     # the online monitor's epoch figures, for the log
 
 
 def probeable(model, args):
     """What eval.py probes: the backbone on all 512 dims; with a predictor also the equivariant
-    head (only-equi's single projector) and the predictor, for MRR, H@k and PRE."""
-    embed = predict = None
+    head (only-equi's single projector) and the predictor, for MRR, H@k and PRE, and the
+    predictor as it was at step 0, the predictor protocol's reference."""
+    def predictor_at_init():
+        return eval.model_at_init(build_model, args).predictor
+    embed = predict = predictor_init = None
     if args.method in PREDICTS:
         embed, predict = getattr(model, "proj_equi", model.projector), model.predictor
+        predictor_init = predictor_at_init
     return eval.Probeable(backbone=model.backbone, parts=PARTS, embed=embed, predict=predict,
-                          g_dim=6 if args.rot_color else 4)
+                          g_dim=6 if args.rot_color else 4, predictor_init=predictor_init)
 
 
 # ================================ flags ================================
-def bounded(convert, low, high=None, low_open=False):
-    """An argparse type: convert(text) in [low, high] ((low, high] if low_open; high None: no
-    bound), else one "argument --flag: ..." line and exit 2, never a traceback."""
-
-    def check(text):
-        value = convert(text)
-        above = value > low if low_open else value >= low
-        if not (above and (high is None or value <= high)):           # nan fails both tests
-            wanted = f"{'>' if low_open else '>='} {low}" + (f" and <= {high:g}" if high else "")
-            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text}")
-        return value
-
-    check.__name__ = convert.__name__           # argparse's "invalid int value: 'x'"
-    return check
-
-
-positive_int = bounded(int, 1)
-nonnegative_int = bounded(int, 0)
-nonnegative_float = bounded(float, 0, 1e30)     # fp32 holds 1e30; 1e39 would be inf
-
-
 def layer_widths(text):
     """--mlp: positive integer widths joined by '-', kept as the string."""
     if not all(w.isdigit() and int(w) > 0 for w in text.split("-")):
         raise argparse.ArgumentTypeError(f"must be positive widths joined by '-', got {text!r}")
     return text
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are printed once under torchrun (by rank 0); every rank exits 2."""
-
-    def error(self, message):
-        if os.environ.get("RANK", "0") == "0":
-            self.print_usage(sys.stderr)
-            print(f"{self.prog}: error: {message}", file=sys.stderr)
-        sys.exit(2)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -532,50 +447,47 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 def parse_args(argv=None):
     paragraphs = __doc__.split("\n\n")
-    parser = ArgumentParser(description=paragraphs[0], epilog=paragraphs[1],
-                            formatter_class=HelpFormatter)
+    parser = eval.ArgumentParser(description=paragraphs[0], epilog=paragraphs[1],
+                                 formatter_class=HelpFormatter)
     parser.add_argument("--preset", choices=PRESETS, default="toy",
                         help="toy: CPU minutes, generated data; paper: the official comparison")
-    # Required, but checked after the parse: argparse's required=True would also stop the early
-    # parse that reads --preset, and with it --help.
+    # checked after the parse: required=True would also stop --preset's early parse and --help
     parser.add_argument("--method", choices=METHODS, help="which method (list below); required")
     group = parser.add_argument_group("data")
     group.add_argument("--data-root", default=data.DEFAULT_ROOT,
                        help="3DIEBench root; the default is generated if missing")
-    group.add_argument("--resolution", type=bounded(int, MIN_RESOLUTION),
+    group.add_argument("--resolution", type=eval.number(int, MIN_RESOLUTION),
                        help="image side in px, >= 24 (paper 256; 128 = low-compute regime)")
-    group.add_argument("--num-workers", type=nonnegative_int, help="loader processes per rank")
+    group.add_argument("--num-workers", type=eval.number(int, 0), help="loader processes per rank")
     group = parser.add_argument_group("model")
     group.add_argument("--mlp", type=layer_widths, help="projector widths 512 -> a-b-c per head")
     group.add_argument("--predictor", choices=("hypernet", "mlp"), default="hypernet",
                        help="EquiMod / only-equi predictor: W(g) z (SIE's) or MLP([g; z])")
     group.add_argument("--hypernet", choices=("linear", "deep"), default="linear",
                        help="g -> W(g): one bias-free Linear, or 2 more of width k with ReLUs")
-    group.add_argument("--rot-color", action="store_true",
-                       help="the 6-d g = [quaternion, d floor hue, d spot hue] (RotColor)")
+    group.add_argument("--rot-color", action="store_true", help="6-d g: quaternion, 2 hue shifts")
     group = parser.add_argument_group("loss")
-    group.add_argument("--sim-coeff", type=nonnegative_float, default=10.0,
+    group.add_argument("--sim-coeff", type=eval.number(float, 0), default=10.0,
                        help="VICReg lambda on the invariance MSE")
-    group.add_argument("--std-coeff", type=nonnegative_float, default=10.0,
+    group.add_argument("--std-coeff", type=eval.number(float, 0), default=10.0,
                        help="VICReg mu on the variance terms")
-    group.add_argument("--cov-coeff", type=nonnegative_float, default=1.0,
+    group.add_argument("--cov-coeff", type=eval.number(float, 0), default=1.0,
                        help="VICReg nu on the covariance terms")
-    group.add_argument("--temperature", type=bounded(float, 0, 1e30, low_open=True), default=0.1,
+    group.add_argument("--temperature", type=eval.number(float, 0, low_open=True), default=0.1,
                        help="NT-Xent tau (official --simclr-temp)")
-    group.add_argument("--augself-weight", type=nonnegative_float, default=1.0,
+    group.add_argument("--augself-weight", type=eval.number(float, 0), default=1.0,
                        help="w on AugSelf's regression MSE (official --ec-weight)")
-    group.add_argument("--equi-factor", type=nonnegative_float,
-                       help="EquiMod alpha; default 1 (SimCLR), 0.45 (VICReg), never the "
-                            "official argparse default 4.5")
+    group.add_argument("--equi-factor", type=eval.number(float, 0),
+                       help="EquiMod alpha: 1 (SimCLR), 0.45 (VICReg), not the official 4.5")
     group.add_argument("--equi-emb-dims", type=int,
                        help="vicreg-partinv's e: the last e EMBEDDING dims skip the invariance")
     group = parser.add_argument_group("optimisation (official README command)")
-    group.add_argument("--epochs", type=positive_int, help="one epoch = one pair per object")
-    group.add_argument("--batch-size", type=positive_int,
-                       help="GLOBAL batch in pairs; per-rank batch = global / world size")
-    group.add_argument("--lr", type=bounded(float, 0, 10, low_open=True), default=1e-3,
+    group.add_argument("--epochs", type=eval.number(int, 1), help="one epoch = one pair per object")
+    group.add_argument("--batch-size", type=eval.number(int, 2),
+                       help="GLOBAL batch in pairs (a variance needs 2); per rank: / world size")
+    group.add_argument("--lr", type=eval.number(float, 0, 10, low_open=True), default=1e-3,
                        help="Adam lr, constant: no warmup, no schedule")
-    group.add_argument("--wd", type=nonnegative_float, default=1e-6,
+    group.add_argument("--wd", type=eval.number(float, 0), default=1e-6,
                        help="Adam weight decay on every parameter")
     group.add_argument("--amp", choices=("bf16", "fp16", "none"), default="bf16",
                        help="autocast dtype on CUDA (ignored on CPU); fp16 adds a GradScaler")
@@ -584,11 +496,11 @@ def parse_args(argv=None):
     group.add_argument("--run-dir",
                        help="default runs/baselines-<preset>-<method>[-<variant>]; rerun to resume")
     group.add_argument("--resume", help="checkpoint (default: <run-dir>/checkpoint.pt if any)")
-    group.add_argument("--stop-after-epochs", type=positive_int,
+    group.add_argument("--stop-after-epochs", type=eval.number(int, 1),
                        help="end this invocation after N more epochs (rerun to continue; no eval)")
-    group.add_argument("--seed", type=nonnegative_int, default=0,
+    group.add_argument("--seed", type=eval.number(int, 0, 2**32 - 1), default=0,
                        help="model init, view sampling and data order")
-    group.add_argument("--log-every", type=positive_int, default=20,
+    group.add_argument("--log-every", type=eval.number(int, 1), default=20,
                        help="steps between log lines (the only host syncs)")
     group.add_argument("--eval-protocols", default="all",
                        help="eval.py protocols after training, comma-separated")
@@ -609,14 +521,14 @@ def parse_args(argv=None):
     if args.method == "vicreg-partinv" and not 0 < args.equi_emb_dims < emb_dims:
         parser.error(f"argument --equi-emb-dims: must be in 1..{emb_dims - 1} (the embedding "
                      f"width - 1), got {args.equi_emb_dims}")
-    if args.batch_size < 2:
-        parser.error("argument --batch-size: must be >= 2 (the variance needs two samples)")
     world = int(os.environ.get("WORLD_SIZE", 1))
     if args.batch_size % world:
         parser.error(f"argument --batch-size: {args.batch_size} is not divisible by the {world} "
                      f"processes (--batch-size is the global batch)")
     if args.resume and not os.path.isfile(args.resume):
         parser.error(f"argument --resume: no checkpoint file {args.resume}")
+    if not args.data_root:
+        parser.error("argument --data-root: empty")
     if args.equi_factor is None:
         args.equi_factor = EQUI_FACTOR.get(args.method)      # None for methods without EquiMod
     if args.run_dir is None:
