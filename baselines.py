@@ -64,6 +64,14 @@ METHODS = ("vicreg", "simclr", "simclr-augself", "equimod-simclr", "equimod-vicr
            "vicreg-partinv", "simclr-onlyequi")
 PREDICTS = ("equimod-simclr", "equimod-vicreg", "simclr-onlyequi")    # those with a p(z, g)
 USES_G = PREDICTS + ("simclr-augself",)                               # those that read g
+VICREG_BASED = ("vicreg", "equimod-vicreg", "vicreg-partinv")
+SIMCLR_BASED = ("simclr", "simclr-augself", "equimod-simclr", "simclr-onlyequi")
+# The flags one method family reads: given with another method, they are refused, not ignored.
+FLAG_USERS = {"--sim-coeff": VICREG_BASED, "--std-coeff": VICREG_BASED,
+              "--cov-coeff": VICREG_BASED, "--temperature": SIMCLR_BASED,
+              "--augself-weight": ("simclr-augself",),
+              "--equi-factor": ("equimod-simclr", "equimod-vicreg"),
+              "--equi-emb-dims": ("vicreg-partinv",)}
 # EquiMod's alpha without --equi-factor, never the official argparse default 4.5 (a forgotten flag
 # would weigh the equivariant term 4.5 x). SimCLR: 1, EquiMod's lambda, as SimCLREquiModRotColor
 # and seq-JEPA's re-runs (App. A.3); VICReg: 0.45, the SIE README's (MSE weight 10 x 0.45 = 4.5).
@@ -434,13 +442,6 @@ def probeable(model, args):
 
 
 # ================================ flags ================================
-def layer_widths(text):
-    """--mlp: positive integer widths joined by '-', kept as the string."""
-    if not all(w.isdigit() and int(w) > 0 for w in text.split("-")):
-        raise argparse.ArgumentTypeError(f"must be positive widths joined by '-', got {text!r}")
-    return text
-
-
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """--help shows every default and keeps the layout of the method list (its epilog)."""
 
@@ -460,7 +461,7 @@ def parse_args(argv=None):
                        help="image side in px, >= 24 (paper 256; 128 = low-compute regime)")
     group.add_argument("--num-workers", type=eval.number(int, 0), help="loader processes per rank")
     group = parser.add_argument_group("model")
-    group.add_argument("--mlp", type=layer_widths, help="projector widths 512 -> a-b-c per head")
+    group.add_argument("--mlp", type=eval.widths, help="projector widths 512 -> a-b-c per head")
     group.add_argument("--predictor", choices=("hypernet", "mlp"), default="hypernet",
                        help="EquiMod / only-equi predictor: W(g) z (SIE's) or MLP([g; z])")
     group.add_argument("--hypernet", choices=("linear", "deep"), default="linear",
@@ -492,19 +493,7 @@ def parse_args(argv=None):
     group.add_argument("--amp", choices=("bf16", "fp16", "none"), default="bf16",
                        help="autocast dtype on CUDA (ignored on CPU); fp16 adds a GradScaler")
     group.add_argument("--compile", action="store_true", help="torch.compile the model's forward")
-    group = parser.add_argument_group("run")
-    group.add_argument("--run-dir",
-                       help="default runs/baselines-<preset>-<method>[-<variant>]; rerun to resume")
-    group.add_argument("--resume", help="checkpoint (default: <run-dir>/checkpoint.pt if any)")
-    group.add_argument("--stop-after-epochs", type=eval.number(int, 1),
-                       help="end this invocation after N more epochs (rerun to continue; no eval)")
-    group.add_argument("--seed", type=eval.number(int, 0, 2**32 - 1), default=0,
-                       help="model init, view sampling and data order")
-    group.add_argument("--log-every", type=eval.number(int, 1), default=20,
-                       help="steps between log lines (the only host syncs)")
-    group.add_argument("--eval-protocols", default="all",
-                       help="eval.py protocols after training, comma-separated")
-    group.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
+    eval.add_run_flags(parser, "baselines")
     # The preset's values become the defaults (in --help too), after every add_argument, whose own
     # default= would otherwise win over the preset; --help waits for the full parse.
     no_help = [a for a in (sys.argv[1:] if argv is None else argv) if a not in ("-h", "--help")]
@@ -517,18 +506,16 @@ def parse_args(argv=None):
         parser.error(f"argument --rot-color: {args.method} does not use the transformation g")
     if args.method not in PREDICTS and (args.predictor, args.hypernet) != ("hypernet", "linear"):
         parser.error(f"argument --predictor/--hypernet: {args.method} has no predictor")
+    given = {a.split("=")[0] for a in no_help}
+    for flag, users in FLAG_USERS.items():
+        if flag in given and args.method not in users:
+            parser.error(f"argument {flag}: {args.method} does not use it, only "
+                         f"{', '.join(users)}")
     emb_dims = int(args.mlp.split("-")[-1])
     if args.method == "vicreg-partinv" and not 0 < args.equi_emb_dims < emb_dims:
         parser.error(f"argument --equi-emb-dims: must be in 1..{emb_dims - 1} (the embedding "
                      f"width - 1), got {args.equi_emb_dims}")
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if args.batch_size % world:
-        parser.error(f"argument --batch-size: {args.batch_size} is not divisible by the {world} "
-                     f"processes (--batch-size is the global batch)")
-    if args.resume and not os.path.isfile(args.resume):
-        parser.error(f"argument --resume: no checkpoint file {args.resume}")
-    if not args.data_root:
-        parser.error("argument --data-root: empty")
+    eval.check_run_flags(parser, args)
     if args.equi_factor is None:
         args.equi_factor = EQUI_FACTOR.get(args.method)      # None for methods without EquiMod
     if args.run_dir is None:

@@ -1982,6 +1982,45 @@ def number(cast, low, high=1e30, low_open=False):
     return parse
 
 
+def widths(text):
+    """An argparse type for a projector's widths, e.g. --mlp 2048-2048-2048: positive integers
+    joined by '-', kept as the string."""
+    if not all(w.isdigit() and int(w) > 0 for w in text.split("-")):
+        raise argparse.ArgumentTypeError(f"must be positive widths joined by '-', e.g. "
+                                         f"2048-2048-2048, got {text!r}")
+    return text
+
+
+def add_run_flags(parser, script, log_every=20):
+    """The flags of a training run's directory, seed, log and closing evaluation: the same in
+    sie.py, baselines.py and ser.py, whose harness reads them."""
+    group = parser.add_argument_group("run")
+    group.add_argument("--run-dir", help=f"default runs/{script}-<preset>[-<variant>]; the same "
+                                         f"command again resumes")
+    group.add_argument("--resume", help="checkpoint to resume (default: <run-dir>/checkpoint.pt)")
+    group.add_argument("--stop-after-epochs", type=number(int, 1),
+                       help="end this invocation after N more epochs (rerun to continue; no eval)")
+    group.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=0,
+                       help="model init, augmentations and data order")
+    group.add_argument("--log-every", type=number(int, 1), default=log_every,
+                       help="steps between log lines (the only host syncs)")
+    group.add_argument("--eval-protocols", default="all",
+                       help="eval.py protocols after training, comma-separated")
+    group.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
+
+
+def check_run_flags(parser, args):
+    """The run's flags that need the others: one parser.error line each."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if args.batch_size % world:
+        parser.error(f"argument --batch-size: {args.batch_size} is not divisible by the {world} "
+                     f"processes (--batch-size is the global batch)")
+    if args.resume and not os.path.isfile(args.resume):
+        parser.error(f"argument --resume: no checkpoint file {args.resume}")
+    if not args.data_root:
+        parser.error("argument --data-root: empty")
+
+
 def device_name(text):
     """An argparse type: a torch device string that this machine has."""
     try:

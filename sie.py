@@ -153,16 +153,6 @@ def projector(d_in, layer_widths):
     return nn.Sequential(OrderedDict((str(i), layer) for i, layer in enumerate(layers, start=1)))
 
 
-def representation_parts(args):
-    """Names -> slices of the 512-d representation, for the monitor and eval.py: inv = the first
-    512 - e dims, equi = the last e. With --equi-only, no split: only 'full'."""
-    inv_repr_dims = REPR_DIM - args.equi_dims
-    parts = {"full": slice(0, REPR_DIM)}
-    if inv_repr_dims == 0:
-        return parts
-    return {**parts, "inv": slice(0, inv_repr_dims), "equi": slice(inv_repr_dims, REPR_DIM)}
-
-
 # ---- the predictor (Sec. 3.3; official code, src/hypernetwork.py, HyperNet) ----
 class HypernetPredictor(nn.Module):
     """prediction = W(g) z. The hypernetwork H, one bias-free Linear(k, d * d) (4,194,304
@@ -281,7 +271,12 @@ class SIE(nn.Module):
                 init_hypernet_gain(self.predictor, args.hypernet_gain)
         else:
             self.predictor = MLPPredictor(self.equi_emb_dims, g_dims)
-        self.online = eval.OnlineEvaluator(representation_parts(args))   # a monitor
+        # The parts of the representation the monitor and eval.py probe: full, inv and equi.
+        self.parts = {"full": slice(0, REPR_DIM)}
+        if self.inv_repr_dims:
+            self.parts.update(inv=slice(0, self.inv_repr_dims),
+                              equi=slice(self.inv_repr_dims, REPR_DIM))
+        self.online = eval.OnlineEvaluator(self.parts)      # a monitor, not part of the method
         # --equi-only follows the official SIEOnlyEqui: the equivariance MSE weighs sim_coeff alone.
         equi_factor = 1.0 if args.equi_only else args.equi_factor
         self.loss_kw = dict(batch_size=args.batch_size, sim_coeff=args.sim_coeff,
@@ -366,7 +361,7 @@ def probeable(model, args):
     embedding_parts = {"z": slice(0, d_all)}
     if d_inv:
         embedding_parts.update(z_inv=slice(0, d_inv), z_equi=slice(d_inv, d_all))
-    return eval.Probeable(backbone=model.backbone, parts=representation_parts(args),
+    return eval.Probeable(backbone=model.backbone, parts=model.parts,
                           embed=model.proj_equi, predict=model.predictor,
                           g_dim=6 if args.rot_color else 4, embeddings=model.embed,
                           embedding_parts=embedding_parts, predictor_init=predictor_at_init)
@@ -387,14 +382,6 @@ def hypernet_gain(text):
     return None if text == "official" else eval.number(float, 0)(text)
 
 
-def widths_text(text):
-    """'2048-2048-2048' -> the same string, checked: positive integer widths joined by '-'."""
-    if not all(w.isdigit() and int(w) > 0 for w in text.split("-")):
-        raise argparse.ArgumentTypeError(f"must be positive widths joined by '-', e.g. "
-                                         f"2048-2048-2048, got {text!r}")
-    return text
-
-
 def parse_args(argv=None):
     p = eval.ArgumentParser(description=__doc__.split("\n\n")[0],
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -408,7 +395,7 @@ def parse_args(argv=None):
     group.add_argument("--decode", choices=("pil", "cpu", "gpu"), default="pil", help="experiment: "
                        "JPEG decoding in PIL (readable), libjpeg-turbo or nvJPEG (fast)")
     group = p.add_argument_group("model (paper Sec. 3)")
-    group.add_argument("--mlp", type=widths_text, help="projector widths, scaled by each part's "
+    group.add_argument("--mlp", type=eval.widths, help="projector widths, scaled by each part's "
                        "share of the 512 dims (paper 2048-2048-2048)")
     group.add_argument("--equi-dims", type=eval.number(int, 1, REPR_DIM - 1), default=256,
                        help="e: the last e of the 512 dims are the equivariant part (paper 256)")
@@ -443,16 +430,7 @@ def parse_args(argv=None):
     group.add_argument("--amp", choices=("bf16", "fp16", "none"), default="bf16",
                        help="autocast on CUDA (fp16 adds a GradScaler); loss statistics in fp32")
     group.add_argument("--compile", action="store_true", help="torch.compile (same maths)")
-    group = p.add_argument_group("run")
-    group.add_argument("--run-dir", help="default runs/sie-<preset>[-<ablation>]; rerun to resume")
-    group.add_argument("--resume", help="checkpoint to resume (default: <run-dir>/checkpoint.pt)")
-    group.add_argument("--stop-after-epochs", type=eval.number(int, 1), help="end this call after "
-                       "N more epochs (rerun to continue)")
-    group.add_argument("--seed", type=eval.number(int, 0, 2**32 - 1), default=0,
-                       help="model init, view sampling and data order")
-    group.add_argument("--log-every", type=eval.number(int, 1), default=20, help="steps per log")
-    group.add_argument("--eval-protocols", default="all", help="eval.py's, comma-separated")
-    group.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
+    eval.add_run_flags(p, "sie")
     # The preset's values become the defaults (in --help too). This comes after every
     # add_argument, whose own default= would otherwise win over the preset.
     given = [a for a in (sys.argv[1:] if argv is None else argv) if a not in ("-h", "--help")]
@@ -480,14 +458,7 @@ def check_flags(p, args, given):
         if repr_dims and min(split_widths(args.mlp, repr_dims)) < 1:
             p.error(f"argument --mlp: {args.mlp} scaled by {repr_dims}/{REPR_DIM} for a part of "
                     f"the split has a layer of width 0; use a wider --mlp or another --equi-dims")
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if args.batch_size % world:
-        p.error(f"argument --batch-size: {args.batch_size} is not divisible by the {world} "
-                f"processes (--batch-size is the global batch)")
-    if args.resume and not os.path.isfile(args.resume):
-        p.error(f"argument --resume: no checkpoint file {args.resume}")
-    if not args.data_root:
-        p.error("argument --data-root: empty")
+    eval.check_run_flags(p, args)
 
 
 def run_tags(args):

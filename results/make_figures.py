@@ -16,7 +16,8 @@ A run directory name ending in -s<seed> is one seed of the configuration named b
 `--table NAME` prints one of the study's tables instead (claims, question1, question2,
 losses: per SIE run, the unweighted loss terms averaged over its last 10 log lines; drift: how
 far the hypernetwork moves from its initialisation, from results/predictor_drift.py; time: the
-training time the result folders hold, from each log's throughput: pairs_per_s or images_per_s);
+training time the result folders hold, from each log's throughput: pairs_per_s or images_per_s;
+default: the README's first-screen runs of `python sie.py`, from results/default_runs.sh);
 `--readme results/README.md` rewrites those tables in the study's README, between their marker
 lines. A missing or empty result folder, or a result file that cannot be read, is one message
 naming it and exit code 2; the README is then left as it was.
@@ -61,9 +62,10 @@ def read_eval(path):
     summary = result.get("summary") if isinstance(result, dict) else None
     metrics = result.get("metrics") if isinstance(result, dict) else None
     good = (isinstance(summary, dict) and isinstance(metrics, list)
-            and all(isinstance(v, (int, float)) for v in summary.values())
+            and all(isinstance(v, (int, float, type(None))) for v in summary.values())
             and all(isinstance(r, dict) and isinstance(r.get("name"), str)
-                    and isinstance(r.get("part"), str) and isinstance(r.get("value"), (int, float))
+                    and isinstance(r.get("part"), str)
+                    and isinstance(r.get("value"), (int, float, type(None)))
                     and isinstance(r.get("chance"), (int, float, type(None))) for r in metrics))
     if not good:
         raise BadInput(f"{path}: not an eval.json of eval.py (no 'summary' of numbers and "
@@ -798,12 +800,38 @@ def time_table(study, ser):
         print(f"| {folder} | {len(logs)} | {hours:.1f} |")
 
 
-TABLES = ("claims", "question1", "question2", "losses", "drift", "time")
+def default_table(folder):
+    """The README's first screen: the default command `python sie.py` with seeds 0-3 at 1 and 2
+    threads (results/default_runs.sh), per run and as mean ± std, with the rule the toy preset
+    must meet: MRR above 2x chance and the equivariant part's rotation R² above 0.5, every run."""
+    rows, mrrs, r2s, passed = [], [], [], 0
+    for path in sorted(glob.glob(os.path.join(folder, "t*-s*", "eval.json"))):
+        threads, seed = re.fullmatch(r"t(\d+)-s(\d+)",
+                                     os.path.basename(os.path.dirname(path))).groups()
+        result = read_eval(path)
+        mrr, r2 = value(result, "mrr/embedding"), value(result, "rot_r2_pooled/equi")
+        ok = mrr > 2 * chance(result, "mrr/embedding") and r2 > 0.5
+        passed += ok
+        rows.append(f"| {threads} | {seed} | {mrr:.3f} | {r2:.3f} | {'yes' if ok else 'NO'} |")
+        mrrs.append(mrr)
+        r2s.append(r2)
+    if not rows:
+        raise BadInput(f"--default {folder}: no t<threads>-s<seed>/eval.json")
+    print(f"| threads | seed | MRR (chance {chance(result, 'mrr/embedding'):.3f}) | rotation R², "
+          f"equivariant part (constant {chance(result, 'rot_r2_pooled/equi'):.3f}) | "
+          f"MRR > 2x chance and R² > 0.5 |")
+    print("|---|---|---|---|---|")
+    print("\n".join(rows))
+    print(f"| mean ± std | {len(rows)} runs | {spread(mrrs)} | {spread(r2s)} | "
+          f"{passed} of {len(rows)} |")
+
+
+TABLES = ("claims", "question1", "question2", "losses", "drift", "time", "default")
 TABLE_START = "<!-- table: python results/make_figures.py --table {} -->"
 TABLE_END = "<!-- end of table -->"
 
 
-def print_table(name, study, ser):
+def print_table(name, study, ser, default="results/default"):
     if name == "claims":
         claims_table(study, ser)
     elif name == "question1":
@@ -814,11 +842,13 @@ def print_table(name, study, ser):
         drift_table(study)
     elif name == "time":
         time_table(study, ser)
+    elif name == "default":
+        default_table(default)
     else:
         loss_table(os.path.join(study, "sie-*"))
 
 
-def update_readme(readme, study, ser):
+def update_readme(readme, study, ser, default):
     """Replace each marked table of the README by the one generated now. Every table is made
     before the file is touched, and the file is replaced in one rename: a failure leaves it as
     it was."""
@@ -838,7 +868,7 @@ def update_readme(readme, study, ser):
         _, after = rest.split(TABLE_END, 1)
         table = io.StringIO()
         with contextlib.redirect_stdout(table):
-            print_table(name, study, ser)
+            print_table(name, study, ser, default)
         text = before + start + "\n" + table.getvalue() + TABLE_END + after
         found += 1
     if not found:
@@ -866,6 +896,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--study", default="results/study", help="the quick study's result folder")
     p.add_argument("--ser", default="results/ser-toy", help="the SER sweep's result folder")
+    p.add_argument("--default", default="results/default",
+                   help="the default command's runs (results/default_runs.sh)")
     p.add_argument("--curves-run", default="sie-toy-s1", help="the SIE run whose curves are drawn")
     p.add_argument("--out", default="assets", help="where the PNG files go")
     p.add_argument("--table", choices=TABLES,
@@ -887,10 +919,10 @@ def draw(args):
     if not args.table or args.table in ("claims", "time"):          # the tables that read --ser
         check_results(args.ser, "--ser")
     if args.readme:
-        update_readme(args.readme, args.study, args.ser)
+        update_readme(args.readme, args.study, args.ser, args.default)
         return
     if args.table:
-        print_table(args.table, args.study, args.ser)
+        print_table(args.table, args.study, args.ser, args.default)
         return
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise BadInput(f"--out {args.out}: a file, not a folder")

@@ -279,6 +279,11 @@ def test_help_lists_every_method(capsys):
     (["--method", "simclr", "--predictor", "mlp"], "--predictor"),
     (["--method", "vicreg-partinv", "--equi-emb-dims", "5000"], "--equi-emb-dims"),
     (["--method", "vicreg-partinv", "--equi-emb-dims", "0"], "--equi-emb-dims"),
+    (["--method", "vicreg", "--equi-emb-dims", "16"], "--equi-emb-dims"),     # not vicreg's
+    (["--method", "simclr", "--sim-coeff", "2"], "--sim-coeff"),
+    (["--method", "vicreg", "--temperature", "0.2"], "--temperature"),
+    (["--method", "equimod-simclr", "--augself-weight", "0.5"], "--augself-weight"),
+    (["--method", "simclr-augself", "--equi-factor", "2"], "--equi-factor"),
     (["--method", "vicreg", "--mlp", "64-x"], "--mlp"),
     (["--method", "vicreg", "--bogus"], "--bogus")])
 def test_bad_flags_fail_with_a_message_naming_the_flag(argv, flag, capsys):
@@ -290,7 +295,7 @@ def test_bad_flags_fail_with_a_message_naming_the_flag(argv, flag, capsys):
 # ---------------------------------------------------------------- runs on the toy set
 
 SMALL = ["--epochs", "1", "--batch-size", "8", "--resolution", "32", "--mlp", "64-64-64",
-         "--num-workers", "0", "--equi-emb-dims", "16"]
+         "--num-workers", "0"]
 
 
 def read_log(run_dir):
