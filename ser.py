@@ -41,9 +41,13 @@ image side S, patch P, grid G = S / P, width D, token-projector width E):
          --[CLS] joins--> blocks L+1..depth --> final LayerNorm --> [CLS] (n, D) --head--> L_inv
     b2 only: m --h (1x1 convs)--> (n_b2, E, h, w) --rho_g--> the other view's frame --> L_equiv
 
-Reading order: the presets; the method (the group elements and rho_g, the token loss, the ViT
-with delayed [CLS], the base losses, the model, one training step, the augmentations); the flags;
-the training harness, the same text in sie.py, baselines.py and ser.py. Nothing runs at import.
+What SER is compared with (--equiv-objective): AugSelf, EquiMod and E-SSL in L_equiv's place,
+at the final [CLS] or layer-decoupled (--ser-layer L < --depth); the 2+4 views (--local-crops 4).
+
+Reading order: the presets; the method (the group elements and rho_g, the token loss, the compared
+add-ons, the ViT with delayed [CLS], the base losses, the model, one training step, the
+augmentations); the flags; the training harness, the same text in sie.py, baselines.py and ser.py.
+Nothing runs at import.
 
     python ser.py --base moco                                # toy preset: CPU, generated data
     torchrun --standalone --nproc_per_node=2 ser.py --base moco       # the same, 2 processes
@@ -106,6 +110,10 @@ TOY_METHOD = {
                  teacher_temp_epochs=1, drop_path=0.0),
     "bt": dict(blr=2e-3, head_hidden=512, head_dim=512),
 }
+# Per --equiv-objective, over the preset: an add-on's --ser-layer 0 means the last block (the
+# published baselines read the final [CLS]); EquiMod's tau is main_moco.py's --temperature-equiv.
+OBJECTIVE = {"ser": {}, "augself": dict(ser_layer=0), "equimod": dict(ser_layer=0, ser_tau=0.2),
+             "essl": dict(ser_layer=0)}
 SCRIPT = "ser"                   # the checkpoint's "script" field (eval.py accepts only ours)
 DATA_KIND = "ImageFolder"        # the on-disk layout data.py reads (and generates by default)
 ITEM = "images"                  # what one batch row is, for the throughput log
@@ -117,11 +125,12 @@ RUN_LENGTH_FLAGS = {"run_dir", "resume", "data_root", "num_workers", "log_every"
                     "stop_after_epochs", "compile", "eval_protocols", "no_eval", "num_classes"}
 
 
-def preset_defaults(preset, base):
-    """The defaults of --preset and --base: the common ones, the base method's, the preset's."""
+def preset_defaults(preset, base, equiv_objective="ser"):
+    """The defaults: the common ones, the base method's, the preset's, the objective's."""
     if preset == "paper":
-        return {**BASE_COMMON, **METHOD[base], **PAPER}
-    return {**BASE_COMMON, **METHOD[base], **TOY, **TOY_METHOD[base]}
+        return {**BASE_COMMON, **METHOD[base], **PAPER, **OBJECTIVE[equiv_objective]}
+    return {**BASE_COMMON, **METHOD[base], **TOY, **TOY_METHOD[base],
+            **OBJECTIVE[equiv_objective]}
 
 
 # ================================ the method ================================
@@ -179,27 +188,44 @@ def rho(z, g_from, g_to):
     return torch.rot90(z, g_to.k, dims=(-2, -1))
 
 
+def objective(args):
+    """The run's equivariance objective: "ser", an add-on, or "none" (--ser off); old args: SER."""
+    return getattr(args, "equiv_objective", "ser") if args.ser == "on" else "none"
+
+
 def b2_size(local_batch, args):
-    """b2's images per rank (run_pretrain.sh's --equiv-ratio-start); 0 = vanilla."""
-    return round(args.b2_ratio * local_batch) if args.ser == "on" else 0
+    """b2's images per rank (run_pretrain.sh's --equiv-ratio-start); 0 = vanilla or an add-on."""
+    return round(args.b2_ratio * local_batch) if objective(args) == "ser" else 0
 
 
-def make_views(x_a, x_b, args, step):
-    """The step's views (builder/moco.py, MoCo.train_erl_inv) -> ([v1, v2], None) or
-    ([v1, v2, u0, u1], (g_0, g_1)). b1 = the first B - n_b2 images: two independent crops
-    through t1 and t2. b2 = the last n_b2: the SAME crop x_a through t1 and t2, then g_0 and g_1.
-    The random draws keep this order: b1's t1, b1's t2, the flip flags, b2's t1, b2's t2."""
-    B = x_a.shape[0]
+def make_views(crops, args, step):
+    """The step's views (builder/moco.py: MoCo.train_erl_inv; train_erl_local4, train_augself,
+    train_equimod, train_essl) from the loader's crops -> (views, g, aux): b1's query views, then
+    b2's, one each. b1 = the first B - n_b2 images: crops a, b through t1, t2 (AugSelf: its own
+    pipeline), the 2+4 local crops through theirs. b2 = the last n_b2: the SAME crop x_a through
+    t1 and t2, then g = (g_0, g_1); in 2+4 a list of three such pairs, from crop a and local crops
+    1 and 3 (the released images[0], [2], [4]), all through the local pipeline. aux: an add-on's
+    inputs. The draws keep this order: b1's views, per pair its flags and views, an add-on's."""
+    x = dict(zip(crop_names(args), crops))
+    B = x["a"].shape[0]
     n_b2 = b2_size(B, args)
-    views = [normalize(photometric(x_a[:B - n_b2], *PIPELINES[0])),
-             normalize(photometric(x_b[:B - n_b2], *PIPELINES[1]))]
-    if n_b2 == 0:
-        return views, None
-    g = sample_group(n_b2, args.resolution // args.patch, step, args.seed, x_a.device)
-    for g_v, pipeline in zip(g, PIPELINES):
-        u = normalize(photometric(x_a[B - n_b2:], *pipeline))
-        views.append(act_on_images(u, g_v, args.patch))
-    return views, g
+    pipelines = (AUGSELF_PIPELINE,) * 2 if objective(args) == "augself" else PIPELINES
+    records = ({}, {})                                  # each view's photometric draws
+    views = [normalize(photometric(x[name][:B - n_b2], *pipeline, record=record))
+             for name, pipeline, record in zip("ab", pipelines, records)]
+    local = [x[f"local{i}"] for i in range(1, args.local_crops + 1)]
+    views += [normalize(photometric(crop[:B - n_b2], *LOCAL_PIPELINE)) for crop in local]
+    pairs = []
+    for p, source in enumerate([x["a"], *local[0::2]] if n_b2 else []):
+        # Pair p's own draws: seed + p 2^31 (p = 0: the 2-view draws), beyond every --seed.
+        g = sample_group(n_b2, source.shape[-1] // args.patch, step, args.seed + (p << 31),
+                         source.device)
+        for g_v, pipeline in zip(g, (LOCAL_PIPELINE,) * 2 if local else PIPELINES):
+            u = normalize(photometric(source[B - n_b2:], *pipeline))
+            views.append(act_on_images(u, g_v, args.patch))
+        pairs.append(g)
+    g = (pairs if local else pairs[0]) if pairs else None
+    return views, g, addon_inputs(x, records, args)
 
 
 # ---- the token loss L_equiv (builder/moco.py, MoCo.equiv) ----
@@ -270,6 +296,148 @@ def equivariance_loss(proj, maps, targets, g, tau, negatives="target"):
     return 0.5 * (loss_0_to_1 + loss_1_to_0)
 
 
+# ---- the compared add-ons (builder/moco.py's augself, equimod, essl modes) and the 2+4 views ----
+# An add-on's loss takes L_equiv's place (L = L_inv + lambda L_addon, whole batch, no b2) and reads
+# one feature per view: the final [CLS] (the published baselines) or, decoupled (--ser-layer L <
+# --depth), norm_equiv(the [CLS] after block L), [CLS] joining at the input: the augself branch's
+# vision_transformer.py :: forward_baseline. Not a delayed-[CLS] token map as SER reads. Decoupled
+# EquiMod and E-SSL have no released code: same recipe. The released AugSelf and EquiMod are
+# MoCo-v3 only (DINO, Barlow Twins: empty stubs); here every base runs them. STL (MoCo.stl) is
+# left out: it needs image pairs sharing one crop and jitter draw (another loader) and a 19 M-
+# parameter hypernetwork (builder/utils.py :: EquiTrans), beyond this section's budget.
+def addon_feature(out):
+    """A student output ([CLS], layer-L feature or None) -> the add-on's feature of the view."""
+    return out[0] if out[1] is None else out[1]
+
+
+# AugSelf (Lee et al. 2021, https://arxiv.org/abs/2111.09613, Sec. 3; augself branch:
+# builder/utils.py :: SSObjective, extract_diff, load_ss_predictor; builder/moco.py ::
+# MoCo.augself): predict the difference of two views' augmentation parameters from their features.
+# Deviation: the targets are our jitter's (fixed order, YIQ hue: color_jitter); the flip is drawn
+# in the loader, not on the GPU (same targets); lambda scales the released sum (1: the same).
+def augself_targets(box1, box2, record1, record2):
+    """The ordered pair (1, 2)'s targets (extract_diff): crop = box 1 - box 2 as (centre y,
+    centre x, height, width) in image fractions, both centres mirrored if VIEW 1 is flipped (as
+    the original AugSelf); color = w_1 - w_2, w = the jitter's codes (_extract_w)."""
+    codes = []
+    for box, record in ((box1, record1), (box2, record2)):
+        centre_x = box[:, 1] + box[:, 3] / 2
+        centre_x = torch.where(box1[:, 4] > 0.5, 1 - centre_x, centre_x)
+        crop = torch.stack([box[:, 0] + box[:, 2] / 2, centre_x, box[:, 2], box[:, 3]], 1)
+        codes.append(torch.cat([crop, record["jitter_w"]], 1))
+    diff = codes[0] - codes[1]
+    return {"crop": diff[:, :4], "color": diff[:, 4:]}
+
+
+def augself_heads(args):
+    """Per parameter of positive weight: [f_1, f_2] -> 512 -> 512 -> 4, (bias-free Linear, BN,
+    ReLU) twice, a Linear with bias (load_mlp_augself; PyTorch's init: reset_parameters_augself)"""
+    weights = {"crop": args.augself_crop, "color": args.augself_color}
+    return nn.ModuleDict({name: nn.Sequential(*mlp([2 * args.dim, 512, 512]), nn.BatchNorm1d(512),
+                                              nn.ReLU(inplace=True), nn.Linear(512, 4))
+                          for name, weight in weights.items() if weight > 0})
+
+
+def augself_loss(heads, f1, f2, targets, args):
+    """sum_k w_k MSE(tanh(head_k([f1, f2; f2, f1])), [d_k(1, 2); d_k(2, 1)]), k = crop, color
+    (SSObjective, symmetric); a per-rank mean."""
+    pairs = torch.cat([torch.cat([f1, f2], 1), torch.cat([f2, f1], 1)])
+    loss = 0.0
+    for name, head in heads.items():
+        out = head(pairs)
+        with autocast_off(out):
+            mse = F.mse_loss(torch.tanh(out.float()), targets[name])
+            loss = loss + getattr(args, f"augself_{name}") * mse
+    return loss
+
+
+# EquiMod (Devillers & Lefort 2023, https://arxiv.org/abs/2211.01244, Sec. 3; builder/moco.py ::
+# MoCo.equimod, train_equimod; loader/equimod.py): from the untransformed view's embedding and the
+# augmentation's parameters, predict the augmented view's embedding, trained with InfoNCE.
+def equimod_params(box, record):
+    """(B, 14): the crop box (top, left, height, width, flip), jitter applied and its 4 codes (0
+    without), grayscale, blur applied and its sigma (0 without), solarised.
+    Deviation: the released vector is 18-d: + the jitter's random order (ours has none); the box
+    in pixels; raw factors, (1, 1, 1, 0) without jitter (per column an affine map of our codes)."""
+    keys = ("jitter", "jitter_w", "gray", "blur", "sigma", "solarize")
+    return torch.cat([box] + [record[k] for k in keys], 1)
+
+
+def equimod_heads(args, y=128, n_params=14):
+    """project: D -> D -> D -> 128 (projector_equiv = mlp(last_bn=True)); embed: p -> 128
+    (proj_head_t: Linear, BN); predict: [y_0, embed(p)] -> 128 (predictor_eq: Linear, BN).
+    Deviation: p is standardised by an affine-free BN, not by the released fixed ImageNet
+    estimates (p_mean, p_std), which other data and crop sizes would miss."""
+    return nn.ModuleDict({
+        "project": mlp([args.dim, args.dim, args.dim, y], last_bn=True),
+        "embed": nn.Sequential(nn.BatchNorm1d(n_params, affine=False),
+                               nn.Linear(n_params, y, bias=False), nn.BatchNorm1d(y)),
+        "predict": nn.Sequential(nn.Linear(2 * y, y, bias=False), nn.BatchNorm1d(y, affine=False))})
+
+
+def equimod_loss(heads, f_centre, f_views, params, tau):
+    """1/2 [NCE(y_t, y_hat) + NCE(y_hat, y_t)] over both views' rows: y_t = project(f_t), a call
+    per view (its own BN statistics), y_hat = predict([project(f_centre), embed(p_t)]). NCE =
+    moco_infonce over the global batch, the keys detached: contrastive_loss_temp's all-gather
+    carries no gradient."""
+    y_t = torch.cat([heads["project"](f) for f in f_views])
+    y_0 = heads["project"](f_centre).repeat(2, 1)
+    y_hat = heads["predict"](torch.cat([y_0, heads["embed"](params)], 1))
+    return 0.5 * (moco_infonce(y_t, y_hat.detach(), tau) + moco_infonce(y_hat, y_t.detach(), tau))
+
+
+# E-SSL (Dangovski et al. 2022, https://arxiv.org/abs/2111.00899, Sec. 3; builder/moco.py ::
+# train_essl, MoCo.forward_essl; loader/essl.py): predict which of 4 rotations an extra small crop
+# went through, cross-entropy (a per-rank mean); its "2+4" views are the two views and the 4
+# rotated copies. With --local-crops 4 it also runs in the 2+4 views (no released mode does).
+def four_rotations(x):
+    """(n, ...) -> ([x, rot90 x, rot180 x, rot270 x] (4 n, ...), labels 0.., 1.., 2.., 3..), the
+    released train_essl's flips and transposes (counter-clockwise quarter turns)."""
+    rotated = torch.cat([torch.rot90(x, k, dims=(-2, -1)) for k in range(4)])
+    return rotated, torch.arange(4, device=x.device).repeat_interleave(x.shape[0])
+
+
+def rotation_head(args):
+    """D -> D -> D -> 256 -> 4 with LayerNorms (the essl mode's projector_equiv)."""
+    D = args.dim
+    return nn.Sequential(nn.Linear(D, D), nn.LayerNorm(D), nn.ReLU(inplace=True), nn.Linear(D, D),
+                         nn.LayerNorm(D), nn.ReLU(inplace=True), nn.Linear(D, 256),
+                         nn.LayerNorm(256), nn.Linear(256, 4))
+
+
+def addon_inputs(x, records, args):
+    """An add-on's inputs besides the two views: AugSelf's targets of both orders, EquiMod's
+    untransformed view and parameters, E-SSL's rotated crops and labels."""
+    if objective(args) == "augself":
+        d12 = augself_targets(x["box_a"], x["box_b"], *records)
+        d21 = augself_targets(x["box_b"], x["box_a"], *records[::-1])
+        return {k: torch.cat([d12[k], d21[k]]) for k in d12}
+    if objective(args) == "equimod":
+        params = [equimod_params(x[box], rec) for box, rec in zip(("box_a", "box_b"), records)]
+        return {"centre": normalize(x["centre"]), "params": torch.cat(params)}
+    if objective(args) == "essl":
+        return four_rotations(normalize(photometric(x["rotate"], *ROTATE_PIPELINE)))
+    return None
+
+
+# The 2+4 views (MoCo-v3; builder/moco.py :: MoCo.inv_local4, MoCo.erl_local4; loader/local4.py).
+def multi_view_infonce(queries, keys, tau):
+    """sum_i sum_{j != i} InfoNCE(q_i, k_j) over the query views i and the two global keys j: 10
+    terms in 2+4, summed as released; with 2 views, MoCo-v3's symmetrised loss."""
+    return sum(moco_infonce(q, k, tau) for i, q in enumerate(queries)
+               for j, k in enumerate(keys) if i != j)
+
+
+def local_pair_loss(proj, map_0, map_1, g, tau):
+    """One 2+4 SER pair: the paper's 2N-way token NT-Xent on the STUDENT's maps, view 1's moved
+    into view 0's frame; every token of both maps an anchor, other images' tokens the negatives.
+    Deviation: the released erl_local4 reads bs (a view's token count) from the b2 image count,
+    misplacing its positives, masks and normaliser, and gathers without gradient; this is its
+    evident intent, the paper's equation, with gradients."""
+    a, b = proj(map_0), rho(proj(map_1), g[1], g[0])
+    return 0.5 * (token_nce(a, b, tau, "both") + token_nce(b, a, tau, "both"))
+
+
 # ---- the ViT with delayed [CLS] (vision_transformer.py, VisionTransformer) ----
 class Block(nn.Module):
     """Pre-norm transformer block (Dosovitskiy et al. 2021): x + Attn(LN(x)), then x + MLP(LN(x));
@@ -309,7 +477,8 @@ class ViT(nn.Module):
     """ViT with delayed [CLS]. cls_at = the blocks that run before [CLS] joins: L with SER
     (blocks 1..L see patch tokens only; [CLS] has no position embedding), 0 = vanilla. A separate
     LayerNorm norm_equiv reads the layer-L patch map for L_equiv only; the un-normalised stream
-    goes on (the released forward_equiv). Training and evaluation use the same forward."""
+    goes on (the released forward_equiv). With [CLS] at the input and a loss layer (a decoupled
+    add-on) it reads the layer-L [CLS] instead. Training and evaluation use the same forward."""
 
     def __init__(self, resolution, patch, dim, depth, heads, cls_at, loss_layer=0, drop_path=0.0):
         super().__init__()
@@ -370,8 +539,8 @@ class ViT(nn.Module):
         return tokens.flatten(2).transpose(1, 2) + pos, (h, w)
 
     def forward(self, x, every_block=False):
-        """-> (final-norm [CLS] (B, D), the loss map norm_equiv(f1(x)) (B, D, h, w) or None),
-        and with every_block also the list of every block's output tokens."""
+        """-> (final-norm [CLS] (B, D), the loss map norm_equiv(f1(x)) (B, D, h, w), an add-on's
+        (B, D) or None), and with every_block also the list of every block's output tokens."""
         tokens, (h, w) = self.patch_tokens(x)
         B = tokens.shape[0]
         loss_map = None
@@ -383,7 +552,9 @@ class ViT(nn.Module):
                     cls = cls + self.cls_pos
                 tokens = torch.cat([cls.expand(B, -1, -1), tokens], dim=1)
             tokens = block(tokens)
-            if i + 1 == self.loss_layer:                # f1(x): layer-L patch tokens, their own LN
+            if i + 1 == self.loss_layer and self.cls_at == 0:   # a decoupled add-on's feature:
+                loss_map = self.norm_equiv(tokens[:, 0])        # the layer-L [CLS], its own LN
+            elif i + 1 == self.loss_layer:              # f1(x): layer-L patch tokens, their own LN
                 patch_only = tokens[:, int(i >= self.cls_at):]
                 loss_map = self.norm_equiv(patch_only).transpose(1, 2).reshape(B, -1, h, w)
             if every_block:
@@ -500,8 +671,8 @@ def barlow_twins_loss(z1, z2, lam):
 # ---- the model: everything one step computes ----
 class SER(nn.Module):
     """The student ViT, the base method's head(s), the 1x1 token projector h (the released
-    projector_equiv), the EMA teacher (MoCo-v3, DINO), DINO's centre and an online linear probe
-    on the detached [CLS]. forward() is a step's whole loss: DDP sees one forward."""
+    projector_equiv) or an add-on's head, the EMA teacher (MoCo-v3, DINO), DINO's centre, a linear
+    probe on the detached [CLS]. forward() is a step's whole loss: DDP sees one forward."""
 
     def __init__(self, args):
         super().__init__()
@@ -520,10 +691,12 @@ class SER(nn.Module):
         else:
             self.head = mlp([D, hidden, hidden, out])
         self.token_proj = None
-        if args.ser == "on":                            # h = Conv1x1 D->E, GELU, Conv1x1 E->E
+        if objective(args) == "ser":                    # h = Conv1x1 D->E, GELU, Conv1x1 E->E
             E = args.token_dim
             self.token_proj = nn.Sequential(nn.Conv2d(D, E, 1, bias=False), nn.GELU(),
                                             nn.Conv2d(E, E, 1, bias=False))
+        heads = {"augself": augself_heads, "equimod": equimod_heads, "essl": rotation_head}
+        self.addon_head = heads[objective(args)](args) if objective(args) in heads else None
         self.probe = nn.Linear(D, getattr(args, "num_classes", 1000))
         self.teacher, self.teacher_head = None, None
         if args.base in ("moco", "dino"):               # EMA teacher, without stochastic depth
@@ -535,12 +708,14 @@ class SER(nn.Module):
 
     def make_vit(self, drop_path):
         """The ViT of this run (student or teacher): [CLS] joins after block L with SER, at the
-        input without.
+        input without it or with an add-on, which reads block L's [CLS] if L < depth.
         Deviation: with L = depth, [CLS] joins before the last block (none would be left)."""
         args = self.args
         cls_at, loss_layer = 0, 0
-        if args.ser == "on":
+        if objective(args) == "ser":
             cls_at = min(args.ser_layer, args.depth - 1)
+            loss_layer = args.ser_layer
+        elif objective(args) != "none" and args.ser_layer < args.depth:
             loss_layer = args.ser_layer
         return ViT(args.resolution, args.patch, args.dim, args.depth, args.heads, cls_at,
                    loss_layer, drop_path)
@@ -560,50 +735,69 @@ class SER(nn.Module):
                 for block in vit.blocks:
                     block.compile(*args, **kwargs)
 
-    def forward(self, views, g, labels, sched):
-        """views = [v1, v2] (b1), + [u0, u1] (b2) with SER: even = view A, odd = view B of each
-        image; g = (g_0, g_1). Both sub-batches feed the invariance loss (as the released code),
-        b2 alone L_equiv. sched: this step's schedule values (DINO's teacher temperature).
+    def forward(self, views, g, labels, sched, aux=None):
+        """views = b1's query views (v1, v2; in 2+4 then the four local ones), then with SER b2's,
+        one per query view (make_views); g: b2's group elements; aux: an add-on's inputs. Every
+        query view's [CLS] (b1 and b2) meets both global keys in L_inv (as the released code), b2
+        alone L_equiv. sched: this step's schedule values (DINO's teacher temperature).
         -> (total loss, detached loss terms, the probe's device-side counts)."""
         args = self.args
+        n = 2 + args.local_crops                        # query views
         student_out = [self.student(v) for v in views]  # ([CLS], layer-L map) per view
-        cls_a = torch.cat([out[0] for out in student_out[0::2]])     # (B, D), b1 then b2
-        cls_b = torch.cat([out[0] for out in student_out[1::2]])
+        cls = [torch.cat([out[0] for out in student_out[i::n]]) for i in range(n)]  # b1, then b2
         teacher_out = None
-        if self.teacher is not None:
+        if self.teacher is not None:                    # the keys: the global views 0 and 1
             with torch.no_grad():
-                teacher_out = [self.teacher(v) for v in views]
-                key_a = self.teacher_head(torch.cat([out[0] for out in teacher_out[0::2]]))
-                key_b = self.teacher_head(torch.cat([out[0] for out in teacher_out[1::2]]))
+                teacher_out = [self.teacher(v) for v in views[:2] + views[n:n + 2]]
+                keys = [self.teacher_head(torch.cat([out[0] for out in teacher_out[i::2]]))
+                        for i in range(2)]
         if args.base == "moco":                         # symmetrised InfoNCE (MoCo-v3 Alg. 1)
-            query_a = self.predictor(self.head(cls_a))
-            query_b = self.predictor(self.head(cls_b))
-            inv = (moco_infonce(query_a, key_b, args.moco_tau)
-                   + moco_infonce(query_b, key_a, args.moco_tau))
+            queries = [self.predictor(self.head(c)) for c in cls]
+            inv = multi_view_infonce(queries, keys, args.moco_tau)
         elif args.base == "dino":
-            inv = dino_loss(self.head(cls_a), self.head(cls_b), key_a, key_b, self.center,
+            inv = dino_loss(self.head(cls[0]), self.head(cls[1]), *keys, self.center,
                             args.student_temp, sched["teacher_temp"])
-            self.update_center(torch.cat([key_a, key_b]))
+            self.update_center(torch.cat(keys))
         else:
-            inv = barlow_twins_loss(self.head(cls_a), self.head(cls_b), args.bt_lambda)
+            inv = barlow_twins_loss(self.head(cls[0]), self.head(cls[1]), args.bt_lambda)
         terms = {"inv": inv.detach()}
         loss = inv
-        if len(views) == 4:                             # L = L_inv + lambda L_equiv
-            maps = (student_out[2][1], student_out[3][1])
-            targets = None                              # Barlow Twins: the student's own maps
-            if teacher_out is not None:
-                targets = (teacher_out[2][1], teacher_out[3][1])
-            equiv = equivariance_loss(self.token_proj, maps, targets, g, args.ser_tau,
-                                      args.ser_negatives)
+        if g is not None or aux is not None:            # L = L_inv + lambda (L_equiv or L_addon)
+            equiv = (self.ser_loss(student_out, teacher_out, g) if aux is None
+                     else self.addon_loss(student_out, aux))
             loss = loss + args.ser_lambda * equiv       # lambda = 0: computed and logged only
             terms["equiv"] = equiv.detach()
         # The online monitor: a linear probe on the detached [CLS], nothing reaches the ViT.
-        logits = self.probe(cls_a.detach().float())
+        logits = self.probe(cls[0].detach().float())
         probe_loss = F.cross_entropy(logits, labels)
         terms["probe"] = probe_loss.detach()
         sums = {"probe_correct": (logits.argmax(1) == labels).sum().float(),
                 "images": logits.new_full((), labels.shape[0])}
         return loss + probe_loss, terms, sums
+
+    def ser_loss(self, student_out, teacher_out, g):
+        """L_equiv on b2's layer-L maps, the teacher's as targets (MoCo.equiv; Barlow Twins: the
+        student's); in 2+4 the sum of local_pair_loss over the three pairs (MoCo.erl_local4)."""
+        args = self.args
+        maps = [out[1] for out in student_out[2 + args.local_crops:]]    # pair by pair
+        if args.local_crops:
+            return sum(local_pair_loss(self.token_proj, *maps[2 * p:2 * p + 2], g_p, args.ser_tau)
+                       for p, g_p in enumerate(g))
+        targets = None if teacher_out is None else [out[1] for out in teacher_out[2:]]
+        return equivariance_loss(self.token_proj, maps, targets, g, args.ser_tau,
+                                 args.ser_negatives)
+
+    def addon_loss(self, student_out, aux):
+        """An add-on's loss on the student's features (addon_feature) of the whole batch."""
+        args, features = self.args, [addon_feature(out) for out in student_out[:2]]
+        if args.equiv_objective == "augself":
+            return augself_loss(self.addon_head, *features, aux, args)
+        if args.equiv_objective == "equimod":           # the third view: the untransformed one
+            centre = addon_feature(self.student(aux["centre"]))
+            return equimod_loss(self.addon_head, centre, features, aux["params"], args.ser_tau)
+        rotated, labels = aux                           # E-SSL
+        logits = self.addon_head(addon_feature(self.student(rotated)))
+        return F.cross_entropy(logits.float(), labels)
 
     @torch.no_grad()
     def update_center(self, teacher_out):
@@ -664,17 +858,17 @@ def schedule(step, args, steps_per_epoch):
 
 
 def train_step(model, batch, optimizer, scaler, args, step=0, steps_per_epoch=1):
-    """One optimisation step on a device batch (x_a, x_b, labels): the schedules, the views,
+    """One optimisation step on a device batch (*crops, labels): the schedules, the views,
     forward, backward, DINO's per-parameter clipping and frozen last layer, AdamW, the teacher
     EMA. Returns (loss terms, probe counts), device tensors only: no host sync in the step."""
     sched = schedule(step, args, steps_per_epoch)
     for param_group in optimizer.param_groups:
         param_group["lr"] = sched["lr"]
         param_group["weight_decay"] = sched["wd"] if param_group["apply_wd"] else 0.0
-    x_a, x_b, labels = batch
-    views, g = make_views(x_a, x_b, args, step)
-    with autocast(args, x_a.device):
-        loss, terms, sums = model(views, g, labels, sched)
+    *crops, labels = batch
+    views, g, aux = make_views(crops, args, step)
+    with autocast(args, labels.device):
+        loss, terms, sums = model(views, g, labels, sched, aux)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     core = model.module if isinstance(model, DistributedDataParallel) else model
@@ -699,17 +893,17 @@ def monitor_metrics(sums):
 
 # ---- what the harness and eval.py need from this method ----
 def make_dataset(args, root):
-    """The ImageFolder train split, two crops per image -> (dataset, None). Sets
+    """The ImageFolder train split, the crops of crop_names per image -> (dataset, None). Sets
     args.num_classes (the probe's width) from the data, on every rank."""
-    dataset = data.ImageFolder(root, "train", transform=TwoCrops(args))
+    dataset = data.ImageFolder(root, "train", transform=Crops(args))
     args.num_classes = len(dataset.classes)
     return dataset, None
 
 
 def to_device(batch, device, args):
-    """((x_a, x_b), labels) from the loader -> (x_a, x_b, labels) on the device, x in [0, 1]."""
-    (x_a, x_b), labels = batch
-    return tuple(t.to(device, non_blocking=True) for t in (x_a, x_b, labels))
+    """(crops, labels) from the loader -> (*crops, labels) on the device, images in [0, 1]."""
+    crops, labels = batch
+    return tuple(t.to(device, non_blocking=True) for t in (*crops, labels))
 
 
 build_model = SER          # the whole training model from (saved) args; eval.py rebuilds it so
@@ -734,20 +928,56 @@ def probeable(model, args):
     return eval.Probeable(backbone=LastBlocksCLS(vit), token_maps=vit.block_maps, parts=parts)
 
 
-# ---- the augmentation pipelines (loader/inv.py; builder/utils.py, Aug_equi) ----
-class TwoCrops:
-    """Two independent RandomResizedCrop + horizontal-flip crops of one image as [0, 1] tensors
-    (the loader's CPU work); the photometric ops run later, on the device batch."""
+# ---- the augmentation pipelines (loader/*.py; builder/utils.py, Aug_equi) ----
+LOCAL_SIDE, LOCAL_SCALE, ROTATE_SCALE = 96 / 224, (0.05, 0.25), (0.05, 0.14)   # local4.py, essl.py
+
+
+def crop_names(args):
+    """What one loader item holds, in order: crops a and b, their boxes (AugSelf, EquiMod),
+    EquiMod's untransformed view, E-SSL's crop to rotate, the 2+4 local crops."""
+    names = ["a", "b"] + ["box_a", "box_b"] * (objective(args) in ("augself", "equimod"))
+    names += {"equimod": ["centre"], "essl": ["rotate"]}.get(objective(args), [])
+    return names + [f"local{i}" for i in range(1, args.local_crops + 1)]
+
+
+def local_side(args):
+    """The local crops' side: 96 px at 224 (the released loaders), whole patches, at least 2.
+    Deviation (toy): 12 px at 32, a 3 x 3 token grid."""
+    return args.patch * max(2, round(args.resolution * LOCAL_SIDE / args.patch))
+
+
+class Crops:
+    """One image's crops in crop_names order, [0, 1] tensors (the photometric ops run later, on
+    the device batch): a and b = RandomResizedCrop + hflip (loader/inv.py), their boxes (top, left,
+    height, width as image fractions, the flip: the AugSelf loader's), EquiMod's centre view =
+    Resize(256/224 S) + CenterCrop(S) (loader/equimod.py), E-SSL's and the local crops bilinear."""
 
     def __init__(self, args):
-        interp = getattr(transforms.InterpolationMode, args.interp.upper())
-        crop = transforms.RandomResizedCrop(args.resolution, scale=(args.crop_min, 1.0),
-                                            interpolation=interp)
-        self.transform = transforms.Compose([crop, transforms.RandomHorizontalFlip(),
-                                             transforms.ToTensor()])
+        self.args, self.names = args, crop_names(args)
+        self.centre = transforms.Compose([transforms.Resize(round(args.resolution * 256 / 224)),
+                                          transforms.CenterCrop(args.resolution),
+                                          transforms.ToTensor()])
+
+    def crop(self, image, name):
+        """RandomResizedCrop, then the flip coin: Compose([it, RandomHorizontalFlip])'s draws."""
+        args, size, interp = self.args, local_side(self.args), "bilinear"
+        scale = ROTATE_SCALE if name == "rotate" else LOCAL_SCALE
+        if name in ("a", "b"):
+            size, interp, scale = args.resolution, args.interp, (args.crop_min, 1.0)
+        top, left, h, w = transforms.RandomResizedCrop.get_params(image, scale, (3 / 4, 4 / 3))
+        mode = getattr(transforms.InterpolationMode, interp.upper())
+        out = transforms.functional.resized_crop(image, top, left, h, w, [size, size], mode)
+        flip = bool(torch.rand(1) < 0.5)
+        box = [top / image.height, left / image.width, h / image.height, w / image.width, flip]
+        out = transforms.functional.hflip(out) if flip else out
+        return transforms.functional.to_tensor(out), torch.tensor(box, dtype=torch.float32)
 
     def __call__(self, image):
-        return self.transform(image), self.transform(image)
+        made = {"centre": self.centre(image)} if "centre" in self.names else {}
+        for name in self.names:
+            if name not in made and not name.startswith("box"):
+                made[name], made["box_" + name] = self.crop(image, name)
+        return tuple(made[name] for name in self.names)
 
 
 def grayscale(x):
@@ -763,17 +993,24 @@ def random_factors(batch, strength, device):
     return 1 + strength * (2 * torch.rand(batch, 1, 1, 1, device=device) - 1)
 
 
-def color_jitter(x, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1):
-    """ColorJitter(0.4, 0.4, 0.2, 0.1) with per-image factors, on the batch.
+def color_jitter(x, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, record=None):
+    """ColorJitter(0.4, 0.4, 0.2, 0.1) with per-image factors, on the batch; record (a dict) gets
+    the factors' codes jitter_w (B, 4) = (factor - 1) / (max - min), hue in turns (AugSelf's).
     Deviation: a fixed order instead of a random one, and hue rotates the chroma plane in YIQ
     space instead of shifting the HSV hue (one batched matrix per image, no per-pixel branches)."""
     batch, device = x.shape[0], x.device
-    x = (x * random_factors(batch, brightness, device)).clamp(0, 1)
+    factors = [random_factors(batch, v, device) for v in (brightness, contrast, saturation)]
+    x = (x * factors[0]).clamp(0, 1)
     mean = grayscale(x).mean((1, 2, 3), keepdim=True)
-    x = ((x - mean) * random_factors(batch, contrast, device) + mean).clamp(0, 1)
+    x = ((x - mean) * factors[1] + mean).clamp(0, 1)
     gray = grayscale(x)
-    x = ((x - gray) * random_factors(batch, saturation, device) + gray).clamp(0, 1)
-    theta = 2 * math.pi * hue * (2 * torch.rand(batch, device=device) - 1)
+    x = ((x - gray) * factors[2] + gray).clamp(0, 1)
+    turn = 2 * torch.rand(batch, device=device) - 1
+    theta = 2 * math.pi * hue * turn
+    if record is not None:
+        strengths = (brightness, contrast, saturation)
+        record["jitter_w"] = torch.cat([(f.view(batch, 1) - 1) / (2 * v) for f, v in
+                                        zip(factors, strengths)] + [turn.view(batch, 1) / 2], 1)
     cos, sin = theta.cos(), theta.sin()
     one, zero = torch.ones_like(theta), torch.zeros_like(theta)
     rotation = torch.stack([one, zero, zero, zero, cos, -sin, zero, sin, cos], 1).view(batch, 3, 3)
@@ -787,6 +1024,7 @@ def color_jitter(x, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1):
 def gaussian_blur(x, sigma, k=9):
     """Per-image Gaussian blur, k x k kernel, std sigma (B,); separable, reflect padding."""
     B, C, H, W = x.shape
+    k = min(k, 2 * ((min(H, W) - 1) // 2) + 1)      # reflect padding needs k // 2 < the side
     offsets = torch.arange(k, device=x.device, dtype=x.dtype) - k // 2
     kernel = torch.exp(-offsets ** 2 / (2 * sigma[:, None] ** 2))
     kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(C, 0)     # (B C, k)
@@ -809,22 +1047,35 @@ def coin(p, batch, device):
     return torch.rand(batch, 1, 1, 1, device=device) < p
 
 
-def photometric(x, blur_p, solarize_p):
+def photometric(x, blur_p, solarize_p, gray_p=0.2, saturation=0.2, blur_k=9, record=None):
     """BYOL's asymmetric pipelines (Grill et al. 2020, Tab. 6), as the released Aug_equi: jitter
-    p 0.8, grayscale p 0.2, Gaussian blur (k 9, sigma ~ U(0.1, 2)) p blur_p, solarise (random
-    threshold) p solarize_p; every coin per image. Each coin is drawn before the op it gates."""
+    p 0.8, grayscale p gray_p, Gaussian blur (k blur_k, sigma ~ U(0.1, 2)) p blur_p, solarise
+    (random threshold) p solarize_p; every coin per image. Each coin is drawn before the op it
+    gates. record (a dict) gets the applied parameters, (B, 1) or (B, 4), 0 where no op ran."""
     batch, device = x.shape[0], x.device
-    x = torch.where(coin(0.8, batch, device), color_jitter(x), x)
-    x = torch.where(coin(0.2, batch, device), grayscale(x).expand_as(x), x)
+    jitter = coin(0.8, batch, device)
+    x = torch.where(jitter, color_jitter(x, saturation=saturation, record=record), x)
+    gray = coin(gray_p, batch, device)
+    x = torch.where(gray, grayscale(x).expand_as(x), x)
     blur = coin(blur_p, batch, device)
     sigma = 0.1 + 1.9 * torch.rand(batch, device=device)
-    x = torch.where(blur, gaussian_blur(x, sigma), x)
-    if not solarize_p:
-        return x
-    return torch.where(coin(solarize_p, batch, device), solarize(x), x)
+    x = torch.where(blur, gaussian_blur(x, sigma, blur_k), x)
+    solar = torch.zeros_like(blur)
+    if solarize_p:
+        solar = coin(solarize_p, batch, device)
+        x = torch.where(solar, solarize(x), x)
+    if record is not None:
+        flags = {"jitter": jitter, "gray": gray, "blur": blur, "solarize": solar}
+        record.update({k: v.view(batch, 1).float() for k, v in flags.items()})
+        record.update(jitter_w=record["jitter_w"] * record["jitter"],
+                      sigma=sigma.view(batch, 1) * record["blur"])
+    return x
 
 
 PIPELINES = ((1.0, 0.0), (0.1, 0.2))     # t1, t2 as (blur p, solarise p)
+# + (gray p, saturation, blur kernel): loader/local4.py :: inv_local, Aug_equi.inv_rotate (E-SSL),
+# AugSelf's own on both views (augself branch, builder/utils.py :: load_equiv_aug_augself).
+LOCAL_PIPELINE, ROTATE_PIPELINE, AUGSELF_PIPELINE = (0.5, 0, 0), (0.1, 0), (0.5, 0, 0.2, 0.4, 23)
 
 
 def normalize(x):
@@ -885,7 +1136,8 @@ def parse_args(argv=None):
     flags = p.add_argument_group("SER")
     flags.add_argument("--ser", choices=("on", "off"), default="on", help="off: the vanilla base")
     flags.add_argument("--ser-layer", type=POSITIVE_INT,
-                       help="block L whose tokens get L_equiv; [CLS] joins after it (paper 3)")
+                       help="block L whose tokens get L_equiv; [CLS] joins after it (paper 3); "
+                            "an add-on reads block L's [CLS] (default: the last block)")
     flags.add_argument("--ser-lambda", type=NONNEGATIVE, help="weight of L_equiv (0: logged only)")
     flags.add_argument("--ser-tau", type=POSITIVE, help="token NT-Xent temperature")
     flags.add_argument("--ser-negatives", choices=("target", "both"), default="target",
@@ -893,6 +1145,14 @@ def parse_args(argv=None):
                             "both: also their anchor tokens (the paper's equation)")
     flags.add_argument("--b2-ratio", type=SHARE, help="b2's share of each per-rank batch")
     flags.add_argument("--token-dim", type=POSITIVE_INT, help="token projector width (paper 512)")
+    flags = p.add_argument_group("compared add-ons and views (the released code's other modes)")
+    flags.add_argument("--equiv-objective", choices=tuple(OBJECTIVE), default="ser",
+                       help="with --ser on: SER, or an add-on in its place on the same ViT "
+                            "(--ser-layer < --depth: layer-decoupled)")
+    flags.add_argument("--augself-crop", type=NONNEGATIVE, default=0.5, help="AugSelf: crop weight")
+    flags.add_argument("--augself-color", type=NONNEGATIVE, default=0.5, help="AugSelf: jitter")
+    flags.add_argument("--local-crops", type=int, choices=(0, 4), default=0,
+                       help="4: the 2+4 views (moco; with SER, E-SSL or --ser off)")
     flags = p.add_argument_group("optimisation (released run_pretrain.sh)")
     flags.add_argument("--epochs", type=POSITIVE_INT, help="pretraining epochs (paper 100)")
     flags.add_argument("--warmup-epochs", type=COUNT, help="linear lr warm-up (paper 10)")
@@ -919,8 +1179,17 @@ def parse_args(argv=None):
     # every add_argument, whose own default= would otherwise win over the preset.
     argv = sys.argv[1:] if argv is None else argv
     known = p.parse_known_args([a for a in argv if a not in ("-h", "--help")])[0]
-    p.set_defaults(**preset_defaults(known.preset, known.base))
+    p.set_defaults(**preset_defaults(known.preset, known.base, known.equiv_objective))
     args = p.parse_args(argv)
+    if args.equiv_objective != "ser" and args.ser == "off":
+        p.error(f"argument --equiv-objective: {args.equiv_objective} takes SER's place; --ser off "
+                f"trains the base alone")
+    args.ser_layer = args.ser_layer or args.depth       # an add-on's preset 0: the last block
+    if args.local_crops and (args.base != "moco" or objective(args) in ("augself", "equimod")):
+        p.error("argument --local-crops: the 2+4 views are for --base moco with SER, E-SSL or "
+                "--ser off (the released erl_local4, inv_local4)")
+    if args.equiv_objective == "augself" and args.augself_crop == args.augself_color == 0:
+        p.error("argument --augself-crop: 0 with --augself-color 0 leaves AugSelf nothing to do")
     if args.drop_path == 1:
         p.error("argument --drop-path: 1 would divide by 1 - p = 0 (stochastic depth)")
     if args.b2_ratio == 1:
@@ -941,7 +1210,7 @@ def parse_args(argv=None):
                 f"processes (--batch-size is the global batch)")
     local_batch = args.batch_size // world
     b2 = b2_size(local_batch, args)
-    if args.ser == "on" and not 2 <= b2 < local_batch:
+    if objective(args) == "ser" and not 2 <= b2 < local_batch:
         p.error(f"--b2-ratio {args.b2_ratio} gives {b2} of {local_batch} images per rank to b2; "
                 f"L_equiv needs >= 2 (other images are its negatives) and b1 >= 1 (change "
                 f"--b2-ratio or --batch-size)")
@@ -954,15 +1223,20 @@ def parse_args(argv=None):
 
 
 def run_tags(args):
-    """The run's tags, one run dir per README row: vanilla, L and lambda off the preset, seed."""
+    """The run's tags, one run dir per README row: vanilla or add-on, L, lambda off the preset, 2+4,
+    seed."""
     tags = []
     if args.ser == "off":
         tags.append("vanilla")
     else:
-        defaults = preset_defaults(args.preset, args.base)
+        defaults = preset_defaults(args.preset, args.base, args.equiv_objective)
+        defaults["ser_layer"] = defaults["ser_layer"] or args.depth
+        tags += [args.equiv_objective] if args.equiv_objective != "ser" else []
         for tag, key in (("L", "ser_layer"), ("lam", "ser_lambda")):
             if getattr(args, key) != defaults[key]:
                 tags.append(f"{tag}{getattr(args, key):g}")
+    if args.local_crops:
+        tags.append(f"local{args.local_crops}")
     if args.seed:
         tags.append(f"s{args.seed}")
     return tags

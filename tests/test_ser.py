@@ -2,7 +2,9 @@
 explicit log-softmax, where L_equiv's gradient goes, delayed-[CLS] order, exact token grids, the
 released recipe's heads, inits, drop-path rule, position-table resize and solarisation, fp32
 losses under autocast, the paper preset, every preset key and bad flag, 1 vs 2 gloo processes,
-the harness interface (online probe, backbone, per-block compile, b2 check), exact resume, the
+the harness interface (online probe, backbone, per-block compile, b2 check), the compared add-ons
+and the 2+4 views (each loss against its formula, the crops and recorded parameters, where each
+add-on's gradient goes, every configuration end to end and under torchrun), exact resume, the
 README commands."""
 import json
 import math
@@ -124,7 +126,7 @@ def _step_grads(base, lam):
     model = ser.build_model(args)
     torch.manual_seed(1)
     x = torch.rand(16, 3, 16, 16)
-    views, g = ser.make_views(x, x.flip(-1), args, step=0)
+    views, g, _ = ser.make_views([x, x.flip(-1)], args, step=0)
     loss, terms, _ = model(views, g, torch.arange(16) % 4, ser.schedule(0, args, 1))
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -297,7 +299,7 @@ def test_dino_head_init_is_trunc_normal():
     assert torch.equal(norm_g, torch.ones_like(norm_g))                      # weight-norm g = 1
 
 
-def identity(x):
+def identity(x, **unused):
     return x
 
 
@@ -379,7 +381,15 @@ def test_paper_preset_is_the_released_recipe():
 
 
 # ---------------------------------------------------------------- 1 vs 2 gloo processes
-LOSSES = ("token_target", "token_both", "bt", "moco")
+LOSSES = ("token_target", "token_both", "bt", "moco", "equimod", "local_pair", "multi_view")
+
+
+def add_halves(z):
+    """A stand-in for EquiMod's predictor: (n, 32) -> (n, 16)."""
+    return z[:, :16] + z[:, 16:]
+
+
+EQUIMOD_STANDIN = {"project": identity, "embed": identity, "predict": add_halves}
 
 
 def _losses(rows, w, rank=0, world=1):
@@ -392,6 +402,14 @@ def _losses(rows, w, rank=0, world=1):
         out[f"token_{negatives}"] = ser.token_nce(maps[:, 0], maps[:, 1], 0.4, negatives)
     out["bt"] = ser.barlow_twins_loss(z[:, :16], z[:, 16:32], 0.0051)
     out["moco"] = ser.moco_infonce(z[:, :16], z[:, 16:32].detach(), 0.2)
+    params = torch.cat([z[:, 48:], z[:, 48:].flip(1)])              # the two views' p
+    out["equimod"] = ser.equimod_loss(EQUIMOD_STANDIN, z[:, :16], (z[:, 16:32], z[:, 32:48]),
+                                      params, 0.2)
+    g = (ser.GroupElement(1, (2, 2), None, None), ser.GroupElement(3, (2, 2), None, None))
+    out["local_pair"] = ser.local_pair_loss(identity, maps[:, 0], maps[:, 1], g, 0.4)
+    queries = [z[:, :16], z[:, 16:32], z[:, 32:48]]
+    out["multi_view"] = ser.multi_view_infonce(queries, [z[:, 48:].detach(), z[:, :16].detach()],
+                                               0.2)
     return out
 
 
@@ -441,7 +459,7 @@ def test_online_probe_counts_and_top1():
     model = ser.build_model(args)
     x = torch.rand(16, 3, 16, 16)
     labels = torch.arange(16) % 4
-    views, g = ser.make_views(x, x.flip(-1), args, step=0)
+    views, g, _ = ser.make_views([x, x.flip(-1)], args, step=0)
     _, terms, sums = model(views, g, labels, ser.schedule(0, args, 1))
     with torch.no_grad():
         cls = torch.cat([model.student(views[0])[0], model.student(views[2])[0]])
@@ -484,6 +502,333 @@ def test_a_b2_split_without_negatives_is_one_message(toy_imagefolder, tmp_path, 
     assert "Traceback" not in err and not run_dir.exists()
 
 
+# ---------------------------------------------------------------- the compared add-ons, 2+4 views
+def _args(*flags):
+    args = ser.parse_args(TINY + list(flags))
+    args.num_classes = 4
+    return args
+
+
+def test_crops_draw_as_the_released_loader_and_their_boxes_recut_them():
+    """Crops a and b are Compose([RandomResizedCrop, RandomHorizontalFlip, ToTensor])'s draws,
+    image for image; each box (fractions; the flip) cuts the same crop again."""
+    from PIL import Image
+    from torchvision import transforms
+    args = _args("--equiv-objective", "augself")
+    image = Image.fromarray((torch.rand(40, 56, 3) * 255).byte().numpy())
+    reference = transforms.Compose([
+        transforms.RandomResizedCrop(16, scale=(args.crop_min, 1.0)),
+        transforms.RandomHorizontalFlip(), transforms.ToTensor()])
+    for seed in range(5):
+        torch.manual_seed(seed)
+        want = reference(image), reference(image)
+        torch.manual_seed(seed)
+        got = ser.Crops(args)(image)
+        assert ser.crop_names(args) == ["a", "b", "box_a", "box_b"] and len(got) == 4
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        for crop, box in ((got[0], got[2]), (got[1], got[3])):
+            top, left, h, w = (round(v * n) for v, n in zip(box[:4].tolist(), (40, 56, 40, 56)))
+            recut = transforms.functional.to_tensor(transforms.functional.resized_crop(
+                image, top, left, h, w, [16, 16]))
+            assert torch.equal(crop, recut.flip(-1) if box[4] else recut)
+    names = {objective: ser.crop_names(_args("--equiv-objective", objective))
+             for objective in ("equimod", "essl")}
+    assert names == {"equimod": ["a", "b", "box_a", "box_b", "centre"],
+                     "essl": ["a", "b", "rotate"]}
+    assert ser.crop_names(_args("--local-crops", "4"))[2:] == ["local1", "local2", "local3",
+                                                               "local4"]
+    assert ser.local_side(ser.parse_args(["--preset", "paper"])) == 96      # loader/local4.py
+    assert ser.local_side(ser.parse_args([])) == 12 and ser.local_side(_args()) == 8
+
+
+def naive_jitter(img, b, c, s, turns):
+    """ColorJitter from its formula on one image: brightness x b, contrast about the mean luma,
+    saturation about the luma, hue = the chroma plane of YIQ turned by `turns` full turns."""
+    luma = torch.tensor([0.299, 0.587, 0.114], dtype=torch.float64)
+    x = (img * b).clamp(0, 1)
+    mean = torch.einsum("c,chw->hw", luma, x).mean()
+    x = ((x - mean) * c + mean).clamp(0, 1)
+    gray = torch.einsum("c,chw->hw", luma, x)[None]
+    x = ((x - gray) * s + gray).clamp(0, 1)
+    yiq = ser.YIQ.double()
+    t = 2 * math.pi * turns
+    turn = torch.tensor([[1, 0, 0], [0, math.cos(t), -math.sin(t)], [0, math.sin(t), math.cos(t)]],
+                        dtype=torch.float64)
+    return torch.einsum("ij,jhw->ihw", torch.linalg.inv(yiq) @ turn @ yiq, x).clamp(0, 1)
+
+
+def test_photometric_records_the_applied_parameters_without_changing_the_images():
+    x = torch.rand(64, 3, 12, 12)
+    for pipeline in (*ser.PIPELINES, ser.AUGSELF_PIPELINE, ser.LOCAL_PIPELINE):
+        torch.manual_seed(3)
+        want = ser.photometric(x, *pipeline)
+        torch.manual_seed(3)
+        record = {}
+        assert torch.equal(ser.photometric(x, *pipeline, record=record), want)
+        assert record["jitter_w"].shape == (64, 4) and record["jitter_w"].abs().max() <= 0.5
+        assert torch.equal(record["jitter_w"] * (1 - record["jitter"]), torch.zeros(64, 4))
+        assert torch.equal(record["sigma"] * (1 - record["blur"]), torch.zeros(64, 1))
+        assert 0.1 <= record["sigma"][record["blur"] > 0].min()
+        assert record["solarize"].any() == (pipeline[1] > 0) and record["gray"].any() == (
+            len(pipeline) < 3 or pipeline[2] > 0)
+    record = {}
+    out = ser.color_jitter(x[:4], saturation=0.4, record=record)    # AugSelf's strengths
+    for i in range(4):
+        w = record["jitter_w"][i].double()
+        factors = 1 + 2 * torch.tensor([0.4, 0.4, 0.4]) * w[:3]
+        want = naive_jitter(x[i].double(), *factors.tolist(), 2 * 0.1 * w[3].item())
+        torch.testing.assert_close(out[i].double(), want, atol=1e-5, rtol=0)
+
+
+def _random_boxes_and_records(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    size = 0.2 + 0.8 * torch.rand(n, 2, generator=g)
+    corner = (1 - size) * torch.rand(n, 2, generator=g)
+    box = torch.cat([corner, size, (torch.rand(n, 1, generator=g) < 0.5).float()], 1)
+    flags = (torch.rand(n, 4, generator=g) < 0.5).float()
+    record = {"jitter": flags[:, :1], "gray": flags[:, 1:2], "blur": flags[:, 2:3],
+              "solarize": flags[:, 3:], "jitter_w": (torch.rand(n, 4, generator=g) - 0.5)
+              * flags[:, :1], "sigma": (0.1 + 1.9 * torch.rand(n, 1, generator=g)) * flags[:, 2:3]}
+    return box, record
+
+
+def test_augself_targets_and_loss_follow_the_formulas():
+    """extract_diff: crop centres (y, x) and sizes, centres mirrored with VIEW 1's flip; colour
+    codes; SSObjective: sum_k w_k mean (tanh(head_k([f1, f2; f2, f1])) - [d12; d21])^2."""
+    (box1, rec1), (box2, rec2) = _random_boxes_and_records(6, 1), _random_boxes_and_records(6, 2)
+    got = ser.augself_targets(box1, box2, rec1, rec2)
+    for i in range(6):
+        t1, l1, h1, w1, f1 = box1[i].tolist()
+        t2, l2, h2, w2, _ = box2[i].tolist()
+        cx1, cx2 = (1 - l1 - w1 / 2, 1 - l2 - w2 / 2) if f1 else (l1 + w1 / 2, l2 + w2 / 2)
+        want = [t1 + h1 / 2 - t2 - h2 / 2, cx1 - cx2, h1 - h2, w1 - w2]
+        torch.testing.assert_close(got["crop"][i], torch.tensor(want))
+        torch.testing.assert_close(got["color"][i], rec1["jitter_w"][i] - rec2["jitter_w"][i])
+    args = _args("--equiv-objective", "augself", "--augself-color", "0.3")
+    heads = ser.augself_heads(args)
+    assert [tuple(m.weight.shape) for m in heads["crop"] if isinstance(m, torch.nn.Linear)] == [
+        (512, 64), (512, 512), (4, 512)] and heads["crop"][-1].bias is not None
+    assert set(ser.augself_heads(_args("--augself-color", "0"))) == {"crop"}
+    torch.manual_seed(0)
+    f1, f2 = torch.randn(6, 32), torch.randn(6, 32)
+    targets = {k: torch.rand(12, 4) * 2 - 1 for k in ("crop", "color")}
+    got = ser.augself_loss(heads, f1, f2, targets, args)
+    want = 0.0
+    for name, weight in (("crop", 0.5), ("color", 0.3)):
+        out = heads[name](torch.cat([torch.cat([f1, f2], 1), torch.cat([f2, f1], 1)]))
+        want += weight * sum((math.tanh(out[r, o].item()) - targets[name][r, o].item()) ** 2
+                             for r in range(12) for o in range(4)) / 48
+    assert got.item() == pytest.approx(want, rel=1e-5)
+
+
+def naive_infonce(q, k, tau):
+    """Mean over rows i of -log softmax_j(cos(q_i, k_j) / tau)[i], times 2 tau."""
+    total = 0.0
+    for i in range(q.shape[0]):
+        logits = torch.stack([F.cosine_similarity(q[i], k[j], dim=0) / tau
+                              for j in range(k.shape[0])])
+        total = total - torch.log_softmax(logits, 0)[i]
+    return total / q.shape[0] * 2 * tau
+
+
+def test_equimod_loss_is_symmetric_infonce_with_detached_keys():
+    """MoCo.equimod: 1/2 [C(y_t, y_hat) + C(y_hat, y_t)], C = contrastive_loss_temp (its keys
+    gathered without gradient), y_hat = predict([y_0, embed(p)]) with y_0 repeated per view."""
+    torch.manual_seed(0)
+    f0, fa, fb, p = (torch.randn(5, 16, dtype=torch.float64, requires_grad=True) for _ in "0abp")
+    got = ser.equimod_loss(EQUIMOD_STANDIN, f0, (fa, fb), torch.cat([p, -p]), 0.2)
+    got.backward()
+    leaves = [t.detach().clone().requires_grad_() for t in (f0, fa, fb, p)]
+    y_t = torch.cat(leaves[1:3])
+    y_hat = torch.cat([leaves[0] + leaves[3], leaves[0] - leaves[3]])
+    want = 0.5 * (naive_infonce(y_t, y_hat.detach(), 0.2) + naive_infonce(y_hat, y_t.detach(), 0.2))
+    want.backward()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)     # fp32 statistics
+    for mine, naive in zip((f0, fa, fb, p), leaves):
+        torch.testing.assert_close(mine.grad, naive.grad, rtol=1e-4, atol=1e-6)
+    box, record = _random_boxes_and_records(5, 3)
+    params = ser.equimod_params(box, record)
+    keys = ("jitter", "jitter_w", "gray", "blur", "sigma", "solarize")
+    for i in range(5):
+        want = box[i].tolist() + [v for k in keys for v in record[k][i].tolist()]
+        assert params[i].tolist() == want
+    heads = ser.equimod_heads(ser.parse_args(["--preset", "paper"]))
+    linears = [tuple(m.weight.shape) for m in heads.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears == [(384, 384), (384, 384), (128, 384), (128, 14), (128, 256)]
+    assert not heads["project"][-1].affine and not heads["predict"][-1].affine
+
+
+def test_essl_rotations_head_and_loss_are_the_released_ones():
+    x = torch.rand(2, 3, 5, 5)
+    rotated, labels = ser.four_rotations(x)
+    # builder/moco.py :: train_essl builds the copies from flips and transposes:
+    forms = [x, x.flip(3).transpose(2, 3), x.flip(3).flip(2), x.transpose(2, 3).flip(3)]
+    assert torch.equal(rotated, torch.cat(forms)) and labels.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    head = ser.rotation_head(ser.parse_args(["--preset", "paper"]))
+    assert [tuple(m.weight.shape) for m in head if isinstance(m, torch.nn.Linear)] == [
+        (384, 384), (384, 384), (256, 384), (4, 256)]
+    assert sum(isinstance(m, torch.nn.LayerNorm) for m in head) == 3
+    model = ser.build_model(_args("--equiv-objective", "essl"))
+    rotated, labels = ser.four_rotations(torch.rand(3, 3, 8, 8))
+    outs = [(torch.zeros(3, 32), None)] * 2
+    got = model.addon_loss(outs, (rotated, labels))
+    logits = model.addon_head(model.student(rotated)[1])          # TINY: block 1's [CLS]
+    want = sum(-torch.log_softmax(logits[i], 0)[labels[i]] for i in range(12)) / 12
+    torch.testing.assert_close(got, want)
+
+
+def test_multi_view_infonce_sums_every_query_view_against_both_global_keys():
+    torch.manual_seed(0)
+    queries = [torch.randn(5, 3, dtype=torch.float64) for _ in range(6)]
+    keys = [torch.randn(5, 3, dtype=torch.float64) for _ in range(2)]
+    want = sum(naive_infonce(queries[i], keys[j], 0.2) for i in range(6) for j in range(2)
+               if i != j)
+    got = ser.multi_view_infonce(queries, keys, 0.2)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    two = ser.moco_infonce(queries[0], keys[1], 0.2) + ser.moco_infonce(queries[1], keys[0], 0.2)
+    assert torch.equal(ser.multi_view_infonce(queries[:2], keys, 0.2), two)    # MoCo-v3, 2 views
+
+
+def naive_pair_nce(a, b, tau):
+    """The paper's 2N-way token NT-Xent, one anchor token at a time: anchors = every token of
+    both maps; positive = the other map's token at the same image and place; negatives = every
+    token of every OTHER image in both maps; the mean over the anchors."""
+    n, _, h, w = a.shape
+    losses = []
+    for side, other in ((a, b), (b, a)):
+        for i in range(n):
+            for y in range(h):
+                for x in range(w):
+                    anchor = side[i, :, y, x]
+                    logits = [F.cosine_similarity(anchor, other[i, :, y, x], dim=0) / tau]
+                    logits += [F.cosine_similarity(anchor, m[j, :, yy, xx], dim=0) / tau
+                               for j in range(n) if j != i for m in (a, b)
+                               for yy in range(h) for xx in range(w)]
+                    losses.append(-torch.log_softmax(torch.stack(logits), 0)[0])
+    return torch.stack(losses).mean()
+
+
+def test_local_pair_loss_is_the_papers_2n_way_equation():
+    torch.manual_seed(0)
+    map_0 = torch.randn(3, 4, 2, 3, dtype=torch.float64)
+    map_1 = torch.randn(3, 4, 3, 2, dtype=torch.float64)
+    g = (ser.GroupElement(0, (2, 3), None, None), ser.GroupElement(1, (3, 2), None, None))
+    got = ser.local_pair_loss(identity, map_0, map_1, g, 0.5)
+    want = naive_pair_nce(map_0, ser.rho(map_1, g[1], g[0]), 0.5)     # view 1 in view 0's frame
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_the_2_plus_4_views_pair_each_b2_source_with_its_query_views():
+    """b1: 6 query views; b2: three pairs (crop a, local crops 1 and 3) with their own group
+    elements, pair p in query views 2p, 2p + 1; pair 0 draws as the 2-view SER."""
+    args = _args("--local-crops", "4")
+    crops = [torch.rand(16, 3, 16, 16) for _ in "ab"] + [torch.rand(16, 3, 8, 8) for _ in "1234"]
+    torch.manual_seed(0)
+    views, g, aux = ser.make_views(crops, args, step=3)
+    assert aux is None and len(views) == 12 and len(g) == 3
+    assert [v.shape[0] for v in views] == [12] * 6 + [4] * 6
+    assert [v.shape[-1] for v in views[2:6]] == [8] * 4
+    for p, (g0, g1) in enumerate(g):
+        for v, g_v in enumerate((g0, g1)):
+            size = (4 * g_v.hw[0], 4 * g_v.hw[1])
+            size = size if g_v.k % 2 == 0 else size[::-1]
+            assert tuple(views[6 + 2 * p + v].shape[-2:]) == size
+    two_view = ser.sample_group(4, 4, 3, args.seed, "cpu")
+    assert [(e.k, e.hw) for e in g[0]] == [(e.k, e.hw) for e in two_view]
+    assert len({(pair[0].k, pair[0].hw, pair[1].k, pair[1].hw) for pair in g}) > 1
+
+
+@pytest.mark.parametrize("objective", ["augself", "equimod", "essl"])
+@pytest.mark.parametrize("layer", [1, 3])
+def test_each_addon_trains_its_head_and_the_blocks_up_to_its_layer(objective, layer):
+    """An add-on's loss alone: its head and block 1 get gradients; decoupled (L = 1 < depth 3)
+    blocks 2, 3 get none and norm_equiv does (the augself branch's forward_baseline); at the
+    last block the final [CLS] is read. No token projector; the decoupled feature is
+    norm_equiv(the layer-L [CLS]), [CLS] joined at the input."""
+    args = _args("--equiv-objective", objective, "--ser-layer", str(layer))
+    torch.manual_seed(0)
+    model = ser.build_model(args)
+    assert model.token_proj is None and model.student.cls_at == 0
+    assert (model.student.norm_equiv is None) == (layer == 3)
+    keys = model.state_dict().keys()
+    assert any(k.startswith("addon_head.") for k in keys) and "student.cls_pos" in keys
+    side = ser.local_side(args)
+    shapes = {"a": (3, 16, 16), "b": (3, 16, 16), "centre": (3, 16, 16), "rotate": (3, side, side),
+              "box_a": (5,), "box_b": (5,)}
+    crops = [torch.rand(16, *shapes[name]) for name in ser.crop_names(args)]
+    torch.manual_seed(1)
+    views, g, aux = ser.make_views(crops, args, step=0)
+    assert g is None and [v.shape[0] for v in views] == [16, 16]
+    loss, terms, _ = model(views, g, torch.arange(16) % 4, ser.schedule(0, args, 1), aux)
+    assert set(terms) == {"inv", "equiv", "probe"} and torch.isfinite(loss)
+    model.zero_grad()
+    model.addon_loss([model.student(v) for v in views], aux).backward()
+    grads = {n: p.grad.abs().sum().item() for n, p in model.named_parameters()
+             if p.grad is not None}
+    assert any(n.startswith("addon_head.") for n in grads) and grads["student.blocks.0.qkv.weight"]
+    later = [grads.get(f"student.blocks.{i}.qkv.weight", 0.0) for i in (1, 2)]
+    assert (later == [0.0, 0.0]) == (layer == 1)
+    x = torch.rand(2, 3, 16, 16)
+    cls, feature, blocks = model.student(x, every_block=True)
+    if layer == 1:
+        torch.testing.assert_close(feature, model.student.norm_equiv(blocks[0][:, 0]))
+    else:
+        assert feature is None and ser.addon_feature((cls, feature)) is cls
+
+
+def test_the_addons_leave_sers_model_and_run_dirs_as_they_were():
+    """SER and --ser off build no add-on head (the state_dict keys of existing runs); run dirs
+    name the add-on, a layer off its default (the last block) and the 2+4 views."""
+    for flags in ([], ["--ser", "off"], ["--base", "dino"]):
+        keys = ser.build_model(_args(*flags)).state_dict().keys()
+        assert not any(k.startswith("addon_head") for k in keys)
+    assert ser.parse_args(["--equiv-objective", "augself"]).ser_layer == 6          # toy depth
+    want = {"": "ser-toy-moco", "--equiv-objective augself": "ser-toy-moco-augself",
+            "--equiv-objective augself --ser-layer 2": "ser-toy-moco-augself-L2",
+            "--equiv-objective equimod --ser-tau 0.2": "ser-toy-moco-equimod",
+            "--equiv-objective essl --local-crops 4": "ser-toy-moco-essl-local4",
+            "--local-crops 4": "ser-toy-moco-local4",
+            "--ser off --local-crops 4": "ser-toy-moco-vanilla-local4"}
+    for flags, run_dir in want.items():
+        assert ser.parse_args(flags.split()).run_dir == os.path.join("runs", run_dir), flags
+
+
+ADDON_RUNS = [
+    ["--equiv-objective", "augself", "--ser-layer", "4"], ["--equiv-objective", "augself"],
+    ["--equiv-objective", "equimod", "--ser-layer", "4"], ["--equiv-objective", "equimod"],
+    ["--equiv-objective", "essl", "--ser-layer", "4"], ["--equiv-objective", "essl"],
+    ["--local-crops", "4"], ["--local-crops", "4", "--equiv-objective", "essl", "--ser-layer", "4"],
+    ["--local-crops", "4", "--ser", "off"]]
+
+
+@pytest.mark.parametrize("flags", ADDON_RUNS, ids=" ".join)
+def test_every_addon_trains_and_evaluates_from_one_command(toy_imagefolder, tmp_path, flags):
+    """Each add-on at the last block (--ser-layer 4 = --depth) and decoupled (TINY's 1), SER and
+    E-SSL in the 2+4 views, and the vanilla 2+4 base: one epoch, then the linear probe and the
+    equivariance score."""
+    run_dir = tmp_path / "run"
+    ser.main(TINY + ["--depth", "4", "--data-root", toy_imagefolder, "--epochs", "1",
+                     "--eval-protocols", "linear,equivariance", "--run-dir", str(run_dir)] + flags)
+    train = _log(run_dir)
+    assert len(train) == 4 and all(math.isfinite(e["total"]) for e in train)
+    assert all(("equiv" in e) == ("off" not in flags) for e in train)
+    with open(run_dir / "eval.json") as f:
+        summary = json.load(f)["summary"]
+    assert {"linear_top1/full", "equivariance/block4"} <= set(summary), sorted(summary)
+
+
+def test_an_addon_runs_under_torchrun(toy_imagefolder, tmp_path):
+    """EquiMod (decoupled: TINY's --ser-layer 1) in two gloo processes, one epoch: DDP finds
+    every parameter used (its BN heads, the untransformed view's pass, the gathered InfoNCE)."""
+    run_dir = tmp_path / "run"
+    cmd = (f"torchrun --standalone --nproc_per_node=2 ser.py {shlex.join(TINY)} --equiv-objective "
+           f"equimod --data-root {toy_imagefolder} --epochs 1 --no-eval --run-dir {run_dir}")
+    proc = run(cmd, cwd=ser.__file__.rsplit("/", 1)[0])
+    assert "Traceback" not in proc.stderr
+    train = _log(run_dir)
+    assert len(train) == 4 and all(math.isfinite(e["equiv"]) for e in train)
+
+
 # ---------------------------------------------------------------- exact resume, README commands
 def _log(run_dir, kind="train"):
     with open(os.path.join(run_dir, "log.jsonl")) as f:
@@ -493,9 +838,14 @@ def _log(run_dir, kind="train"):
 LOSS_KEYS = ("step", "total", "inv", "equiv", "lr")
 
 
-@pytest.mark.parametrize("base", ["dino"])   # teacher EMA, centre buffer, teacher-temp schedule
-def test_resume_is_exact(toy_imagefolder, tmp_path, base, capsys):
+# dino: teacher EMA, centre buffer, teacher-temp schedule; the add-ons (decoupled AugSelf:
+# TINY's --ser-layer 1): their extra crops, recorded draws and BN heads; SER in the 2+4 views.
+@pytest.mark.parametrize("base, more", [("dino", []), ("moco", ["--equiv-objective", "equimod"]),
+                                        ("moco", ["--equiv-objective", "augself"]),
+                                        ("moco", ["--local-crops", "4"])], ids=str)
+def test_resume_is_exact(toy_imagefolder, tmp_path, base, more, capsys):
     common = TINY + ["--base", base, "--data-root", toy_imagefolder, "--no-eval", "--epochs", "2"]
+    common += more
     ser.main(common + ["--run-dir", str(tmp_path / "straight")])
     ser.main(common + ["--run-dir", str(tmp_path / "resumed"), "--stop-after-epochs", "1"])
     assert not os.path.exists(tmp_path / "resumed" / "backbone.pt")     # stopped early: no export
@@ -570,6 +920,11 @@ BAD_FLAGS = [
     ["--bt-lambda", "-1"], ["--b2-ratio", "0"], ["--b2-ratio", "1"], ["--drop-path", "1"],
     ["--drop-path", "-0.1"], ["--crop-min", "0"], ["--crop-min", "1.5"], ["--head-hidden", "0"],
     ["--head-dim", "0"], ["--head-bottleneck", "0"], ["--token-dim", "0"],
+    ["--equiv-objective", "simclr"], ["--equiv-objective", "essl", "--ser", "off"],
+    ["--augself-crop", "-1"], ["--augself-color", "nan"], ["--local-crops", "3"],
+    ["--local-crops", "x"], ["--local-crops", "4", "--base", "dino"],
+    ["--local-crops", "4", "--equiv-objective", "augself"],
+    ["--augself-crop", "0", "--augself-color", "0", "--equiv-objective", "augself"],
 ]
 
 
@@ -594,24 +949,31 @@ def changed(value):
 
 @pytest.mark.parametrize("preset", ["toy", "paper"])
 @pytest.mark.parametrize("base", ["moco", "dino", "bt"])
-def test_every_preset_key_takes_effect(preset, base, monkeypatch):
+@pytest.mark.parametrize("objective", ["ser", "augself", "equimod", "essl"])
+def test_every_preset_key_takes_effect(preset, base, objective, monkeypatch):
     """Each value preset_defaults returns reaches the parsed args (no flag's own default hides
-    it), and each key is a real flag that overrides it."""
+    it), and each key is a real flag that overrides it; an add-on's --ser-layer 0 is the last
+    block."""
     sources = [ser.BASE_COMMON, ser.METHOD[base]]
     if preset == "paper":
         sources.append(ser.PAPER)
     else:
         sources += [ser.TOY, ser.TOY_METHOD[base]]
-    defaults = ser.preset_defaults(preset, base)
+    sources.append(ser.OBJECTIVE[objective])
+    defaults = ser.preset_defaults(preset, base, objective)
     assert set(defaults) == {k for d in sources for k in d}
+    common = ["--preset", preset, "--base", base, "--equiv-objective", objective]
+    if objective != "ser":
+        assert defaults["ser_layer"] == 0
+        assert ser.parse_args(common).ser_layer == ser.parse_args(common).depth
     for key, value in defaults.items():
         winner = next(d for d in reversed(sources) if key in d)          # the dict that wins
         with monkeypatch.context() as m:
             m.setitem(winner, key, changed(value))
-            got = getattr(ser.parse_args(["--preset", preset, "--base", base]), key)
+            got = getattr(ser.parse_args(common), key)
         assert got == changed(value) and type(got) is type(value), key
         flag = ["--" + key.replace("_", "-"), str(changed(value))]
-        args = ser.parse_args(["--preset", preset, "--base", base] + flag)
+        args = ser.parse_args(common + flag)
         assert getattr(args, key) == changed(value), key
 
 
