@@ -210,7 +210,7 @@ def make_views(crops, args, step):
     B = x["a"].shape[0]
     n_b2 = b2_size(B, args)
     pipelines = (AUGSELF_PIPELINE,) * 2 if objective(args) == "augself" else PIPELINES
-    records = ({}, {})                                  # each view's photometric draws
+    records = ({}, {})                                  # each view's augmentation parameters
     views = [normalize(photometric(x[name][:B - n_b2], *pipeline, record=record))
              for name, pipeline, record in zip("ab", pipelines, records)]
     local = [x[f"local{i}"] for i in range(1, args.local_crops + 1)]
@@ -300,11 +300,10 @@ def equivariance_loss(proj, maps, targets, g, tau, negatives="target"):
 # An add-on's loss takes L_equiv's place (L = L_inv + lambda L_addon, whole batch, no b2) and reads
 # one feature per view: the final [CLS] (the published baselines) or, decoupled (--ser-layer L <
 # --depth), norm_equiv(the [CLS] after block L), [CLS] joining at the input: the augself branch's
-# vision_transformer.py :: forward_baseline. Not a delayed-[CLS] token map as SER reads. Decoupled
-# EquiMod and E-SSL have no released code: same recipe. The released AugSelf and EquiMod are
-# MoCo-v3 only (DINO, Barlow Twins: empty stubs); here every base runs them. STL (MoCo.stl) is
-# left out: it needs image pairs sharing one crop and jitter draw (another loader) and a 19 M-
-# parameter hypernetwork (builder/utils.py :: EquiTrans), beyond this section's budget.
+# vision_transformer.py :: forward_baseline; not a delayed-[CLS] token map as SER's. Decoupled
+# EquiMod and E-SSL (no released code) follow it. Released AugSelf and EquiMod are MoCo-v3 only;
+# here every base runs them. STL (MoCo.stl) is left out: it needs image pairs sharing one crop and
+# jitter draw (another loader) and a 19 M-parameter hypernetwork (utils.py :: EquiTrans).
 def addon_feature(out):
     """A student output ([CLS], layer-L feature or None) -> the add-on's feature of the view."""
     return out[0] if out[1] is None else out[1]
@@ -539,8 +538,8 @@ class ViT(nn.Module):
         return tokens.flatten(2).transpose(1, 2) + pos, (h, w)
 
     def forward(self, x, every_block=False):
-        """-> (final-norm [CLS] (B, D), the loss map norm_equiv(f1(x)) (B, D, h, w), an add-on's
-        (B, D) or None), and with every_block also the list of every block's output tokens."""
+        """-> (final-norm [CLS] (B, D), the loss map norm_equiv(f1(x)) (B, D, h, w) (an add-on's:
+        (B, D)) or None), and with every_block also the list of every block's output tokens."""
         tokens, (h, w) = self.patch_tokens(x)
         B = tokens.shape[0]
         loss_map = None
@@ -1097,6 +1096,11 @@ FRACTION = eval.number(float, 0, 1)             # momenta, end fractions, --drop
 SHARE = eval.number(float, 0, 1, low_open=True)     # --crop-min, --b2-ratio < 1
 
 
+FLAG_USERS = {"--augself-crop": ("augself",), "--augself-color": ("augself",),
+              "--b2-ratio": ("ser", "none"), "--token-dim": ("ser", "none"),
+              "--ser-negatives": ("ser", "none"), "--ser-tau": ("ser", "none", "equimod")}
+
+
 def parse_args(argv=None):
     """The flags, the preset's defaults, then the checks that span several flags."""
     p = eval.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -1190,6 +1194,10 @@ def parse_args(argv=None):
                 "--ser off (the released erl_local4, inv_local4)")
     if args.equiv_objective == "augself" and args.augself_crop == args.augself_color == 0:
         p.error("argument --augself-crop: 0 with --augself-color 0 leaves AugSelf nothing to do")
+    given = {a.split("=")[0] for a in argv}             # an objective's own flags, given to
+    for flag, users in FLAG_USERS.items():              # another, are refused, not ignored
+        if flag in given and objective(args) not in users:
+            p.error(f"argument {flag}: --equiv-objective {objective(args)} does not use it")
     if args.drop_path == 1:
         p.error("argument --drop-path: 1 would divide by 1 - p = 0 (stochastic depth)")
     if args.b2_ratio == 1:

@@ -27,6 +27,15 @@ TINY = ["--resolution", "16", "--patch", "4", "--dim", "32", "--depth", "3", "--
         "--head-dim", "32", "--token-dim", "32", "--num-workers", "0", "--log-every", "1"]
 
 
+def tiny(flags):
+    """TINY + flags, less TINY's SER-only flags (b2, token projector) when flags pick an add-on,
+    which refuses them."""
+    if "--equiv-objective" not in flags:
+        return TINY + list(flags)
+    drop = {i + d for i, w in enumerate(TINY) if w in ("--b2-ratio", "--token-dim") for d in (0, 1)}
+    return [w for i, w in enumerate(TINY) if i not in drop] + list(flags)
+
+
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """Tiny tensors: one intra-op thread is faster than two on a shared 2-core machine; restored
@@ -504,7 +513,7 @@ def test_a_b2_split_without_negatives_is_one_message(toy_imagefolder, tmp_path, 
 
 # ---------------------------------------------------------------- the compared add-ons, 2+4 views
 def _args(*flags):
-    args = ser.parse_args(TINY + list(flags))
+    args = ser.parse_args(tiny(flags))
     args.num_classes = 4
     return args
 
@@ -608,7 +617,8 @@ def test_augself_targets_and_loss_follow_the_formulas():
     heads = ser.augself_heads(args)
     assert [tuple(m.weight.shape) for m in heads["crop"] if isinstance(m, torch.nn.Linear)] == [
         (512, 64), (512, 512), (4, 512)] and heads["crop"][-1].bias is not None
-    assert set(ser.augself_heads(_args("--augself-color", "0"))) == {"crop"}
+    crop_only = _args("--equiv-objective", "augself", "--augself-color", "0")
+    assert set(ser.augself_heads(crop_only)) == {"crop"}
     torch.manual_seed(0)
     f1, f2 = torch.randn(6, 32), torch.randn(6, 32)
     targets = {k: torch.rand(12, 4) * 2 - 1 for k in ("crop", "color")}
@@ -807,8 +817,8 @@ def test_every_addon_trains_and_evaluates_from_one_command(toy_imagefolder, tmp_
     E-SSL in the 2+4 views, and the vanilla 2+4 base: one epoch, then the linear probe and the
     equivariance score."""
     run_dir = tmp_path / "run"
-    ser.main(TINY + ["--depth", "4", "--data-root", toy_imagefolder, "--epochs", "1",
-                     "--eval-protocols", "linear,equivariance", "--run-dir", str(run_dir)] + flags)
+    ser.main(tiny(["--depth", "4", "--data-root", toy_imagefolder, "--epochs", "1",
+                   "--eval-protocols", "linear,equivariance", "--run-dir", str(run_dir)] + flags))
     train = _log(run_dir)
     assert len(train) == 4 and all(math.isfinite(e["total"]) for e in train)
     assert all(("equiv" in e) == ("off" not in flags) for e in train)
@@ -821,8 +831,9 @@ def test_an_addon_runs_under_torchrun(toy_imagefolder, tmp_path):
     """EquiMod (decoupled: TINY's --ser-layer 1) in two gloo processes, one epoch: DDP finds
     every parameter used (its BN heads, the untransformed view's pass, the gathered InfoNCE)."""
     run_dir = tmp_path / "run"
-    cmd = (f"torchrun --standalone --nproc_per_node=2 ser.py {shlex.join(TINY)} --equiv-objective "
-           f"equimod --data-root {toy_imagefolder} --epochs 1 --no-eval --run-dir {run_dir}")
+    flags = shlex.join(tiny(["--equiv-objective", "equimod"]))
+    cmd = (f"torchrun --standalone --nproc_per_node=2 ser.py {flags} --data-root "
+           f"{toy_imagefolder} --epochs 1 --no-eval --run-dir {run_dir}")
     proc = run(cmd, cwd=ser.__file__.rsplit("/", 1)[0])
     assert "Traceback" not in proc.stderr
     train = _log(run_dir)
@@ -844,8 +855,8 @@ LOSS_KEYS = ("step", "total", "inv", "equiv", "lr")
                                         ("moco", ["--equiv-objective", "augself"]),
                                         ("moco", ["--local-crops", "4"])], ids=str)
 def test_resume_is_exact(toy_imagefolder, tmp_path, base, more, capsys):
-    common = TINY + ["--base", base, "--data-root", toy_imagefolder, "--no-eval", "--epochs", "2"]
-    common += more
+    common = tiny(["--base", base, "--data-root", toy_imagefolder, "--no-eval", "--epochs", "2"]
+                  + more)
     ser.main(common + ["--run-dir", str(tmp_path / "straight")])
     ser.main(common + ["--run-dir", str(tmp_path / "resumed"), "--stop-after-epochs", "1"])
     assert not os.path.exists(tmp_path / "resumed" / "backbone.pt")     # stopped early: no export
@@ -925,6 +936,11 @@ BAD_FLAGS = [
     ["--local-crops", "x"], ["--local-crops", "4", "--base", "dino"],
     ["--local-crops", "4", "--equiv-objective", "augself"],
     ["--augself-crop", "0", "--augself-color", "0", "--equiv-objective", "augself"],
+    ["--augself-crop", "0.3"], ["--augself-color", "0.3", "--equiv-objective", "essl"],
+    ["--b2-ratio", "0.2", "--equiv-objective", "equimod"],
+    ["--token-dim", "64", "--equiv-objective", "augself"],
+    ["--ser-negatives", "both", "--equiv-objective", "essl"],
+    ["--ser-tau", "0.3", "--equiv-objective", "augself"],
 ]
 
 
@@ -973,6 +989,8 @@ def test_every_preset_key_takes_effect(preset, base, objective, monkeypatch):
             got = getattr(ser.parse_args(common), key)
         assert got == changed(value) and type(got) is type(value), key
         flag = ["--" + key.replace("_", "-"), str(changed(value))]
+        if objective not in ser.FLAG_USERS.get(flag[0], (objective,)):
+            continue                                # refused: BAD_FLAGS
         args = ser.parse_args(common + flag)
         assert getattr(args, key) == changed(value), key
 
