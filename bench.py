@@ -6,6 +6,7 @@ configuration, then a table.
     python bench.py                  # CPU, tiny sizes: 1-2 minutes on 2 cores
     python bench.py --preset paper   # one GPU: 256 px (ViT 224 px), per-GPU batch 128/256/1024
     python bench.py --scripts sie --batch 32,64 --resolution 64 --steps 10 --compile
+    python bench.py --scripts ser --ser-flags "--equiv-objective equimod"   # an add-on vs the base
 
 Modes (one JSON line each): `ceiling` = the backbone alone, two views, fwd + bwd + Adam(W)
 (ResNet-18 for sie/baselines, the ViT for ser); `step` = the script's train_step on one batch
@@ -13,8 +14,9 @@ kept on the device; `vanilla` = ser.py's step with --ser off (the base method al
 next(loader) + to_device + train_step on a generated look-alike data set (data_wait = time
 blocked on the loader / total).
 Ratios: vs_ceiling = ceiling ms / step ms (the target is >= 0.8), vs_vanilla = SER ms / vanilla
-ms (the target is <= 1.05). Throughput counts pairs for sie/baselines and images for ser (each
-image of the batch once per step). Warm-up and compilation are excluded; every timed block ends
+ms (the target is <= 1.05; with --ser-flags, that configuration's ms / the 2-view base's).
+Throughput counts pairs for sie/baselines and images for ser (each image of the batch once per
+step). Warm-up and compilation are excluded; every timed block ends
 with torch.cuda.synchronize on GPU; each figure is the median of --repeats blocks. data_wait and
 the host_syncs count (CUDA's sync debug mode) are reported too.
 Peak memory: torch.cuda.max_memory_allocated on GPU, the process's ru_maxrss so far on CPU.
@@ -26,6 +28,7 @@ import json
 import math
 import os
 import resource
+import shlex
 import shutil
 import statistics
 import sys
@@ -58,6 +61,9 @@ def parse_args(argv=None):
                    help="comma-separated: ceiling, step, e2e")
     p.add_argument("--method", default="vicreg", help="baselines.py --method")
     p.add_argument("--base", default="moco", help="ser.py --base")
+    p.add_argument("--ser-flags", default="",
+                   help="more ser.py flags for its step and e2e modes, e.g. '--equiv-objective "
+                        "essl' or '--local-crops 4' (vanilla stays the 2-view base, --ser off)")
     p.add_argument("--batch",
                    help="per-GPU batch in pairs (sie, baselines), comma-separated for several")
     p.add_argument("--ser-batch", help="per-GPU batch in images (ser), comma-separated")
@@ -239,9 +245,9 @@ def ceiling_step(mod, a, batch, device):
 def bench_config(name, batch, opts, device, emit):
     """Every mode of one script at one batch size; emits rows as they are measured."""
     label = {"sie": "sie", "baselines": f"baselines:{opts.method}",
-             "ser": f"ser:{opts.base}"}[name]
+             "ser": f"ser:{opts.base} {opts.ser_flags}".strip()}[name]
     extra = {"sie": [], "baselines": ["--method", opts.method],
-             "ser": ["--base", opts.base]}[name]
+             "ser": ["--base", opts.base, *shlex.split(opts.ser_flags)]}[name]
     modes, unit = opts.modes.split(","), "images/s" if name == "ser" else "pairs/s"
     mod, a, loader, step = script_setup(name, opts, batch, device, extra)
     def to_dev(batch):
@@ -270,7 +276,7 @@ def bench_config(name, batch, opts, device, emit):
     if "ceiling" in modes:
         measure("ceiling", ceiling_step(mod, a, fixed, device))
     if name == "ser" and "step" in modes:          # the base method alone, same sizes, side by side
-        v_step = script_setup(name, opts, batch, device, extra + ["--ser", "off"])[3]
+        v_step = script_setup(name, opts, batch, device, ["--base", opts.base, "--ser", "off"])[3]
 
         def vanilla_on_fixed():
             return v_step(fixed)
