@@ -300,10 +300,11 @@ def equivariance_loss(proj, maps, targets, g, tau, negatives="target"):
 # An add-on's loss takes L_equiv's place (L = L_inv + lambda L_addon, whole batch, no b2) and reads
 # one feature per view: the final [CLS] (the published baselines) or, decoupled (--ser-layer L <
 # --depth), norm_equiv(the [CLS] after block L), [CLS] joining at the input: the augself branch's
-# vision_transformer.py :: forward_baseline; not a delayed-[CLS] token map as SER's. Decoupled
-# EquiMod and E-SSL (no released code) follow it. Released AugSelf and EquiMod are MoCo-v3 only;
-# here every base runs them. STL (MoCo.stl) is left out: it needs image pairs sharing one crop and
-# jitter draw (another loader) and a 19 M-parameter hypernetwork (utils.py :: EquiTrans).
+# vision_transformer.py :: forward_baseline; not a delayed-[CLS] token map as SER's. Deviation
+# (extensions without released code): decoupled EquiMod and E-SSL follow that recipe; every base
+# runs every add-on (the released AugSelf, EquiMod: MoCo-v3 only). STL (MoCo.stl) is left out: it
+# needs image pairs sharing one crop and jitter draw (another loader) and a 19 M-parameter
+# hypernetwork (utils.py :: EquiTrans).
 def addon_feature(out):
     """A student output ([CLS], layer-L feature or None) -> the add-on's feature of the view."""
     return out[0] if out[1] is None else out[1]
@@ -329,8 +330,8 @@ def augself_targets(box1, box2, record1, record2):
 
 
 def augself_heads(args):
-    """Per parameter of positive weight: [f_1, f_2] -> 512 -> 512 -> 4, (bias-free Linear, BN,
-    ReLU) twice, a Linear with bias (load_mlp_augself; PyTorch's init: reset_parameters_augself)"""
+    """Per parameter of positive weight: [f_1, f_2] -> 512 -> 512 -> 4: (bias-free Linear, BN,
+    ReLU) x 2, a Linear with bias (load_mlp_augself; reset_parameters_augself = PyTorch's init)."""
     weights = {"crop": args.augself_crop, "color": args.augself_color}
     return nn.ModuleDict({name: nn.Sequential(*mlp([2 * args.dim, 512, 512]), nn.BatchNorm1d(512),
                                               nn.ReLU(inplace=True), nn.Linear(512, 4))
@@ -364,7 +365,7 @@ def equimod_params(box, record):
 
 def equimod_heads(args, y=128, n_params=14):
     """project: D -> D -> D -> 128 (projector_equiv = mlp(last_bn=True)); embed: p -> 128
-    (proj_head_t: Linear, BN); predict: [y_0, embed(p)] -> 128 (predictor_eq: Linear, BN).
+    (proj_head_t: Linear, BN); predict: [y_0, embed(p)] -> 128 (predictor_eq: Linear, BN no affine).
     Deviation: p is standardised by an affine-free BN, not by the released fixed ImageNet
     estimates (p_mean, p_std), which other data and crop sizes would miss."""
     return nn.ModuleDict({
@@ -388,7 +389,7 @@ def equimod_loss(heads, f_centre, f_views, params, tau):
 # E-SSL (Dangovski et al. 2022, https://arxiv.org/abs/2111.00899, Sec. 3; builder/moco.py ::
 # train_essl, MoCo.forward_essl; loader/essl.py): predict which of 4 rotations an extra small crop
 # went through, cross-entropy (a per-rank mean); its "2+4" views are the two views and the 4
-# rotated copies. With --local-crops 4 it also runs in the 2+4 views (no released mode does).
+# rotated copies. Deviation (an extension): --local-crops 4 adds MoCo-v3's 2+4 views to it.
 def four_rotations(x):
     """(n, ...) -> ([x, rot90 x, rot180 x, rot270 x] (4 n, ...), labels 0.., 1.., 2.., 3..), the
     released train_essl's flips and transposes (counter-clockwise quarter turns)."""
