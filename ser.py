@@ -848,10 +848,16 @@ def schedule(step, args, steps_per_epoch):
     warmup = args.warmup_epochs * steps_per_epoch
     peak = args.blr * args.batch_size / 256
     if step < warmup:
-        lr = peak * (step + 1) / warmup
+        # From 0, as the official warm-ups: step / W in MoCo-v3's and Barlow Twins' (main_moco.py
+        # :: adjust_learning_rate, builder/barlowtwins.py :: adjust_learning_rate), DINO's
+        # np.linspace(0, peak, W) (builder/utils.py :: cosine_scheduler) step / (W - 1).
+        lr = peak * step / (max(1, warmup - 1) if args.base == "dino" else warmup)
     else:
         lr = cosine((step - warmup) / max(1, total - warmup), peak, peak * args.min_lr_frac)
-    temp_progress = min(1.0, step / max(1, args.teacher_temp_epochs * steps_per_epoch))
+    # DINO's teacher temperature per epoch, np.linspace(t0, t, E) over the first E epochs
+    # (main_dino.py :: DINOLoss): t at epoch E - 1.
+    epoch = step // steps_per_epoch
+    temp_progress = min(1.0, epoch / max(1, args.teacher_temp_epochs - 1))
     teacher_temp = args.teacher_temp0 + (args.teacher_temp - args.teacher_temp0) * temp_progress
     return {"lr": lr, "wd": cosine(step / total, args.wd, args.wd_end),
             "momentum": cosine(step / total, args.momentum, 1.0), "teacher_temp": teacher_temp}
@@ -921,10 +927,13 @@ class LastBlocksCLS(nn.Module):
 
 
 def probeable(model, args):
-    """What eval.py probes: "full" = the last-4 [CLS] (the paper's probe), "last" = the final
-    [CLS], and every block's token map (the equivariance score), of model.backbone."""
+    """What eval.py probes: "full" = the last-4 [CLS] (the paper's probe; every block's of a ViT
+    with fewer), "last" = the final [CLS], and every block's token map (the equivariance score),
+    of model.backbone."""
     vit = model.backbone
-    parts = {"full": slice(0, 4 * args.dim), "last": slice(3 * args.dim, 4 * args.dim)}
+    n_blocks = min(4, args.depth)                        # what last_blocks_features concatenates
+    parts = {"full": slice(0, n_blocks * args.dim),
+             "last": slice((n_blocks - 1) * args.dim, n_blocks * args.dim)}
     return eval.Probeable(backbone=LastBlocksCLS(vit), token_maps=vit.block_maps, parts=parts)
 
 
@@ -1090,7 +1099,6 @@ def normalize(x):
 # is one "error:" line and exit 2.
 COUNT = eval.number(int, 0)
 POSITIVE_INT = eval.number(int, 1)
-SEED = eval.number(int, 0, 2 ** 31 - 1)        # epoch_seed(), sample_group(): within 64 bits
 POSITIVE = eval.number(float, 0, 1e6, low_open=True)    # 1e6: above any sensible value
 NONNEGATIVE = eval.number(float, 0, 1e6)
 FRACTION = eval.number(float, 0, 1)             # momenta, end fractions, --drop-path < 1
@@ -1171,15 +1179,7 @@ def parse_args(argv=None):
     flags.add_argument("--amp", choices=("bf16", "fp16", "none"), default="bf16",
                        help="CUDA autocast; fp16 + GradScaler")
     flags.add_argument("--compile", action="store_true", help="torch.compile every ViT block")
-    flags = p.add_argument_group("run")
-    flags.add_argument("--run-dir", help="default runs/ser-<preset>-<base>[-tags]; rerun to resume")
-    flags.add_argument("--resume", help="checkpoint (default: <run-dir>/checkpoint.pt if present)")
-    flags.add_argument("--seed", type=SEED, default=0, help="init, augmentation and data order")
-    flags.add_argument("--log-every", type=POSITIVE_INT, default=10, help="steps between logs")
-    flags.add_argument("--stop-after-epochs", type=COUNT, default=0,
-                       help="stop after N epochs (0 = never); rerun resumes")
-    flags.add_argument("--eval-protocols", default="all", help="eval.py protocols, comma-separated")
-    flags.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
+    eval.add_run_flags(p, "ser", log_every=10)
     # --preset and --base (read without -h) set the defaults, in --help too. This comes after
     # every add_argument, whose own default= would otherwise win over the preset.
     argv = sys.argv[1:] if argv is None else argv
@@ -1213,18 +1213,14 @@ def parse_args(argv=None):
     if args.warmup_epochs > args.epochs:
         p.error(f"--warmup-epochs {args.warmup_epochs} exceeds --epochs {args.epochs}: the lr "
                 f"would never reach its peak")
+    eval.check_run_flags(p, args)
     world = int(os.environ.get("WORLD_SIZE", 1))
-    if args.batch_size % world:
-        p.error(f"argument --batch-size: {args.batch_size} is not divisible by the {world} "
-                f"processes (--batch-size is the global batch)")
     local_batch = args.batch_size // world
     b2 = b2_size(local_batch, args)
     if objective(args) == "ser" and not 2 <= b2 < local_batch:
         p.error(f"--b2-ratio {args.b2_ratio} gives {b2} of {local_batch} images per rank to b2; "
                 f"L_equiv needs >= 2 (other images are its negatives) and b1 >= 1 (change "
                 f"--b2-ratio or --batch-size)")
-    if args.resume and not os.path.isfile(args.resume):
-        p.error(f"argument --resume: no checkpoint file {args.resume}")
     if args.run_dir is None:
         args.run_dir = os.path.join("runs", "-".join(["ser", args.preset, args.base]
                                                      + run_tags(args)))

@@ -12,6 +12,7 @@ import os
 import shlex
 import shutil
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -1006,3 +1007,33 @@ def test_silent_no_ops_are_refused(toy_imagefolder, tmp_path, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and "--batch-size 128" in err and "64 training images" in err, err
     assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("base", ["moco", "dino", "bt"])
+def test_schedules_are_the_official_ones(base):
+    """Warm-ups from 0 as the released code (MoCo-v3, Barlow Twins: peak * step / W; DINO:
+    np.linspace(0, peak, W)); DINO's teacher temperature per epoch, np.linspace(t0, t, E)."""
+    args = ser.parse_args(["--base", base, "--preset", "paper"])
+    spe = 7                                          # steps per epoch
+    W, E = args.warmup_epochs * spe, args.teacher_temp_epochs
+    peak = args.blr * args.batch_size / 256
+    warmup = np.linspace(0, peak, W) if base == "dino" else peak * np.arange(W) / W
+    for step in (0, 1, W // 2, W - 1):
+        assert ser.schedule(step, args, spe)["lr"] == pytest.approx(warmup[step], rel=1e-12)
+    temps = np.linspace(args.teacher_temp0, args.teacher_temp, E)
+    for epoch in (0, 1, E - 1):
+        for step in (epoch * spe, epoch * spe + spe - 1):
+            assert ser.schedule(step, args, spe)["teacher_temp"] == pytest.approx(temps[epoch])
+    assert ser.schedule(E * spe + 3, args, spe)["teacher_temp"] == pytest.approx(args.teacher_temp)
+
+
+def test_a_vit_with_fewer_than_4_blocks_is_probed_on_all_of_them():
+    """The probe's parts match what LastBlocksCLS concatenates, also for --depth < 4 (the
+    evaluation used to fail there, after training)."""
+    for depth in (1, 3, 4, 5):
+        args = ser.parse_args(TINY + ["--depth", str(depth)])          # the last --depth wins
+        model = ser.build_model(args).eval()
+        probe = ser.probeable(model, args)
+        features = probe.backbone(torch.rand(2, 3, args.resolution, args.resolution))
+        assert features.shape[1] == probe.parts["full"].stop == min(4, depth) * args.dim
+        assert probe.parts["last"].stop - probe.parts["last"].start == args.dim
