@@ -304,4 +304,27 @@ for s in 0 1; do
     run equimod-48px-s$s       baselines.py --method equimod-simclr --seed $s \
         --data-root data/3diebench-toy48 --resolution 48
 done
+# SER against the add-ons it is compared with (MoCo-v3 base, toy preset, 3 seeds), all with the
+# current ser.py (the official schedules: lr warm-up from 0), so the ser-moco-* runs above, which
+# predate that fix, are rerun here as addons-ser and addons-vanilla: vanilla and SER (L = 2), the
+# add-ons at the last block (the published baselines) and decoupled at block 2 (AugSelf,
+# EquiMod), E-SSL (2 views + 4 rotated crops), and the 2+4 views with SER and without it.
+for s in 0 1 2; do
+    for c in vanilla ser augself augself-L2 equimod equimod-L2 essl ser-local4 vanilla-local4; do
+        case $c in
+            vanilla)        flags="--ser off" ;;
+            ser)            flags="" ;;
+            augself)        flags="--equiv-objective augself" ;;
+            augself-L2)     flags="--equiv-objective augself --ser-layer 2" ;;
+            equimod)        flags="--equiv-objective equimod" ;;
+            equimod-L2)     flags="--equiv-objective equimod --ser-layer 2" ;;
+            essl)           flags="--equiv-objective essl" ;;
+            ser-local4)     flags="--local-crops 4" ;;
+            vanilla-local4) flags="--ser off --local-crops 4" ;;
+        esac
+        # shellcheck disable=SC2086  # the flags are words
+        run addons-$c-s$s      ser.py --base moco --seed $s $flags \
+            --eval-protocols linear,knn,equivariance,robustness
+    done
+done
 report
