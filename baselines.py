@@ -84,8 +84,7 @@ ITEM = "pairs"                   # what one batch row is, for the throughput log
 DROP_LAST = False                # the last, smaller batch of an epoch is trained on
 MEMORY_FORMAT = torch.channels_last   # faster ResNet convolutions, the same maths
 # Flags that may change between a run and its resumption (the lr is constant, so --epochs may grow).
-RUN_LENGTH_FLAGS = {"epochs", "stop_after_epochs", "run_dir", "resume", "data_root", "num_workers",
-                    "log_every", "compile", "eval_protocols", "no_eval"}
+RUN_LENGTH_FLAGS = eval.RESUMABLE_FLAGS | {"epochs"}
 
 # ================================ the method ================================
 # From the harness below: gather (the autograd all-gather over processes) and autocast (CUDA only).
@@ -490,9 +489,6 @@ def parse_args(argv=None):
                        help="Adam lr, constant: no warmup, no schedule")
     group.add_argument("--wd", type=eval.number(float, 0), default=1e-6,
                        help="Adam weight decay on every parameter")
-    group.add_argument("--amp", choices=("bf16", "fp16", "none"), default="bf16",
-                       help="autocast dtype on CUDA (ignored on CPU); fp16 adds a GradScaler")
-    group.add_argument("--compile", action="store_true", help="torch.compile the model's forward")
     eval.add_run_flags(parser, "baselines")
     # The preset's values become the defaults (in --help too), after every add_argument, whose own
     # default= would otherwise win over the preset; --help waits for the full parse.
@@ -596,24 +592,12 @@ def start_up(args):
                 eval.read_checkpoint(eval.resume_path(args), SCRIPT, args, RUN_LENGTH_FLAGS)
         except (data.DataError, eval.RunError, ValueError) as e:
             problem = str(e)
-    if dist.is_initialized():
-        message = [problem]
-        dist.broadcast_object_list(message, src=0)
-        problem = message[0]
+    problem = eval.from_rank0(problem)
     if problem:
         raise eval.RunError(problem)
 
 
 # ---- logging ----
-def reduce_sums(sums):
-    """One all-reduce and one host sync for a dict of device scalars: the logging point."""
-    keys = sorted(sums)
-    vec = torch.stack([sums[k].float() for k in keys])
-    if dist.is_initialized():
-        dist.all_reduce(vec)
-    return dict(zip(keys, vec.tolist()))
-
-
 def log_event(args, kind, **fields):
     """One JSON object per line in <run-dir>/log.jsonl, written by rank 0. The kinds: config
     (flags, argv, versions), resume, train (each loss term averaged over --log-every steps, the
@@ -711,7 +695,7 @@ def train(args, rank, world, device):
             if dist.is_initialized():
                 dist.all_reduce(bad_step, op=dist.ReduceOp.MAX)   # first bad step on any rank
             bad = int(bad_step.item())
-            means = {k: v / (n_window * world) for k, v in reduce_sums(window).items()}
+            means = {k: v / (n_window * world) for k, v in eval.sum_over_ranks(window).items()}
             if bad >= 0:
                 log_event(args, "error", epoch=epoch, step=bad, terms=means)
                 raise NonFiniteLoss(f"non-finite loss at step {bad} (epoch {epoch}); loss terms "
@@ -725,7 +709,7 @@ def train(args, rank, world, device):
             window, n_window, items, t_start, t_data = {}, 0, 0, time.perf_counter(), 0.0
         if epoch_sums:                                   # the online monitor, once per epoch
             log_event(args, "online", epoch=epoch, step=step,
-                      **monitor_metrics(reduce_sums(epoch_sums)))
+                      **monitor_metrics(eval.sum_over_ranks(epoch_sums)))
         if eval.main_process():
             eval.save_checkpoint(os.path.join(args.run_dir, "checkpoint.pt"), SCRIPT, args, model,
                                  optimizer, scaler, epoch + 1, step)

@@ -187,6 +187,25 @@ def main_process():
     return rank == 0
 
 
+def sum_over_ranks(sums):
+    """{name: device scalar} -> {name: float}, summed over the processes: one all-reduce and one
+    host sync (the training scripts' logging point)."""
+    keys = sorted(sums)
+    vec = torch.stack([sums[k].float() for k in keys])
+    if dist.is_initialized():
+        dist.all_reduce(vec)
+    return dict(zip(keys, vec.tolist()))
+
+
+def from_rank0(value):
+    """Rank 0's value of a picklable object, on every process (itself without a process group)."""
+    if not dist.is_initialized():
+        return value
+    message = [value]
+    dist.broadcast_object_list(message, src=0)
+    return message[0]
+
+
 def default_device():
     """cuda:LOCAL_RANK where there is a GPU (LOCAL_RANK: torchrun's, else 0), else the CPU."""
     if torch.cuda.is_available():
@@ -1991,9 +2010,15 @@ def widths(text):
     return text
 
 
+# add_run_flags' flags (and the data's location and loader workers) that may change between a run
+# and its resumption: they change how a run goes, not what it trains.
+RESUMABLE_FLAGS = {"run_dir", "resume", "stop_after_epochs", "log_every", "eval_protocols",
+                   "no_eval", "compile", "data_root", "num_workers"}
+
+
 def add_run_flags(parser, script, log_every=20):
-    """The flags of a training run's directory, seed, log and closing evaluation: the same in
-    sie.py, baselines.py and ser.py, whose harness reads them."""
+    """The flags of a training run's directory, seed, log, closing evaluation and speed: the same
+    in sie.py, baselines.py and ser.py, whose harness reads them."""
     group = parser.add_argument_group("run")
     group.add_argument("--run-dir", help=f"default runs/{script}-<preset>[-<variant>]; the same "
                                          f"command again resumes")
@@ -2007,6 +2032,9 @@ def add_run_flags(parser, script, log_every=20):
     group.add_argument("--eval-protocols", default="all",
                        help="eval.py protocols after training, comma-separated")
     group.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
+    group.add_argument("--amp", choices=("bf16", "fp16", "none"), default="bf16",
+                       help="autocast on CUDA (fp16 adds a GradScaler); loss statistics in fp32")
+    group.add_argument("--compile", action="store_true", help="torch.compile (the same maths)")
 
 
 def check_run_flags(parser, args):

@@ -121,8 +121,7 @@ DROP_LAST = True                 # as the released code: every step has a full b
 MEMORY_FORMAT = torch.contiguous_format    # a ViT: nothing to gain from channels_last
 # Flags that may change between a run and its resumption. Not --epochs: the lr, weight-decay and
 # momentum schedules are cosines over all epochs. num_classes is read from the data.
-RUN_LENGTH_FLAGS = {"run_dir", "resume", "data_root", "num_workers", "log_every",
-                    "stop_after_epochs", "compile", "eval_protocols", "no_eval", "num_classes"}
+RUN_LENGTH_FLAGS = eval.RESUMABLE_FLAGS | {"num_classes"}
 
 
 def preset_defaults(preset, base, equiv_objective="ser"):
@@ -1176,9 +1175,6 @@ def parse_args(argv=None):
     flags.add_argument("--wd-end", type=NONNEGATIVE, help="weight decay at the end, cosine")
     flags.add_argument("--clip-grad", type=NONNEGATIVE,
                        help="per-parameter grad-norm clip, 0 = off (bt: see barlow_twins_loss)")
-    flags.add_argument("--amp", choices=("bf16", "fp16", "none"), default="bf16",
-                       help="CUDA autocast; fp16 + GradScaler")
-    flags.add_argument("--compile", action="store_true", help="torch.compile every ViT block")
     eval.add_run_flags(p, "ser", log_every=10)
     # --preset and --base (read without -h) set the defaults, in --help too. This comes after
     # every add_argument, whose own default= would otherwise win over the preset.
@@ -1309,24 +1305,12 @@ def start_up(args):
                 eval.read_checkpoint(eval.resume_path(args), SCRIPT, args, RUN_LENGTH_FLAGS)
         except (data.DataError, eval.RunError, ValueError) as e:
             problem = str(e)
-    if dist.is_initialized():
-        message = [problem]
-        dist.broadcast_object_list(message, src=0)
-        problem = message[0]
+    problem = eval.from_rank0(problem)
     if problem:
         raise eval.RunError(problem)
 
 
 # ---- logging ----
-def reduce_sums(sums):
-    """One all-reduce and one host sync for a dict of device scalars: the logging point."""
-    keys = sorted(sums)
-    vec = torch.stack([sums[k].float() for k in keys])
-    if dist.is_initialized():
-        dist.all_reduce(vec)
-    return dict(zip(keys, vec.tolist()))
-
-
 def log_event(args, kind, **fields):
     """One JSON object per line in <run-dir>/log.jsonl, written by rank 0. The kinds: config
     (flags, argv, versions), resume, train (each loss term averaged over --log-every steps, the
@@ -1424,7 +1408,7 @@ def train(args, rank, world, device):
             if dist.is_initialized():
                 dist.all_reduce(bad_step, op=dist.ReduceOp.MAX)   # first bad step on any rank
             bad = int(bad_step.item())
-            means = {k: v / (n_window * world) for k, v in reduce_sums(window).items()}
+            means = {k: v / (n_window * world) for k, v in eval.sum_over_ranks(window).items()}
             if bad >= 0:
                 log_event(args, "error", epoch=epoch, step=bad, terms=means)
                 raise NonFiniteLoss(f"non-finite loss at step {bad} (epoch {epoch}); loss terms "
@@ -1438,7 +1422,7 @@ def train(args, rank, world, device):
             window, n_window, items, t_start, t_data = {}, 0, 0, time.perf_counter(), 0.0
         if epoch_sums:                                   # the online monitor, once per epoch
             log_event(args, "online", epoch=epoch, step=step,
-                      **monitor_metrics(reduce_sums(epoch_sums)))
+                      **monitor_metrics(eval.sum_over_ranks(epoch_sums)))
         if eval.main_process():
             eval.save_checkpoint(os.path.join(args.run_dir, "checkpoint.pt"), SCRIPT, args, model,
                                  optimizer, scaler, epoch + 1, step)

@@ -76,8 +76,7 @@ ITEM = "pairs"                   # what one batch row is, for the throughput log
 DROP_LAST = False                # the last, smaller batch of an epoch is trained on
 MEMORY_FORMAT = torch.channels_last   # faster ResNet convolutions, the same maths
 # Flags that may change between a run and its resumption (the lr is constant, so --epochs may grow).
-RUN_LENGTH_FLAGS = {"epochs", "stop_after_epochs", "run_dir", "resume", "data_root", "num_workers",
-                    "log_every", "compile", "decode", "eval_protocols", "no_eval"}
+RUN_LENGTH_FLAGS = eval.RESUMABLE_FLAGS | {"epochs", "decode"}
 
 
 # ================================ the method ================================
@@ -155,16 +154,13 @@ def projector(d_in, layer_widths):
 
 # ---- the predictor (Sec. 3.3; official code, src/hypernetwork.py, HyperNet) ----
 class HypernetPredictor(nn.Module):
-    """prediction = W(g) z. The hypernetwork H, one bias-free Linear(k, d * d) (4,194,304
-    parameters at d = 1024, k = 4), writes the weights of a linear map from g:
-
+    """prediction = W(g) z: the hypernetwork H, one bias-free Linear(k, d * d) (4,194,304
+    parameters at d = 1024, k = 4), writes the weights of a linear map from c = g (the paper)
+    or c = MLP(g) (--hypernet deep):
         materialised:  W(g) = (H c).view(d, d)   prediction = W(g) z     (B x d x d floats)
         computed here: A_k = H[:, k].view(d, d)  prediction = sum_k c_k (A_k z)
-
-    with c = g (the paper), or c = MLP(g) with --hypernet deep. H c is linear in c, so the two
-    forms are equal for every --hypernet; the second never builds the (B, d, d) weights (1 G
-    floats at B = d = 1024). tests/test_sie.py::test_predictor_cheap_form_equals_materialised
-    checks values and gradients."""
+    Equal for every --hypernet, H c being linear in c (values and gradients: tests/test_sie.py::
+    test_predictor_cheap_form_equals_materialised); the second never builds the weights."""
 
     def __init__(self, d, g_dims=4, deep=False, bias=False):
         super().__init__()
@@ -351,10 +347,9 @@ monitor_metrics = eval.monitor_metrics     # the online monitor's epoch figures,
 
 
 def probeable(model, args):
-    """What eval.py probes: the backbone and the parts of its representation; the equivariant
-    projector (it reads the 'equi' part) and the predictor, for MRR, H@k and PRE; the width of g;
-    and, for `eval.py --features embeddings`, Z = [z_inv; z_equi] (where the loss acts); the
-    predictor as it was at step 0, the predictor protocol's reference."""
+    """What eval.py probes: the representation's parts; the equivariant projector (it reads the
+    'equi' part) and the predictor, for MRR, H@k, PRE and the predictor protocol (with its step-0
+    state); the width of g; Z = [z_inv; z_equi] for `eval.py --features embeddings`."""
     def predictor_at_init():
         return eval.model_at_init(build_model, args).predictor
     d_inv, d_all = model.inv_emb_dims, model.inv_emb_dims + model.equi_emb_dims
@@ -369,10 +364,9 @@ def probeable(model, args):
 
 # ---- this project's experiments, not in the paper ----
 def init_hypernet_gain(predictor, gain):
-    """--hypernet-gain G: H from N(0, G^2 / d), so |W(g) z| is about G |z| at the start for a
-    unit g. PyTorch's Linear init (the official code's) draws H from U(-1/2, 1/2) for k = 4: every
-    W(g)[o, i] has variance 1/12 and |W(g) z| is about 0.29 sqrt(d) |z|, 1.6 x at the toy's
-    d = 32, 9.2 x at the paper's d = 1024 (README, "The toy preset")."""
+    """--hypernet-gain G: H from N(0, G^2 / d), so |W(g) z| ~ G |z| at the start for a unit g.
+    PyTorch's Linear init (the official code's) draws H from U(-1/2, 1/2) for k = 4: |W(g) z| ~
+    0.29 sqrt(d) |z|, 1.6 x at the toy's d = 32, 9.2 x at the paper's d = 1024."""
     nn.init.normal_(predictor.hyper.weight, std=gain * predictor.d ** -0.5)
 
 
@@ -427,38 +421,29 @@ def parse_args(argv=None):
                        help="Adam lr, constant: no warmup, no schedule (paper 1e-3)")
     group.add_argument("--wd", type=eval.number(float, 0), default=1e-6,
                        help="Adam weight decay on every parameter (paper 1e-6)")
-    group.add_argument("--amp", choices=("bf16", "fp16", "none"), default="bf16",
-                       help="autocast on CUDA (fp16 adds a GradScaler); loss statistics in fp32")
-    group.add_argument("--compile", action="store_true", help="torch.compile (same maths)")
     eval.add_run_flags(p, "sie")
     # The preset's values become the defaults (in --help too). This comes after every
     # add_argument, whose own default= would otherwise win over the preset.
     given = [a for a in (sys.argv[1:] if argv is None else argv) if a not in ("-h", "--help")]
     p.set_defaults(**PRESETS[p.parse_known_args(given)[0].preset])
     args = p.parse_args(argv)
-    check_flags(p, args, given)
-    if args.equi_only:
-        args.equi_dims = REPR_DIM
-    if args.run_dir is None:
-        args.run_dir = os.path.join("runs", "-".join(["sie", args.preset] + run_tags(args)))
-    return args
-
-
-def check_flags(p, args, given):
-    """The combinations argparse cannot check flag by flag, each one p.error line. given: the
-    command line's flags."""
+    # What one flag alone cannot check: one p.error line each.
     given = {a.split("=")[0] for a in given}
     if args.equi_only and "--equi-dims" in given:
         p.error("argument --equi-dims: --equi-only uses all 512 dims; drop one of the two")
-    equi_dims = REPR_DIM if args.equi_only else args.equi_dims
+    if args.equi_only:
+        args.equi_dims = REPR_DIM
     if args.predictor == "mlp" and (args.hypernet != "linear" or "--hypernet-gain" in given):
         p.error("argument --hypernet/--hypernet-gain: they shape the hypernetwork predictor; "
                 "--predictor mlp has none")
-    for repr_dims in (REPR_DIM - equi_dims, equi_dims):
+    for repr_dims in (REPR_DIM - args.equi_dims, args.equi_dims):
         if repr_dims and min(split_widths(args.mlp, repr_dims)) < 1:
             p.error(f"argument --mlp: {args.mlp} scaled by {repr_dims}/{REPR_DIM} for a part of "
                     f"the split has a layer of width 0; use a wider --mlp or another --equi-dims")
     eval.check_run_flags(p, args)
+    if args.run_dir is None:
+        args.run_dir = os.path.join("runs", "-".join(["sie", args.preset] + run_tags(args)))
+    return args
 
 
 def run_tags(args):
@@ -536,24 +521,12 @@ def start_up(args):
                 eval.read_checkpoint(eval.resume_path(args), SCRIPT, args, RUN_LENGTH_FLAGS)
         except (data.DataError, eval.RunError, ValueError) as e:
             problem = str(e)
-    if dist.is_initialized():
-        message = [problem]
-        dist.broadcast_object_list(message, src=0)
-        problem = message[0]
+    problem = eval.from_rank0(problem)
     if problem:
         raise eval.RunError(problem)
 
 
 # ---- logging ----
-def reduce_sums(sums):
-    """One all-reduce and one host sync for a dict of device scalars: the logging point."""
-    keys = sorted(sums)
-    vec = torch.stack([sums[k].float() for k in keys])
-    if dist.is_initialized():
-        dist.all_reduce(vec)
-    return dict(zip(keys, vec.tolist()))
-
-
 def log_event(args, kind, **fields):
     """One JSON object per line in <run-dir>/log.jsonl, written by rank 0. The kinds: config
     (flags, argv, versions), resume, train (each loss term averaged over --log-every steps, the
@@ -651,7 +624,7 @@ def train(args, rank, world, device):
             if dist.is_initialized():
                 dist.all_reduce(bad_step, op=dist.ReduceOp.MAX)   # first bad step on any rank
             bad = int(bad_step.item())
-            means = {k: v / (n_window * world) for k, v in reduce_sums(window).items()}
+            means = {k: v / (n_window * world) for k, v in eval.sum_over_ranks(window).items()}
             if bad >= 0:
                 log_event(args, "error", epoch=epoch, step=bad, terms=means)
                 raise NonFiniteLoss(f"non-finite loss at step {bad} (epoch {epoch}); loss terms "
@@ -665,7 +638,7 @@ def train(args, rank, world, device):
             window, n_window, items, t_start, t_data = {}, 0, 0, time.perf_counter(), 0.0
         if epoch_sums:                                   # the online monitor, once per epoch
             log_event(args, "online", epoch=epoch, step=step,
-                      **monitor_metrics(reduce_sums(epoch_sums)))
+                      **monitor_metrics(eval.sum_over_ranks(epoch_sums)))
         if eval.main_process():
             eval.save_checkpoint(os.path.join(args.run_dir, "checkpoint.pt"), SCRIPT, args, model,
                                  optimizer, scaler, epoch + 1, step)

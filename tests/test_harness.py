@@ -418,7 +418,7 @@ def test_the_harness_is_the_same_text_in_every_script():
 
 def test_the_harness_check_catches_an_edited_copy():
     texts = script_texts()
-    edited = texts["ser"].replace("def reduce_sums(sums):",
-                                  "def reduce_sums(sums):\n    sums = sums")
+    edited = texts["ser"].replace("def log_event(args, kind, **fields):",
+                                  "def log_event(args, kind, **fields):\n    kind = kind")
     assert edited != texts["ser"]
     assert set(harness_differences({**texts, "ser": edited})) == {"ser"}
