@@ -17,13 +17,7 @@ import eval as ev
 from conftest import REPO, leave_process_group, run
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: one intra-op thread is faster, and far faster on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")     # conftest.py: small tensors
 
 
 def identity(x):
