@@ -44,11 +44,6 @@ image side S, patch P, grid G = S / P, width D, token-projector width E):
 What SER is compared with (--equiv-objective): AugSelf, EquiMod and E-SSL in L_equiv's place,
 at the final [CLS] or layer-decoupled (--ser-layer L < --depth); the 2+4 views (--local-crops 4).
 
-Reading order: the presets; the method (the group elements and rho_g, the token loss, the compared
-add-ons, the ViT with delayed [CLS], the base losses, the model, one training step, the
-augmentations); the flags; the training harness, the same text in sie.py, baselines.py and ser.py.
-Nothing runs at import.
-
     python ser.py --base moco                                # toy preset: CPU, generated data
     torchrun --standalone --nproc_per_node=2 ser.py --base moco       # the same, 2 processes
     torchrun --standalone --nproc_per_node=8 ser.py --preset paper --base moco \\
