@@ -11,13 +11,16 @@
 - assets/study_methods.png: per-method bars of top-1 and pooled rotation R², mean over seeds
   (results/study/*/eval.json);
 - assets/study_ser_equivariance.png: SER's Δ-equivariance per block for each configuration, mean
-  over seeds (results/ser-toy/*/eval.json).
+  over seeds (results/ser-toy/*/eval.json);
+- assets/study_addons_equivariance.png: the same for SER and the add-ons it is compared with
+  (results/study/addons-*/eval.json).
 A run directory name ending in -s<seed> is one seed of the configuration named by the rest.
 `--table NAME` prints one of the study's tables instead (claims, question1, question2,
 losses: per SIE run, the unweighted loss terms averaged over its last 10 log lines; drift: how
 far the hypernetwork moves from its initialisation, from results/predictor_drift.py; time: the
 training time the result folders hold, from each log's throughput: pairs_per_s or images_per_s;
-default: the README's first-screen runs of `python sie.py`, from results/default_runs.sh);
+default: the README's first-screen runs of `python sie.py`, from results/default_runs.sh;
+addons: SER and the add-ons it is compared with, every seed);
 `--readme results/README.md` rewrites those tables in the study's README, between their marker
 lines. A missing or empty result folder, or a result file that cannot be read, is one message
 naming it and exit code 2; the README is then left as it was.
@@ -156,8 +159,10 @@ class Plot:
         self.draw.rectangle((self.x(x_left), self.y(height), self.x(x_right), self.y(0)),
                             fill=colour)
 
-    def legend(self, names):
-        left, top, _, _ = self.box
+    def legend(self, names, right=False):
+        left, top, box_right, _ = self.box
+        if right:                                            # the top-right corner instead
+            left = box_right - 20 - 6 * max(len(name) for name in names)
         for i, name in enumerate(names):
             y = top + 6 + 12 * i
             self.draw.rectangle((left + 6, y, left + 14, y + 8), fill=COLOURS[i % len(COLOURS)])
@@ -260,7 +265,9 @@ def method_bars(pattern, out_png, metrics=("top1/full", "rot_r2_pooled/full")):
     image.save(out_png)
 
 
-def ser_equivariance(pattern, out_png):
+def ser_equivariance(pattern, out_png, title="SER: delta-equivariance (value - no-rho "
+                                             "reference) per block, mean over seeds",
+                     legend_right=False):
     """Δeq (the value minus its no-ρ reference) per block, one line per configuration."""
     groups = summaries_by_configuration(pattern)
     curves = {}
@@ -278,12 +285,11 @@ def ser_equivariance(pattern, out_png):
     image = Image.new("RGB", (560, 340), "white")
     draw = ImageDraw.Draw(image)
     all_values = [v for c in curves.values() for v in c]
-    title = "SER: delta-equivariance (value - no-rho reference) per block, mean over seeds"
     plot = Plot(draw, (60, 30, 540, 300), (1, depth), value_range(all_values), title, "block", "")
     names = sorted(curves)
     for i, name in enumerate(names):
         plot.line(range(1, len(curves[name]) + 1), curves[name], COLOURS[i])
-    plot.legend(names)
+    plot.legend(names, right=legend_right)
     image.save(out_png)
 
 
@@ -650,6 +656,115 @@ def ser_claims(study, ser):
     return rows
 
 
+
+# SER against the add-ons it is compared with (quick_study.sh's addons-* runs, MoCo-v3 base, all
+# with the same ser.py): (label, configuration, views); the 2-view vanilla run is the reference
+# of the 2- and 3-view rows, the 2+4 one of the 2+4 rows.
+ADDONS = [("vanilla", "addons-vanilla", "2"), ("SER", "addons-ser", "2"),
+          ("AugSelf", "addons-augself", "2"), ("AugSelf, block 2", "addons-augself-L2", "2"),
+          ("EquiMod", "addons-equimod", "3"), ("EquiMod, block 2", "addons-equimod-L2", "3"),
+          ("E-SSL", "addons-essl", "2+4"), ("SER 2+4", "addons-ser-local4", "2+4"),
+          ("vanilla 2+4", "addons-vanilla-local4", "2+4")]
+LINEAR = "linear_top1/full"
+
+
+def with_seeds(folder, configuration_name, key):
+    """'0.183 ± 0.010 (3: 0.175, 0.180, 0.195)': spread() and each seed's value, by seed."""
+    found = seeds_of(folder, configuration_name, key)
+    if not found:
+        return "not run"
+    return spread(found.values())[:-1] + ": " + fmt(found.values()) + ")"
+
+
+def regularised_block(folder, configuration_name):
+    """The block an objective reads (ser.py's --ser-layer as the run resolved it, from the config
+    line of its log.jsonl), or None for a run without one (--ser off, or not run)."""
+    for path in sorted(glob.glob(os.path.join(folder, f"{configuration_name}-s*", "log.jsonl"))):
+        config = read_jsonl(path)[0].get("config")
+        if not isinstance(config, dict) or not isinstance(config.get("ser_layer"), int):
+            raise BadInput(f"{path}: its first line is not ser.py's config line (ser_layer)")
+        return config["ser_layer"] if config.get("ser") == "on" else None
+    return None
+
+
+def seed_differences(folder, config_a, config_b, key):
+    """'s0 0.010, s1 -0.005' for value(a) - value(b) on the seeds both have, and the list."""
+    a, b = seeds_of(folder, config_a, key), seeds_of(folder, config_b, key)
+    differences = {s: a[s] - b[s] for s in a if s in b}
+    return ", ".join(f"s{s} {d:.3f}" for s, d in differences.items()), list(differences.values())
+
+
+def addon_claims(study):
+    """SER vs the add-ons at matched views, layer decoupling of the add-ons, and the equivariance
+    of each objective's block, on the addons-* runs."""
+    runs = {label: name for label, name, _ in ADDONS}
+    top1 = {label: values(study, name, LINEAR) for label, name, _ in ADDONS}
+    data = "toy ImageFolder, 150 steps, linear top-1"
+    rows = []
+    for views, addon, reference, claim, theirs in (
+            ("2", "AugSelf", "vanilla", "linear-probe top-1 at matched views: SER above AugSelf "
+             "(2 views)", "SER 69.28, AugSelf 67.55 (MoCo-v3 68.44)"),
+            ("3", "EquiMod", "vanilla", "the same, 3 views: SER (2 views) above EquiMod",
+             "SER 69.28, EquiMod 68.95"),
+            ("2+4", "E-SSL", "vanilla 2+4", "the same, 2+4 views: SER 2+4 above E-SSL",
+             "SER 71.56, E-SSL 70.60")):
+        ser = "SER 2+4" if views == "2+4" else "SER"
+        ours = "; ".join(f"{label} {with_seeds(study, runs[label], LINEAR)}"
+                         for label in (ser, addon, reference))
+        rows.append((claim, "SER Table 1" if views == "2" else "", theirs, f"{data}: {ours}",
+                     above(top1[ser], top1[addon])))
+    for addon, theirs in (("EquiMod", "68.95 → 69.51"), ("AugSelf", "67.55 → 68.23")):
+        decoupled = f"{addon}, block 2"
+        shown, differences = seed_differences(study, runs[decoupled], runs[addon], LINEAR)
+        rows.append((f"layer decoupling raises {addon}'s linear-probe top-1 (its objective at "
+                     "block 2 of 6 instead of the last)",
+                     "SER Sec. 5 (layer-decoupled baselines)" if addon == "EquiMod" else "",
+                     f"{theirs} (layer 12 → layer 3 of 12)",
+                     f"{data}: last block {with_seeds(study, runs[addon], LINEAR)}; block 2 "
+                     f"{with_seeds(study, runs[decoupled], LINEAR)}; block 2 − last: "
+                     f"{shown or 'not run'}", paired(differences)))
+    comparisons, ours = {}, []
+    for label, name, views in ADDONS[1:]:
+        if label.startswith("vanilla"):
+            continue
+        block = regularised_block(study, name)
+        if block is None:
+            comparisons[label] = "not run"
+            continue
+        reference = "vanilla 2+4" if views == "2+4" else "vanilla"
+        mine = delta_eq_values(study, name, block)
+        vanilla = delta_eq_values(study, runs[reference], block)
+        comparisons[label] = above(mine, vanilla)
+        ours.append(f"{label} (block {block}) {spread(mine)}, {reference} {spread(vanilla)}")
+    rows.append(("each objective raises the equivariance score of the block it regularises "
+                 "over vanilla's same block", "SER Table 4",
+                 "rotation equivariance: SER 0.840 (L = 3), MoCo-v3 0.804; the add-ons': not "
+                 "reported", "toy ImageFolder, 150 steps, Δeq: " + "; ".join(ours),
+                 verdict_with_details(comparisons)))
+    return rows
+
+
+def addons_table(study):
+    """Per addons-* configuration: its views and block, linear top-1, 20-NN top-1, robustness
+    top-1 and Δeq at blocks 2 and 6, each as mean ± std with every seed; training time."""
+    print("| configuration | views | objective's block | linear top-1 | 20-NN top-1 | robustness "
+          "top-1 (mean over shifts) | Δeq block 2 | Δeq block 6 | training (min per run) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for label, name, views in ADDONS:
+        results = runs_of(study, name)
+        if not results:
+            continue
+        block = regularised_block(study, name)
+        logs = sorted(glob.glob(os.path.join(study, f"{name}-s*", "log.jsonl")))
+        minutes = mean([training_seconds(path) for path in logs]) / 60
+        deltas = [f"{spread(delta_eq(r, b) for r in results.values())[:-1]}: "
+                  f"{fmt(delta_eq(r, b) for r in results.values())})" for b in (2, 6)]
+        cells = [f"{label} ({name})", views, str(block) if block else "none",
+                 with_seeds(study, name, LINEAR), with_seeds(study, name, "knn20_top1/full"),
+                 with_seeds(study, name, "robust_top1_*/full"), *deltas, f"{minutes:.1f}"]
+        print("| " + " | ".join(cells) + " |")
+
+
 # Question 1: one factor at a time from the toy preset. (label, SIE run, EquiMod run)
 FACTORS = [
     ("toy preset (700 steps, batch 32, 32 px, 20 objects per class, widths 64, α 0.45)",
@@ -766,7 +881,7 @@ def drift_table(study):
 def claims_table(study, ser):
     print("| claim | source | theirs (real data) | ours | verdict |")
     print("|---|---|---|---|---|")
-    for row in sie_claims(study) + ser_claims(study, ser):
+    for row in sie_claims(study) + ser_claims(study, ser) + addon_claims(study):
         print("| " + " | ".join(row) + " |")
 
 
@@ -801,32 +916,33 @@ def time_table(study, ser):
 
 
 def default_table(folder):
-    """The README's first screen: the default command `python sie.py` with seeds 0-3 at 1 and 2
-    threads (results/default_runs.sh), per run and as mean ± std, with the rule the toy preset
-    must meet: MRR above 2x chance and the equivariant part's rotation R² above 0.5, every run."""
-    rows, mrrs, r2s, passed = [], [], [], 0
+    """The README's first screen: the default command `python sie.py` with seeds 0-3 at 2 and 1
+    threads (results/default_runs.sh), per run and as mean ± std per thread count, with the rule
+    the toy preset must meet: MRR above 2x chance and the equivariant part's rotation R² above
+    0.5, in every run."""
+    runs = {}                                   # threads -> [(seed, mrr, r2, passed)]
     for path in sorted(glob.glob(os.path.join(folder, "t*-s*", "eval.json"))):
         threads, seed = re.fullmatch(r"t(\d+)-s(\d+)",
                                      os.path.basename(os.path.dirname(path))).groups()
         result = read_eval(path)
         mrr, r2 = value(result, "mrr/embedding"), value(result, "rot_r2_pooled/equi")
-        ok = mrr > 2 * chance(result, "mrr/embedding") and r2 > 0.5
-        passed += ok
-        rows.append(f"| {threads} | {seed} | {mrr:.3f} | {r2:.3f} | {'yes' if ok else 'NO'} |")
-        mrrs.append(mrr)
-        r2s.append(r2)
-    if not rows:
+        passed = mrr > 2 * chance(result, "mrr/embedding") and r2 > 0.5
+        runs.setdefault(int(threads), []).append((seed, mrr, r2, passed))
+    if not runs:
         raise BadInput(f"--default {folder}: no t<threads>-s<seed>/eval.json")
     print(f"| threads | seed | MRR (chance {chance(result, 'mrr/embedding'):.3f}) | rotation R², "
           f"equivariant part (constant {chance(result, 'rot_r2_pooled/equi'):.3f}) | "
           f"MRR > 2x chance and R² > 0.5 |")
     print("|---|---|---|---|---|")
-    print("\n".join(rows))
-    print(f"| mean ± std | {len(rows)} runs | {spread(mrrs)} | {spread(r2s)} | "
-          f"{passed} of {len(rows)} |")
+    for threads in sorted(runs, reverse=True):
+        for seed, mrr, r2, passed in runs[threads]:
+            print(f"| {threads} | {seed} | {mrr:.3f} | {r2:.3f} | {'yes' if passed else 'NO'} |")
+        rows = runs[threads]
+        print(f"| {threads} | mean ± std | {spread(r[1] for r in rows)} | "
+              f"{spread(r[2] for r in rows)} | {sum(r[3] for r in rows)} of {len(rows)} |")
 
 
-TABLES = ("claims", "question1", "question2", "losses", "drift", "time", "default")
+TABLES = ("claims", "question1", "question2", "losses", "drift", "time", "default", "addons")
 TABLE_START = "<!-- table: python results/make_figures.py --table {} -->"
 TABLE_END = "<!-- end of table -->"
 
@@ -844,6 +960,8 @@ def print_table(name, study, ser, default="results/default"):
         time_table(study, ser)
     elif name == "default":
         default_table(default)
+    elif name == "addons":
+        addons_table(study)
     else:
         loss_table(os.path.join(study, "sie-*"))
 
@@ -941,6 +1059,11 @@ def draw(args):
     if glob.glob(os.path.join(args.ser, "*", "eval.json")):
         ser_equivariance(os.path.join(args.ser, "*"),
                          os.path.join(args.out, "study_ser_equivariance.png"))
+    if glob.glob(os.path.join(args.study, "addons-*", "eval.json")):
+        ser_equivariance(os.path.join(args.study, "addons-*"),
+                         os.path.join(args.out, "study_addons_equivariance.png"),
+                         "SER and the add-ons (MoCo-v3): delta-equivariance per block, mean over "
+                         "seeds", legend_right=True)
 
 
 if __name__ == "__main__":

@@ -113,11 +113,69 @@ def test_claims_table_reads_the_result_files(tmp_path):
     assert "| 2 of 3 |" in out                                            # seeds off the plateau
 
 
+def addon_run(study, name, seed, top1, block, eq2, eq6):
+    """One addons-* run: its config line (the block its objective reads), linear top-1 and the
+    equivariance score at blocks 2 and 6 (chance 0.5: Δeq = value - 0.5)."""
+    config = {"batch_size": 64, "ser": "off" if block is None else "on", "ser_layer": block or 2}
+    log = [{"kind": "config", "config": config},
+           {"kind": "train", "step": 150, "images_per_s": 160.0}]
+    metrics = [{"name": "equivariance", "part": f"block{b}", "value": 0.5 + eq, "chance": 0.5}
+               for b, eq in ((2, eq2), (6, eq6))]
+    summary = {"linear_top1/full": top1, "knn20_top1/full": 0.1, "robust_top1_rot90/full": 0.2,
+               "robust_top1_blur/full": 0.1, "equivariance/block2": 0.5 + eq2,
+               "equivariance/block6": 0.5 + eq6}
+    write_run(study, f"{name}-s{seed}", summary, log, metrics)
+
+
+def test_addon_claims_and_table_read_the_addons_runs(tmp_path, capsys):
+    """SER vs each add-on unpaired, decoupled vs last block paired per seed, the equivariance
+    row at each objective's own block against vanilla's same block; the table lists every seed."""
+    study = tmp_path / "study"
+    for seed in (0, 1):
+        addon_run(study, "addons-vanilla", seed, 0.18, None, 0.05, 0.02)
+        addon_run(study, "addons-ser", seed, 0.20 + seed / 100, 2, 0.15, 0.04)
+        addon_run(study, "addons-augself", seed, 0.17, 6, 0.05, 0.01 + seed / 10)
+        addon_run(study, "addons-augself-L2", seed, 0.175 + seed / 50, 2, 0.06, 0.02)
+        addon_run(study, "addons-equimod", seed, 0.19, 6, 0.05, 0.10)
+        addon_run(study, "addons-equimod-L2", seed, 0.21, 2, 0.20, 0.02)
+    figures = load_make_figures()
+    rows = {row[0]: row for row in figures.addon_claims(str(study))}
+    matched = rows["linear-probe top-1 at matched views: SER above AugSelf (2 views)"]
+    assert "SER 0.205 ± 0.007 (2: 0.200, 0.210)" in matched[3]
+    assert matched[4] == "holds at 2 seeds"
+    assert rows["the same, 3 views: SER (2 views) above EquiMod"][4] == "holds at 2 seeds"
+    assert rows["the same, 2+4 views: SER 2+4 above E-SSL"][4] == "not run"
+    decoupling = "linear-probe top-1 (its objective at block 2 of 6 instead of the last)"
+    equimod = rows[f"layer decoupling raises EquiMod's {decoupling}"]
+    assert "block 2 − last: s0 0.020, s1 0.020" in equimod[3] and equimod[4] == "holds at 2 seeds"
+    augself = rows[f"layer decoupling raises AugSelf's {decoupling}"]
+    assert "s0 0.005, s1 0.025" in augself[3] and augself[4] == "inconclusive at 2 seeds"
+    equivariance = rows["each objective raises the equivariance score of the block it "
+                        "regularises over vanilla's same block"]
+    assert "AugSelf (block 6) 0.060 ± 0.071 (2), vanilla 0.020 ± 0.000 (2)" in equivariance[3]
+    assert equivariance[4].startswith("inconclusive at 2 seeds (SER: holds at 2 seeds; AugSelf: "
+                                      "inconclusive at 2 seeds;")
+    assert "EquiMod: holds at 2 seeds; EquiMod, block 2: holds at 2 seeds; E-SSL: not run" in (
+        equivariance[4])
+    figures.main(["--table", "addons", "--study", str(study)])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 + 6 and all(line.count("|") == 10 for line in lines)
+    assert lines[3] == ("| SER (addons-ser) | 2 | 2 | 0.205 ± 0.007 (2: 0.200, 0.210) | "
+                        "0.100 ± 0.000 (2: 0.100, 0.100) | 0.150 ± 0.000 (2: 0.150, 0.150) | "
+                        "0.150 ± 0.000 (2: 0.150, 0.150) | 0.040 ± 0.000 (2: 0.040, 0.040) | 1.0 |")
+    assert lines[2].startswith("| vanilla (addons-vanilla) | 2 | none |")
+    ser, out = tmp_path / "ser", tmp_path / "assets"                 # the figure
+    write_run(ser, "ser-toy-moco", {})
+    figures.main(["--study", str(study), "--ser", str(ser), "--out", str(out)])
+    with Image.open(out / "study_addons_equivariance.png") as image:
+        assert image.size[0] > 400 and image.getextrema() != ((255, 255),) * 3
+
+
 def test_readme_tables_are_the_generated_ones():
     """The study's tables (results/README.md) are make_figures.py --table's output on the
     committed files."""
     readme = (REPO / "results" / "README.md").read_text()
-    for table in ("claims", "question1", "question2", "losses", "drift", "time"):
+    for table in ("claims", "question1", "question2", "losses", "drift", "time", "addons"):
         start = f"<!-- table: python results/make_figures.py --table {table} -->"
         assert start in readme, table
         committed = readme.split(start)[1].split("<!-- end of table -->")[0].strip()
