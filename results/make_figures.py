@@ -658,13 +658,16 @@ def ser_claims(study, ser):
 
 
 # SER against the add-ons it is compared with (quick_study.sh's addons-* runs, MoCo-v3 base, all
-# with the same ser.py): (label, configuration, views); the 2-view vanilla run is the reference
-# of the 2- and 3-view rows, the 2+4 one of the 2+4 rows.
-ADDONS = [("vanilla", "addons-vanilla", "2"), ("SER", "addons-ser", "2"),
-          ("AugSelf", "addons-augself", "2"), ("AugSelf, block 2", "addons-augself-L2", "2"),
-          ("EquiMod", "addons-equimod", "3"), ("EquiMod, block 2", "addons-equimod-L2", "3"),
-          ("E-SSL", "addons-essl", "2+4"), ("SER 2+4", "addons-ser-local4", "2+4"),
-          ("vanilla 2+4", "addons-vanilla-local4", "2+4")]
+# with the same ser.py): (label, configuration, views, the vanilla run with the same invariance
+# views). E-SSL's 4 rotated crops reach only its rotation head, so its vanilla is the 2-view one.
+ADDONS = [("vanilla", "addons-vanilla", "2", None), ("SER", "addons-ser", "2", "vanilla"),
+          ("AugSelf", "addons-augself", "2", "vanilla"),
+          ("AugSelf, decoupled", "addons-augself-L2", "2", "vanilla"),
+          ("EquiMod", "addons-equimod", "3", "vanilla"),
+          ("EquiMod, decoupled", "addons-equimod-L2", "3", "vanilla"),
+          ("E-SSL", "addons-essl", "2+4", "vanilla"), ("SER 2+4", "addons-ser-local4", "2+4",
+                                                       "vanilla 2+4"),
+          ("vanilla 2+4", "addons-vanilla-local4", "2+4", None)]
 LINEAR = "linear_top1/full"
 
 
@@ -697,24 +700,24 @@ def seed_differences(folder, config_a, config_b, key):
 def addon_claims(study):
     """SER vs the add-ons at matched views, layer decoupling of the add-ons, and the equivariance
     of each objective's block, on the addons-* runs."""
-    runs = {label: name for label, name, _ in ADDONS}
-    top1 = {label: values(study, name, LINEAR) for label, name, _ in ADDONS}
+    runs = {label: name for label, name, _, _ in ADDONS}
+    top1 = {label: values(study, name, LINEAR) for label, name, _, _ in ADDONS}
     data = "toy ImageFolder, 150 steps, linear top-1"
     rows = []
-    for views, addon, reference, claim, theirs in (
-            ("2", "AugSelf", "vanilla", "linear-probe top-1 at matched views: SER above AugSelf "
-             "(2 views)", "SER 69.28, AugSelf 67.55 (MoCo-v3 68.44)"),
-            ("3", "EquiMod", "vanilla", "the same, 3 views: SER (2 views) above EquiMod",
+    for views, addon, references, claim, theirs in (
+            ("2", "AugSelf", ["vanilla"], "linear-probe top-1 at matched views: SER above "
+             "AugSelf (2 views)", "SER 69.28, AugSelf 67.55 (MoCo-v3 68.44)"),
+            ("3", "EquiMod", ["vanilla"], "the same, 3 views: SER (2 views) above EquiMod",
              "SER 69.28, EquiMod 68.95"),
-            ("2+4", "E-SSL", "vanilla 2+4", "the same, 2+4 views: SER 2+4 above E-SSL",
-             "SER 71.56, E-SSL 70.60")):
+            ("2+4", "E-SSL", ["vanilla", "vanilla 2+4"], "the same, 2+4 views: SER 2+4 above "
+             "E-SSL", "SER 71.56, E-SSL 70.60")):
         ser = "SER 2+4" if views == "2+4" else "SER"
         ours = "; ".join(f"{label} {with_seeds(study, runs[label], LINEAR)}"
-                         for label in (ser, addon, reference))
+                         for label in [ser, addon] + references)
         rows.append((claim, "SER Table 1" if views == "2" else "", theirs, f"{data}: {ours}",
                      above(top1[ser], top1[addon])))
     for addon, theirs in (("EquiMod", "68.95 → 69.51"), ("AugSelf", "67.55 → 68.23")):
-        decoupled = f"{addon}, block 2"
+        decoupled = f"{addon}, decoupled"
         shown, differences = seed_differences(study, runs[decoupled], runs[addon], LINEAR)
         rows.append((f"layer decoupling raises {addon}'s linear-probe top-1 (its objective at "
                      "block 2 of 6 instead of the last)",
@@ -723,19 +726,20 @@ def addon_claims(study):
                      f"{data}: last block {with_seeds(study, runs[addon], LINEAR)}; block 2 "
                      f"{with_seeds(study, runs[decoupled], LINEAR)}; block 2 − last: "
                      f"{shown or 'not run'}", paired(differences)))
-    comparisons, ours = {}, []
-    for label, name, views in ADDONS[1:]:
-        if label.startswith("vanilla"):
-            continue
+    comparisons, groups = {}, {}          # groups: (vanilla, block) -> ["label Δeq", ...]
+    for label, name, _, reference in ADDONS:
         block = regularised_block(study, name)
-        if block is None:
-            comparisons[label] = "not run"
+        if reference is None or block is None:
+            if reference is not None:
+                comparisons[label] = "not run"
             continue
-        reference = "vanilla 2+4" if views == "2+4" else "vanilla"
         mine = delta_eq_values(study, name, block)
         vanilla = delta_eq_values(study, runs[reference], block)
         comparisons[label] = above(mine, vanilla)
-        ours.append(f"{label} (block {block}) {spread(mine)}, {reference} {spread(vanilla)}")
+        group = groups.setdefault((reference, block), [f"{reference} {spread(vanilla)}"])
+        group.append(f"{label} {spread(mine)}")
+    ours = [f"{'block' if reference == 'vanilla' else '2+4 views, block'} {block}: "
+            + ", ".join(group) for (reference, block), group in groups.items()]
     rows.append(("each objective raises the equivariance score of the block it regularises "
                  "over vanilla's same block", "SER Table 4",
                  "rotation equivariance: SER 0.840 (L = 3), MoCo-v3 0.804; the add-ons': not "
@@ -750,7 +754,7 @@ def addons_table(study):
     print("| configuration | views | objective's block | linear top-1 | 20-NN top-1 | robustness "
           "top-1 (mean over shifts) | Δeq block 2 | Δeq block 6 | training (min per run) |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for label, name, views in ADDONS:
+    for label, name, views, _ in ADDONS:
         results = runs_of(study, name)
         if not results:
             continue

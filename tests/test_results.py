@@ -138,13 +138,14 @@ def test_addon_claims_and_table_read_the_addons_runs(tmp_path, capsys):
         addon_run(study, "addons-augself-L2", seed, 0.175 + seed / 50, 2, 0.06, 0.02)
         addon_run(study, "addons-equimod", seed, 0.19, 6, 0.05, 0.10)
         addon_run(study, "addons-equimod-L2", seed, 0.21, 2, 0.20, 0.02)
+        addon_run(study, "addons-essl", seed, 0.19, 6, 0.05, 0.03 + seed / 100)
     figures = load_make_figures()
     rows = {row[0]: row for row in figures.addon_claims(str(study))}
     matched = rows["linear-probe top-1 at matched views: SER above AugSelf (2 views)"]
     assert "SER 0.205 ± 0.007 (2: 0.200, 0.210)" in matched[3]
     assert matched[4] == "holds at 2 seeds"
     assert rows["the same, 3 views: SER (2 views) above EquiMod"][4] == "holds at 2 seeds"
-    assert rows["the same, 2+4 views: SER 2+4 above E-SSL"][4] == "not run"
+    assert rows["the same, 2+4 views: SER 2+4 above E-SSL"][4] == "not run"      # no SER 2+4
     decoupling = "linear-probe top-1 (its objective at block 2 of 6 instead of the last)"
     equimod = rows[f"layer decoupling raises EquiMod's {decoupling}"]
     assert "block 2 − last: s0 0.020, s1 0.020" in equimod[3] and equimod[4] == "holds at 2 seeds"
@@ -152,14 +153,16 @@ def test_addon_claims_and_table_read_the_addons_runs(tmp_path, capsys):
     assert "s0 0.005, s1 0.025" in augself[3] and augself[4] == "inconclusive at 2 seeds"
     equivariance = rows["each objective raises the equivariance score of the block it "
                         "regularises over vanilla's same block"]
-    assert "AugSelf (block 6) 0.060 ± 0.071 (2), vanilla 0.020 ± 0.000 (2)" in equivariance[3]
+    assert ("block 6: vanilla 0.020 ± 0.000 (2), AugSelf 0.060 ± 0.071 (2), EquiMod 0.100 ± "
+            "0.000 (2)") in equivariance[3]
     assert equivariance[4].startswith("inconclusive at 2 seeds (SER: holds at 2 seeds; AugSelf: "
                                       "inconclusive at 2 seeds;")
-    assert "EquiMod: holds at 2 seeds; EquiMod, block 2: holds at 2 seeds; E-SSL: not run" in (
-        equivariance[4])
+    # E-SSL's rotated crops reach its rotation head only: its vanilla is the 2-view one
+    assert ("EquiMod: holds at 2 seeds; EquiMod, decoupled: holds at 2 seeds; E-SSL: holds at 2 "
+            "seeds; SER 2+4: not run") in equivariance[4]
     figures.main(["--table", "addons", "--study", str(study)])
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 2 + 6 and all(line.count("|") == 10 for line in lines)
+    assert len(lines) == 2 + 7 and all(line.count("|") == 10 for line in lines)
     assert lines[3] == ("| SER (addons-ser) | 2 | 2 | 0.205 ± 0.007 (2: 0.200, 0.210) | "
                         "0.100 ± 0.000 (2: 0.100, 0.100) | 0.150 ± 0.000 (2: 0.150, 0.150) | "
                         "0.150 ± 0.000 (2: 0.150, 0.150) | 0.040 ± 0.000 (2: 0.040, 0.040) | 1.0 |")
