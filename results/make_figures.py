@@ -656,7 +656,6 @@ def ser_claims(study, ser):
     return rows
 
 
-
 # SER against the add-ons it is compared with (quick_study.sh's addons-* runs, MoCo-v3 base, all
 # with the same ser.py): (label, configuration, views, the vanilla run with the same invariance
 # views). E-SSL's 4 rotated crops reach only its rotation head, so its vanilla is the 2-view one.
