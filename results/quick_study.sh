@@ -150,18 +150,21 @@ dataset data/3diebench-toy $TOY
 dataset data/3diebench-toy-ood $TOY --ood           # the same objects at angles |a| > pi/2
 
 # ---------------------------------------------------------------- the runs
+# The SIE runs start from PyTorch's init of the hypernetwork, as the official code and as the
+# toy preset did before it started W(g) from 0: --hypernet-gain official (their command.txt is the
+# command as run then, without it).
 # Question 1, SIE vs EquiMod-SimCLR on the painted toy set (the toy preset: 700 steps of batch 32),
 # then one factor at a time. Seeds 0 and 1 for every setting.
 for s in 0 1; do
-    run sie-toy-s$s            sie.py --seed $s
+    run sie-toy-s$s            sie.py --seed $s --hypernet-gain official
     embeddings sie-toy-s$s
     run equimod-toy-s$s        baselines.py --method equimod-simclr --seed $s
 done
 # the variance/covariance trade-off: coefficients as a sensitivity study (SIE only)
 for s in 0 1; do
-    run sie-std25-s$s          sie.py --seed $s --std-coeff 25
-    run sie-cov0.1-s$s         sie.py --seed $s --cov-coeff 0.1
-    run sie-alpha2-s$s         sie.py --seed $s --equi-factor 2
+    run sie-std25-s$s          sie.py --seed $s --hypernet-gain official --std-coeff 25
+    run sie-cov0.1-s$s         sie.py --seed $s --hypernet-gain official --cov-coeff 0.1
+    run sie-alpha2-s$s         sie.py --seed $s --hypernet-gain official --equi-factor 2
 done
 # the predictor's init: H from N(0, G^2 / d), so |W(g) z| = G |z| at the start (PyTorch's default,
 # the official code's, gives 1.6 |z| at d = 32); G = 1 first, then 1.6 (the default's gain, drawn
@@ -184,24 +187,26 @@ for s in 0 1; do
 done
 # how far H moves from its init: the default on a plateau seed (0) and a seed that leaves it (1),
 # and G = 0.5 (results/predictor_drift.py; each run trained again, in 100-step pieces)
-drift sie-toy-drift-s0         --seed 0
-drift sie-toy-drift-s1         --seed 1
+drift sie-toy-drift-s0         --seed 0 --hypernet-gain official
+drift sie-toy-drift-s1         --seed 1 --hypernet-gain official
 drift sie-gain0.5-drift-s0     --seed 0 --hypernet-gain 0.5
 # steps: twice as long, both methods
 for s in 0 1; do
-    run sie-1400steps-s$s      sie.py --seed $s --epochs 280
+    run sie-1400steps-s$s      sie.py --seed $s --hypernet-gain official --epochs 280
     run equimod-1400steps-s$s  baselines.py --method equimod-simclr --seed $s --epochs 280
 done
 # global batch: 64 instead of 32 at the same 700 steps (160 training objects: 3 steps per epoch)
 for s in 0 1; do
-    run sie-batch64-s$s        sie.py --seed $s --batch-size 64 --epochs 234
+    run sie-batch64-s$s        sie.py --seed $s --hypernet-gain official --batch-size 64 \
+        --epochs 234
     run equimod-batch64-s$s    baselines.py --method equimod-simclr --seed $s --batch-size 64 \
         --epochs 234
 done
 # objects per class: 100 instead of 20 (1,000 objects; 800 training objects = 25 steps per epoch)
 dataset data/3diebench-1k --classes 10 --objects-per-class 100 --size 32 --zoom 2 --paint axes
 for s in 0 1; do
-    run sie-1k-s$s             sie.py --seed $s --data-root data/3diebench-1k --epochs 28
+    run sie-1k-s$s             sie.py --seed $s --hypernet-gain official \
+        --data-root data/3diebench-1k --epochs 28
     run equimod-1k-s$s         baselines.py --method equimod-simclr --seed $s \
         --data-root data/3diebench-1k --epochs 28
 done
@@ -214,7 +219,7 @@ for s in 0 1; do
     ood simclr-toy-s$s
 done
 for s in 2 3; do
-    run sie-toy-s$s            sie.py --seed $s
+    run sie-toy-s$s            sie.py --seed $s --hypernet-gain official
     embeddings sie-toy-s$s
     ood sie-toy-s$s
     run equimod-toy-s$s        baselines.py --method equimod-simclr --seed $s
@@ -223,20 +228,21 @@ done
 # The ablations, with the 4 seeds of the toy preset: SIE leaves its plateau for some seeds only,
 # and the paired comparisons need the seeds that do
 for s in 0 1 2 3; do
-    run sie-nopredvar-s$s      sie.py --seed $s --no-pred-var
+    run sie-nopredvar-s$s      sie.py --seed $s --hypernet-gain official --no-pred-var
     run sie-mlppred-s$s        sie.py --seed $s --predictor mlp
     embeddings sie-mlppred-s$s
-    run sie-rotcolor-s$s       sie.py --seed $s --rot-color
+    run sie-rotcolor-s$s       sie.py --seed $s --hypernet-gain official --rot-color
 done
 # Question 1, more factors: projector widths half the batch (16 vs 32), the palette (real-look) set
 for s in 0 1; do
-    run sie-mlp16-s$s          sie.py --seed $s --mlp 16-16-16
+    run sie-mlp16-s$s          sie.py --seed $s --hypernet-gain official --mlp 16-16-16
     run equimod-mlp16-s$s      baselines.py --method equimod-simclr --seed $s --mlp 16-16-16
 done
 dataset data/3diebench-palette --classes 10 --objects-per-class 20 --size 32 --zoom 2 \
     --paint palette
 for s in 0 1; do
-    run sie-palette-s$s        sie.py --seed $s --data-root data/3diebench-palette
+    run sie-palette-s$s        sie.py --seed $s --hypernet-gain official \
+        --data-root data/3diebench-palette
     run equimod-palette-s$s    baselines.py --method equimod-simclr --seed $s \
         --data-root data/3diebench-palette
 done
@@ -259,7 +265,7 @@ for s in 0 1 2; do
 done
 # Question 1, steps again: 4 x the toy preset (2,800 steps), both methods
 for s in 0 1; do
-    run sie-2800steps-s$s      sie.py --seed $s --epochs 560
+    run sie-2800steps-s$s      sie.py --seed $s --hypernet-gain official --epochs 560
     embeddings sie-2800steps-s$s
     run equimod-2800steps-s$s  baselines.py --method equimod-simclr --seed $s --epochs 560
 done
@@ -274,11 +280,12 @@ if [ -d data/sh3d-meshes ]; then
     for s in 0 1; do
         run equimod-sh3d32-s$s     baselines.py --method equimod-simclr --seed $s \
             --data-root data/3diebench-sh3d32 --epochs 78
-        run sie-sh3d32-s$s         sie.py --seed $s --data-root data/3diebench-sh3d32 --epochs 78
+        run sie-sh3d32-s$s         sie.py --seed $s --hypernet-gain official \
+            --data-root data/3diebench-sh3d32 --epochs 78
         run equimod-sh3d32axes-s$s baselines.py --method equimod-simclr --seed $s \
             --data-root data/3diebench-sh3d32-axes --epochs 78
-        run sie-sh3d32axes-s$s     sie.py --seed $s --data-root data/3diebench-sh3d32-axes \
-            --epochs 78
+        run sie-sh3d32axes-s$s     sie.py --seed $s --hypernet-gain official \
+            --data-root data/3diebench-sh3d32-axes --epochs 78
     done
     for s in 0 1; do
         run equimod-sh3d32-2808steps-s$s   baselines.py --method equimod-simclr --seed $s \
@@ -300,7 +307,8 @@ done
 # Question 1, resolution: the toy set rendered at 48 px (2.25 x the pixels), both methods
 dataset data/3diebench-toy48 --classes 10 --objects-per-class 20 --size 48 --zoom 2 --paint axes
 for s in 0 1; do
-    run sie-48px-s$s           sie.py --seed $s --data-root data/3diebench-toy48 --resolution 48
+    run sie-48px-s$s           sie.py --seed $s --hypernet-gain official \
+        --data-root data/3diebench-toy48 --resolution 48
     run equimod-48px-s$s       baselines.py --method equimod-simclr --seed $s \
         --data-root data/3diebench-toy48 --resolution 48
 done
