@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 failed=()
-for threads in 2 1; do
+for threads in 1 2; do
     for seed in 0 1 2 3; do
         name=t$threads-s$seed
         out=results/default/$name
