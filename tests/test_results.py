@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 
 from conftest import REPO
@@ -174,11 +175,14 @@ def test_addon_claims_and_table_read_the_addons_runs(tmp_path, capsys):
         assert image.size[0] > 400 and image.getextrema() != ((255, 255),) * 3
 
 
-def test_readme_tables_are_the_generated_ones():
-    """The study's tables (results/README.md) are make_figures.py --table's output on the
-    committed files."""
-    readme = (REPO / "results" / "README.md").read_text()
-    for table in ("claims", "question1", "question2", "losses", "drift", "time", "addons"):
+@pytest.mark.parametrize("readme_path, tables", [
+    ("results/README.md", ("claims", "question1", "question2", "losses", "drift", "time", "addons")),
+    ("README.md", ("default",))])
+def test_readme_tables_are_the_generated_ones(readme_path, tables):
+    """The study's tables (results/README.md) and the first screen's (README.md) are
+    make_figures.py --table's output on the committed files."""
+    readme = (REPO / readme_path).read_text()
+    for table in tables:
         start = f"<!-- table: python results/make_figures.py --table {table} -->"
         assert start in readme, table
         committed = readme.split(start)[1].split("<!-- end of table -->")[0].strip()
