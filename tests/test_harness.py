@@ -116,7 +116,8 @@ def test_bad_flags_are_one_argparse_line(name, argv, flag, capsys):
 
 @pytest.mark.parametrize("argv, flag", [
     (["--seed", "4294967296"], "--seed"), (["--data-root", ""], "--data-root"),
-    (["--equi-only", "--equi-dims", "100"], "--equi-dims"), (["--equi-dims", "512"], "--equi-dims")],
+    (["--equi-only", "--equi-dims", "100"], "--equi-dims"),
+    (["--equi-dims", "512"], "--equi-dims")],
     ids=argv_id)
 def test_sie_flags_that_were_ignored_or_a_traceback(argv, flag, capsys):
     """A seed numpy cannot take, an empty --data-root (it trained on the toy set) and an

@@ -176,7 +176,8 @@ def test_addon_claims_and_table_read_the_addons_runs(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("readme_path, tables", [
-    ("results/README.md", ("claims", "question1", "question2", "losses", "drift", "time", "addons")),
+    ("results/README.md",
+     ("claims", "question1", "question2", "losses", "drift", "time", "addons")),
     ("README.md", ("default",))])
 def test_readme_tables_are_the_generated_ones(readme_path, tables):
     """The study's tables (results/README.md) and the first screen's (README.md) are
